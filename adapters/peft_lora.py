@@ -1,0 +1,321 @@
+"""Read a PEFT LoRA adapter (directory or uploaded bytes) and turn it into an AdapterSpec.
+
+Everything is checked here, before any slot is touched: the PEFT type and options, the safetensors
+container (we never unpickle), every key, every shape against the base, rank against r_max,
+NaN/Inf, the classification head and the label names. Messages say what to change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from adapters.spec import AdapterSpec, LoraModule
+from runtime.errors import (
+    BaseMismatchError,
+    InvalidAdapterError,
+    PermissionDeniedError,
+    UnsupportedAdapterTypeError,
+)
+from runtime.families import Family
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LABELS_FILE = "labels.json"
+MODEL_CONFIG_FILE = "config.json"  # optional: a saved transformers config with id2label
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+_KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, MODEL_CONFIG_FILE)
+
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+
+_SEQUENCE_CHANGING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter is validated against: the base's family, hidden size and linear layer shapes."""
+
+    family: Family
+    hidden_size: int
+    linear_dims: dict  # module name -> (d_in, d_out) of every slot-wrapped linear
+    r_max: int
+
+
+def read_adapter_dir(path: str, allowed_root: Optional[str] = None) -> dict[str, bytes]:
+    """Read the files of a PEFT adapter directory. With allowed_root, refuse anything that resolves
+    (symlinks included) outside it."""
+    real = os.path.realpath(path)
+    if allowed_root is not None:
+        root = os.path.realpath(allowed_root)
+        if os.path.commonpath([root, real]) != root:
+            raise PermissionDeniedError(
+                f"adapter path {path!r} resolves outside the allowed adapter root {allowed_root!r}; "
+                "copy the adapter under the root or pass its files as an upload"
+            )
+    if not os.path.isdir(real):
+        raise InvalidAdapterError(f"adapter path {path!r} is not a directory")
+    files: dict[str, bytes] = {}
+    for name in _KNOWN_FILES:
+        p = os.path.join(real, name)
+        if allowed_root is not None and os.path.lexists(p):
+            if os.path.commonpath([os.path.realpath(allowed_root), os.path.realpath(p)]) != os.path.realpath(allowed_root):
+                raise PermissionDeniedError(f"{name} in {path!r} is a link that leaves the allowed adapter root")
+        if os.path.isfile(p):
+            with open(p, "rb") as fh:
+                files[name] = fh.read()
+    if WEIGHTS_FILE not in files:
+        pickles = [n for n in PICKLE_FILES if os.path.exists(os.path.join(real, n))]
+        if pickles:
+            raise InvalidAdapterError(
+                f"{path!r} holds only the pickle checkpoint {pickles[0]}; pickles are never loaded. "
+                "Save the adapter with safetensors (PEFT save_pretrained(safe_serialization=True))"
+            )
+    return files
+
+
+def adapter_version(files: dict[str, bytes]) -> str:
+    """sha256 over the files that define the adapter, independent of upload order."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + str(len(files[name])).encode() + b"\0")
+        h.update(files[name])
+    return h.hexdigest()
+
+
+def _parse_config(files: dict[str, bytes]) -> dict:
+    raw = files.get(CONFIG_FILE)
+    if raw is None:
+        raise InvalidAdapterError(f"{CONFIG_FILE} is missing; a PEFT adapter needs it (save with PeftModel.save_pretrained)")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def _check_peft_type(config: dict) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if not peft_type:
+        raise InvalidAdapterError(f"{CONFIG_FILE} has no peft_type; expected \"LORA\"")
+    if peft_type in _SEQUENCE_CHANGING:
+        raise UnsupportedAdapterTypeError(
+            f"PEFT type {peft_type} changes the input sequence length and is not served yet; use a LoRA adapter"
+        )
+    if peft_type != "LORA":
+        raise UnsupportedAdapterTypeError(f"PEFT type {peft_type} is not supported yet; supported: LORA")
+    if config.get("use_dora"):
+        raise UnsupportedAdapterTypeError("DoRA (use_dora=true) is not supported yet; retrain with use_dora=false")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapterTypeError(
+            f"bias={config.get('bias')!r} trains the base's biases, which a shared base cannot serve; retrain with bias='none'"
+        )
+    for option in ("lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora"):
+        if config.get(option):
+            raise UnsupportedAdapterTypeError(f"LoRA option {option} is not supported; retrain without it")
+
+
+def _parse_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    raw = files.get(WEIGHTS_FILE)
+    if raw is None:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE} is missing; upload the adapter weights as safetensors (pickled .bin files are never loaded)"
+        )
+    if len(raw) == 0:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} is empty (0 bytes)")
+    try:
+        tensors = load_safetensors(raw)
+    except Exception as e:  # safetensors raises its own SafetensorError and sometimes ValueError
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file ({e}); it may be truncated") from None
+    if not tensors:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no tensors")
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise InvalidAdapterError(f"tensor {key} has dtype {t.dtype}; adapter weights must be floating point")
+        if not torch.isfinite(t).all():
+            raise InvalidAdapterError(f"tensor {key} contains NaN or Inf values; retrain or fix the checkpoint")
+    return tensors
+
+
+def _labels(files: dict[str, bytes], num_labels: int, override: Optional[list[str]]) -> list[str]:
+    labels: Optional[list[str]] = None
+    source = ""
+    if override:
+        labels, source = list(override), "the request's labels"
+    elif LABELS_FILE in files:
+        source = LABELS_FILE
+        try:
+            data = json.loads(files[LABELS_FILE].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidAdapterError(f"{LABELS_FILE} is not valid JSON: {e}") from None
+        labels = _labels_from_json(data)
+        if labels is None:
+            raise InvalidAdapterError(
+                f"{LABELS_FILE} must be a list of label names or an id2label object like {{\"0\": \"negative\"}}"
+            )
+    elif MODEL_CONFIG_FILE in files:
+        try:
+            id2label = json.loads(files[MODEL_CONFIG_FILE].decode("utf-8")).get("id2label")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            id2label = None
+        if id2label:
+            labels, source = _labels_from_json(id2label), f"{MODEL_CONFIG_FILE} id2label"
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(num_labels)]
+    if len(labels) != num_labels:
+        raise InvalidAdapterError(
+            f"{source} names {len(labels)} labels but the classification head has {num_labels} outputs; "
+            "make them agree"
+        )
+    if len(set(labels)) != len(labels) or any(not isinstance(x, str) or not x for x in labels):
+        raise InvalidAdapterError(f"{source}: label names must be distinct non-empty strings")
+    return labels
+
+
+def _labels_from_json(data) -> Optional[list[str]]:
+    if isinstance(data, list):
+        return [str(x) for x in data]
+    if isinstance(data, dict):
+        if "labels" in data and isinstance(data["labels"], list):
+            return [str(x) for x in data["labels"]]
+        try:
+            items = sorted((int(k), str(v)) for k, v in data.items())
+        except (TypeError, ValueError):
+            return None
+        if [i for i, _ in items] != list(range(len(items))):
+            return None
+        return [v for _, v in items]
+    return None
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):  # PEFT's get_pattern_key rule
+            return value
+    return default
+
+
+def parse_adapter(
+    files: dict[str, bytes],
+    base: BaseShape,
+    labels: Optional[list[str]] = None,
+    metadata: Optional[dict] = None,
+) -> AdapterSpec:
+    config = _parse_config(files)
+    _check_peft_type(config)
+    tensors = _parse_weights(files)
+    family = base.family
+    backbone = family.backbone_prefix + "."
+
+    lora_parts: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    head_names = {name for name, _ in family.head_tensors}
+    unexpected = []
+    for key, tensor in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            unexpected.append(key)
+            continue
+        rest = key[len(_PEFT_PREFIX):]
+        if "lora_embedding" in rest:
+            raise UnsupportedAdapterTypeError(f"{key}: LoRA on embedding layers is not supported; target linear layers only")
+        if "lora_magnitude_vector" in rest:
+            raise UnsupportedAdapterTypeError(f"{key}: DoRA magnitude vectors are not supported")
+        m = _LORA_KEY.match(rest)
+        if m and m.group("module").startswith(backbone):
+            lora_parts.setdefault(m.group("module")[len(backbone):], {})[m.group("which")] = tensor
+        elif rest in head_names:
+            head[rest] = tensor
+        else:
+            unexpected.append(key)
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5])
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise InvalidAdapterError(
+            f"{WEIGHTS_FILE} has {len(unexpected)} unexpected tensor(s) for a {family.name} LoRA adapter: {shown}{more}"
+        )
+    if not lora_parts:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight keys)")
+
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", 8))
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModule] = {}
+    for name, parts in sorted(lora_parts.items()):
+        if set(parts) != {"A", "B"}:
+            missing = ({"A", "B"} - set(parts)).pop()
+            raise InvalidAdapterError(f"module {name} has no lora_{missing}.weight; each target needs both A and B")
+        if name not in base.linear_dims:
+            raise BaseMismatchError(
+                f"adapter targets module {name!r}, which the base model does not have (or is not a LoRA-capable "
+                "linear); was it trained on a different base?"
+            )
+        d_in, d_out = base.linear_dims[name]
+        a, b = parts["A"], parts["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise InvalidAdapterError(
+                f"module {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a rank-r pair"
+            )
+        r = a.shape[0]
+        if a.shape[1] != d_in or b.shape[0] != d_out:
+            raise BaseMismatchError(
+                f"module {name}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base linear "
+                f"({d_in} -> {d_out}); the adapter was trained on a base with other dimensions"
+            )
+        peft_key = backbone + name
+        expected_r = int(_pattern_value(config.get("rank_pattern"), peft_key, r_default))
+        if r != expected_r:
+            raise InvalidAdapterError(
+                f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected_r}"
+            )
+        if r > base.r_max:
+            raise InvalidAdapterError(
+                f"module {name} has rank {r}, above this server's r_max {base.r_max}; retrain with r <= {base.r_max} "
+                f"or start the server with a larger r_max"
+            )
+        alpha = float(_pattern_value(config.get("alpha_pattern"), peft_key, alpha_default))
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        modules[name] = LoraModule(
+            module=name,
+            a=a.float().t().contiguous(),
+            b=(b.float() * scaling).t().contiguous(),
+        )
+
+    missing_head = [n for n in head_names if n not in head]
+    if missing_head:
+        raise InvalidAdapterError(
+            f"adapter has no complete classification head (missing {', '.join(sorted(missing_head))}); train it with "
+            "task_type='SEQ_CLS' so PEFT saves the head (modules_to_save)"
+        )
+    num_labels = head[family.label_tensor].shape[0]
+    dims = {"H": base.hidden_size, "N": num_labels}
+    for name, shape in family.head_tensors:
+        want = tuple(dims[s] for s in shape)
+        if tuple(head[name].shape) != want:
+            raise BaseMismatchError(
+                f"head tensor {name} has shape {tuple(head[name].shape)}, expected {want} for hidden size "
+                f"{base.hidden_size} and {num_labels} labels"
+            )
+    head = {k: v.float().contiguous() for k, v in head.items()}
+
+    return AdapterSpec(
+        peft_type="LORA",
+        rank=max(m.rank for m in modules.values()),
+        target_modules=sorted(modules),
+        modules=modules,
+        head=head,
+        labels=_labels(files, num_labels, labels),
+        files=dict(files),
+        version=adapter_version(files),
+        lora_alpha=alpha_default,
+        use_rslora=use_rslora,
+        metadata=dict(metadata or {}),
+    )

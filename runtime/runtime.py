@@ -1,0 +1,282 @@
+"""The Python API the server calls: one resident base, many task adapters, mixed-task batches.
+
+    rt = Runtime(RuntimeConfig())
+    rt.add_adapter("sst2", "adapters/examples/sst2")
+    rt.classify([("sst2", "a charming film"), ("ag_news", "Stocks fell today")])
+
+Request path inside: tokenize -> sort rows by length -> cut into batches by token budget, row count
+and free slots -> make each batch's adapters resident (pinned) -> one backbone forward -> each task's
+head on its rows -> softmax, labels sorted by score.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from adapters.peft_lora import parse_adapter, read_adapter_dir
+from adapters.registry import AdapterEntry, Registry, device_head
+from adapters.spec import AdapterSpec
+from runtime.base_model import load_base_model
+from runtime.config import RuntimeConfig
+from runtime.engine import TorchEngine
+from runtime.errors import InvalidInputError, NotSupportedError
+from runtime.slots import SlotTable
+from runtime.tokenization import Encoded, TextEncoder
+
+log = logging.getLogger(__name__)
+
+AdapterSource = Union[str, dict, AdapterSpec]
+
+
+@dataclass
+class ClassifyItem:
+    task: str
+    text: str
+    text_pair: Optional[str] = None
+
+
+@dataclass
+class LabelScore:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class Prediction:
+    task: str
+    adapter_version: str
+    scores: list[LabelScore]  # sorted by score, highest first
+    logits: list[float]  # in label-index order
+    input_tokens: int
+    truncated: bool
+
+    @property
+    def label(self) -> str:
+        return self.scores[0].label
+
+
+@dataclass
+class Row:
+    """One text on its way through a batch: the adapter version it was admitted with, its tokens."""
+
+    entry: AdapterEntry
+    encoded: Encoded
+    prediction: Optional[Prediction] = field(default=None)
+
+
+@dataclass
+class AdapterInfo:
+    task: str
+    version: str
+    peft_type: str
+    rank: int
+    target_modules: list[str]
+    labels: list[str]
+    size_bytes: int
+    residency: str  # DEVICE or HOST
+    registered_at: float
+    metadata: dict
+
+
+class Runtime:
+    def __init__(self, config: Optional[RuntimeConfig] = None) -> None:
+        self.config = config or RuntimeConfig()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        torch.manual_seed(self.config.seed)
+        self.base = load_base_model(self.config)
+        self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets)
+        self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
+        self._entries_by_key: dict[int, AdapterEntry] = {}
+        self.slot_table = SlotTable(
+            self.config.slots,
+            on_load=lambda slot, key: self.engine.load_slot(slot, self._entries_by_key[key].spec),
+            on_evict=lambda slot, key: self.engine.clear_slot(slot),
+        )
+        self.registry = Registry(on_retired=self._free_entry)
+        # One forward at a time; slot writes and merges happen under the same lock, so a batch never
+        # sees a half-written slot.
+        self._device_lock = threading.RLock()
+        self.merged_task: Optional[AdapterEntry] = None
+
+    # -- adapters --------------------------------------------------------------------------------
+    def load_spec(self, source: AdapterSource, labels: Optional[list[str]] = None,
+                  metadata: Optional[dict] = None, allowed_root: Optional[str] = None) -> AdapterSpec:
+        """Parse and validate an adapter against this base without touching any slot."""
+        if isinstance(source, AdapterSpec):
+            return source
+        files = read_adapter_dir(source, allowed_root) if isinstance(source, str) else source
+        return parse_adapter(files, self.engine.shape, labels=labels, metadata=metadata)
+
+    def add_adapter(self, task: str, source: AdapterSource, replace: bool = False,
+                    labels: Optional[list[str]] = None, metadata: Optional[dict] = None) -> AdapterInfo:
+        if not task or len(task) > 128 or not task.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
+        spec = self.load_spec(source, labels, metadata)
+        entry = AdapterEntry(task=task, spec=spec, head=device_head(spec, self.base.device, self.base.dtype))
+        self._entries_by_key[entry.key] = entry
+        try:
+            self.registry.add(entry, replace=replace)
+        except Exception:
+            del self._entries_by_key[entry.key]
+            raise
+        log.info("registered task %s version %s (rank %d, %d modules, %d labels)", task, spec.version[:12],
+                 spec.rank, len(spec.modules), spec.num_labels)
+        return self.info(entry)
+
+    def remove_adapter(self, task: str) -> AdapterInfo:
+        if self.merged_task is not None and self.merged_task.task == task:
+            self.unmerge()
+        entry = self.registry.remove(task)
+        return self.info(entry)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [self.info(e) for e in self.registry.entries()]
+
+    def get_adapter(self, task: str) -> AdapterInfo:
+        return self.info(self.registry.get(task))
+
+    def info(self, entry: AdapterEntry) -> AdapterInfo:
+        spec = entry.spec
+        return AdapterInfo(
+            task=entry.task, version=spec.version, peft_type=spec.peft_type, rank=spec.rank,
+            target_modules=spec.target_modules, labels=spec.labels, size_bytes=spec.size_bytes,
+            residency="DEVICE" if self.slot_table.slot_of(entry.key) is not None else "HOST",
+            registered_at=entry.registered_at, metadata=spec.metadata,
+        )
+
+    def _free_entry(self, entry: AdapterEntry) -> None:
+        with self._device_lock:
+            if self.merged_task is entry:
+                self.unmerge()
+            self.slot_table.drop(entry.key)
+            self._entries_by_key.pop(entry.key, None)
+
+    # -- merged mode -----------------------------------------------------------------------------
+    def merge(self, task: str) -> None:
+        """Fold one task's LoRA into the base weights: its rows then run at bare-model cost."""
+        if self.base.precision not in ("fp32", "fp16", "bf16"):
+            raise NotSupportedError(
+                f"cannot merge into a {self.base.precision} base: quantized weights cannot absorb the LoRA delta "
+                "and be restored exactly; serve it through slots instead"
+            )
+        entry = self.registry.acquire(task)
+        with self._device_lock:
+            if self.merged_task is not None:
+                self.unmerge()
+            slot = self.slot_table.acquire(entry.key)  # stays pinned while merged
+            self.engine.merge(slot)
+            self.merged_task = entry
+
+    def unmerge(self) -> None:
+        with self._device_lock:
+            entry = self.merged_task
+            if entry is None:
+                return
+            self.engine.unmerge()
+            self.merged_task = None
+            self.slot_table.release(entry.key)
+        self.registry.release(entry)
+
+    # -- inference -------------------------------------------------------------------------------
+    def classify(self, items: Sequence[Union[ClassifyItem, tuple]], truncate: bool = True) -> list[Prediction]:
+        items = [i if isinstance(i, ClassifyItem) else ClassifyItem(*i) for i in items]
+        if not items:
+            return []
+        entries: list[AdapterEntry] = []
+        try:
+            by_task: dict[str, AdapterEntry] = {}
+            for item in items:
+                if item.task not in by_task:
+                    by_task[item.task] = self.registry.acquire(item.task)
+                    entries.append(by_task[item.task])
+            rows = self.encode_rows([by_task[i.task] for i in items], [i.text for i in items],
+                                    [i.text_pair for i in items], truncate)
+            self.infer(rows)
+            return [r.prediction for r in rows]
+        finally:
+            for e in entries:
+                self.registry.release(e)
+
+    def encode_rows(self, entries: Sequence[AdapterEntry], texts: Sequence[str],
+                    pairs: Optional[Sequence[Optional[str]]], truncate: bool) -> list[Row]:
+        has_pairs = pairs is not None and any(p is not None for p in pairs)
+        if has_pairs and any(p is None for p in pairs):
+            raise InvalidInputError("either every text has a text_pair or none does")
+        encoded = self.encoder.encode(texts, list(pairs) if has_pairs else None, truncate)
+        return [Row(e, enc) for e, enc in zip(entries, encoded)]
+
+    def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:
+        """Sort by length (less padding) and cut by row count, padded tokens and distinct adapters."""
+        batches: list[list[Row]] = []
+        current: list[Row] = []
+        adapters: set[int] = set()
+        max_adapters = self.slot_table.capacity
+        for row in sorted(rows, key=lambda r: r.encoded.length):
+            new_adapter = row.entry.key not in adapters
+            width = row.encoded.length  # sorted ascending: this row is the longest so far
+            if current and (
+                len(current) >= self.config.max_batch_size
+                or (len(current) + 1) * width > self.config.max_batch_tokens
+                or (new_adapter and len(adapters) >= max_adapters)
+            ):
+                batches.append(current)
+                current, adapters = [], set()
+            current.append(row)
+            adapters.add(row.entry.key)
+        if current:
+            batches.append(current)
+        return batches
+
+    def infer(self, rows: Sequence[Row]) -> None:
+        """Fill row.prediction for every row; rows may mix any registered tasks."""
+        for batch in self.plan_batches(rows):
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Row]) -> None:
+        entries = list({r.entry.key: r.entry for r in batch}.values())
+        with self._device_lock:
+            if self.merged_task is not None and any(e is not self.merged_task for e in entries):
+                log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
+                self.unmerge()
+            merged = self.merged_task
+            pinned = []
+            try:
+                slot_of = {}
+                for e in entries:
+                    if e is merged:
+                        slot_of[e.key] = 0  # its delta lives in the base weights
+                        continue
+                    slot_of[e.key] = self.slot_table.acquire(e.key)
+                    pinned.append(e.key)
+                inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
+                features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch])
+            finally:
+                for key in pinned:
+                    self.slot_table.release(key)
+        self._apply_heads(batch, entries, features)
+
+    def _apply_heads(self, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
+        rows_of: dict[int, list[int]] = {}
+        for i, r in enumerate(batch):
+            rows_of.setdefault(r.entry.key, []).append(i)
+        apply_head = self.base.family.apply_head
+        with torch.inference_mode():
+            for e in entries:
+                idx = rows_of[e.key]
+                feats = features[idx] if len(idx) < len(batch) else features
+                logits = apply_head(e.head, feats).float()
+                probs = torch.softmax(logits, dim=-1)
+                order = torch.argsort(probs, dim=-1, descending=True)
+                for j, i in enumerate(idx):
+                    p, o, lg = probs[j].tolist(), order[j].tolist(), logits[j].tolist()
+                    batch[i].prediction = Prediction(
+                        task=e.task, adapter_version=e.version,
+                        scores=[LabelScore(e.spec.labels[k], k, p[k]) for k in o],
+                        logits=lg, input_tokens=batch[i].encoded.length, truncated=batch[i].encoded.truncated,
+                    )

@@ -1,0 +1,76 @@
+"""The slot-wrapped linear: y = base(x) + (x @ A[idx]) @ B[idx], one gather and two bmm per layer.
+
+Buffers are fixed-shape: A [slots, r_max, d_in] and B [slots, r_max, d_out] with the LoRA scaling
+folded into B and ranks zero-padded, so loading an adapter is a copy_ and the graph never changes.
+A is stored rank-major so that reading only the first `rank` rows of every slot is a cheap view.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from runtime.batch import SlotContext
+
+
+class SlotLoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, slots: int, r_max: int,
+                 context: SlotContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base = base
+        self.d_in, self.d_out = d_in, d_out
+        self.context = context
+        self.register_buffer("lora_a", torch.zeros(slots, r_max, d_in, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(slots, r_max, d_out, dtype=dtype, device=device), persistent=False)
+        # Slots whose adapter changes this layer: lets a batch skip layers none of its adapters target.
+        self.active_slots: set[int] = set()
+        self._unmerged_weight: Optional[torch.Tensor] = None
+
+    # -- slot writes (the slot table is the only caller) --------------------------------------
+    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a: [d_in, r], b: [r, d_out] (scaled)."""
+        r = a.shape[1]
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :r].copy_(a.t())
+        self.lora_b[slot, :r].copy_(b)
+        self.active_slots.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.active_slots:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
+            self.active_slots.discard(slot)
+
+    # -- merged mode ---------------------------------------------------------------------------
+    def merge_slot(self, slot: int) -> None:
+        weight = self.base.weight
+        if self._unmerged_weight is None:
+            # Keep the exact original so unmerge restores it bit for bit, however often we cycle.
+            self._unmerged_weight = weight.detach().clone()
+        if slot in self.active_slots:
+            delta = (self.lora_b[slot].t().float() @ self.lora_a[slot].float())  # [d_out, d_in]
+            weight.data.copy_((self._unmerged_weight.float() + delta).to(weight.dtype))
+
+    def unmerge(self) -> None:
+        if self._unmerged_weight is not None:
+            self.base.weight.data.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.context.current
+        if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
+            return y
+        r = batch.rank
+        if batch.single_slot is not None:
+            s = batch.single_slot
+            return y + (x @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r]
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
+        idx = batch.slot_per_row
+        a = self.lora_a[:, :r].index_select(0, idx)  # [B, r, d_in]
+        b = self.lora_b[:, :r].index_select(0, idx)  # [B, r, d_out]
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)
+        return y + (delta if x.dim() == 3 else delta.squeeze(1))

@@ -1,0 +1,78 @@
+"""Device slot table: which adapter sits in which slot, LRU order, and pins.
+
+Slot 0 is never handed out (it means "no adapter"). An adapter is pinned while a batch that uses it
+runs; pinned slots are never evicted. When every slot is pinned, acquiring another raises
+ResourceExhaustedError instead of evicting weights from under a running batch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+from runtime.errors import ResourceExhaustedError
+
+
+class SlotTable:
+    def __init__(self, slots: int, on_load: Callable[[int, Hashable], None],
+                 on_evict: Callable[[int, Hashable], None]) -> None:
+        self.capacity = slots - 1
+        self._free = list(range(slots - 1, 0, -1))
+        self._lru: "OrderedDict[Hashable, int]" = OrderedDict()  # key -> slot, oldest first
+        self._pins: dict[Hashable, int] = {}
+        self._on_load = on_load
+        self._on_evict = on_evict
+        self.loads = 0
+        self.evictions = 0
+        self.hits = 0
+        self.misses = 0
+
+    def slot_of(self, key: Hashable) -> int | None:
+        return self._lru.get(key)
+
+    def resident(self) -> list[Hashable]:
+        return list(self._lru)
+
+    def acquire(self, key: Hashable) -> int:
+        """Make `key` resident, pin it, and return its slot."""
+        slot = self._lru.get(key)
+        if slot is not None:
+            self.hits += 1
+            self._lru.move_to_end(key)
+        else:
+            self.misses += 1
+            slot = self._take_free_slot()
+            self._on_load(slot, key)
+            self.loads += 1
+            self._lru[key] = slot
+        self._pins[key] = self._pins.get(key, 0) + 1
+        return slot
+
+    def release(self, key: Hashable) -> None:
+        n = self._pins.get(key, 0) - 1
+        if n <= 0:
+            self._pins.pop(key, None)
+        else:
+            self._pins[key] = n
+
+    def drop(self, key: Hashable) -> None:
+        """Free the slot of an adapter that is gone (unregistered or replaced and drained)."""
+        if self._pins.get(key):
+            raise RuntimeError(f"adapter {key} is still pinned; drop it after its batches finish")
+        slot = self._lru.pop(key, None)
+        if slot is not None:
+            self._on_evict(slot, key)
+            self._free.append(slot)
+
+    def _take_free_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for key in self._lru:  # oldest first
+            if not self._pins.get(key):
+                slot = self._lru.pop(key)
+                self._on_evict(slot, key)
+                self.evictions += 1
+                return slot
+        raise ResourceExhaustedError(
+            f"all {self.capacity} adapter slots are pinned by running batches; retry shortly or start the "
+            "server with more slots"
+        )

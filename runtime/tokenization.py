@@ -1,0 +1,75 @@
+"""Tokenization with the base's fast tokenizer: no padding here (batches pad to their own longest
+row), explicit truncation policy (truncate=False turns an over-long text into INVALID_ARGUMENT)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from runtime.errors import InvalidInputError
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: Optional[list[int]]
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+class TextEncoder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
+        # Silence transformers' "sequence longer than max length" warning: we check lengths ourselves.
+        self.tokenizer.model_max_length = int(1e9)
+
+    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
+               truncate: bool = True) -> list[Encoded]:
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidInputError(f"text_pairs has {len(pairs)} entries but texts has {len(texts)}; send none or one per text")
+        kwargs = dict(padding=False, return_attention_mask=False, return_token_type_ids=self.uses_token_types)
+        full = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=False, **kwargs)
+        too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > self.max_length]
+        if too_long and not truncate:
+            i = too_long[0]
+            raise InvalidInputError(
+                f"text {i} is {len(full['input_ids'][i])} tokens long, above the model's maximum of {self.max_length}; "
+                "shorten it or set truncate=true"
+            )
+        out = [
+            Encoded(ids, full["token_type_ids"][i] if self.uses_token_types else None, False)
+            for i, ids in enumerate(full["input_ids"])
+        ]
+        if too_long:
+            cut = self.tokenizer(
+                [texts[i] for i in too_long], [pairs[i] for i in too_long] if pairs is not None else None,
+                truncation=True, max_length=self.max_length, **kwargs,
+            )
+            for j, i in enumerate(too_long):
+                out[i] = Encoded(cut["input_ids"][j], cut["token_type_ids"][j] if self.uses_token_types else None, True)
+        return out
+
+    def collate(self, rows: Sequence[Encoded], device: torch.device) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this batch."""
+        width = max(r.length for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long) if self.uses_token_types else None
+        for i, r in enumerate(rows):
+            n = r.length
+            ids[i, :n] = torch.tensor(r.input_ids)
+            mask[i, :n] = 1
+            if types is not None:
+                types[i, :n] = torch.tensor(r.token_type_ids)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if types is not None:
+            inputs["token_type_ids"] = types.to(device)
+        return inputs

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # tiny_models helpers
+
+from tiny_models import make_tiny_base  # noqa: E402
+
+FAMILIES = ["bert", "distilbert", "roberta"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {f: make_tiny_base(f, str(root / f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from runtime.config import packaged_base_model_dir
+
+    return packaged_base_model_dir()

@@ -1,0 +1,130 @@
+"""Tiny random encoders and PEFT LoRA adapters built from configs, for component tests (no download).
+
+Adapters get random (non-zero) LoRA A *and* B and a random head, so a test that compares logits
+fails if any module, scaling or head is applied wrongly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertModel,
+    DistilBertTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
+    RobertaTokenizerFast,
+)
+
+from runtime.config import packaged_base_model_dir
+
+SAMPLE_TEXTS = [
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales .",
+    "Stocks fell sharply on Wall Street as oil prices climbed to a record high.",
+    "The team won the championship after a dramatic overtime goal.",
+    "a",
+    "NASA launches a new probe to study the outer planets and their moons in unprecedented detail",
+    "it 's slow -- very , very slow .",
+    "Microsoft releases a security update for Windows",
+    "this is a film well worth seeing , talking and singing heads and all .",
+]
+
+FAMILY_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+def _bpe_tokenizer(out_dir: str) -> RobertaTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.train_from_iterator(SAMPLE_TEXTS * 3, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    fast = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                model_max_length=128)
+    return fast
+
+
+def make_tiny_base(family: str, out_dir: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = os.path.join(packaged_base_model_dir(), "vocab.txt")
+    if family == "bert":
+        tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=128)
+        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
+    elif family == "distilbert":
+        tokenizer = DistilBertTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=128)
+        model = DistilBertModel(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4,
+                                                 hidden_dim=64, max_position_embeddings=128))
+    elif family == "roberta":
+        tokenizer = _bpe_tokenizer(out_dir)
+        model = RobertaModel(RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
+                                           pad_token_id=1, bos_token_id=0, eos_token_id=2), add_pooling_layer=False)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_peft_adapter(base_dir: str, out_dir: str, *, num_labels: int, r: int = 4, alpha: float = 8,
+                      targets: Optional[list[str]] = None, seed: int = 0, use_rslora: bool = False,
+                      rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                      labels: Optional[list[str]] = None, scale: float = 0.2) -> str:
+    """Save a PEFT LoRA SEQ_CLS adapter with random weights via PEFT's own save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    family = model.config.model_type
+    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets or FAMILY_TARGETS[family][:2],
+                        use_rslora=use_rslora, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    peft_model.save_pretrained(out_dir)
+    if labels is not None:
+        with open(os.path.join(out_dir, "labels.json"), "w") as fh:
+            json.dump(labels, fh)
+    return out_dir
+
+
+def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Optional[list[str]] = None) -> torch.Tensor:
+    """The oracle: PEFT's own model on the adapter directory, one text at a time (no padding effects)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb"):
+        pass
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    out_key = next(k for k in weights if k.endswith("classifier.weight") or k.endswith("out_proj.weight"))
+    num_labels = weights[out_key].shape[0]
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rows = []
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            enc = tok(t, pairs[i] if pairs else None, return_tensors="pt", truncation=True)
+            rows.append(model(**enc).logits[0])
+    return torch.stack(rows)
