@@ -272,14 +272,14 @@ def parse_adapter(
             )
         peft_key = backbone + name
         expected_r = int(_pattern_value(config.get("rank_pattern"), peft_key, r_default))
-        if r != expected_r:
-            raise InvalidAdapterError(
-                f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected_r}"
-            )
         if r > base.r_max:
             raise InvalidAdapterError(
                 f"module {name} has rank {r}, above this server's r_max {base.r_max}; retrain with r <= {base.r_max} "
                 f"or start the server with a larger r_max"
+            )
+        if r != expected_r:
+            raise InvalidAdapterError(
+                f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected_r}"
             )
         alpha = float(_pattern_value(config.get("alpha_pattern"), peft_key, alpha_default))
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
