@@ -64,3 +64,41 @@ class RuntimeConfig:
     @property
     def base_model_path(self) -> str:
         return self.base_model or packaged_base_model_dir()
+
+
+@dataclass
+class ServerConfig:
+    """Everything `server.py` takes. Flags win over ADAPTERSERVE_* variables, which win over defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 8002
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    max_wait_ms: float = 5.0
+    max_queue: int = 2048  # texts waiting for the model; more is RESOURCE_EXHAUSTED
+    max_texts_per_request: int = 256
+    max_adapter_bytes: int = 64 * 1024 * 1024
+    data_dir: Optional[str] = ".adapterserve-data"
+    adapter_root: Optional[str] = None  # None: registering by path is refused
+    admin_token: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    grace: float = 10.0
+    register_examples: bool = True  # register the bundled sst2 / ag_news adapters at start
+    tokenizer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("ports must be in 0..65535")
+        if self.max_wait_ms < 0 or self.max_wait_ms > 10_000:
+            raise ConfigError(f"max_wait_ms must be in 0..10000; got {self.max_wait_ms}")
+        if self.max_queue < 1:
+            raise ConfigError("max_queue must be at least 1")
+        if not 1 <= self.max_texts_per_request <= 100_000:
+            raise ConfigError("max_texts_per_request must be in 1..100000")
+        if self.max_adapter_bytes < 1024:
+            raise ConfigError("max_adapter_bytes must be at least 1024")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.grace < 0:
+            raise ConfigError("grace must be >= 0 seconds")

@@ -1,0 +1,139 @@
+"""Dynamic batcher: an asyncio queue in front of the single model executor.
+
+A batch is formed from whatever requests are waiting (and, after the first, up to max_wait_ms for
+more) until the token budget or row cap is reached; tasks mix freely. Requests whose deadline has
+passed are dropped before they reach the model. The queue is bounded in texts: past max_queue a
+request is refused with RESOURCE_EXHAUSTED instead of growing latency without limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Optional
+
+from runtime.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from runtime.runtime import Row, Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Work:
+    rows: list[Row]
+    deadline: Optional[float]  # time.monotonic() seconds, None = no deadline
+    future: asyncio.Future
+    tokens: int
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    queue_ns: int = 0
+    inference_ns: int = 0
+
+
+class Batcher:
+    def __init__(self, runtime: Runtime, executor: Executor, max_batch_tokens: int, max_batch_size: int,
+                 max_wait_ms: float, max_queue: int) -> None:
+        self.runtime = runtime
+        self.executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.queue: "asyncio.Queue[Optional[Work]]" = asyncio.Queue()
+        self.pending_texts = 0
+        self.inflight_texts = 0
+        self.closed = False
+        self._task: Optional[asyncio.Task] = None
+        # Observers (metrics) get (batch rows, distinct adapters, padded tokens).
+        self.batch_observers = []
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def submit(self, rows: list[Row], deadline: Optional[float]) -> Work:
+        if self.closed:
+            raise UnavailableError("server is draining; retry on another replica")
+        if self.pending_texts + len(rows) > self.max_queue:
+            raise ResourceExhaustedError(
+                f"queue is full ({self.pending_texts} texts waiting, limit {self.max_queue}); back off and retry"
+            )
+        work = Work(rows, deadline, asyncio.get_running_loop().create_future(),
+                    tokens=sum(r.encoded.length for r in rows))
+        self.pending_texts += len(rows)
+        self.queue.put_nowait(work)
+        return work
+
+    async def close(self) -> None:
+        """Stop taking work; everything already queued still runs."""
+        self.closed = True
+        self.queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+
+    async def _next_batch(self) -> Optional[list[Work]]:
+        first = await self.queue.get()
+        if first is None:
+            return None
+        batch, rows, tokens = [first], len(first.rows), first.tokens
+        wait_until = time.monotonic() + self.max_wait
+        while rows < self.max_batch_size and tokens < self.max_batch_tokens:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if nxt is None:  # close(): finish this batch, then stop
+                self.queue.put_nowait(None)
+                break
+            batch.append(nxt)
+            rows += len(nxt.rows)
+            tokens += nxt.tokens
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            now_ns = time.perf_counter_ns()
+            now = time.monotonic()
+            live = []
+            for w in batch:
+                self.pending_texts -= len(w.rows)
+                w.queue_ns = now_ns - w.enqueued_ns
+                if w.future.done():  # the caller went away (cancelled)
+                    continue
+                if w.deadline is not None and now >= w.deadline:
+                    w.future.set_exception(DeadlineExceededError(
+                        "deadline passed while the request waited in the queue; raise the deadline or reduce load"))
+                    continue
+                live.append(w)
+            if not live:
+                continue
+            rows = [r for w in live for r in w.rows]
+            self.inflight_texts = len(rows)
+            start = time.perf_counter_ns()
+            try:
+                await loop.run_in_executor(self.executor, self.runtime.infer, rows)
+            except Exception as e:  # noqa: BLE001 - every waiter must hear about it
+                log.exception("inference failed for a batch of %d texts", len(rows))
+                for w in live:
+                    if not w.future.done():
+                        w.future.set_exception(e)
+                continue
+            finally:
+                self.inflight_texts = 0
+            elapsed = time.perf_counter_ns() - start
+            for observer in self.batch_observers:
+                observer(rows, elapsed)
+            for w in live:
+                w.inference_ns = elapsed
+                if not w.future.done():
+                    w.future.set_result(w)

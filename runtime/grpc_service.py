@@ -1,0 +1,271 @@
+"""gRPC servicers: Classifier and AdapterRegistry over one Runtime.
+
+Classify: validate -> pin the task's current adapter version -> tokenize (thread pool, off the event
+loop) -> batcher -> model executor -> response. The pin is held until the response is built, so a
+replace or unregister never pulls weights from under a request: it is served wholly by one version.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import grpc
+
+from adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
+from adapters.store import AdapterStore
+from runtime.batcher import Batcher
+from runtime.config import ServerConfig
+from runtime.errors import (InvalidInputError, PermissionDeniedError, ResourceExhaustedError,
+                            UnauthenticatedError, UnavailableError, UnknownTaskError)
+from runtime.rpc_stubs import pb, pb_grpc
+from runtime.runtime import AdapterInfo, Runtime
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters", "examples")
+EXAMPLE_TASKS = ("sst2", "ag_news")
+
+
+def adapter_message(info: AdapterInfo) -> pb.Adapter:
+    return pb.Adapter(
+        task=info.task, version=info.version, peft_type=info.peft_type, rank=info.rank,
+        target_modules=info.target_modules, labels=info.labels, size_bytes=info.size_bytes,
+        residency=pb.Residency.Value(info.residency), registered_at=info.registered_at,
+        metadata={str(k): str(v) for k, v in info.metadata.items()},
+    )
+
+
+class AdapterService:
+    """Registration logic shared by the RPCs and start-up: validate, persist, then register."""
+
+    def __init__(self, runtime: Runtime, config: ServerConfig, executor: ThreadPoolExecutor) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.executor = executor
+        self.store = AdapterStore(config.data_dir) if config.data_dir else None
+        self._lock = asyncio.Lock()  # one registry mutation at a time; classify is never blocked by it
+
+    def restore(self) -> None:
+        """Start-up: every task in the data dir with its stored version; then the bundled examples,
+        once (an operator who unregisters them does not get them back on restart)."""
+        if self.store is not None:
+            for task, entry in sorted(self.store.tasks().items()):
+                files = self.store.load_files(task)
+                info = self.runtime.add_adapter(task, files, labels=entry.get("labels"), metadata=entry.get("metadata"))
+                if info.version != entry["version"]:
+                    log.warning("task %s restored with version %s, manifest says %s", task, info.version, entry["version"])
+        seeded = self.store is not None and self.store.flag("examples_registered")
+        if self.config.register_examples and not seeded:
+            for task in EXAMPLE_TASKS:
+                path = os.path.join(EXAMPLES_DIR, task)
+                if task in self.runtime.registry or not os.path.isdir(path):
+                    continue
+                spec = self.runtime.load_spec(path)
+                self._persist(task, spec)
+                self.runtime.add_adapter(task, spec)
+            if self.store is not None:
+                self.store.set_flag("examples_registered")
+
+    def _persist(self, task, spec, replace=False) -> None:
+        if self.store is not None:
+            self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time())
+
+    async def register(self, request: pb.RegisterAdapterRequest) -> AdapterInfo:
+        source = request.WhichOneof("source")
+        labels = list(request.labels) or None
+        metadata = dict(request.metadata)
+        if source == "path":
+            if not self.config.adapter_root:
+                raise PermissionDeniedError("registering by path is disabled: the server has no --adapter-root; upload the files instead")
+            path = request.path
+            if not os.path.isabs(path):
+                path = os.path.join(self.config.adapter_root, path)
+            load = lambda: self.runtime.load_spec(path, labels, metadata, allowed_root=self.config.adapter_root)  # noqa: E731
+        elif source == "files":
+            files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
+            if request.files.labels_json:
+                files[LABELS_FILE] = request.files.labels_json
+            size = sum(len(v) for v in files.values())
+            if size > self.config.max_adapter_bytes:
+                raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of {self.config.max_adapter_bytes}")
+            load = lambda: self.runtime.load_spec(files, labels, metadata)  # noqa: E731
+        else:
+            raise InvalidInputError("RegisterAdapter needs a source: set path or files")
+        self._check_task_name(request.task)
+        loop = asyncio.get_running_loop()
+        spec = await loop.run_in_executor(self.executor, load)  # validation never touches a slot
+        async with self._lock:
+            if request.task in self.runtime.registry and not request.replace:
+                old = self.runtime.registry.get(request.task)
+                from runtime.errors import TaskExistsError
+
+                raise TaskExistsError(f"task {request.task!r} is already registered (version {old.version[:12]}); "
+                                      "set replace=true to swap it")
+            await loop.run_in_executor(self.executor, self._persist, request.task, spec)
+            return await loop.run_in_executor(
+                self.executor, lambda: self.runtime.add_adapter(request.task, spec, replace=request.replace))
+
+    async def unregister(self, task: str) -> AdapterInfo:
+        async with self._lock:
+            info = self.runtime.get_adapter(task)  # NOT_FOUND before anything changes
+            loop = asyncio.get_running_loop()
+            if self.store is not None:
+                await loop.run_in_executor(self.executor, self.store.remove, task)
+            return await loop.run_in_executor(self.executor, self.runtime.remove_adapter, info.task)
+
+    @staticmethod
+    def _check_task_name(task: str) -> None:
+        if not task or len(task) > 128 or not all(c.isalnum() or c in "-_." for c in task):
+            raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, config: ServerConfig, observer=None) -> None:
+        self.config = config
+        self.runtime: Optional[Runtime] = None
+        self.batcher: Optional[Batcher] = None
+        self.tokenize_pool: Optional[ThreadPoolExecutor] = None
+        self.observer = observer  # metrics hook: observer(queue_ns, tokenize_ns, inference_ns)
+
+    def attach(self, runtime: Runtime, batcher: Batcher, tokenize_pool: ThreadPoolExecutor) -> None:
+        self.runtime, self.batcher, self.tokenize_pool = runtime, batcher, tokenize_pool
+
+    def _ready(self) -> None:
+        if self.runtime is None:
+            raise UnavailableError("the base model is still loading; retry when health reports SERVING")
+
+    def _validate(self, request: pb.ClassifyRequest) -> None:
+        n = len(request.texts)
+        if not request.task:
+            raise InvalidInputError("task is empty; name a registered task (ListAdapters shows them)")
+        if n == 0:
+            raise InvalidInputError("texts is empty; send 1 or more texts")
+        if n > self.config.max_texts_per_request:
+            raise InvalidInputError(f"{n} texts in one request; the limit is {self.config.max_texts_per_request}, split the request")
+        if request.text_pairs and len(request.text_pairs) != n:
+            raise InvalidInputError(f"text_pairs has {len(request.text_pairs)} entries but texts has {n}; send none or one per text")
+
+    async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        start = time.perf_counter_ns()
+        self._ready()
+        self._validate(request)
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0:
+            from runtime.errors import DeadlineExceededError
+
+            raise DeadlineExceededError("the request's deadline had already passed on arrival")
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        entry = self.runtime.registry.acquire(request.task)
+        try:
+            loop = asyncio.get_running_loop()
+            texts = list(request.texts)
+            pairs = list(request.text_pairs) if request.text_pairs else None
+            t0 = time.perf_counter_ns()
+            rows = await loop.run_in_executor(
+                self.tokenize_pool, self.runtime.encode_rows, [entry] * len(texts), texts, pairs, request.truncate)
+            tokenize_ns = time.perf_counter_ns() - t0
+            work = await self.batcher.submit(rows, deadline)
+            await work.future
+            top_k = request.top_k or None
+            predictions = [
+                pb.Prediction(
+                    scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.scores[:top_k]],
+                    input_tokens=r.prediction.input_tokens, truncated=r.prediction.truncated)
+                for r in rows
+            ]
+            total = time.perf_counter_ns() - start
+            if self.observer:
+                self.observer(work.queue_ns, tokenize_ns, work.inference_ns)
+            return pb.ClassifyResponse(
+                request_id=request.request_id, task=request.task, adapter_version=entry.version,
+                predictions=predictions,
+                timings=pb.Timings(queue_ns=work.queue_ns, tokenize_ns=tokenize_ns,
+                                   inference_ns=work.inference_ns, total_ns=total),
+            )
+        finally:
+            self.runtime.registry.release(entry)
+
+    async def Classify(self, request, context):
+        return await self._classify(request, context)
+
+    async def ClassifyStream(self, request_iterator, context):
+        # Requests are processed concurrently (they batch together) and answered in order.
+        pending: asyncio.Queue = asyncio.Queue()
+
+        async def reader():
+            async for request in request_iterator:
+                pending.put_nowait(asyncio.ensure_future(self._classify(request, context)))
+            pending.put_nowait(None)
+
+        reader_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                fut = await pending.get()
+                if fut is None:
+                    break
+                yield await fut
+        finally:
+            reader_task.cancel()
+            while not pending.empty():
+                fut = pending.get_nowait()
+                if fut is not None:
+                    fut.cancel()
+
+    async def GetInfo(self, request, context):
+        self._ready()
+        base = self.runtime.base
+        cfg = self.runtime.config
+        return pb.ServerInfo(
+            base_model=base.model_id, precision=base.precision, engine=self.runtime.engine.name,
+            device=str(base.device), max_input_length=base.max_length,
+            max_texts_per_request=self.config.max_texts_per_request, max_batch_tokens=cfg.max_batch_tokens,
+            slots=cfg.slots, r_max=cfg.r_max, max_adapter_bytes=self.config.max_adapter_bytes, version=VERSION,
+            registered_adapters=len(self.runtime.registry),
+        )
+
+
+class RegistryServicer(pb_grpc.AdapterRegistryServicer):
+    def __init__(self, admin_token: Optional[str]) -> None:
+        self.service: Optional[AdapterService] = None
+        self.admin_token = admin_token
+
+    def attach(self, service: AdapterService) -> None:
+        self.service = service
+
+    def _authorize(self, context) -> None:
+        if self.service is None:
+            raise UnavailableError("the base model is still loading; retry when health reports SERVING")
+        if not self.admin_token:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        if not header:
+            raise UnauthenticatedError("registry calls need 'authorization: Bearer <admin token>' metadata")
+        if header != f"Bearer {self.admin_token}":
+            raise UnauthenticatedError("the admin token in 'authorization' metadata is wrong")
+
+    async def RegisterAdapter(self, request, context):
+        self._authorize(context)
+        return adapter_message(await self.service.register(request))
+
+    async def UnregisterAdapter(self, request, context):
+        self._authorize(context)
+        return adapter_message(await self.service.unregister(request.task))
+
+    async def ListAdapters(self, request, context):
+        self._authorize(context)
+        return pb.ListAdaptersResponse(adapters=[adapter_message(i) for i in self.service.runtime.list_adapters()])
+
+    async def GetAdapter(self, request, context):
+        self._authorize(context)
+        if not request.task:
+            raise InvalidInputError("task is empty")
+        try:
+            return adapter_message(self.service.runtime.get_adapter(request.task))
+        except UnknownTaskError:
+            raise

@@ -1,0 +1,162 @@
+"""adapterserve entry point: parse config, build the runtime, serve gRPC, drain on SIGTERM.
+
+    python server.py                     # packaged MiniLM + bundled sst2 / ag_news adapters on 127.0.0.1:50051
+    python server.py --help              # every flag; each also reads ADAPTERSERVE_<FLAG> from the environment
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from runtime.config import RuntimeConfig, ServerConfig
+from runtime.errors import AdapterServeError
+
+log = logging.getLogger("adapterserve")
+
+# (flag, config object, field, type, help)
+_FLAGS = [
+    ("host", "server", "host", str, "address to bind"),
+    ("port", "server", "port", int, "gRPC port (0 = pick a free one, printed at start)"),
+    ("metrics-port", "server", "metrics_port", int, "Prometheus port (0 disables)"),
+    ("base-model", "runtime", "base_model", str, "HF encoder directory (default: packaged MiniLM-L6)"),
+    ("device", "runtime", "device", str, "auto | cpu | cuda"),
+    ("precision", "runtime", "precision", str, "fp32 | fp16 | bf16 | int8 | nf4"),
+    ("slots", "runtime", "slots", int, "device adapter slots, slot 0 reserved"),
+    ("r-max", "runtime", "r_max", int, "largest LoRA rank a slot holds"),
+    ("max-batch-tokens", "runtime", "max_batch_tokens", int, "padded tokens per forward"),
+    ("max-batch-size", "runtime", "max_batch_size", int, "rows per forward"),
+    ("max-wait-ms", "server", "max_wait_ms", float, "how long a batch waits for more requests"),
+    ("max-queue", "server", "max_queue", int, "texts waiting for the model before RESOURCE_EXHAUSTED"),
+    ("max-texts-per-request", "server", "max_texts_per_request", int, "texts in one Classify"),
+    ("max-adapter-bytes", "server", "max_adapter_bytes", int, "largest adapter upload"),
+    ("data-dir", "server", "data_dir", str, "where registered adapters persist ('' = memory only)"),
+    ("adapter-root", "server", "adapter_root", str, "directory RegisterAdapter(path) may read from"),
+    ("admin-token", "server", "admin_token", str, "bearer token registry calls need"),
+    ("tls-cert", "server", "tls_cert", str, "PEM certificate (with --tls-key)"),
+    ("tls-key", "server", "tls_key", str, "PEM private key"),
+    ("grace", "server", "grace", float, "seconds to finish in-flight work on SIGTERM"),
+    ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
+]
+
+
+def parse_config(argv=None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="server.py", description="adapterserve gRPC server")
+    for flag, _, name, typ, help_ in _FLAGS:
+        p.add_argument(f"--{flag}", type=typ, default=None, help=f"{help_} [env ADAPTERSERVE_{name.upper()}]")
+    p.add_argument("--no-examples", action="store_true", help="do not register the bundled sst2 / ag_news adapters")
+    p.add_argument("--log-level", default=os.environ.get("ADAPTERSERVE_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    values = {"server": {}, "runtime": {}}
+    for flag, owner, name, typ, _ in _FLAGS:
+        value = getattr(args, name)
+        if value is None and f"ADAPTERSERVE_{name.upper()}" in os.environ:
+            value = typ(os.environ[f"ADAPTERSERVE_{name.upper()}"])
+        if value is not None:
+            values[owner][name] = value
+    if values["server"].get("data_dir") == "":
+        values["server"]["data_dir"] = None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime_config = RuntimeConfig(**values["runtime"])
+    return ServerConfig(runtime=runtime_config, register_examples=not args.no_examples, **values["server"])
+
+
+async def serve(config: ServerConfig) -> int:
+    from runtime.batcher import Batcher
+    from runtime.grpc_errors import ErrorMappingInterceptor
+    from runtime.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
+    from runtime.rpc_stubs import pb, pb_grpc
+    from runtime.runtime import Runtime
+
+    message_limit = config.max_adapter_bytes + (1 << 20)
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[("grpc.max_receive_message_length", message_limit),
+                 ("grpc.max_send_message_length", 64 << 20),
+                 ("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # grpc.aio takes handlers only before start; they answer UNAVAILABLE until the model is warm.
+    classifier = ClassifierServicer(config)
+    registry = RegistryServicer(config.admin_token)
+    pb_grpc.add_ClassifierServicer_to_server(classifier, server)
+    pb_grpc.add_AdapterRegistryServicer_to_server(registry, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
+         pb.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        with open(config.tls_key, "rb") as k, open(config.tls_cert, "rb") as c:
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(k.read(), c.read())]))
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+
+    loop = asyncio.get_running_loop()
+    model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one executor owns the device
+    tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+    runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
+    service = AdapterService(runtime, config, model_executor)
+    await loop.run_in_executor(model_executor, service.restore)
+    await loop.run_in_executor(model_executor, _warm_up, runtime)
+
+    batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
+                      config.max_wait_ms, config.max_queue)
+    batcher.start()
+    classifier.attach(runtime, batcher, tokenize_pool)
+    registry.attach(service)
+    for name in ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    tasks = ", ".join(a.task for a in runtime.list_adapters()) or "none"
+    log.info("serving on %s:%d (base %s, %s, %s); tasks: %s", config.host, port, runtime.base.model_id,
+             runtime.base.precision, runtime.base.device, tasks)
+    print(f"adapterserve listening on {config.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: finishing in-flight work within %.1fs", config.grace)
+    await health_servicer.enter_graceful_shutdown()  # every service reports NOT_SERVING
+    stopping = asyncio.ensure_future(server.stop(config.grace))  # refuse new RPCs, let running ones finish
+    await stopping
+    await batcher.close()
+    model_executor.shutdown(wait=True)
+    tokenize_pool.shutdown(wait=True)
+    log.info("stopped")
+    return 0
+
+
+def _warm_up(runtime) -> None:
+    """One forward per registered task so the first real request does not pay for lazy init."""
+    tasks = [a.task for a in runtime.list_adapters()]
+    runtime.engine.encode(runtime.encoder.collate(runtime.encoder.encode(["warm up"]), runtime.base.device), [0])
+    if tasks:
+        runtime.classify([(t, "warm up") for t in tasks])
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_config(argv)
+        return asyncio.run(serve(config))
+    except AdapterServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
