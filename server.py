@@ -76,7 +76,9 @@ async def serve(config: ServerConfig) -> int:
     from runtime.rpc_stubs import pb, pb_grpc
     from runtime.runtime import Runtime
 
-    message_limit = config.max_adapter_bytes + (1 << 20)
+    # Room above the adapter limit so an oversize upload gets our message (which names the limit)
+    # rather than gRPC's generic one; far larger messages are still cut off by gRPC itself.
+    message_limit = 2 * config.max_adapter_bytes + (1 << 20)
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],
         options=[("grpc.max_receive_message_length", message_limit),
@@ -109,7 +111,10 @@ async def serve(config: ServerConfig) -> int:
     model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one executor owns the device
     tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
     runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
-    service = AdapterService(runtime, config, model_executor)
+    # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
+    # slot; a new adapter is copied into a slot by the model executor on its first batch.
+    admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
+    service = AdapterService(runtime, config, admin_executor)
     await loop.run_in_executor(model_executor, service.restore)
     await loop.run_in_executor(model_executor, _warm_up, runtime)
 
@@ -136,6 +141,7 @@ async def serve(config: ServerConfig) -> int:
     await stopping
     await batcher.close()
     model_executor.shutdown(wait=True)
+    admin_executor.shutdown(wait=True)
     tokenize_pool.shutdown(wait=True)
     log.info("stopped")
     return 0

@@ -1,0 +1,69 @@
+"""Start a real adapterserve process on a loopback port for integration tests."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120.0) -> None:
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
+        cmd = [sys.executable, os.path.join(ROOT, "server.py"), *self.args]
+        full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(ready_timeout):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+        if self.port is None:
+            raise RuntimeError("server exited:\n" + "".join(self.lines[-40:]))
+        self.address = f"127.0.0.1:{self.port}"
+        self.wait_serving()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"adapterserve listening on [\d.]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            end = time.time() + timeout
+            while time.time() < end:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError("server never reported SERVING")
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
