@@ -26,7 +26,8 @@ log = logging.getLogger("adapterserve")
 _FLAGS = [
     ("host", "server", "host", str, "address to bind"),
     ("port", "server", "port", int, "gRPC port (0 = pick a free one, printed at start)"),
-    ("metrics-port", "server", "metrics_port", int, "Prometheus port (0 disables)"),
+    ("metrics-port", "server", "metrics_port", int, "Prometheus /metrics port (0 disables)"),
+    ("metrics-max-task-labels", "server", "metrics_max_task_labels", int, "per-task series before _other"),
     ("base-model", "runtime", "base_model", str, "HF encoder directory (default: packaged MiniLM-L6)"),
     ("device", "runtime", "device", str, "auto | cpu | cuda"),
     ("precision", "runtime", "precision", str, "fp32 | fp16 | bf16 | int8 | nf4"),
@@ -70,8 +71,9 @@ def parse_config(argv=None) -> ServerConfig:
 
 
 async def serve(config: ServerConfig) -> int:
-    from runtime.batcher import Batcher
-    from runtime.grpc_errors import ErrorMappingInterceptor
+    from runtime.batcher import Batcher, BatcherMetrics
+    from runtime.grpc_errors import ErrorMappingInterceptor, RequestMetrics
+    from runtime import metrics
     from runtime.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
     from runtime.rpc_stubs import pb, pb_grpc
     from runtime.runtime import Runtime
@@ -79,8 +81,9 @@ async def serve(config: ServerConfig) -> int:
     # Room above the adapter limit so an oversize upload gets our message (which names the limit)
     # rather than gRPC's generic one; far larger messages are still cut off by gRPC itself.
     message_limit = 2 * config.max_adapter_bytes + (1 << 20)
+    metrics_registry = metrics.new_registry()
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[ErrorMappingInterceptor(RequestMetrics(metrics_registry))],
         options=[("grpc.max_receive_message_length", message_limit),
                  ("grpc.max_send_message_length", 64 << 20),
                  ("grpc.so_reuseport", 0)],
@@ -90,10 +93,10 @@ async def serve(config: ServerConfig) -> int:
     for name in ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # grpc.aio takes handlers only before start; they answer UNAVAILABLE until the model is warm.
-    classifier = ClassifierServicer(config)
-    registry = RegistryServicer(config.admin_token)
+    classifier = ClassifierServicer(config, metrics_registry)
+    registry_servicer = RegistryServicer(config.admin_token)
     pb_grpc.add_ClassifierServicer_to_server(classifier, server)
-    pb_grpc.add_AdapterRegistryServicer_to_server(registry, server)
+    pb_grpc.add_AdapterRegistryServicer_to_server(registry_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
          pb.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name,
@@ -107,24 +110,34 @@ async def serve(config: ServerConfig) -> int:
         port = server.add_insecure_port(address)
     await server.start()
 
-    loop = asyncio.get_running_loop()
-    model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one executor owns the device
-    tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-    runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
-    # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
-    # slot; a new adapter is copied into a slot by the model executor on its first batch.
-    admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
-    service = AdapterService(runtime, config, admin_executor)
-    await loop.run_in_executor(model_executor, service.restore)
-    await loop.run_in_executor(model_executor, _warm_up, runtime)
+    try:
+        loop = asyncio.get_running_loop()
+        model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one executor owns the device
+        tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
+        # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
+        # slot; a new adapter is copied into a slot by the model executor on its first batch.
+        admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
+        service = AdapterService(runtime, config, admin_executor)
+        await loop.run_in_executor(model_executor, service.restore)
+        await loop.run_in_executor(model_executor, _warm_up, runtime)
 
-    batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
-                      config.max_wait_ms, config.max_queue)
-    batcher.start()
-    classifier.attach(runtime, batcher, tokenize_pool)
-    registry.attach(service)
-    for name in ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
+                          config.max_wait_ms, config.max_queue)
+        batcher.metrics = BatcherMetrics(metrics_registry, batcher)
+        batcher.start()
+        _register_runtime_metrics(metrics_registry, runtime)
+        service.on_unregistered = classifier.task_metrics.labels.forget
+        metrics_port = metrics.start_http(metrics_registry, config.host, config.metrics_port)
+        if metrics_port:
+            print(f"adapterserve metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
+        classifier.attach(runtime, batcher, tokenize_pool)
+        registry_servicer.attach(service)
+        for name in ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry"):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await server.stop(0)  # a failed start must not leave a half-open port behind
+        raise
     tasks = ", ".join(a.task for a in runtime.list_adapters()) or "none"
     log.info("serving on %s:%d (base %s, %s, %s); tasks: %s", config.host, port, runtime.base.model_id,
              runtime.base.precision, runtime.base.device, tasks)
@@ -145,6 +158,21 @@ async def serve(config: ServerConfig) -> int:
     tokenize_pool.shutdown(wait=True)
     log.info("stopped")
     return 0
+
+
+def _register_runtime_metrics(registry, runtime) -> None:
+    from prometheus_client import Histogram
+
+    from runtime import metrics
+    from runtime.grpc_service import VERSION
+
+    metrics.register_build_info(registry, VERSION, runtime.base.model_id, runtime.base.precision,
+                                runtime.engine.name, str(runtime.base.device))
+    registry.register(metrics.MemoryCollector(runtime))
+    registry.register(metrics.AdapterCacheCollector(runtime.slot_table))
+    load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds", "Time to copy an adapter into a device slot",
+                             buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    runtime.slot_table.load_observer = load_seconds.observe
 
 
 def _warm_up(runtime) -> None:

@@ -31,6 +31,34 @@ class Work:
     inference_ns: int = 0
 
 
+class BatcherMetrics:
+    def __init__(self, registry, batcher: "Batcher") -> None:
+        from prometheus_client import Gauge, Histogram
+
+        from runtime.metrics import LATENCY_BUCKETS, PREFIX, SIZE_BUCKETS, TOKEN_BUCKETS
+
+        self.queue_seconds = Histogram(f"{PREFIX}_queue_duration_seconds", "Time a request waited for its batch",
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram(f"{PREFIX}_inference_duration_seconds",
+                                           "Model time of the batch that served a request", buckets=LATENCY_BUCKETS,
+                                           registry=registry)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Texts per model batch", buckets=SIZE_BUCKETS, registry=registry)
+        self.batch_tokens = Histogram(f"{PREFIX}_batch_tokens", "Real (unpadded) tokens per model batch",
+                                      buckets=TOKEN_BUCKETS, registry=registry)
+        self.batch_adapters = Histogram(f"{PREFIX}_batch_adapters", "Distinct adapters in one model batch",
+                                        buckets=SIZE_BUCKETS, registry=registry)
+        depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for the model", registry=registry)
+        depth.set_function(lambda: batcher.pending_texts)
+
+    def observe_batch(self, works: list, rows: list, inference_ns: int) -> None:
+        self.batch_size.observe(len(rows))
+        self.batch_tokens.observe(sum(r.encoded.length for r in rows))
+        self.batch_adapters.observe(len({r.entry.key for r in rows}))
+        for w in works:
+            self.queue_seconds.observe(w.queue_ns / 1e9)
+            self.inference_seconds.observe(inference_ns / 1e9)
+
+
 class Batcher:
     def __init__(self, runtime: Runtime, executor: Executor, max_batch_tokens: int, max_batch_size: int,
                  max_wait_ms: float, max_queue: int) -> None:
@@ -45,19 +73,18 @@ class Batcher:
         self.inflight_texts = 0
         self.closed = False
         self._task: Optional[asyncio.Task] = None
-        # Observers (metrics) get (batch rows, distinct adapters, padded tokens).
-        self.batch_observers = []
+        self.metrics: Optional[BatcherMetrics] = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
     async def submit(self, rows: list[Row], deadline: Optional[float]) -> Work:
         if self.closed:
-            raise UnavailableError("server is draining; retry on another replica")
+            raise UnavailableError("server is draining; retry on another replica", reason="draining")
         if self.pending_texts + len(rows) > self.max_queue:
             raise ResourceExhaustedError(
-                f"queue is full ({self.pending_texts} texts waiting, limit {self.max_queue}); back off and retry"
-            )
+                f"queue is full ({self.pending_texts} texts waiting, limit {self.max_queue}); back off and retry",
+                reason="queue_full")
         work = Work(rows, deadline, asyncio.get_running_loop().create_future(),
                     tokens=sum(r.encoded.length for r in rows))
         self.pending_texts += len(rows)
@@ -112,7 +139,8 @@ class Batcher:
                     continue
                 if w.deadline is not None and now >= w.deadline:
                     w.future.set_exception(DeadlineExceededError(
-                        "deadline passed while the request waited in the queue; raise the deadline or reduce load"))
+                        "deadline passed while the request waited in the queue; raise the deadline or reduce load",
+                        reason="deadline_in_queue"))
                     continue
                 live.append(w)
             if not live:
@@ -131,8 +159,8 @@ class Batcher:
             finally:
                 self.inflight_texts = 0
             elapsed = time.perf_counter_ns() - start
-            for observer in self.batch_observers:
-                observer(rows, elapsed)
+            if self.metrics is not None:
+                self.metrics.observe_batch(live, rows, elapsed)
             for w in live:
                 w.inference_ns = elapsed
                 if not w.future.done():

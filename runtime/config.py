@@ -72,7 +72,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int = 8002
+    metrics_port: int = 8002  # 0 disables the /metrics endpoint
+    metrics_max_task_labels: int = 64  # past this many tasks, per-task series report as _other
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     max_wait_ms: float = 5.0
     max_queue: int = 2048  # texts waiting for the model; more is RESOURCE_EXHAUSTED

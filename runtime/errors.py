@@ -11,6 +11,11 @@ class AdapterServeError(Exception):
     # Name of the grpc.StatusCode member this error maps to; read by the interceptor.
     grpc_code = "INTERNAL"
 
+    def __init__(self, message: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        # Short machine-readable cause for the rejected_requests_total{reason} metric.
+        self.reason = reason or self.grpc_code.lower()
+
 
 class InvalidInputError(AdapterServeError):
     """The request itself is malformed (empty texts, too long, mismatched pairs...)."""

@@ -1,7 +1,9 @@
 """The one place domain errors become gRPC status codes."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 
 import grpc
@@ -15,13 +17,40 @@ def status_of(error: AdapterServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.grpc_code)
 
 
+class RequestMetrics:
+    """Every RPC's final status and duration, counted where the status is decided."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        from runtime.metrics import LATENCY_BUCKETS, PREFIX
+
+        self.requests = Counter(f"{PREFIX}_requests_total", "RPCs by method and final gRPC status code",
+                                ["rpc", "code"], registry=registry)
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds", "End-to-end RPC latency in the server",
+                                  ["rpc"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.rejected = Counter(f"{PREFIX}_rejected_requests_total",
+                                "Requests refused before or instead of inference, by reason", ["reason"], registry=registry)
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "RPCs being handled now", registry=registry)
+
+    def started(self, method: str) -> None:
+        self.inflight.inc()
+
+    def finished(self, method: str, code: str, seconds: float, error: BaseException | None) -> None:
+        rpc = method.rsplit("/", 1)[-1]
+        self.inflight.dec()
+        self.requests.labels(rpc, code).inc()
+        self.duration.labels(rpc).observe(seconds)
+        if error is not None and code not in ("OK", "INTERNAL"):
+            self.rejected.labels(getattr(error, "reason", code.lower())).inc()
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps our unary-unary and stream-stream handlers: AdapterServeError -> its status code and
     message; anything else -> INTERNAL with an id that is also logged with the traceback."""
 
-    def __init__(self, on_result=None) -> None:
-        # on_result(method, code_name, seconds) lets metrics count every RPC by final status.
-        self.on_result = on_result
+    def __init__(self, metrics: RequestMetrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -52,41 +81,50 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(code, message)
 
     def _wrap_unary(self, method, inner):
-        import time
-
         async def behavior(request, context):
             start = time.perf_counter()
-            code = "OK"
+            code, error = "OK", None
+            if self.metrics:
+                self.metrics.started(method)
             try:
                 return await inner(request, context)
-            except (AdapterServeError, Exception) as e:
-                if isinstance(e, grpc.aio.AbortError):
-                    code = context.code().name if context.code() else "UNKNOWN"
-                    raise
-                code = status_of(e).name if isinstance(e, AdapterServeError) else "INTERNAL"
+            except grpc.aio.AbortError:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status, never lost
+                code, error = self._code(e), e
                 await self._abort(context, method, e)
             finally:
-                if self.on_result:
-                    self.on_result(method, code, time.perf_counter() - start)
+                if self.metrics:
+                    self.metrics.finished(method, code, time.perf_counter() - start, error)
 
         return behavior
 
     def _wrap_stream(self, method, inner):
-        import time
-
         async def behavior(request_iterator, context):
             start = time.perf_counter()
-            code = "OK"
+            code, error = "OK", None
+            if self.metrics:
+                self.metrics.started(method)
             try:
                 async for response in inner(request_iterator, context):
                     yield response
-            except (AdapterServeError, Exception) as e:
-                if isinstance(e, grpc.aio.AbortError):
-                    raise
-                code = status_of(e).name if isinstance(e, AdapterServeError) else "INTERNAL"
+            except grpc.aio.AbortError:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception as e:  # noqa: BLE001
+                code, error = self._code(e), e
                 await self._abort(context, method, e)
             finally:
-                if self.on_result:
-                    self.on_result(method, code, time.perf_counter() - start)
+                if self.metrics:
+                    self.metrics.finished(method, code, time.perf_counter() - start, error)
 
         return behavior
+
+    @staticmethod
+    def _code(error: BaseException) -> str:
+        if isinstance(error, AdapterServeError):
+            return status_of(error).name
+        if isinstance(error, asyncio.CancelledError):
+            return "CANCELLED"
+        return "INTERNAL"

@@ -49,6 +49,7 @@ class AdapterService:
         self.executor = executor
         self.store = AdapterStore(config.data_dir) if config.data_dir else None
         self._lock = asyncio.Lock()  # one registry mutation at a time; classify is never blocked by it
+        self.on_unregistered = None  # callback(task): drops the task's metric series
 
     def restore(self) -> None:
         """Start-up: every task in the data dir with its stored version; then the bundled examples,
@@ -92,7 +93,9 @@ class AdapterService:
                 files[LABELS_FILE] = request.files.labels_json
             size = sum(len(v) for v in files.values())
             if size > self.config.max_adapter_bytes:
-                raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of {self.config.max_adapter_bytes}")
+                raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of "
+                                             f"{self.config.max_adapter_bytes}; shrink it or raise --max-adapter-bytes",
+                                             reason="adapter_too_large")
             load = lambda: self.runtime.load_spec(files, labels, metadata)  # noqa: E731
         else:
             raise InvalidInputError("RegisterAdapter needs a source: set path or files")
@@ -116,7 +119,10 @@ class AdapterService:
             loop = asyncio.get_running_loop()
             if self.store is not None:
                 await loop.run_in_executor(self.executor, self.store.remove, task)
-            return await loop.run_in_executor(self.executor, self.runtime.remove_adapter, info.task)
+            removed = await loop.run_in_executor(self.executor, self.runtime.remove_adapter, info.task)
+            if self.on_unregistered is not None:
+                self.on_unregistered(info.task)
+            return removed
 
     @staticmethod
     def _check_task_name(task: str) -> None:
@@ -125,12 +131,21 @@ class AdapterService:
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, observer=None) -> None:
+    def __init__(self, config: ServerConfig, registry=None) -> None:
         self.config = config
         self.runtime: Optional[Runtime] = None
         self.batcher: Optional[Batcher] = None
         self.tokenize_pool: Optional[ThreadPoolExecutor] = None
-        self.observer = observer  # metrics hook: observer(queue_ns, tokenize_ns, inference_ns)
+        self.tokenize_seconds = None
+        self.task_metrics = None
+        if registry is not None:
+            from prometheus_client import Histogram
+
+            from runtime.metrics import LATENCY_BUCKETS, PREFIX, TaskMetrics
+
+            self.tokenize_seconds = Histogram(f"{PREFIX}_tokenize_duration_seconds", "Tokenization time per request",
+                                              buckets=LATENCY_BUCKETS, registry=registry)
+            self.task_metrics = TaskMetrics(registry, config.metrics_max_task_labels)
 
     def attach(self, runtime: Runtime, batcher: Batcher, tokenize_pool: ThreadPoolExecutor) -> None:
         self.runtime, self.batcher, self.tokenize_pool = runtime, batcher, tokenize_pool
@@ -179,8 +194,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 for r in rows
             ]
             total = time.perf_counter_ns() - start
-            if self.observer:
-                self.observer(work.queue_ns, tokenize_ns, work.inference_ns)
+            if self.tokenize_seconds is not None:
+                self.tokenize_seconds.observe(tokenize_ns / 1e9)
+                self.task_metrics.observe(request.task, len(texts))
             return pb.ClassifyResponse(
                 request_id=request.request_id, task=request.task, adapter_version=entry.version,
                 predictions=predictions,

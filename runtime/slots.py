@@ -6,8 +6,9 @@ ResourceExhaustedError instead of evicting weights from under a running batch.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional
 
 from runtime.errors import ResourceExhaustedError
 
@@ -25,6 +26,7 @@ class SlotTable:
         self.evictions = 0
         self.hits = 0
         self.misses = 0
+        self.load_observer: Optional[Callable[[float], None]] = None  # seconds per slot load (metrics)
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._lru.get(key)
@@ -41,7 +43,10 @@ class SlotTable:
         else:
             self.misses += 1
             slot = self._take_free_slot()
+            start = time.perf_counter()
             self._on_load(slot, key)
+            if self.load_observer is not None:
+                self.load_observer(time.perf_counter() - start)
             self.loads += 1
             self._lru[key] = slot
         self._pins[key] = self._pins.get(key, 0) + 1
@@ -73,6 +78,5 @@ class SlotTable:
                 self.evictions += 1
                 return slot
         raise ResourceExhaustedError(
-            f"all {self.capacity} adapter slots are pinned by running batches; retry shortly or start the "
-            "server with more slots"
-        )
+            reason="slots_exhausted", message=f"all {self.capacity} adapter slots are pinned by running batches; retry shortly or start the "
+            "server with more slots")
