@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120.0) -> None:
-        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
+    def __init__(self, *args: str, metrics_port: int = 0, env: dict | None = None, ready_timeout: float = 120.0) -> None:
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), *args]
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
         cmd = [sys.executable, os.path.join(ROOT, "server.py"), *self.args]
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
