@@ -1,0 +1,18 @@
+"""python -m loadtest {run,compare} ... (see each subcommand's --help)."""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest")
+    sub = p.add_subparsers(dest="command", required=True)
+    from loadtest import compare, run
+
+    run.add_args(sub.add_parser("run", help="load a server, report throughput and latency"))
+    compare.add_args(sub.add_parser("compare", help="tables and plots from several run results"))
+    args = p.parse_args(argv)
+    return {"run": run.main, "compare": compare.main}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
