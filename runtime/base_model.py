@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,22 @@ class BaseModel:
         return {name: m for name, m in self.backbone.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _bnb_config(precision: str, compute_dtype: torch.dtype):
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise NotSupportedError(f"precision {precision} needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}") from None
+    # The pooler feeds every task's head: keep it (and any head) out of quantization.
+    skip = ["pooler", "classifier", "pre_classifier"]
+    # bnb warns on every int8 matmul that fp32 inputs are cast to fp16 for quantization: expected.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=skip)
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,14 +62,15 @@ def resolve_device(requested: str) -> torch.device:
 def load_base_model(config: RuntimeConfig) -> BaseModel:
     path = config.base_model_path
     device = resolve_device(config.device)
-    if config.precision in ("int8", "nf4"):
-        raise NotSupportedError(
-            f"precision {config.precision} (bitsandbytes) is not implemented yet; use fp32 or bf16 "
-            "(tracked in the quantized-bases issue)"
-        )
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device (CPU matmuls in fp16 are slow and inexact); use fp32 or bf16 on CPU")
-    dtype = _DTYPES[config.precision]
+    quantization = None
+    if config.precision in ("int8", "nf4"):
+        # Activations (and so the LoRA delta) stay in a float dtype: fp16 on CUDA, fp32 on CPU.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        quantization = _bnb_config(config.precision, dtype)
+    else:
+        dtype = _DTYPES[config.precision]
 
     hf_config = AutoConfig.from_pretrained(path)
     family = family_for(hf_config.model_type)
@@ -60,8 +78,13 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     if hf_config.model_type in ("bert", "roberta", "xlm-roberta", "camembert"):
         # BERT classifies from the pooler; RoBERTa's head ignores it, so do not build (or random-init) it.
         kwargs["add_pooling_layer"] = family.uses_pooler
-    backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
-    backbone.eval().requires_grad_(False).to(device)
+    if quantization is not None:
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                             device_map={"": device.index if device.type == "cuda" else "cpu"}, **kwargs)
+        backbone.eval().requires_grad_(False)
+    else:
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+        backbone.eval().requires_grad_(False).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
 
     positions = getattr(hf_config, "max_position_embeddings", 512)

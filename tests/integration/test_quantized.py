@@ -1,0 +1,70 @@
+"""bitsandbytes int8 / NF4 bases on the packaged MiniLM (CPU backend of bitsandbytes 0.50):
+the slot engine equals PEFT on the same quantized base, and merging is refused."""
+import pytest
+import torch
+
+from runtime.config import RuntimeConfig
+from runtime.errors import NotSupportedError
+from runtime.runtime import Runtime
+from tiny_models import SAMPLE_TEXTS
+
+T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def peft_quantized_logits(base_dir, adapter_dir, precision, num_labels):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    skip = ["pooler", "classifier"]
+    q = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip) if precision == "int8" else
+         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                            llm_int8_skip_modules=skip))
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, quantization_config=q,
+                                                               device_map="cpu", dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.no_grad():
+        return torch.stack([model(**tok(t, return_tensors="pt")).logits[0].float() for t in SAMPLE_TEXTS])
+
+
+@pytest.fixture(scope="module")
+def adapter(minilm_dir, tmp_path_factory):
+    from tiny_models import make_peft_adapter
+
+    return make_peft_adapter(minilm_dir, str(tmp_path_factory.mktemp("q") / "a"), num_labels=4, r=8, targets=T,
+                             seed=3, scale=0.05)
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantized_base_matches_peft_and_refuses_merge(minilm_dir, adapter, precision):
+    rt = Runtime(RuntimeConfig(precision=precision, slots=4, r_max=8))
+    linear = rt.engine.layers["encoder.layer.0.attention.self.query"].base
+    assert type(linear).__name__ == {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[precision]
+    assert type(rt.engine.layers["pooler.dense"].base).__name__ == "Linear"  # kept out of quantization
+    rt.add_adapter("t", adapter)
+    # One text per forward, like the PEFT oracle: LLM.int8's outlier columns are chosen per batch, so
+    # int8 logits depend slightly on what else is in the batch (checked below against fp32 instead).
+    got = torch.tensor([rt.classify([("t", t)])[0].logits for t in SAMPLE_TEXTS])
+    want = peft_quantized_logits(minilm_dir, adapter, precision, 4)
+    assert (got - want).abs().max().item() <= 1e-3
+    batched = torch.tensor([p.logits for p in rt.classify([("t", t) for t in SAMPLE_TEXTS])])
+    assert (batched - want).abs().max().item() <= 2e-2
+    with pytest.raises(NotSupportedError, match=f"cannot merge into a {precision} base"):
+        rt.merge("t")
+
+
+def test_fp16_on_cpu_is_refused_clearly():
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Runtime(RuntimeConfig(precision="fp16", device="cpu"))
+
+
+def test_bf16_on_cpu_serves(minilm_dir, adapter):
+    rt = Runtime(RuntimeConfig(precision="bf16", slots=4, r_max=8))
+    fp = Runtime(RuntimeConfig(slots=4, r_max=8))
+    rt.add_adapter("t", adapter)
+    fp.add_adapter("t", adapter)
+    a = torch.tensor([p.logits for p in rt.classify([("t", t) for t in SAMPLE_TEXTS])])
+    b = torch.tensor([p.logits for p in fp.classify([("t", t) for t in SAMPLE_TEXTS])])
+    assert a.dtype == torch.float32 and (a - b).abs().max().item() < 0.1
