@@ -31,7 +31,16 @@ class SlotContext:
     """Holder the engine sets around one forward; slot layers read it. One per engine, not global:
     transformers' module signatures give no way to pass per-row slot indices down to a Linear."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "traced")
 
     def __init__(self) -> None:
         self.current: Optional[SlotBatch] = None
+        # Set only while exporting the shared-base ONNX graph: slot index per row and every layer's
+        # (A, B) slot tensors as graph inputs, so registering a task changes inputs, not the graph.
+        self.traced: Optional["TracedSlots"] = None
+
+
+class TracedSlots:
+    def __init__(self, slot_per_row: torch.Tensor, tensors: dict) -> None:
+        self.slot_per_row = slot_per_row  # [B] int64
+        self.tensors = tensors  # layer name -> (A [slots, r_max, d_in], B [slots, r_max, d_out])

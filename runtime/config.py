@@ -39,6 +39,10 @@ class RuntimeConfig:
     # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
     lora_targets: Optional[list[str]] = None
     torch_threads: Optional[int] = None
+    # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
+    engine: str = "torch"
+    # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
+    onnx_dir: Optional[str] = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -58,6 +62,10 @@ class RuntimeConfig:
             raise ConfigError(f"max_batch_size must be in 1..4096; got {self.max_batch_size}")
         if self.max_batch_tokens < 8:
             raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
+        if self.engine not in ("torch", "onnx"):
+            raise ConfigError(f"engine must be torch or onnx; got {self.engine!r}")
+        if self.engine == "onnx" and self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"the onnx engine serves fp32 or int8 (ONNX Runtime dynamic quantization); got {self.precision}")
         if self.max_length is not None and not 4 <= self.max_length <= 8192:
             raise ConfigError(f"max_length must be in 4..8192; got {self.max_length}")
 

@@ -41,6 +41,7 @@ class TorchEngine:
             parent_name, _, child = name.rpartition(".")
             parent = base.backbone.get_submodule(parent_name) if parent_name else base.backbone
             setattr(parent, child, wrapped)
+            wrapped.name = name
             self.layers[name] = wrapped
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")

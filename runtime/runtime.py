@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -89,8 +89,12 @@ class Runtime:
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         torch.manual_seed(self.config.seed)
-        self.base = load_base_model(self.config)
+        onnx = self.config.engine == "onnx"
+        # The ONNX engine exports from an fp32 torch base; int8 then means ORT int8, not bitsandbytes.
+        self.base = load_base_model(replace(self.config, precision="fp32") if onnx else self.config)
         self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets)
+        if onnx:
+            self.engine = self._onnx_engine(self.engine)
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
         self._entries_by_key: dict[int, AdapterEntry] = {}
         self.slot_table = SlotTable(
@@ -103,6 +107,19 @@ class Runtime:
         # sees a half-written slot.
         self._device_lock = threading.RLock()
         self.merged_task: Optional[AdapterEntry] = None
+
+    def _onnx_engine(self, torch_engine: TorchEngine):
+        import os
+
+        from exporters.shared_base import MODEL_FILE, export_shared_base
+        from runtime.onnx_engine import OnnxEngine, default_onnx_dir
+
+        quantize = "int8" if self.config.precision == "int8" else None
+        model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize)
+        if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+            log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
+            export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize)
+        return OnnxEngine(torch_engine, model_dir, threads=self.config.torch_threads)
 
     # -- adapters --------------------------------------------------------------------------------
     def load_spec(self, source: AdapterSource, labels: Optional[list[str]] = None,

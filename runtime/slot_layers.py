@@ -58,9 +58,21 @@ class SlotLoRALinear(nn.Module):
             self.base.weight.data.copy_(self._unmerged_weight)
             self._unmerged_weight = None
 
+    name: str = ""  # module name in the backbone, set by the engine (keys the traced slot inputs)
+
+    def _traced_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Export path: full r_max, slot tensors from graph inputs, no Python-side shortcuts."""
+        a_all, b_all = self.context.traced.tensors[self.name]
+        idx = self.context.traced.slot_per_row
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
+        return delta if x.dim() == 3 else delta.squeeze(1)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.context.traced is not None:
+            return y + self._traced_delta(x)
         batch = self.context.current
         if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
             return y

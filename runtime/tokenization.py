@@ -28,14 +28,14 @@ class TextEncoder:
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
-        # Silence transformers' "sequence longer than max length" warning: we check lengths ourselves.
-        self.tokenizer.model_max_length = int(1e9)
 
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
                truncate: bool = True) -> list[Encoded]:
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInputError(f"text_pairs has {len(pairs)} entries but texts has {len(texts)}; send none or one per text")
-        kwargs = dict(padding=False, return_attention_mask=False, return_token_type_ids=self.uses_token_types)
+        # verbose=False: no "longer than max length" warning; lengths are checked right here.
+        kwargs = dict(padding=False, return_attention_mask=False, return_token_type_ids=self.uses_token_types,
+                      verbose=False)
         full = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=False, **kwargs)
         too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > self.max_length]
         if too_long and not truncate:

@@ -1,0 +1,138 @@
+"""Shared-base ONNX export: the slot-wrapped encoder with every layer's slot tensors and the per-row
+slot index as graph inputs, base weights as initializers. One ONNX Runtime session then serves every
+task, mixed in one run; registering a task changes inputs, never the graph.
+
+Exported with torch.onnx.export (TorchScript exporter, dynamo=False): our slot layers are plain
+gather + bmm, which it traces into Gather/MatMul with dynamic batch and sequence axes; optimum's
+exporter only knows stock architectures, not graphs with extra inputs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Optional
+
+import torch
+from torch import nn
+
+from runtime.batch import TracedSlots
+from runtime.engine import TorchEngine
+
+log = logging.getLogger(__name__)
+
+META_FILE = "shared_base.json"
+MODEL_FILE = "model.onnx"
+OPSET = 17
+
+
+class _SharedBaseGraph(nn.Module):
+    def __init__(self, engine: TorchEngine, uses_token_types: bool) -> None:
+        super().__init__()
+        self.engine = engine
+        self.backbone = engine.base.backbone
+        self.names = list(engine.layers)
+        self.uses_token_types = uses_token_types
+
+    def forward(self, input_ids, attention_mask, token_type_ids, slot_per_row, *slot_tensors):
+        tensors = {n: (slot_tensors[2 * i], slot_tensors[2 * i + 1]) for i, n in enumerate(self.names)}
+        self.engine.context.traced = TracedSlots(slot_per_row, tensors)
+        try:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.uses_token_types:
+                kwargs["token_type_ids"] = token_type_ids
+            out = self.backbone(**kwargs)
+        finally:
+            self.engine.context.traced = None
+        if self.engine.base.family.uses_pooler:
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+
+def input_names(engine: TorchEngine) -> list[str]:
+    names = ["input_ids", "attention_mask", "token_type_ids", "slot_per_row"]
+    for i in range(len(engine.layers)):
+        names += [f"lora_a_{i}", f"lora_b_{i}"]
+    return names
+
+
+def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: Optional[str] = None,
+                       optimize: bool = True) -> str:
+    """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path."""
+    if engine.base.precision not in ("fp32",):
+        raise ValueError(f"export the shared base from an fp32 base, not {engine.base.precision}; "
+                         "use --quantize int8 for an int8 graph")
+    os.makedirs(out_dir, exist_ok=True)
+    uses_types = "token_type_ids" in tokenizer.model_input_names
+    graph = _SharedBaseGraph(engine, uses_types).eval()
+    batch, seq = 2, 8
+    ids = torch.ones(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    types = torch.zeros(batch, seq, dtype=torch.long)
+    slots = torch.tensor([0, 1], dtype=torch.long)
+    slot_tensors = []
+    for layer in engine.layers.values():
+        slot_tensors += [layer.lora_a, layer.lora_b]
+    names = input_names(engine)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"}, "features": {0: "batch"}}
+    for n in names[4:]:
+        dynamic[n] = {0: "slots"}
+    fp32_path = os.path.join(out_dir, "model_fp32.onnx")
+    with torch.no_grad():
+        torch.onnx.export(graph, (ids, mask, types, slots, *slot_tensors), fp32_path, input_names=names,
+                          output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    path = fp32_path
+    if optimize:
+        path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"))
+    if quantize == "int8":
+        path = quantize_int8(path, os.path.join(out_dir, "model_int8.onnx"))
+    final = os.path.join(out_dir, MODEL_FILE)
+    if path != final:
+        shutil.copyfile(path, final)
+    tokenizer.save_pretrained(out_dir)
+    meta = {
+        "format": "adapterserve-shared-base/1",
+        "family": engine.base.family.name,
+        "hidden_size": engine.base.hidden_size,
+        "max_length": engine.base.max_length,
+        "slots": engine.slots,
+        "r_max": engine.r_max,
+        "quantize": quantize,
+        "layers": [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in engine.layers.items()],
+        "uses_token_types": uses_types,
+    }
+    with open(os.path.join(out_dir, META_FILE), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    return final
+
+
+def _optimize(path: str, engine: TorchEngine, out: str) -> str:
+    """ORT's transformer optimizer fuses LayerNorm/GELU (and attention where the pattern still
+    matches with LoRA branches on q/k/v). Falls back to the unoptimized graph if it cannot run."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        cfg = engine.base.backbone.config
+        model_type = {"bert": "bert", "distilbert": "bert", "roberta": "bert"}[engine.base.family.name]
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads")
+        opt = optimize_model(path, model_type=model_type, num_heads=heads, hidden_size=engine.base.hidden_size,
+                             opt_level=1, use_gpu=False)
+        opt.save_model_to_file(out)
+        return out
+    except Exception as e:  # noqa: BLE001 - an unfused graph is still correct
+        log.warning("ORT transformer optimizer skipped: %s", e)
+        return path
+
+
+def quantize_int8(path: str, out: str) -> str:
+    """Dynamic int8 quantization of the weight MatMuls (initializers); LoRA MatMuls take graph inputs
+    and stay fp32. QInt8 weights with uint8 activations is ORT's recommended setting on x86 with
+    AVX-512 VNNI; per-channel scales keep accuracy on small encoders."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"MatMulConstBOnly": True})
+    return out

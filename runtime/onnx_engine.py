@@ -1,0 +1,118 @@
+"""ONNX Runtime engine over the shared-base graph (exporters/shared_base.py).
+
+Slot storage stays with the torch engine's slot layers (same validation, same copy_ into a slot);
+this engine hands those buffers to ONNX Runtime as inputs without copying (torch CPU tensors share
+memory with numpy). Registering, replacing or evicting an adapter therefore reaches the graph on
+its next run, with no re-export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from runtime.engine import TorchEngine
+from runtime.errors import ConfigError, NotSupportedError
+
+log = logging.getLogger(__name__)
+
+
+def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str]) -> str:
+    key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = os.environ.get("ADAPTERSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adapterserve"))
+    return os.path.join(root, "onnx", digest)
+
+
+class OnnxEngine:
+    name = "onnx"
+
+    def __init__(self, slots_from: TorchEngine, model_dir: str, providers: Optional[list[str]] = None,
+                 threads: Optional[int] = None) -> None:
+        import onnxruntime as ort
+
+        from exporters.shared_base import META_FILE, MODEL_FILE, input_names
+
+        self.torch_engine = slots_from
+        self.base = slots_from.base
+        meta_path = os.path.join(model_dir, META_FILE)
+        if not os.path.exists(meta_path):
+            raise ConfigError(f"{model_dir} has no {META_FILE}; export it with `python -m exporters shared`")
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        want = [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in slots_from.layers.items()]
+        if meta["hidden_size"] != self.base.hidden_size or meta["layers"] != want:
+            raise ConfigError(
+                f"the ONNX model in {model_dir} was exported for another base (hidden size {meta['hidden_size']}, "
+                f"{len(meta['layers'])} slot layers) than the one loaded (hidden size {self.base.hidden_size}, "
+                f"{len(want)} slot layers); re-export it for this base")
+        if meta["r_max"] != slots_from.r_max:
+            raise ConfigError(f"the ONNX model has r_max {meta['r_max']}, the server {slots_from.r_max}; they must match")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
+        self.names = input_names(slots_from)
+        self.quantize = meta.get("quantize")
+        self.model_dir = model_dir
+        log.info("ONNX engine on %s (%s)", self.session.get_providers()[0], self.quantize or "fp32")
+
+    # Slot management is the torch engine's (it validates and owns the buffers).
+    @property
+    def layers(self):
+        return self.torch_engine.layers
+
+    @property
+    def shape(self):
+        return self.torch_engine.shape
+
+    @property
+    def slots(self):
+        return self.torch_engine.slots
+
+    @property
+    def slot_ranks(self):
+        return self.torch_engine.slot_ranks
+
+    @property
+    def merged_slot(self):
+        return None
+
+    def load_slot(self, slot, spec) -> None:
+        self.torch_engine.load_slot(slot, spec)
+
+    def clear_slot(self, slot) -> None:
+        self.torch_engine.clear_slot(slot)
+
+    def slot_bytes(self) -> int:
+        return self.torch_engine.slot_bytes()
+
+    def merge(self, slot) -> None:
+        raise NotSupportedError("merged mode is served by the torch engine; the ONNX engine applies adapters through slots")
+
+    def unmerge(self) -> None:
+        pass
+
+    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
+        feed = {
+            "input_ids": inputs["input_ids"].numpy(),
+            "attention_mask": inputs["attention_mask"].numpy(),
+            "slot_per_row": np.asarray(slots, dtype=np.int64),
+        }
+        if "token_type_ids" in self.names and "token_type_ids" in {i.name for i in self.session.get_inputs()}:
+            types = inputs.get("token_type_ids")
+            feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
+        for i, layer in enumerate(self.torch_engine.layers.values()):
+            feed[f"lora_a_{i}"] = layer.lora_a.numpy()
+            feed[f"lora_b_{i}"] = layer.lora_b.numpy()
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in graph_inputs})
+        return torch.from_numpy(features)
