@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 META_FILE = "shared_base.json"
 MODEL_FILE = "model.onnx"
-OPSET = 17
+OPSET = 18
 
 
 class _SharedBaseGraph(nn.Module):
@@ -131,8 +131,10 @@ def quantize_int8(path: str, out: str) -> str:
     """Dynamic int8 quantization of the weight MatMuls (initializers); LoRA MatMuls take graph inputs
     and stay fp32. QInt8 weights with uint8 activations is ORT's recommended setting on x86 with
     AVX-512 VNNI; per-channel scales keep accuracy on small encoders."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # DefaultTensorType: ORT's fused contrib ops (from the optimizer) have no shape-inference types.
     quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"MatMulConstBOnly": True})
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     return out

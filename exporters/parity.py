@@ -1,0 +1,50 @@
+"""Parity of an exported model against torch on real texts: max |dlogit| and argmax agreement."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def task_model_parity(export_dir: str, adapter_dir: str, texts: list[str], base_model: Optional[str] = None,
+                      batch_size: int = 32) -> dict:
+    import onnxruntime as ort
+
+    from runtime.config import RuntimeConfig
+    from runtime.runtime import Runtime
+
+    rt = Runtime(RuntimeConfig(base_model=base_model, slots=2, r_max=512))
+    rt.add_adapter("t", adapter_dir)
+    torch_logits = np.array([p.logits for p in rt.classify([("t", t) for t in texts])])
+    session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = rt.base.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=rt.base.max_length,
+                                return_tensors="np")
+        out.append(session.run(None, {k: v.astype(np.int64) for k, v in enc.items() if k in wanted})[0])
+    onnx_logits = np.concatenate(out).astype(np.float32)
+    return _report(torch_logits, onnx_logits)
+
+
+def _report(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    return {
+        "texts": int(reference.shape[0]),
+        "max_abs_dlogit": float(np.abs(reference - candidate).max()),
+        "argmax_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+    }
+
+
+def shared_engine_parity(runtime_onnx, runtime_torch, items: list) -> dict:
+    a = np.array([p.logits for p in runtime_torch.classify(items)], dtype=object)
+    b = np.array([p.logits for p in runtime_onnx.classify(items)], dtype=object)
+    diffs = [float(np.abs(np.array(x) - np.array(y)).max()) for x, y in zip(a, b)]
+    agree = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
+    return {"texts": len(items), "max_abs_dlogit": max(diffs), "argmax_agreement": sum(agree) / len(agree)}
+
+
+def print_report(name: str, report: dict) -> None:
+    print(f"{name}: {json.dumps(report)}")
