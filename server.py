@@ -56,6 +56,9 @@ def parse_config(argv=None) -> ServerConfig:
     for flag, _, name, typ, help_ in _FLAGS:
         p.add_argument(f"--{flag}", type=typ, default=None, help=f"{help_} [env ADAPTERSERVE_{name.upper()}]")
     p.add_argument("--no-examples", action="store_true", help="do not register the bundled sst2 / ag_news adapters")
+    p.add_argument("--merged-task", default=os.environ.get("ADAPTERSERVE_MERGED_TASK"),
+                   help="merge this task into the base weights at start (single-task fast path; other tasks still work, "
+                        "the first batch that needs one unmerges)")
     p.add_argument("--log-level", default=os.environ.get("ADAPTERSERVE_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     values = {"server": {}, "runtime": {}}
@@ -69,7 +72,8 @@ def parse_config(argv=None) -> ServerConfig:
         values["server"]["data_dir"] = None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime_config = RuntimeConfig(**values["runtime"])
-    return ServerConfig(runtime=runtime_config, register_examples=not args.no_examples, **values["server"])
+    return ServerConfig(runtime=runtime_config, register_examples=not args.no_examples, merged_task=args.merged_task,
+                        **values["server"])
 
 
 async def serve(config: ServerConfig) -> int:
@@ -122,6 +126,8 @@ async def serve(config: ServerConfig) -> int:
         admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
         service = AdapterService(runtime, config, admin_executor)
         await loop.run_in_executor(model_executor, service.restore)
+        if config.merged_task:
+            await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
         await loop.run_in_executor(model_executor, _warm_up, runtime)
 
         batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
@@ -180,6 +186,8 @@ def _register_runtime_metrics(registry, runtime) -> None:
 def _warm_up(runtime) -> None:
     """One forward per registered task so the first real request does not pay for lazy init."""
     tasks = [a.task for a in runtime.list_adapters()]
+    if runtime.merged_task is not None:
+        tasks = [runtime.merged_task.task]  # warming others would unmerge
     runtime.engine.encode(runtime.encoder.collate(runtime.encoder.encode(["warm up"]), runtime.base.device), [0])
     if tasks:
         runtime.classify([(t, "warm up") for t in tasks])

@@ -123,10 +123,20 @@ def train(args: argparse.Namespace) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
     gen = torch.Generator().manual_seed(args.seed)
 
+    lengths = [len(ids) for ids in enc["input_ids"]]
+
     def batches():
+        # Bucketed shuffling: sort each window of 64 batches by length, then shuffle the batch order.
+        # Batches pad to similar lengths (much less wasted compute) and are still random per seed.
+        window = args.batch_size * 64
         while True:
-            for chunk in torch.randperm(n, generator=gen).split(args.batch_size):
-                yield chunk.tolist()
+            perm = torch.randperm(n, generator=gen).tolist()
+            epoch = []
+            for w in range(0, n, window):
+                chunk = sorted(perm[w:w + window], key=lambda i: lengths[i])
+                epoch += [chunk[i:i + args.batch_size] for i in range(0, len(chunk), args.batch_size)]
+            for j in torch.randperm(len(epoch), generator=gen).tolist():
+                yield epoch[j]
 
     pad = tokenizer.pad_token_id or 0
     start = time.time()

@@ -94,6 +94,7 @@ class ServerConfig:
     tls_key: Optional[str] = None
     grace: float = 10.0
     register_examples: bool = True  # register the bundled sst2 / ag_news adapters at start
+    merged_task: Optional[str] = None  # merge this task into the base at start
     tokenizer_threads: int = 2
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from runtime.rpc_stubs import pb, pb_grpc
-from server_proc import ServerProcess
+from loadtest.server_proc import ServerProcess
 from tiny_models import make_peft_adapter
 
 TOKEN = "s3cret-token"

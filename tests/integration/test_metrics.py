@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.rpc_stubs import pb, pb_grpc
-from server_proc import ServerProcess
+from loadtest.server_proc import ServerProcess
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")

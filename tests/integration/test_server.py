@@ -12,7 +12,7 @@ from conftest import AUTH, TOKEN, read_files
 from runtime.config import RuntimeConfig
 from runtime.rpc_stubs import pb, pb_grpc
 from runtime.runtime import Runtime
-from server_proc import ServerProcess
+from loadtest.server_proc import ServerProcess
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "adapters", "examples")
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés",

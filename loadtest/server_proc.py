@@ -1,4 +1,4 @@
-"""Start a real adapterserve process on a loopback port for integration tests."""
+"""Start a real adapterserve process on a loopback port (integration tests and benchmarks)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository root
 
 
 class ServerProcess:
