@@ -77,12 +77,16 @@ class SlotLoRALinear(nn.Module):
         if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
             return y
         r = batch.rank
+        # In-place accumulate into y (addmm_/baddbmm_): saves a full read+write of the output per layer.
         if batch.single_slot is not None:
             s = batch.single_slot
-            return y + (x @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r]
+            xa = x.reshape(-1, self.d_in) @ self.lora_a[s, :r].t()  # [B*T, r]
+            y.view(-1, self.d_out).addmm_(xa, self.lora_b[s, :r])
+            return y
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
+        y3 = y if y.dim() == 3 else y.unsqueeze(1)
         idx = batch.slot_per_row
         a = self.lora_a[:, :r].index_select(0, idx)  # [B, r, d_in]
         b = self.lora_b[:, :r].index_select(0, idx)  # [B, r, d_out]
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)
-        return y + (delta if x.dim() == 3 else delta.squeeze(1))
+        y3.baddbmm_(torch.bmm(x3, a.transpose(1, 2)), b)
+        return y
