@@ -37,9 +37,12 @@ def in_process(task_dir: str, texts: list[str], batch: int, iterations: int) -> 
     rt.classify([("sst2", t) for t in texts[:batch]])
     rounds = []
     for _ in range(3):
-        t = time.perf_counter()
-        rt.classify([("sst2", t) for t in texts])  # cut into batches of `batch` rows, sorted by length
-        rounds.append(len(texts) / (time.perf_counter() - t))
+        start = time.perf_counter()
+        # Batches of `batch` texts in data order, as a server batch holds whatever requests arrived
+        # (a global sort of all 872 texts by length would pad less than any server could).
+        for i in range(0, len(texts), batch):
+            rt.classify([("sst2", t) for t in texts[i:i + batch]])
+        rounds.append(len(texts) / (time.perf_counter() - start))
     return {"p50_ms": statistics.median(lat) * 1000, "batched_texts_per_s": statistics.median(rounds)}
 
 

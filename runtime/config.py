@@ -83,7 +83,9 @@ class ServerConfig:
     metrics_port: int = 8002  # 0 disables the /metrics endpoint
     metrics_max_task_labels: int = 64  # past this many tasks, per-task series report as _other
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    max_wait_ms: float = 5.0
+    # Extra wait for more requests after a batch's first one. 0 = take what is queued: under load the
+    # queue fills while the model runs, so batches grow anyway, and an idle server adds no latency.
+    max_wait_ms: float = 0.0
     max_queue: int = 2048  # texts waiting for the model; more is RESOURCE_EXHAUSTED
     max_texts_per_request: int = 256
     max_adapter_bytes: int = 64 * 1024 * 1024
