@@ -35,6 +35,8 @@ _FLAGS = [
     ("onnx-dir", "runtime", "onnx_dir", str, "exported shared-base directory (default: export once into the cache)"),
     ("slots", "runtime", "slots", int, "device adapter slots, slot 0 reserved"),
     ("r-max", "runtime", "r_max", int, "largest LoRA rank a slot holds"),
+    ("max-host-adapter-bytes", "runtime", "max_host_adapter_bytes", int,
+     "host memory for adapters; past it LRU adapters go to the disk tier (needs --data-dir)"),
     ("max-batch-tokens", "runtime", "max_batch_tokens", int, "padded tokens per forward"),
     ("max-batch-size", "runtime", "max_batch_size", int, "rows per forward"),
     ("max-wait-ms", "server", "max_wait_ms", float, "how long a batch waits for more requests"),
@@ -177,7 +179,7 @@ def _register_runtime_metrics(registry, runtime) -> None:
     metrics.register_build_info(registry, VERSION, runtime.base.model_id, runtime.base.precision,
                                 runtime.engine.name, str(runtime.base.device))
     registry.register(metrics.MemoryCollector(runtime))
-    registry.register(metrics.AdapterCacheCollector(runtime.slot_table))
+    registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
     load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds", "Time to copy an adapter into a device slot",
                              buckets=metrics.LATENCY_BUCKETS, registry=registry)
     runtime.slot_table.load_observer = load_seconds.observe

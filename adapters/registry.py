@@ -40,6 +40,7 @@ class Registry:
         self._lock = threading.Lock()
         self._by_task: dict[str, AdapterEntry] = {}
         self._on_retired = on_retired  # called (outside the lock) once a retired entry has no users
+        self.on_idle: Optional[Callable[[], None]] = None  # called when any entry loses its last user
 
     def add(self, entry: AdapterEntry, replace: bool = False) -> Optional[AdapterEntry]:
         with self._lock:
@@ -74,9 +75,12 @@ class Registry:
     def release(self, entry: AdapterEntry) -> None:
         with self._lock:
             entry.refs -= 1
-            free_now = entry.retired and entry.refs == 0
+            idle = entry.refs == 0
+            free_now = entry.retired and idle
         if free_now:
             self._on_retired(entry)
+        elif idle and self.on_idle is not None:
+            self.on_idle()
 
     def get(self, task: str) -> AdapterEntry:
         with self._lock:

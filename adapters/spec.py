@@ -32,10 +32,11 @@ class AdapterSpec:
     lora_alpha: float = 0.0
     use_rslora: bool = False
     metadata: dict = field(default_factory=dict)
+    size_bytes: int = 0  # bytes of the files; kept when the files leave memory (disk tier)
 
-    @property
-    def size_bytes(self) -> int:
-        return sum(len(v) for v in self.files.values())
+    def __post_init__(self) -> None:
+        if not self.size_bytes:
+            self.size_bytes = sum(len(v) for v in self.files.values())
 
     @property
     def num_labels(self) -> int:

@@ -67,6 +67,10 @@ class AdapterStore:
         with self._lock:
             return json.loads(json.dumps(self._manifest["tasks"]))
 
+    def version_of(self, task: str) -> Optional[str]:
+        entry = self._manifest["tasks"].get(task)
+        return entry["version"] if entry else None
+
     def load_files(self, task: str) -> dict[str, bytes]:
         entry = self._manifest["tasks"][task]
         files = {}

@@ -36,6 +36,9 @@ class RuntimeConfig:
     max_batch_size: int = 64
     # None = the smaller of the tokenizer's model_max_length and the position table.
     max_length: Optional[int] = None
+    # Host-memory tier bound for adapter tensors + files; past it, LRU adapters go to the disk tier
+    # (needs the server's data dir to re-read them). None = unbounded.
+    max_host_adapter_bytes: Optional[int] = None
     # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
     lora_targets: Optional[list[str]] = None
     torch_threads: Optional[int] = None

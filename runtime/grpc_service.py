@@ -48,6 +48,12 @@ class AdapterService:
         self.config = config
         self.executor = executor
         self.store = AdapterStore(config.data_dir) if config.data_dir else None
+        if self.store is not None:
+            # The disk tier: adapters evicted from host memory are re-read from the data dir.
+            store = self.store
+            runtime.host_tier.reload = lambda e: runtime.load_spec(store.load_files(e.task), labels=e.spec.labels,
+                                                                   metadata=e.spec.metadata)
+            runtime.host_tier.can_reload = lambda e: store.version_of(e.task) == e.version
         self._lock = asyncio.Lock()  # one registry mutation at a time; classify is never blocked by it
         self.on_unregistered = None  # callback(task): drops the task's metric series
 

@@ -79,8 +79,9 @@ class TaskMetrics:
 class AdapterCacheCollector:
     """Slot-table counters, read at scrape time from the one place that counts them."""
 
-    def __init__(self, slot_table) -> None:
+    def __init__(self, slot_table, host_tier) -> None:
         self.slot_table = slot_table
+        self.host_tier = host_tier
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
@@ -89,6 +90,7 @@ class AdapterCacheCollector:
         yield CounterMetricFamily(f"{PREFIX}_adapter_loads_total", "Adapters copied into a device slot", value=t.loads)
         ev = CounterMetricFamily(f"{PREFIX}_adapter_evictions_total", "Adapters evicted from a tier (LRU)", labels=["tier"])
         ev.add_metric(["device"], t.evictions)
+        ev.add_metric(["host"], self.host_tier.evictions)
         yield ev
         yield CounterMetricFamily(f"{PREFIX}_adapter_cache_hits_total", "Batches that found their adapter already in a device slot", value=t.hits)
         yield CounterMetricFamily(f"{PREFIX}_adapter_cache_misses_total", "Batches that had to load their adapter into a device slot", value=t.misses)
@@ -116,15 +118,18 @@ class MemoryCollector:
         entries = self.runtime.registry.entries()
         resident = set(self.runtime.slot_table.resident())
         adapters = GaugeMetricFamily(f"{PREFIX}_adapters", "Registered adapters by the tier they sit in", labels=["tier"])
+        host = self.runtime.host_tier
         on_device = sum(1 for e in entries if e.key in resident)
+        on_disk = sum(1 for e in entries if e.key not in resident and not host.in_memory(e))
         adapters.add_metric(["device"], on_device)
-        adapters.add_metric(["host"], len(entries) - on_device)
+        adapters.add_metric(["host"], len(entries) - on_device - on_disk)
+        adapters.add_metric(["disk"], on_disk)
         yield adapters
         amem = GaugeMetricFamily(f"{PREFIX}_adapter_memory_bytes",
-                                 "Adapter memory: device = slot buffers allocated at start; host = parsed adapter tensors",
+                                 "Adapter memory: device = slot buffers allocated at start; host = adapter tensors and files held in memory",
                                  labels=["tier"])
         amem.add_metric(["device"], self.runtime.engine.slot_bytes() * self.runtime.config.slots)
-        amem.add_metric(["host"], sum(e.spec.tensor_bytes() for e in entries))
+        amem.add_metric(["host"], self.runtime.host_tier.bytes)
         yield amem
 
 

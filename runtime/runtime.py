@@ -24,6 +24,7 @@ from runtime.base_model import load_base_model
 from runtime.config import RuntimeConfig
 from runtime.engine import TorchEngine
 from runtime.errors import InvalidInputError, NotSupportedError
+from runtime.host_tier import HostTier
 from runtime.slots import SlotTable
 from runtime.tokenization import Encoded, TextEncoder
 
@@ -78,7 +79,7 @@ class AdapterInfo:
     target_modules: list[str]
     labels: list[str]
     size_bytes: int
-    residency: str  # DEVICE or HOST
+    residency: str  # DEVICE, HOST or DISK
     registered_at: float
     metadata: dict
 
@@ -103,6 +104,8 @@ class Runtime:
             on_evict=lambda slot, key: self.engine.clear_slot(slot),
         )
         self.registry = Registry(on_retired=self._free_entry)
+        self.host_tier = HostTier(self.config.max_host_adapter_bytes)
+        self.registry.on_idle = self.host_tier.shrink
         # One forward at a time; slot writes and merges happen under the same lock, so a batch never
         # sees a half-written slot.
         self._device_lock = threading.RLock()
@@ -142,6 +145,7 @@ class Runtime:
         except Exception:
             del self._entries_by_key[entry.key]
             raise
+        self.host_tier.admit(entry)
         log.info("registered task %s version %s (rank %d, %d modules, %d labels)", task, spec.version[:12],
                  spec.rank, len(spec.modules), spec.num_labels)
         return self.info(entry)
@@ -163,7 +167,8 @@ class Runtime:
         return AdapterInfo(
             task=entry.task, version=spec.version, peft_type=spec.peft_type, rank=spec.rank,
             target_modules=spec.target_modules, labels=spec.labels, size_bytes=spec.size_bytes,
-            residency="DEVICE" if self.slot_table.slot_of(entry.key) is not None else "HOST",
+            residency=("DEVICE" if self.slot_table.slot_of(entry.key) is not None
+                       else "HOST" if self.host_tier.in_memory(entry) else "DISK"),
             registered_at=entry.registered_at, metadata=spec.metadata,
         )
 
@@ -172,6 +177,7 @@ class Runtime:
             if self.merged_task is entry:
                 self.unmerge()
             self.slot_table.drop(entry.key)
+            self.host_tier.forget(entry)
             self._entries_by_key.pop(entry.key, None)
 
     # -- merged mode -----------------------------------------------------------------------------
@@ -186,6 +192,8 @@ class Runtime:
         with self._device_lock:
             if self.merged_task is not None:
                 self.unmerge()
+            if self.slot_table.slot_of(entry.key) is None:
+                self.host_tier.ensure_loaded(entry)
             slot = self.slot_table.acquire(entry.key)  # stays pinned while merged
             self.engine.merge(slot)
             self.merged_task = entry
@@ -269,6 +277,8 @@ class Runtime:
                     if e is merged:
                         slot_of[e.key] = 0  # its delta lives in the base weights
                         continue
+                    if self.slot_table.slot_of(e.key) is None:
+                        self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
                     slot_of[e.key] = self.slot_table.acquire(e.key)
                     pinned.append(e.key)
                 inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)

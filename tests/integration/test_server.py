@@ -255,3 +255,22 @@ def test_sigterm_drains_inflight_and_exits_zero(minilm_adapters, tmp_path):
         results = [f.result(timeout=60) for f in futures]
     assert all(len(r.predictions) == 60 for r in results)
     assert proc.proc.wait(60) == 0
+
+
+def test_disk_tier_over_grpc(minilm_adapters, offline, tmp_path):
+    root, paths = minilm_adapters
+    proc = ServerProcess("--data-dir", str(tmp_path / "data"), "--adapter-root", root, "--no-examples",
+                         "--max-host-adapter-bytes", str(300_000), "--slots", "2")
+    try:
+        with grpc.insecure_channel(proc.address) as ch:
+            reg, cls = pb_grpc.AdapterRegistryStub(ch), pb_grpc.ClassifierStub(ch)
+            for name in ("alpha", "beta", "gamma"):
+                reg.RegisterAdapter(pb.RegisterAdapterRequest(task=name, path=name))
+            residency = {a.task: a.residency for a in reg.ListAdapters(pb.ListAdaptersRequest()).adapters}
+            assert pb.DISK in residency.values(), residency
+            for _ in range(2):
+                for name in ("alpha", "beta", "gamma"):
+                    r = cls.Classify(pb.ClassifyRequest(task=name, texts=SENTENCES))
+                    assert_scores_close(r, offline_scores(offline, name, SENTENCES))
+    finally:
+        proc.stop()
