@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository
 
 
 class ServerProcess:
-    def __init__(self, *args: str, metrics_port: int = 0, env: dict | None = None, ready_timeout: float = 120.0) -> None:
+    def __init__(self, *args: str, metrics_port: int = 0, env: dict | None = None, ready_timeout: float = 120.0,
+                 tls_ca: str | None = None) -> None:
+        self.tls_ca = tls_ca
         self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), *args]
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
         cmd = [sys.executable, os.path.join(ROOT, "server.py"), *self.args]
@@ -44,7 +46,12 @@ class ServerProcess:
         self._ready.set()
 
     def wait_serving(self, timeout: float = 60.0) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        if self.tls_ca:
+            with open(self.tls_ca, "rb") as fh:
+                channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(fh.read()))
+        else:
+            channel = grpc.insecure_channel(self.address)
+        with channel as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             end = time.time() + timeout
             while time.time() < end:

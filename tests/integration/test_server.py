@@ -274,3 +274,23 @@ def test_disk_tier_over_grpc(minilm_adapters, offline, tmp_path):
                     assert_scores_close(r, offline_scores(offline, name, SENTENCES))
     finally:
         proc.stop()
+
+
+def test_tls(minilm_adapters, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    proc = ServerProcess("--data-dir", "", "--tls-cert", str(cert), "--tls-key", str(key), "--no-examples",
+                         tls_ca=str(cert))
+    try:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(proc.address, creds) as ch:
+            assert pb_grpc.ClassifierStub(ch).GetInfo(pb.GetInfoRequest()).engine == "torch"
+        with grpc.insecure_channel(proc.address) as ch:  # plaintext to a TLS port fails
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.ClassifierStub(ch).GetInfo(pb.GetInfoRequest(), timeout=5)
+    finally:
+        proc.stop()
