@@ -38,13 +38,5 @@ def _report(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
-def shared_engine_parity(runtime_onnx, runtime_torch, items: list) -> dict:
-    a = np.array([p.logits for p in runtime_torch.classify(items)], dtype=object)
-    b = np.array([p.logits for p in runtime_onnx.classify(items)], dtype=object)
-    diffs = [float(np.abs(np.array(x) - np.array(y)).max()) for x, y in zip(a, b)]
-    agree = [int(np.argmax(x) == np.argmax(y)) for x, y in zip(a, b)]
-    return {"texts": len(items), "max_abs_dlogit": max(diffs), "argmax_agreement": sum(agree) / len(agree)}
-
-
 def print_report(name: str, report: dict) -> None:
     print(f"{name}: {json.dumps(report)}")

@@ -100,8 +100,3 @@ class TorchEngine:
             return out.pooler_output
         return out.last_hidden_state[:, 0]
 
-
-def bare_forward(backbone: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The ceiling in benchmarks: the unwrapped backbone, same inputs."""
-    with torch.inference_mode():
-        return backbone(**inputs).last_hidden_state
