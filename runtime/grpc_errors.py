@@ -80,44 +80,53 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             code, message = grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log"
         await context.abort(code, message)
 
+    # Metrics are recorded before the status leaves (abort/return), so a client that has its answer
+    # never scrapes a count that does not include it yet.
+    def _finish(self, method: str, code: str, start: float, error: BaseException | None) -> None:
+        if self.metrics:
+            self.metrics.finished(method, code, time.perf_counter() - start, error)
+
     def _wrap_unary(self, method, inner):
         async def behavior(request, context):
             start = time.perf_counter()
-            code, error = "OK", None
             if self.metrics:
                 self.metrics.started(method)
             try:
-                return await inner(request, context)
+                response = await inner(request, context)
             except grpc.aio.AbortError:
-                code = context.code().name if context.code() else "UNKNOWN"
+                self._finish(method, context.code().name if context.code() else "UNKNOWN", start, None)
+                raise
+            except asyncio.CancelledError:
+                self._finish(method, "CANCELLED", start, None)
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status, never lost
-                code, error = self._code(e), e
+                self._finish(method, self._code(e), start, e)
                 await self._abort(context, method, e)
-            finally:
-                if self.metrics:
-                    self.metrics.finished(method, code, time.perf_counter() - start, error)
+            else:
+                self._finish(method, "OK", start, None)
+                return response
 
         return behavior
 
     def _wrap_stream(self, method, inner):
         async def behavior(request_iterator, context):
             start = time.perf_counter()
-            code, error = "OK", None
             if self.metrics:
                 self.metrics.started(method)
             try:
                 async for response in inner(request_iterator, context):
                     yield response
             except grpc.aio.AbortError:
-                code = context.code().name if context.code() else "UNKNOWN"
+                self._finish(method, context.code().name if context.code() else "UNKNOWN", start, None)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                self._finish(method, "CANCELLED", start, None)
                 raise
             except Exception as e:  # noqa: BLE001
-                code, error = self._code(e), e
+                self._finish(method, self._code(e), start, e)
                 await self._abort(context, method, e)
-            finally:
-                if self.metrics:
-                    self.metrics.finished(method, code, time.perf_counter() - start, error)
+            else:
+                self._finish(method, "OK", start, None)
 
         return behavior
 
