@@ -19,10 +19,10 @@ from adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapters.store import AdapterStore
 from runtime.batcher import Batcher
 from runtime.config import ServerConfig
-from runtime.errors import (InvalidInputError, PermissionDeniedError, ResourceExhaustedError,
-                            UnauthenticatedError, UnavailableError, UnknownTaskError)
+from runtime.errors import (DeadlineExceededError, InvalidInputError, PermissionDeniedError,
+                            ResourceExhaustedError, TaskExistsError, UnauthenticatedError, UnavailableError)
 from runtime.rpc_stubs import pb, pb_grpc
-from runtime.runtime import AdapterInfo, Runtime
+from runtime.runtime import AdapterInfo, Runtime, check_task_name
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AdapterService:
             if self.store is not None:
                 self.store.set_flag("examples_registered")
 
-    def _persist(self, task, spec, replace=False) -> None:
+    def _persist(self, task, spec) -> None:
         if self.store is not None:
             self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time())
 
@@ -105,14 +105,12 @@ class AdapterService:
             load = lambda: self.runtime.load_spec(files, labels, metadata)  # noqa: E731
         else:
             raise InvalidInputError("RegisterAdapter needs a source: set path or files")
-        self._check_task_name(request.task)
+        check_task_name(request.task)  # before parsing anything
         loop = asyncio.get_running_loop()
         spec = await loop.run_in_executor(self.executor, load)  # validation never touches a slot
         async with self._lock:
             if request.task in self.runtime.registry and not request.replace:
                 old = self.runtime.registry.get(request.task)
-                from runtime.errors import TaskExistsError
-
                 raise TaskExistsError(f"task {request.task!r} is already registered (version {old.version[:12]}); "
                                       "set replace=true to swap it")
             await loop.run_in_executor(self.executor, self._persist, request.task, spec)
@@ -129,11 +127,6 @@ class AdapterService:
             if self.on_unregistered is not None:
                 self.on_unregistered(info.task)
             return removed
-
-    @staticmethod
-    def _check_task_name(task: str) -> None:
-        if not task or len(task) > 128 or not all(c.isalnum() or c in "-_." for c in task):
-            raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -177,8 +170,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._validate(request)
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None and remaining <= 0:
-            from runtime.errors import DeadlineExceededError
-
             raise DeadlineExceededError("the request's deadline had already passed on arrival")
         deadline = time.monotonic() + remaining if remaining is not None else None
         entry = self.runtime.registry.acquire(request.task)
@@ -287,7 +278,4 @@ class RegistryServicer(pb_grpc.AdapterRegistryServicer):
         self._authorize(context)
         if not request.task:
             raise InvalidInputError("task is empty")
-        try:
-            return adapter_message(self.service.runtime.get_adapter(request.task))
-        except UnknownTaskError:
-            raise
+        return adapter_message(self.service.runtime.get_adapter(request.task))

@@ -84,6 +84,11 @@ class AdapterInfo:
     metadata: dict
 
 
+def check_task_name(task: str) -> None:
+    if not task or len(task) > 128 or not all(c.isalnum() or c in "-_." for c in task):
+        raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
+
+
 class Runtime:
     def __init__(self, config: Optional[RuntimeConfig] = None) -> None:
         self.config = config or RuntimeConfig()
@@ -135,8 +140,7 @@ class Runtime:
 
     def add_adapter(self, task: str, source: AdapterSource, replace: bool = False,
                     labels: Optional[list[str]] = None, metadata: Optional[dict] = None) -> AdapterInfo:
-        if not task or len(task) > 128 or not task.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
+        check_task_name(task)
         spec = self.load_spec(source, labels, metadata)
         entry = AdapterEntry(task=task, spec=spec, head=device_head(spec, self.base.device, self.base.dtype))
         self._entries_by_key[entry.key] = entry
