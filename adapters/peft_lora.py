@@ -49,13 +49,18 @@ class BaseShape:
     r_max: int
 
 
+def _inside(root: str, path: str) -> bool:
+    """True when `path`, with every symlink resolved, lies under `root`."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
 def read_adapter_dir(path: str, allowed_root: Optional[str] = None) -> dict[str, bytes]:
     """Read the files of a PEFT adapter directory. With allowed_root, refuse anything that resolves
     (symlinks included) outside it."""
     real = os.path.realpath(path)
     if allowed_root is not None:
-        root = os.path.realpath(allowed_root)
-        if os.path.commonpath([root, real]) != root:
+        if not _inside(allowed_root, path):
             raise PermissionDeniedError(
                 f"adapter path {path!r} resolves outside the allowed adapter root {allowed_root!r}; "
                 "copy the adapter under the root or pass its files as an upload"
@@ -65,9 +70,8 @@ def read_adapter_dir(path: str, allowed_root: Optional[str] = None) -> dict[str,
     files: dict[str, bytes] = {}
     for name in _KNOWN_FILES:
         p = os.path.join(real, name)
-        if allowed_root is not None and os.path.lexists(p):
-            if os.path.commonpath([os.path.realpath(allowed_root), os.path.realpath(p)]) != os.path.realpath(allowed_root):
-                raise PermissionDeniedError(f"{name} in {path!r} is a link that leaves the allowed adapter root")
+        if allowed_root is not None and os.path.lexists(p) and not _inside(allowed_root, p):
+            raise PermissionDeniedError(f"{name} in {path!r} is a link that leaves the allowed adapter root")
         if os.path.isfile(p):
             with open(p, "rb") as fh:
                 files[name] = fh.read()

@@ -6,7 +6,6 @@ import os
 from typing import Optional
 
 import numpy as np
-import torch
 
 
 def task_model_parity(export_dir: str, adapter_dir: str, texts: list[str], base_model: Optional[str] = None,

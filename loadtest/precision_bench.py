@@ -18,9 +18,7 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
-from loadtest.runtime_bench import sst2_dev_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -70,7 +70,6 @@ class Batcher:
         self.max_queue = max_queue
         self.queue: "asyncio.Queue[Optional[Work]]" = asyncio.Queue()
         self.pending_texts = 0
-        self.inflight_texts = 0
         self.closed = False
         self._task: Optional[asyncio.Task] = None
         self.metrics: Optional[BatcherMetrics] = None
@@ -146,7 +145,6 @@ class Batcher:
             if not live:
                 continue
             rows = [r for w in live for r in w.rows]
-            self.inflight_texts = len(rows)
             start = time.perf_counter_ns()
             try:
                 await loop.run_in_executor(self.executor, self.runtime.infer, rows)
@@ -156,8 +154,6 @@ class Batcher:
                     if not w.future.done():
                         w.future.set_exception(e)
                 continue
-            finally:
-                self.inflight_texts = 0
             elapsed = time.perf_counter_ns() - start
             if self.metrics is not None:
                 self.metrics.observe_batch(live, rows, elapsed)

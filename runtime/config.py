@@ -47,7 +47,6 @@ class RuntimeConfig:
     # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
     onnx_dir: Optional[str] = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -8,7 +8,6 @@ import logging
 from typing import Optional
 
 import torch
-from torch import nn
 
 from adapters.peft_lora import BaseShape
 from adapters.spec import AdapterSpec

@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import grpc
 
 from adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapters.store import AdapterStore

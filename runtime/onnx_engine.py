@@ -1,8 +1,8 @@
 """ONNX Runtime engine over the shared-base graph (exporters/shared_base.py).
 
 Slot storage stays with the torch engine's slot layers (same validation, same copy_ into a slot);
-this engine hands those buffers to ONNX Runtime as inputs without copying (torch CPU tensors share
-memory with numpy). Registering, replacing or evicting an adapter therefore reaches the graph on
+this engine hands those buffers to ONNX Runtime as inputs (torch CPU tensors share memory with numpy,
+so no copy on our side; whether ORT copies inputs was not measured). Registering, replacing or evicting an adapter therefore reaches the graph on
 its next run, with no re-export.
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ class OnnxEngine:
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
         self.names = input_names(slots_from)
+        self.graph_inputs = {i.name for i in self.session.get_inputs()}
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
         log.info("ONNX engine on %s (%s)", self.session.get_providers()[0], self.quantize or "fp32")
@@ -107,12 +108,11 @@ class OnnxEngine:
             "attention_mask": inputs["attention_mask"].numpy(),
             "slot_per_row": np.asarray(slots, dtype=np.int64),
         }
-        if "token_type_ids" in self.names and "token_type_ids" in {i.name for i in self.session.get_inputs()}:
+        if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
             feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
         for i, layer in enumerate(self.torch_engine.layers.values()):
             feed[f"lora_a_{i}"] = layer.lora_a.numpy()
             feed[f"lora_b_{i}"] = layer.lora_b.numpy()
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in graph_inputs})
+        (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in self.graph_inputs})
         return torch.from_numpy(features)

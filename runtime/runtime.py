@@ -11,6 +11,7 @@ head on its rows -> softmax, labels sorted by score.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Union
@@ -117,8 +118,6 @@ class Runtime:
         self.merged_task: Optional[AdapterEntry] = None
 
     def _onnx_engine(self, torch_engine: TorchEngine):
-        import os
-
         from exporters.shared_base import MODEL_FILE, export_shared_base
         from runtime.onnx_engine import OnnxEngine, default_onnx_dir
 
@@ -304,8 +303,10 @@ class Runtime:
                 logits = apply_head(e.head, feats).float()
                 probs = torch.softmax(logits, dim=-1)
                 order = torch.argsort(probs, dim=-1, descending=True)
+                # One tensor -> list conversion per task group, not three per row.
+                all_p, all_o, all_lg = probs.tolist(), order.tolist(), logits.tolist()
                 for j, i in enumerate(idx):
-                    p, o, lg = probs[j].tolist(), order[j].tolist(), logits[j].tolist()
+                    p, o, lg = all_p[j], all_o[j], all_lg[j]
                     batch[i].prediction = Prediction(
                         task=e.task, adapter_version=e.version,
                         scores=[LabelScore(e.spec.labels[k], k, p[k]) for k in o],

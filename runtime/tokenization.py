@@ -60,16 +60,11 @@ class TextEncoder:
     def collate(self, rows: Sequence[Encoded], device: torch.device) -> dict[str, torch.Tensor]:
         """Pad to the longest row of this batch."""
         width = max(r.length for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long) if self.uses_token_types else None
-        for i, r in enumerate(rows):
-            n = r.length
-            ids[i, :n] = torch.tensor(r.input_ids)
-            mask[i, :n] = 1
-            if types is not None:
-                types[i, :n] = torch.tensor(r.token_type_ids)
+        # Pad as Python lists and make each tensor with one call (no per-row tensors).
+        ids = torch.tensor([r.input_ids + [self.pad_id] * (width - r.length) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * r.length + [0] * (width - r.length) for r in rows], dtype=torch.long)
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if types is not None:
+        if self.uses_token_types:
+            types = torch.tensor([r.token_type_ids + [0] * (width - r.length) for r in rows], dtype=torch.long)
             inputs["token_type_ids"] = types.to(device)
         return inputs

@@ -112,8 +112,6 @@ def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Option
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb"):
-        pass
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))

@@ -1,6 +1,5 @@
 """Tiers: device slots <- host memory (bounded bytes) <- disk. Adapters past the host bound keep their
 name and version, report DISK, and are re-read on use with the same results; pinned ones stay."""
-import torch
 
 from adapters.peft_lora import read_adapter_dir
 from runtime.config import RuntimeConfig

@@ -6,7 +6,6 @@ import random
 import time
 
 import grpc
-import pytest
 
 from conftest import AUTH
 from runtime.config import RuntimeConfig

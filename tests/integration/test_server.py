@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import AUTH, TOKEN, read_files
+from conftest import AUTH, read_files
 from runtime.config import RuntimeConfig
 from runtime.rpc_stubs import pb, pb_grpc
 from runtime.runtime import Runtime
