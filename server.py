@@ -49,6 +49,8 @@ _FLAGS = [
     ("tls-cert", "server", "tls_cert", str, "PEM certificate (with --tls-key)"),
     ("tls-key", "server", "tls_key", str, "PEM private key"),
     ("grace", "server", "grace", float, "seconds to finish in-flight work on SIGTERM"),
+    ("inline-tokenize-chars", "server", "inline_tokenize_chars", int,
+     "requests up to this many characters are tokenized on the event loop (0 = always in the pool)"),
     ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
 ]
 

@@ -177,8 +177,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             texts = list(request.texts)
             pairs = list(request.text_pairs) if request.text_pairs else None
             t0 = time.perf_counter_ns()
-            rows = await loop.run_in_executor(
-                self.tokenize_pool, self.runtime.encode_rows, [entry] * len(texts), texts, pairs, request.truncate)
+            chars = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs else 0)
+            if chars <= self.config.inline_tokenize_chars:
+                rows = self.runtime.encode_rows([entry] * len(texts), texts, pairs, request.truncate)
+            else:
+                rows = await loop.run_in_executor(
+                    self.tokenize_pool, self.runtime.encode_rows, [entry] * len(texts), texts, pairs, request.truncate)
             tokenize_ns = time.perf_counter_ns() - t0
             work = await self.batcher.submit(rows, deadline)
             await work.future
