@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -51,6 +52,7 @@ _FLAGS = [
     ("grace", "server", "grace", float, "seconds to finish in-flight work on SIGTERM"),
     ("inline-tokenize-chars", "server", "inline_tokenize_chars", int,
      "requests up to this many characters are tokenized on the event loop (0 = always in the pool)"),
+    ("model-workers", "server", "model_workers", int, "forwards run at once, intra-op threads split between them"),
     ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
 ]
 
@@ -86,6 +88,8 @@ async def serve(config: ServerConfig) -> int:
     from runtime import metrics
     from runtime.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
     from runtime.rpc_stubs import pb, pb_grpc
+    import torch
+
     from runtime.runtime import Runtime
 
     # Room above the adapter limit so an oversize upload gets our message (which names the limit)
@@ -122,7 +126,13 @@ async def serve(config: ServerConfig) -> int:
 
     try:
         loop = asyncio.get_running_loop()
-        model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")  # one executor owns the device
+        # One executor owns the device; with several workers each thread gets its share of the cores.
+        workers = config.model_workers
+        threads = config.runtime.torch_threads or torch.get_num_threads()
+        model_executor = ThreadPoolExecutor(workers, thread_name_prefix="model", initializer=torch.set_num_threads,
+                                            initargs=(max(1, threads // workers),))
+        if workers > 1:
+            config.runtime.torch_threads = max(1, threads // workers)
         tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
         runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
         # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
@@ -132,10 +142,12 @@ async def serve(config: ServerConfig) -> int:
         await loop.run_in_executor(model_executor, service.restore)
         if config.merged_task:
             await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
-        await loop.run_in_executor(model_executor, _warm_up, runtime)
+        # Each worker thread warms once (lazy init, OpenMP team); the barrier puts one warm-up on each.
+        barrier = threading.Barrier(workers)
+        await asyncio.gather(*[loop.run_in_executor(model_executor, _warm_up, runtime, barrier) for _ in range(workers)])
 
         batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
-                          config.max_wait_ms, config.max_queue)
+                          config.max_wait_ms, config.max_queue, workers=workers)
         batcher.metrics = BatcherMetrics(metrics_registry, batcher)
         batcher.start()
         _register_runtime_metrics(metrics_registry, runtime)
@@ -187,8 +199,9 @@ def _register_runtime_metrics(registry, runtime) -> None:
     runtime.slot_table.load_observer = load_seconds.observe
 
 
-def _warm_up(runtime) -> None:
+def _warm_up(runtime, barrier: threading.Barrier) -> None:
     """One forward per registered task so the first real request does not pay for lazy init."""
+    barrier.wait(timeout=600)
     tasks = [a.task for a in runtime.list_adapters()]
     if runtime.merged_task is not None:
         tasks = [runtime.merged_task.task]  # warming others would unmerge

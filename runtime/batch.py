@@ -1,6 +1,7 @@
 """Per-forward batch metadata, passed explicitly from the engine to the slot layers."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,11 +28,10 @@ class SlotBatch:
         )
 
 
-class SlotContext:
+class SlotContext(threading.local):
     """Holder the engine sets around one forward; slot layers read it. One per engine, not global:
-    transformers' module signatures give no way to pass per-row slot indices down to a Linear."""
-
-    __slots__ = ("current", "traced")
+    transformers' module signatures give no way to pass per-row slot indices down to a Linear.
+    Thread-local, so several model workers can run forwards on the same engine at once."""
 
     def __init__(self) -> None:
         self.current: Optional[SlotBatch] = None

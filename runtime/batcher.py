@@ -1,4 +1,4 @@
-"""Dynamic batcher: an asyncio queue in front of the single model executor.
+"""Dynamic batcher: an asyncio queue in front of the model executor, one batch loop per model worker.
 
 A batch is formed from whatever requests are waiting (and, after the first, up to max_wait_ms for
 more) until the token budget or row cap is reached; tasks mix freely. Requests whose deadline has
@@ -61,7 +61,7 @@ class BatcherMetrics:
 
 class Batcher:
     def __init__(self, runtime: Runtime, executor: Executor, max_batch_tokens: int, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int) -> None:
+                 max_wait_ms: float, max_queue: int, workers: int = 1) -> None:
         self.runtime = runtime
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
@@ -71,11 +71,14 @@ class Batcher:
         self.queue: "asyncio.Queue[Optional[Work]]" = asyncio.Queue()
         self.pending_texts = 0
         self.closed = False
-        self._task: Optional[asyncio.Task] = None
+        self.workers = workers  # batch loops, one per model worker: each forms a batch and waits for its forward
+        self._tasks: list[asyncio.Task] = []
+        self._idle_loops = 0  # batch loops waiting for work
         self.metrics: Optional[BatcherMetrics] = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def submit(self, rows: list[Row], deadline: Optional[float]) -> Work:
         if self.closed:
@@ -94,16 +97,25 @@ class Batcher:
         """Stop taking work; everything already queued still runs."""
         self.closed = True
         self.queue.put_nowait(None)
-        if self._task is not None:
-            await self._task
+        await asyncio.gather(*self._tasks)
 
     async def _next_batch(self) -> Optional[list[Work]]:
-        first = await self.queue.get()
+        self._idle_loops += 1
+        try:
+            first = await self.queue.get()
+        finally:
+            self._idle_loops -= 1
         if first is None:
+            self.queue.put_nowait(None)  # the other batch loops stop too
             return None
         batch, rows, tokens = [first], len(first.rows), first.tokens
+        max_rows = self.max_batch_size
+        if self._idle_loops:
+            # Other workers are idle: take only this loop's share of what is queued, so a burst is
+            # split across workers instead of one worker taking it all while the others wait.
+            max_rows = min(max_rows, -(-self.pending_texts // (self._idle_loops + 1)))
         wait_until = time.monotonic() + self.max_wait
-        while rows < self.max_batch_size and tokens < self.max_batch_tokens:
+        while rows < max_rows and tokens < self.max_batch_tokens:
             try:
                 nxt = self.queue.get_nowait()
             except asyncio.QueueEmpty:

@@ -112,9 +112,12 @@ class Runtime:
         self.registry = Registry(on_retired=self._free_entry)
         self.host_tier = HostTier(self.config.max_host_adapter_bytes)
         self.registry.on_idle = self.host_tier.shrink
-        # One forward at a time; slot writes and merges happen under the same lock, so a batch never
-        # sees a half-written slot.
+        # Slot table, slot writes and merges change under this lock. Forwards run outside it (several
+        # model workers may run at once) with their slots pinned, so no slot they read is rewritten;
+        # merge/unmerge change the base weights every forward reads, so they wait for running forwards.
         self._device_lock = threading.RLock()
+        self._released = threading.Condition(self._device_lock)  # a forward finished and unpinned its slots
+        self._forwards = 0
         self.merged_task: Optional[AdapterEntry] = None
 
     def _onnx_engine(self, torch_engine: TorchEngine):
@@ -193,6 +196,7 @@ class Runtime:
             )
         entry = self.registry.acquire(task)
         with self._device_lock:
+            self._wait_for_forwards()
             if self.merged_task is not None:
                 self.unmerge()
             if self.slot_table.slot_of(entry.key) is None:
@@ -206,10 +210,16 @@ class Runtime:
             entry = self.merged_task
             if entry is None:
                 return
+            self._wait_for_forwards()
             self.engine.unmerge()
             self.merged_task = None
             self.slot_table.release(entry.key)
         self.registry.release(entry)
+
+    def _wait_for_forwards(self) -> None:
+        """Caller holds the device lock; returns once no forward is running (new ones need the lock)."""
+        while self._forwards:
+            self._released.wait()
 
     # -- inference -------------------------------------------------------------------------------
     def classify(self, items: Sequence[Union[ClassifyItem, tuple]], truncate: bool = True) -> list[Prediction]:
@@ -268,12 +278,17 @@ class Runtime:
 
     def _run_batch(self, batch: list[Row]) -> None:
         entries = list({r.entry.key: r.entry for r in batch}.values())
+        pinned = []
         with self._device_lock:
             if self.merged_task is not None and any(e is not self.merged_task for e in entries):
                 log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
                 self.unmerge()
             merged = self.merged_task
-            pinned = []
+            # Batches running on other workers may hold so many slots that this one does not fit yet:
+            # wait for them to unpin (one batch alone always fits; plan_batches caps its adapters).
+            wanted = {e.key for e in entries if e is not merged}
+            while self._forwards and not self.slot_table.can_fit(wanted):
+                self._released.wait()
             try:
                 slot_of = {}
                 for e in entries:
@@ -284,12 +299,24 @@ class Runtime:
                         self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
                     slot_of[e.key] = self.slot_table.acquire(e.key)
                     pinned.append(e.key)
-                inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
-                features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch])
-            finally:
-                for key in pinned:
-                    self.slot_table.release(key)
+            except BaseException:
+                self._release(pinned, forward=False)
+                raise
+            self._forwards += 1
+        try:
+            inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
+            features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch])
+        finally:
+            self._release(pinned, forward=True)
         self._apply_heads(batch, entries, features)
+
+    def _release(self, pinned: list, forward: bool) -> None:
+        with self._device_lock:
+            for key in pinned:
+                self.slot_table.release(key)
+            if forward:
+                self._forwards -= 1
+                self._released.notify_all()
 
     def _apply_heads(self, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
         rows_of: dict[int, list[int]] = {}

@@ -34,6 +34,12 @@ class SlotTable:
     def resident(self) -> list[Hashable]:
         return list(self._lru)
 
+    def can_fit(self, keys: set) -> bool:
+        """Whether every key in `keys` could be made resident now without evicting a pinned one."""
+        missing = sum(1 for k in keys if k not in self._lru)
+        evictable = sum(1 for k in self._lru if not self._pins.get(k) and k not in keys)
+        return missing <= len(self._free) + evictable
+
     def acquire(self, key: Hashable) -> int:
         """Make `key` resident, pin it, and return its slot."""
         slot = self._lru.get(key)

@@ -294,3 +294,34 @@ def test_tls(minilm_adapters, tmp_path):
                 pb_grpc.ClassifierStub(ch).GetInfo(pb.GetInfoRequest(), timeout=5)
     finally:
         proc.stop()
+
+
+def test_two_model_workers_answer_like_one(minilm_adapters, offline):
+    """--model-workers 2 runs two forwards at once; with 3 slots for 4 tasks they also load and evict
+    slots while the other forward runs. Every answer must still be the in-process one."""
+    import random
+
+    root, paths = minilm_adapters
+    proc = ServerProcess("--data-dir", "", "--adapter-root", root, "--no-examples", "--model-workers", "2",
+                         "--slots", "4", "--max-batch-size", "4")
+    tasks = sorted(paths)
+    try:
+        with grpc.insecure_channel(proc.address) as ch:
+            reg, cls = pb_grpc.AdapterRegistryStub(ch), pb_grpc.ClassifierStub(ch)
+            for name in tasks:
+                reg.RegisterAdapter(pb.RegisterAdapterRequest(task=name, path=name))
+            expected = {t: offline_scores(offline, t, SENTENCES) for t in tasks}
+
+            def client(seed):
+                rng = random.Random(seed)
+                for _ in range(12):
+                    task = rng.choice(tasks)
+                    idx = rng.sample(range(len(SENTENCES)), rng.randint(1, 4))
+                    r = cls.Classify(pb.ClassifyRequest(task=task, texts=[SENTENCES[i] for i in idx]), timeout=60)
+                    assert_scores_close(r, [expected[task][i] for i in idx])
+
+            with ThreadPoolExecutor(8) as pool:
+                for f in [pool.submit(client, s) for s in range(8)]:
+                    f.result()
+    finally:
+        proc.stop()

@@ -37,3 +37,12 @@ def test_read_examples_errors(tmp_path):
         read_examples(str(f), "text", "label")
     rows = read_examples(str(f), "title+description", "label")
     assert rows[0].text == "A b c" and rows[0].label == "1"
+
+
+def test_merged_task_needs_one_model_worker():
+    from runtime.config import ServerConfig
+
+    with pytest.raises(ConfigError, match="one model worker"):
+        ServerConfig(model_workers=2, merged_task="sst2")
+    with pytest.raises(ConfigError, match="model_workers"):
+        ServerConfig(model_workers=0)
