@@ -13,6 +13,7 @@ from adapters.peft_lora import BaseShape
 from adapters.spec import AdapterSpec
 from runtime.base_model import BaseModel
 from runtime.batch import SlotBatch, SlotContext
+from runtime.errors import NotSupportedError
 from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TorchEngine:
             r_max=r_max,
         )
         self.merged_slot: Optional[int] = None
+        self.weights_released = False  # set when an ONNX session took over the base weights
 
     # -- slots -----------------------------------------------------------------------------------
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
@@ -90,6 +92,8 @@ class TorchEngine:
     def encode(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
         """Run the backbone once for a mixed batch; returns the features heads read: [B, H]
         (BERT: pooler output; DistilBERT/RoBERTa: the first token's hidden state)."""
+        if self.weights_released:
+            raise NotSupportedError("this runtime serves the base through ONNX Runtime; its torch weights were released")
         self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device)
         try:
             out = self.base.backbone(**inputs)

@@ -64,7 +64,9 @@ class OnnxEngine:
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
-        log.info("ONNX engine on %s (%s)", self.session.get_providers()[0], self.quantize or "fp32")
+        self.released_bytes = _release_backbone_weights(slots_from)
+        log.info("ONNX engine on %s (%s); released %.1f MB of torch backbone weights", self.session.get_providers()[0],
+                 self.quantize or "fp32", self.released_bytes / 1e6)
 
     # Slot management is the torch engine's (it validates and owns the buffers).
     @property
@@ -116,3 +118,16 @@ class OnnxEngine:
             feed[f"lora_b_{i}"] = layer.lora_b.numpy()
         (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in self.graph_inputs})
         return torch.from_numpy(features)
+
+
+def _release_backbone_weights(engine: TorchEngine) -> int:
+    """The session holds the base weights now; the torch backbone was needed only to export. Drop its
+    parameters (keeping the slot buffers, which feed the graph) so the base is not resident twice."""
+    released = 0
+    for module in engine.base.backbone.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                released += param.numel() * param.element_size()
+                module._parameters[name] = None
+    engine.weights_released = True
+    return released

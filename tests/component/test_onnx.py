@@ -29,6 +29,9 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family):
     torch_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8))
     onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "onnx")))
     assert onnx_rt.engine.name == "onnx"
+    # The session holds the base: the torch backbone's weights are not kept resident a second time.
+    assert onnx_rt.engine.released_bytes > 0
+    assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
     for i, a in enumerate(adapters[:2]):
         torch_rt.add_adapter(f"t{i}", a)
         onnx_rt.add_adapter(f"t{i}", a)
