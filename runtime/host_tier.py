@@ -1,7 +1,7 @@
 """The host-memory tier between device slots and disk: bounded bytes, LRU.
 
 An adapter evicted from host memory keeps what a request needs to be admitted (name, version, labels,
-head) and drops its LoRA tensors and file bytes; the next batch that needs it in a device slot reads
+head) and drops its LoRA tensors; the next batch that needs it in a device slot reads
 it back from the data dir (content-addressed, sha256-checked). Adapters pinned by a request, and those
 that cannot be re-read (no data dir, or another version on disk), are never evicted.
 """
@@ -32,7 +32,7 @@ class HostTier:
 
     @staticmethod
     def _cost(entry: AdapterEntry) -> int:
-        return entry.spec.tensor_bytes() + sum(len(v) for v in entry.spec.files.values())
+        return entry.spec.tensor_bytes()
 
     def in_memory(self, entry: AdapterEntry) -> bool:
         return entry.key in self._lru
@@ -57,7 +57,7 @@ class HostTier:
         spec = self.reload(entry)
         if spec.version != entry.version:
             raise RuntimeError(f"disk holds version {spec.version[:12]} of task {entry.task}, not {entry.version[:12]}")
-        entry.spec.modules, entry.spec.files = spec.modules, spec.files
+        entry.spec.modules = spec.modules  # the tensors; the file bytes stay on disk
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -81,6 +81,6 @@ class HostTier:
                 continue
             self.bytes -= self._cost(entry)
             del self._lru[key]
-            entry.spec.modules, entry.spec.files = {}, {}
+            entry.spec.modules = {}
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

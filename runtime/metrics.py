@@ -126,7 +126,7 @@ class MemoryCollector:
         adapters.add_metric(["disk"], on_disk)
         yield adapters
         amem = GaugeMetricFamily(f"{PREFIX}_adapter_memory_bytes",
-                                 "Adapter memory: device = slot buffers allocated at start; host = adapter tensors and files held in memory",
+                                 "Adapter memory: device = slot buffers allocated at start; host = adapter tensors held in memory",
                                  labels=["tier"])
         amem.add_metric(["device"], self.runtime.engine.slot_bytes() * self.runtime.config.slots)
         amem.add_metric(["host"], self.runtime.host_tier.bytes)

@@ -151,6 +151,9 @@ class Runtime:
         except Exception:
             del self._entries_by_key[entry.key]
             raise
+        # The parsed tensors are what serving needs; the raw files were hashed (version) and, in the
+        # server, persisted before this call. Holding both would double host memory per adapter.
+        spec.files = {}
         self.host_tier.admit(entry)
         log.info("registered task %s version %s (rank %d, %d modules, %d labels)", task, spec.version[:12],
                  spec.rank, len(spec.modules), spec.num_labels)
