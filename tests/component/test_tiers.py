@@ -15,6 +15,10 @@ def test_host_bound_moves_adapters_to_disk_and_back(tiny_bases, tmp_path):
     for t, p in paths.items():
         reference.add_adapter(t, p)
     one = reference.host_tier._cost(reference.registry.get("t0"))
+    # Host memory holds the parsed tensors only, not the file bytes beside them.
+    entry = reference.registry.get("t0")
+    assert entry.spec.files == {} and one == entry.spec.tensor_bytes() > 0
+    assert entry.spec.size_bytes > 0  # the file size is still reported (GetAdapter / ListAdapters)
     rt = Runtime(RuntimeConfig(base_model=base, slots=3, r_max=8, max_host_adapter_bytes=int(2.5 * one)))
     reads = []
     rt.host_tier.reload = lambda e: (reads.append(e.task), rt.load_spec(read_adapter_dir(paths[e.task])))[1]
