@@ -32,6 +32,7 @@ from runtime.tokenization import Encoded, TextEncoder
 log = logging.getLogger(__name__)
 
 AdapterSource = Union[str, dict, AdapterSpec]
+REMERGE_AFTER_BATCHES = 8  # batches in a row that need only the merge goal before it is merged back
 
 
 @dataclass
@@ -119,6 +120,8 @@ class Runtime:
         self._released = threading.Condition(self._device_lock)  # a forward finished and unpinned its slots
         self._forwards = 0
         self.merged_task: Optional[AdapterEntry] = None
+        self._merge_goal: Optional[str] = None  # the task merge() was asked for; merged back after mixed traffic
+        self._solo_batches = 0
 
     def _onnx_engine(self, torch_engine: TorchEngine):
         from exporters.shared_base import MODEL_FILE, export_shared_base
@@ -201,14 +204,29 @@ class Runtime:
         with self._device_lock:
             self._wait_for_forwards()
             if self.merged_task is not None:
-                self.unmerge()
-            if self.slot_table.slot_of(entry.key) is None:
-                self.host_tier.ensure_loaded(entry)
-            slot = self.slot_table.acquire(entry.key)  # stays pinned while merged
-            self.engine.merge(slot)
+                self._unmerge()
+            try:
+                if self.slot_table.slot_of(entry.key) is None:
+                    self.host_tier.ensure_loaded(entry)
+                slot = self.slot_table.acquire(entry.key)  # stays pinned while merged
+                try:
+                    self.engine.merge(slot)
+                except BaseException:
+                    self.slot_table.release(entry.key)
+                    raise
+            except BaseException:
+                self.registry.release(entry)
+                raise
             self.merged_task = entry
+            self._merge_goal, self._solo_batches = task, 0
 
     def unmerge(self) -> None:
+        """Back to slot mode until merge() is called again."""
+        self._merge_goal = None
+        self._unmerge()
+
+    def _unmerge(self) -> None:
+        """Unmerge, keeping the goal: a run of batches that need only that task merges it back."""
         with self._device_lock:
             entry = self.merged_task
             if entry is None:
@@ -218,6 +236,21 @@ class Runtime:
             self.merged_task = None
             self.slot_table.release(entry.key)
         self.registry.release(entry)
+
+    def _maybe_remerge(self, entries: list[AdapterEntry]) -> None:
+        """Caller holds the device lock. Hysteresis: a few batches in a row of only the merged task
+        before merging it back, so mixed traffic does not make every batch pay a merge."""
+        if any(e.task != self._merge_goal for e in entries):
+            self._solo_batches = 0
+            return
+        self._solo_batches += 1
+        if self._solo_batches >= REMERGE_AFTER_BATCHES:
+            log.info("merging task %s back: %d batches in a row needed only it", self._merge_goal, self._solo_batches)
+            try:
+                self.merge(self._merge_goal)
+            except Exception as e:  # noqa: BLE001 - e.g. the task was unregistered meanwhile: stay in slot mode
+                log.warning("could not merge task %s back (%s); serving it through slots", self._merge_goal, e)
+                self._merge_goal = None
 
     def _wait_for_forwards(self) -> None:
         """Caller holds the device lock; returns once no forward is running (new ones need the lock)."""
@@ -285,7 +318,10 @@ class Runtime:
         with self._device_lock:
             if self.merged_task is not None and any(e is not self.merged_task for e in entries):
                 log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
-                self.unmerge()
+                self._unmerge()
+                self._solo_batches = 0
+            elif self.merged_task is None and self._merge_goal is not None:
+                self._maybe_remerge(entries)
             merged = self.merged_task
             # Batches running on other workers may hold so many slots that this one does not fit yet:
             # wait for them to unpin (one batch alone always fits; plan_batches caps its adapters).

@@ -53,3 +53,29 @@ def test_removing_a_merged_task_unmerges(tiny_bases, tmp_path):
     assert rt.merged_task is None and rt.slot_table.resident() == []
     for n, l in rt.engine.layers.items():
         assert torch.equal(original[n], l.base.weight)
+
+
+def test_merged_task_is_merged_back_after_a_run_of_its_own_batches(tiny_bases, tmp_path):
+    from runtime.runtime import REMERGE_AFTER_BATCHES
+
+    base = tiny_bases["bert"]
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt.add_adapter("a", make_peft_adapter(base, str(tmp_path / "a"), num_labels=2, seed=1))
+    rt.add_adapter("b", make_peft_adapter(base, str(tmp_path / "b"), num_labels=3, seed=2))
+    want = [p.logits for p in rt.classify([("a", t) for t in SAMPLE_TEXTS[:3]])]
+    rt.merge("a")
+    rt.classify([("a", SAMPLE_TEXTS[0]), ("b", SAMPLE_TEXTS[1])])  # mixed: unmerges
+    assert rt.merged_task is None
+    for i in range(REMERGE_AFTER_BATCHES - 1):
+        rt.classify([("a", SAMPLE_TEXTS[0])])
+        assert rt.merged_task is None, f"merged back after only {i + 1} batches"
+    rt.classify([("b", SAMPLE_TEXTS[0])])  # another task breaks the run
+    for _ in range(REMERGE_AFTER_BATCHES):
+        got = [p.logits for p in rt.classify([("a", t) for t in SAMPLE_TEXTS[:3]])]
+        assert max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w)) <= 1e-4
+    assert rt.merged_task is not None and rt.merged_task.task == "a"
+    # An explicit unmerge ends merged mode for good.
+    rt.unmerge()
+    for _ in range(2 * REMERGE_AFTER_BATCHES):
+        rt.classify([("a", SAMPLE_TEXTS[0])])
+    assert rt.merged_task is None
