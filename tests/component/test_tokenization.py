@@ -1,0 +1,36 @@
+"""The encoder's direct use of the Rust tokenizer gives exactly the ids and token types of the HF
+tokenizer call (single texts, batches, pairs, over-long texts), for every family's tokenizer."""
+import pytest
+from transformers import AutoTokenizer
+
+from runtime.tokenization import TextEncoder
+from tiny_models import SAMPLE_TEXTS
+
+TEXTS = SAMPLE_TEXTS[:4] + ["Ünïcødé ça marche — 東京 🙂", "   spaces   and\ttabs\n", "x"]
+
+
+def _hf(tok, texts, pairs=None, **kw):
+    return tok(list(texts), list(pairs) if pairs else None, padding=False, return_attention_mask=False,
+               return_token_type_ids="token_type_ids" in tok.model_input_names, verbose=False, **kw)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "minilm"])
+def test_direct_tokenizer_matches_hf_call(family, tiny_bases, minilm_dir):
+    tok = AutoTokenizer.from_pretrained(minilm_dir if family == "minilm" else tiny_bases[family])
+    enc = TextEncoder(tok, max_length=512)
+    assert enc.backend is not None
+    cases = [([t], None) for t in TEXTS] + [(TEXTS, None), (TEXTS, TEXTS[::-1]), (TEXTS[:1], TEXTS[1:2])]
+    for texts, pairs in cases:
+        want = _hf(tok, texts, pairs, truncation=False)
+        got = enc.encode(texts, pairs)
+        assert [g.input_ids for g in got] == want["input_ids"]
+        if enc.uses_token_types:
+            assert [g.token_type_ids for g in got] == want["token_type_ids"]
+    # Over-long: cut exactly like the HF call with truncation to max_length.
+    long = " ".join(["word"] * 100)
+    got = TextEncoder(tok, max_length=32).encode([long, TEXTS[0]], truncate=True)
+    want = _hf(tok, [long, TEXTS[0]], truncation=True, max_length=32)
+    assert [g.input_ids for g in got] == want["input_ids"]
+    assert [g.truncated for g in got] == [True, False]
+    # The HF tokenizer's own settings are untouched by the encoder's copy.
+    assert tok(long)["input_ids"] == _hf(tok, [long], truncation=False)["input_ids"][0]
