@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -145,6 +146,10 @@ async def serve(config: ServerConfig) -> int:
         # Each worker thread warms once (lazy init, OpenMP team); the barrier puts one warm-up on each.
         barrier = threading.Barrier(workers)
         await asyncio.gather(*[loop.run_in_executor(model_executor, _warm_up, runtime, barrier) for _ in range(workers)])
+        # Everything built so far (model, tokenizer, modules) lives as long as the process: move it out
+        # of the cyclic GC's generations so collections while serving only walk request garbage.
+        gc.collect()
+        gc.freeze()
 
         batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
                           config.max_wait_ms, config.max_queue, workers=workers)
