@@ -315,18 +315,23 @@ class Runtime:
     def _run_batch(self, batch: list[Row]) -> None:
         entries = list({r.entry.key: r.entry for r in batch}.values())
         pinned = []
+        counted = False  # a batch counts once towards merging back, however long it waits for slots
         with self._device_lock:
-            if self.merged_task is not None and any(e is not self.merged_task for e in entries):
-                log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
-                self._unmerge()
-                self._solo_batches = 0
-            elif self.merged_task is None and self._merge_goal is not None:
-                self._maybe_remerge(entries)
-            merged = self.merged_task
-            # Batches running on other workers may hold so many slots that this one does not fit yet:
-            # wait for them to unpin (one batch alone always fits; plan_batches caps its adapters).
-            wanted = {e.key for e in entries if e is not merged}
-            while self._forwards and not self.slot_table.can_fit(wanted):
+            while True:
+                if self.merged_task is not None and any(e is not self.merged_task for e in entries):
+                    log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
+                    self._unmerge()
+                    self._solo_batches = 0
+                elif self.merged_task is None and self._merge_goal is not None and not counted:
+                    counted = True
+                    self._maybe_remerge(entries)
+                merged = self.merged_task
+                # Batches running on other workers may hold so many slots that this one does not fit
+                # yet: wait for them to unpin (one batch alone always fits: plan_batches caps its
+                # adapters), then look again, merged state included, since both may have changed.
+                wanted = {e.key for e in entries if e is not merged}
+                if not self._forwards or self.slot_table.can_fit(wanted):
+                    break
                 self._released.wait()
             try:
                 slot_of = {}
