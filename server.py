@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -84,13 +85,13 @@ def parse_config(argv=None) -> ServerConfig:
 
 
 async def serve(config: ServerConfig) -> int:
+    import torch
+
     from runtime.batcher import Batcher, BatcherMetrics
     from runtime.grpc_errors import ErrorMappingInterceptor, RequestMetrics
     from runtime import metrics
     from runtime.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
     from runtime.rpc_stubs import pb, pb_grpc
-    import torch
-
     from runtime.runtime import Runtime
 
     # Room above the adapter limit so an oversize upload gets our message (which names the limit)
@@ -129,13 +130,12 @@ async def serve(config: ServerConfig) -> int:
         loop = asyncio.get_running_loop()
         # One executor owns the device; with several workers each thread gets its share of the cores.
         workers = config.model_workers
-        threads = config.runtime.torch_threads or torch.get_num_threads()
+        per_worker = max(1, (config.runtime.torch_threads or torch.get_num_threads()) // workers)
         model_executor = ThreadPoolExecutor(workers, thread_name_prefix="model", initializer=torch.set_num_threads,
-                                            initargs=(max(1, threads // workers),))
-        if workers > 1:
-            config.runtime.torch_threads = max(1, threads // workers)
+                                            initargs=(per_worker,))
+        runtime_config = replace(config.runtime, torch_threads=per_worker) if workers > 1 else config.runtime
         tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        runtime = await loop.run_in_executor(model_executor, Runtime, config.runtime)
+        runtime = await loop.run_in_executor(model_executor, Runtime, runtime_config)
         # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
         # slot; a new adapter is copied into a slot by the model executor on its first batch.
         admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
