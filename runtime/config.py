@@ -102,8 +102,8 @@ class ServerConfig:
     tokenizer_threads: int = 2
     # Model workers each run whole forwards on their own thread, with the intra-op threads split
     # between them. 1 (default) gives the lowest latency for one request at a time; on a small CPU,
-    # 2 workers x 1 thread serve ~13% more texts/s than 1 x 2 (less OpenMP fork/join per op) and a
-    # burst waits behind half as much work. GPUs want 1.
+    # 2 workers x 1 thread serve 4-15% more texts/s than 1 x 2 in-process (less OpenMP fork/join per
+    # op; `python -m loadtest.cpu_probes workers`), about 5% more behind gRPC. GPUs want 1.
     model_workers: int = 1
     # Requests with at most this many characters (texts + pairs) are tokenized on the event loop: a
     # short text tokenizes in ~25 us, while the hand-off to the pool and back costs ~300 us of

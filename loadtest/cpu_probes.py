@@ -1,0 +1,228 @@
+"""Small CPU measurements behind design choices and figures in docs/benchmarks.md.
+
+    python -m loadtest.cpu_probes workers       # 1 thread x 2 intra-op threads vs 2 threads x 1
+    python -m loadtest.cpu_probes idle-gap      # the same call back to back vs after an idle gap
+    python -m loadtest.cpu_probes tokenize      # HF tokenizer call vs the encoder's direct Rust call
+    python -m loadtest.cpu_probes lora-layer    # one slot layer's adapter branch, ways of computing it
+    python -m loadtest.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
+
+Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = "a charming film ."
+
+
+def _texts(n: int) -> list[str]:
+    from loadtest.runtime_bench import sst2_dev_texts
+
+    return sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))[:n]
+
+
+def _median_us(fn, n: int = 300, warm: int = 20) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6
+
+
+def workers() -> None:
+    """Bare MiniLM: one thread running forwards with all intra-op threads, against two threads each
+    running forwards with one intra-op thread (what --model-workers 2 does)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from runtime.config import packaged_base_model_dir
+
+    path = packaged_base_model_dir()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = _texts(512)
+    threads = torch.get_num_threads()
+    for bs in (1, 4, 32):
+        batches = [tok(texts[i:i + bs], padding=True, return_tensors="pt") for i in range(0, len(texts), bs)]
+
+        def run(part, n_threads):
+            torch.set_num_threads(n_threads)
+            with torch.inference_mode():
+                for b in part:
+                    model(**b)
+
+        run(batches[:2], threads)
+        t = time.perf_counter()
+        run(batches, threads)
+        one = len(texts) / (time.perf_counter() - t)
+        pool = [threading.Thread(target=run, args=(batches[i::2], max(1, threads // 2))) for i in range(2)]
+        t = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        two = len(texts) / (time.perf_counter() - t)
+        print(f"batch {bs:>2}: 1 worker x {threads} threads {one:6.1f} texts/s; "
+              f"2 workers x {max(1, threads // 2)} thread {two:6.1f} texts/s ({two / one:.2f} x)")
+        torch.set_num_threads(threads)
+
+
+def idle_gap() -> None:
+    """A short request in-process: back to back, and after 1.5 ms busy or asleep before each call
+    (a server's model thread idles like that between requests at concurrency 1)."""
+    from runtime.config import RuntimeConfig
+    from runtime.runtime import Runtime
+
+    rt = Runtime(RuntimeConfig())
+    rt.add_adapter("sst2", os.path.join(ROOT, "adapters", "examples", "sst2"))
+    call = lambda: rt.classify([("sst2", SHORT)])  # noqa: E731
+
+    def busy():
+        end = time.perf_counter() + 0.0015
+        while time.perf_counter() < end:
+            pass
+
+    def paced(wait):
+        lat = []
+        for _ in range(300):
+            wait()
+            t = time.perf_counter()
+            call()
+            lat.append(time.perf_counter() - t)
+        return statistics.median(lat) * 1e3
+
+    for _ in range(2):
+        print(f"back to back {_median_us(call) / 1e3:.2f} ms; 1.5 ms busy gap {paced(busy):.2f} ms; "
+              f"1.5 ms sleep gap {paced(lambda: time.sleep(0.0015)):.2f} ms")
+
+
+def tokenize() -> None:
+    from transformers import AutoTokenizer
+
+    from runtime.config import packaged_base_model_dir
+    from runtime.tokenization import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(packaged_base_model_dir())
+    enc = TextEncoder(tok, 512)
+    hf = lambda: tok([SHORT], padding=False, return_attention_mask=False, return_token_type_ids=True,  # noqa: E731
+                     verbose=False, truncation=False)
+    print(f"one short text: HF tokenizer call {_median_us(hf, 3000):.1f} us; "
+          f"encoder (direct Rust call) {_median_us(lambda: enc.encode([SHORT]), 3000):.1f} us")
+
+
+def lora_layer() -> None:
+    """One slot layer's adapter branch on [32, 26, d] activations, rank 8 of r_max 16, 64 slots."""
+    slots, r_max, r, b, t = 64, 16, 8, 32, 26
+    for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):
+        a_buf, b_buf = torch.randn(slots, r_max, d_in), torch.randn(slots, r_max, d_out)
+        x, y = torch.randn(b, t, d_in), torch.randn(b, t, d_out)
+        weight, bias = torch.randn(d_out, d_in), torch.randn(d_out)
+        row = {"base linear": lambda: torch.nn.functional.linear(x, weight, bias)}
+        for distinct in (32, 8, 2):
+            idx = torch.sort(torch.arange(b) * distinct // b + 1).values  # rows grouped by slot
+            uniq, counts = torch.unique_consecutive(idx, return_counts=True)
+            offs = (torch.cumsum(counts, 0) * t).to(torch.int32)
+            segs, start = [], 0
+            for s, c in zip(uniq.tolist(), counts.tolist()):
+                segs.append((s, start * t, (start + c) * t))
+                start += c
+            x2, y2 = x.view(-1, d_in), y.view(-1, d_out)
+
+            def gather_bmm(idx=idx):  # what SlotLoRALinear does
+                y.baddbmm_(torch.bmm(x, a_buf[:, :r].index_select(0, idx).transpose(1, 2)),
+                           b_buf[:, :r].index_select(0, idx))
+
+            def grouped(uniq=uniq, offs=offs):
+                xa = torch._grouped_mm(x2, a_buf[:, :r].index_select(0, uniq).transpose(1, 2), offs=offs)
+                y2.add_(torch._grouped_mm(xa, b_buf[:, :r].index_select(0, uniq), offs=offs))
+
+            def segment_loop(segs=segs):
+                for s, lo, hi in segs:
+                    y2[lo:hi].addmm_(x2[lo:hi] @ a_buf[s, :r].t(), b_buf[s, :r])
+
+            row[f"{distinct} adapters: gather+bmm"] = gather_bmm
+            row[f"{distinct} adapters: segment loop"] = segment_loop
+            if hasattr(torch, "_grouped_mm"):
+                row[f"{distinct} adapters: _grouped_mm"] = grouped
+        row["1 adapter: addmm (no gather)"] = lambda: y.view(-1, d_out).addmm_(x.reshape(-1, d_in) @ a_buf[1, :r].t(),
+                                                                               b_buf[1, :r])
+        print(f"{d_in}->{d_out}: " + "; ".join(f"{k} {_median_us(f, 200, 10):.0f} us" for k, f in row.items()))
+
+
+def _profile(model_path: str, feed: dict, title: str) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    runs = 10
+    for _ in range(3):
+        session.run(None, feed)
+    t = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    print(f"{title}: {(time.perf_counter() - t) / runs * 1e3:.1f} ms per run")
+    by_op = collections.Counter()
+    with open(session.end_profiling()) as fh:
+        for event in json.load(fh):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values())
+    for op, us in by_op.most_common(12):
+        print(f"  {op:<28} {us / total * 100:5.1f}%  {us / (runs + 3) / 1000:6.2f} ms/run")
+
+
+def onnx_profile() -> None:
+    """Time by op type for one run, batch 32 x 26 tokens: the shared int8 graph with 32 adapters
+    (ranks 4/8/16, all linears), and the per-task merged int8 graph of the bundled sst2 adapter."""
+    import numpy as np
+
+    from exporters.per_task import export_task
+    from loadtest.synthetic import synthetic_adapter
+    from runtime.config import RuntimeConfig, packaged_base_model_dir
+
+    os.environ.setdefault("ADAPTERSERVE_CACHE", tempfile.mkdtemp(prefix="cpu-probes-"))
+    from runtime.runtime import Runtime
+
+    rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8"))
+    for i in range(32):
+        rt.add_adapter(f"s{i}", synthetic_adapter(packaged_base_model_dir(), seed=i))
+    rt.classify([(f"s{i}", SHORT) for i in range(32)])  # loads the 32 slots
+    tokens = {"input_ids": np.random.default_rng(0).integers(1000, 2000, (32, 26)).astype(np.int64),
+              "attention_mask": np.ones((32, 26), np.int64), "token_type_ids": np.zeros((32, 26), np.int64)}
+    feed = dict(tokens, slot_per_row=np.array(sorted(rt.engine.slot_ranks)[:32], dtype=np.int64))
+    for i, layer in enumerate(rt.engine.layers.values()):
+        feed[f"lora_a_{i}"], feed[f"lora_b_{i}"] = layer.lora_a.numpy(), layer.lora_b.numpy()
+    _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, "shared-base int8, 32 adapters")
+    task_dir = os.path.join(tempfile.mkdtemp(prefix="cpu-probes-task-"), "sst2-int8")
+    export_task(os.path.join(ROOT, "adapters", "examples", "sst2"), task_dir, quantize="int8")
+    _profile(os.path.join(task_dir, "model.onnx"), tokens, "per-task merged int8 (sst2)")
+
+
+PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
+          "onnx-profile": onnx_profile}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=sorted(PROBES))
+    PROBES[p.parse_args(argv).probe]()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
