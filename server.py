@@ -56,6 +56,7 @@ _FLAGS = [
      "requests up to this many characters are tokenized on the event loop (0 = always in the pool)"),
     ("model-workers", "server", "model_workers", int, "forwards run at once, intra-op threads split between them"),
     ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
+    ("lora-kernel", "runtime", "lora_kernel", str, "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"),
 ]
 
 

@@ -14,9 +14,14 @@ class SlotBatch:
     distinct_slots: frozenset  # nonzero slots present in the batch
     single_slot: Optional[int]  # set when every row uses the same nonzero slot (no gather needed)
     rank: int  # largest adapter rank in the batch: slot buffers are read only up to it
+    # [B] int64 on the CPU: each row's real (unpadded) token count, padding on the right. The fused
+    # kernel adds no delta past it (those positions are masked out of attention and never read);
+    # None = every position counts.
+    lengths: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device) -> "SlotBatch":
+    def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device,
+              lengths: Optional[list[int]] = None) -> "SlotBatch":
         distinct = frozenset(s for s in slots if s != 0)
         single = next(iter(distinct)) if len(distinct) == 1 and 0 not in slots else None
         rank = max((ranks[s] for s in distinct), default=0)
@@ -25,6 +30,7 @@ class SlotBatch:
             distinct_slots=distinct,
             single_slot=single,
             rank=rank,
+            lengths=torch.tensor(lengths, dtype=torch.long) if lengths is not None else None,
         )
 
 

@@ -5,13 +5,20 @@ directly.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
+LORA_KERNELS = ("auto", "fused", "torch")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def cache_root() -> str:
+    """Where built artifacts (ONNX exports, the compiled LoRA kernel) are cached between runs."""
+    return os.environ.get("ADAPTERSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adapterserve"))
 
 
 def packaged_base_model_dir() -> str:
@@ -42,6 +49,10 @@ class RuntimeConfig:
     # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
     lora_targets: Optional[list[str]] = None
     torch_threads: Optional[int] = None
+    # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/lora_kernel.c,
+    # no gather copy, skips padded tokens), "torch" (gather + bmm), or "auto" (fused when it can be
+    # built here, else torch). Other devices and precisions always use the torch path.
+    lora_kernel: str = "auto"
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
     engine: str = "torch"
     # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
@@ -64,6 +75,8 @@ class RuntimeConfig:
             raise ConfigError(f"max_batch_size must be in 1..4096; got {self.max_batch_size}")
         if self.max_batch_tokens < 8:
             raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise ConfigError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}; got {self.lora_kernel!r}")
         if self.engine not in ("torch", "onnx"):
             raise ConfigError(f"engine must be torch or onnx; got {self.engine!r}")
         if self.engine == "onnx" and self.precision not in ("fp32", "int8"):

@@ -13,7 +13,9 @@ from adapters.peft_lora import BaseShape
 from adapters.spec import AdapterSpec
 from runtime.base_model import BaseModel
 from runtime.batch import SlotBatch, SlotContext
-from runtime.errors import NotSupportedError
+from runtime import lora_kernel
+from runtime.errors import ConfigError, NotSupportedError
+from runtime.lora_kernel import FusedLoRA
 from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ def _matches(name: str, suffixes: Optional[list[str]]) -> bool:
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None) -> None:
+    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None,
+                 lora_kernel: str = "auto") -> None:
         self.base = base
         self.slots = slots
         self.r_max = r_max
@@ -45,6 +48,7 @@ class TorchEngine:
             self.layers[name] = wrapped
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")
+        self.kernel_name = self._attach_kernel(lora_kernel)
         self.shape = BaseShape(
             family=base.family,
             hidden_size=base.hidden_size,
@@ -53,6 +57,31 @@ class TorchEngine:
         )
         self.merged_slot: Optional[int] = None
         self.weights_released = False  # set when an ONNX session took over the base weights
+
+    def _attach_kernel(self, choice: str) -> str:
+        """Give the fused CPU kernel to every layer it can serve; returns "fused" or "torch"."""
+        if choice == "torch":
+            return "torch"
+        # Plain fp32 bases only: on a bitsandbytes int8 base, LLM.int8 rounds every layer's activations
+        # to int8, which turns the kernel's different fp32 summation order (~1e-7) into ~4e-3 logit
+        # differences from PEFT; int8/NF4 keep the torch path, which matches PEFT's matmuls.
+        fits = {n: l for n, l in self.layers.items()
+                if self.base.precision == "fp32"
+                and FusedLoRA.applies(l.d_in, l.d_out, self.r_max, self.base.dtype, self.base.device)}
+        why = None
+        if not fits:
+            why = (f"it runs fp32 bases on the CPU with feature sizes that are multiples of 16 and r_max a "
+                   f"multiple of 8 (this base: {self.base.precision} on {self.base.device}, r_max {self.r_max})")
+        kernel = lora_kernel.load() if fits else None
+        if fits and kernel is None:
+            why = lora_kernel.unavailable_reason()
+        if why is not None:
+            if choice == "fused":
+                raise ConfigError(f"lora_kernel=fused cannot be used: {why}; use lora_kernel auto or torch")
+            return "torch"
+        for layer in fits.values():
+            layer.kernel = kernel
+        return "fused"
 
     # -- slots -----------------------------------------------------------------------------------
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
@@ -89,12 +118,14 @@ class TorchEngine:
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
+    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
+               lengths: Optional[list[int]] = None) -> torch.Tensor:
         """Run the backbone once for a mixed batch; returns the features heads read: [B, H]
-        (BERT: pooler output; DistilBERT/RoBERTa: the first token's hidden state)."""
+        (BERT: pooler output; DistilBERT/RoBERTa: the first token's hidden state). lengths: each
+        row's real token count (inputs padded on the right), so adapter work skips the padding."""
         if self.weights_released:
             raise NotSupportedError("this runtime serves the base through ONNX Runtime; its torch weights were released")
-        self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device)
+        self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths)
         try:
             out = self.base.backbone(**inputs)
         finally:

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from runtime.config import cache_root
 from runtime.engine import TorchEngine
 from runtime.errors import ConfigError, NotSupportedError
 
@@ -25,8 +26,7 @@ log = logging.getLogger(__name__)
 def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str]) -> str:
     key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = os.environ.get("ADAPTERSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adapterserve"))
-    return os.path.join(root, "onnx", digest)
+    return os.path.join(cache_root(), "onnx", digest)
 
 
 class OnnxEngine:
@@ -104,7 +104,8 @@ class OnnxEngine:
     def unmerge(self) -> None:
         pass
 
-    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
+    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
+               lengths: Optional[list[int]] = None) -> torch.Tensor:
         feed = {
             "input_ids": inputs["input_ids"].numpy(),
             "attention_mask": inputs["attention_mask"].numpy(),

@@ -100,7 +100,8 @@ class Runtime:
         onnx = self.config.engine == "onnx"
         # The ONNX engine exports from an fp32 torch base; int8 then means ORT int8, not bitsandbytes.
         self.base = load_base_model(replace(self.config, precision="fp32") if onnx else self.config)
-        self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets)
+        self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets,
+                                  lora_kernel="torch" if onnx else self.config.lora_kernel)
         if onnx:
             self.engine = self._onnx_engine(self.engine)
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
@@ -349,7 +350,8 @@ class Runtime:
             self._forwards += 1
         try:
             inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
-            features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch])
+            features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch],
+                                          [r.encoded.length for r in batch])
         finally:
             self._release(pinned, forward=True)
         self._apply_heads(batch, entries, features)

@@ -1,4 +1,7 @@
-"""The slot-wrapped linear: y = base(x) + (x @ A[idx]) @ B[idx], one gather and two bmm per layer.
+"""The slot-wrapped linear: y = base(x) + (x @ A[idx]) @ B[idx] for each row's slot idx.
+
+On the CPU in fp32 the fused kernel (runtime/lora_kernel.c) adds each row's delta reading its slot in
+place and only over real tokens; elsewhere it is one gather and two bmm per layer in torch.
 
 Buffers are fixed-shape: A [slots, r_max, d_in] and B [slots, r_max, d_out] with the LoRA scaling
 folded into B and ranks zero-padded, so loading an adapter is a copy_ and the graph never changes.
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from runtime.batch import SlotContext
+from runtime.lora_kernel import MAX_RANK, FusedLoRA
 
 
 class SlotLoRALinear(nn.Module):
@@ -26,6 +30,8 @@ class SlotLoRALinear(nn.Module):
         # Slots whose adapter changes this layer: lets a batch skip layers none of its adapters target.
         self.active_slots: set[int] = set()
         self._unmerged_weight: Optional[torch.Tensor] = None
+        # Set by the engine when the fused CPU kernel serves this layer (see runtime/lora_kernel.c).
+        self.kernel: Optional[FusedLoRA] = None
 
     # -- slot writes (the slot table is the only caller) --------------------------------------
     def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -77,6 +83,12 @@ class SlotLoRALinear(nn.Module):
         if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
             return y
         r = batch.rank
+        kernel = self.kernel
+        if kernel is not None and r <= MAX_RANK and x.stride(-1) == 1 and y.stride(-1) == 1:
+            # Each row reads its own slot in place, real tokens only; rank rounded up to whole
+            # 8-wide blocks (slots are zero past their rank, and r_max is a multiple of 8).
+            kernel(x, y, self.lora_a, self.lora_b, -(-r // 8) * 8, batch.slot_per_row, batch.lengths)
+            return y
         # In-place accumulate into y (addmm_/baddbmm_): saves a full read+write of the output per layer.
         if batch.single_slot is not None:
             s = batch.single_slot

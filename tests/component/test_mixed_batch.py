@@ -30,17 +30,24 @@ def task_matrix(family):
 
 
 @pytest.fixture(scope="module", params=["bert", "distilbert", "roberta"])
-def family_setup(request, tiny_bases, tmp_path_factory):
+def family_adapters(request, tiny_bases, tmp_path_factory):
     family = request.param
     base = tiny_bases[family]
     root = tmp_path_factory.mktemp(f"adapters_{family}")
     adapters = {}
     for i, kw in enumerate(task_matrix(family)):
         adapters[f"task{i}"] = make_peft_adapter(base, str(root / f"task{i}"), seed=100 + i, **kw)
-    rt = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16))
+    return family, base, adapters
+
+
+# Both CPU LoRA paths: the fused kernel (auto picks it on AVX-512 machines) and torch gather + bmm.
+@pytest.fixture(scope="module", params=["auto", "torch"])
+def family_setup(request, family_adapters):
+    family, base, adapters = family_adapters
+    rt = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16, lora_kernel=request.param))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
-    return family, base, adapters, rt
+    return f"{family}/{rt.engine.kernel_name}", base, adapters, rt
 
 
 def mixed_items(tasks, n=40, seed=0):

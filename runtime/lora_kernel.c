@@ -1,0 +1,81 @@
+/* Fused mixed-task LoRA branch for the CPU torch engine (fp32, AVX-512):
+
+       y[b, t, :] += (x[b, t, :] @ A[s]^T) @ B[s]    for t < len[b], s = slot[b] != 0
+
+   Why not gather + bmm in torch: that copies every row's A/B out of the slot buffers (43 MB per
+   batch of 32 on MiniLM) and runs over padded tokens too (about half the tokens of an SST-2 batch).
+   Here each row reads its slot in place, only its real tokens, and x/y are touched while hot.
+   Built at run time by runtime/lora_kernel.py (gcc -O3 -march=native -fopenmp); it shares torch's
+   OpenMP runtime (same soname), so it uses the same threads as the base matmuls. */
+#include <stdint.h>
+#include <immintrin.h>
+
+#ifndef __AVX512F__
+#error "adapterserve fused LoRA kernel needs AVX-512F (falls back to the torch path)"
+#endif
+
+#define MAX_R 64
+
+/* nt = 1 or 2 tokens at once (a compile-time constant after inlining): two tokens share every A/B load. */
+static inline __attribute__((always_inline)) void
+lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1,
+            int64_t din, int64_t dout, const float *As, const float *Bs, int64_t r8)
+{
+    float xa[2][MAX_R];
+    for (int64_t jc = 0; jc < r8; jc += 8) {
+        __m512 acc0[8], acc1[8];
+        for (int j = 0; j < 8; j++) { acc0[j] = _mm512_setzero_ps(); acc1[j] = _mm512_setzero_ps(); }
+        for (int64_t k = 0; k < din; k += 16) {
+            __m512 xv0 = _mm512_loadu_ps(x0 + k);
+            __m512 xv1 = nt == 2 ? _mm512_loadu_ps(x1 + k) : xv0;
+            for (int j = 0; j < 8; j++) {
+                __m512 a = _mm512_loadu_ps(As + (jc + j) * din + k);
+                acc0[j] = _mm512_fmadd_ps(xv0, a, acc0[j]);
+                if (nt == 2) acc1[j] = _mm512_fmadd_ps(xv1, a, acc1[j]);
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            xa[0][jc + j] = _mm512_reduce_add_ps(acc0[j]);
+            if (nt == 2) xa[1][jc + j] = _mm512_reduce_add_ps(acc1[j]);
+        }
+    }
+    for (int64_t n = 0; n < dout; n += 16) {
+        __m512 yv0 = _mm512_loadu_ps(y0 + n);
+        __m512 yv1 = nt == 2 ? _mm512_loadu_ps(y1 + n) : yv0;
+        for (int64_t j = 0; j < r8; j++) {
+            __m512 b = _mm512_loadu_ps(Bs + j * dout + n);
+            yv0 = _mm512_fmadd_ps(_mm512_set1_ps(xa[0][j]), b, yv0);
+            if (nt == 2) yv1 = _mm512_fmadd_ps(_mm512_set1_ps(xa[1][j]), b, yv1);
+        }
+        _mm512_storeu_ps(y0 + n, yv0);
+        if (nt == 2) _mm512_storeu_ps(y1 + n, yv1);
+    }
+}
+
+int lora_kernel_abi(void) { return 1; }
+
+/* x: rows x T tokens of din floats (strides in floats; the feature dim is contiguous), y likewise
+   with dout. A: [slots, r_max, din], B: [slots, r_max, dout], contiguous, scaling folded into B,
+   zero past each adapter's rank. din, dout multiples of 16; r8 = rank rounded up to 8, <= r_max.
+   len may be NULL: every one of the T positions counts. */
+void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y_row, int64_t y_tok,
+               int64_t rows, int64_t T, int64_t din, int64_t dout,
+               const float *A, const float *B, int64_t r_max, int64_t r8,
+               const int64_t *slot, const int64_t *len, int nthreads)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t b = 0; b < rows; b++) {
+        int64_t s = slot[b];
+        if (s == 0) continue;
+        const float *As = A + s * r_max * din;
+        const float *Bs = B + s * r_max * dout;
+        int64_t n_tok = (len && len[b] < T) ? len[b] : T, t = 0;
+        const float *xb = x + b * x_row;
+        float *yb = y + b * y_row;
+        for (; t + 1 < n_tok; t += 2)
+            lora_tokens(2, xb + t * x_tok, xb + (t + 1) * x_tok, yb + t * y_tok, yb + (t + 1) * y_tok,
+                        din, dout, As, Bs, r8);
+        if (t < n_tok)
+            lora_tokens(1, xb + t * x_tok, xb + t * x_tok, yb + t * y_tok, yb + t * y_tok, din, dout, As, Bs, r8);
+    }
+}
