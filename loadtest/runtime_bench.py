@@ -9,6 +9,7 @@ Variants, each on the same batches (same rows, same padding):
   (c) slots-32  32 distinct adapters mixed in every batch
   (d) peft-32   PEFT's own mixed batch (PeftModel(..., adapter_names=[...])) with the same 32 adapters
   (e) merged    one adapter merged into the base weights
+and (b)/(c) again with lora_kernel=torch (gather + bmm) beside the default fused CPU kernel.
 Adapters: random LoRA weights, r=8, alpha=16, on every attention/feed-forward linear and the pooler
 (the shape of the bundled adapters), 2 labels. Throughput counts collate + forward + heads (+ softmax
 for ours); tokenization is done once up front for all variants.
@@ -82,10 +83,16 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="adapterserve-bench-")
     paths = make_adapters(base_dir, tmp, args.adapters)
 
-    rt = Runtime(RuntimeConfig(slots=max(64, args.adapters + 1), r_max=16, max_batch_size=args.batch_size))
-    for i, path in enumerate(paths):
-        rt.add_adapter(f"task{i}", path)
-    entries = [rt.registry.get(f"task{i}") for i in range(args.adapters)]
+    def runtime(kernel):
+        r = Runtime(RuntimeConfig(slots=max(64, args.adapters + 1), r_max=16, max_batch_size=args.batch_size,
+                                  lora_kernel=kernel))
+        for i, path in enumerate(paths):
+            r.add_adapter(f"task{i}", path)
+        return r, [r.registry.get(f"task{i}") for i in range(args.adapters)]
+
+    rt, entries = runtime("auto")
+    rt_torch, entries_torch = runtime("torch")
+    kernel = rt.engine.kernel_name
     encoded = rt.encoder.encode(texts)
     bs = args.batch_size
     # Keep the data order (real length mix); each batch pads to its own longest row in every variant.
@@ -102,9 +109,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             bare(**rt.encoder.collate([encoded[i] for i in idx], rt.base.device))
 
-    def run_slots(assign):
+    def run_slots(assign, on=rt):
         def fn(idx):
-            rt.infer([Row(assign(j), encoded[i]) for j, i in enumerate(idx)])
+            on.infer([Row(assign(j), encoded[i]) for j, i in enumerate(idx)])
         return fn
 
     def run_peft(idx):
@@ -119,6 +126,8 @@ def main(argv=None) -> int:
         "bare": run_bare,
         "slots-1": run_slots(lambda j: entries[0]),
         f"slots-{args.adapters}": run_slots(lambda j: entries[j % args.adapters]),
+        "slots-1 torch-path": run_slots(lambda j: entries_torch[0], rt_torch),
+        f"slots-{args.adapters} torch-path": run_slots(lambda j: entries_torch[j % args.adapters], rt_torch),
         f"peft-{args.adapters}": run_peft,
         "merged": run_merged,
     }
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
     result = {name: len(texts) / statistics.median(t) for name, t in times.items()}
     ceiling = result["bare"]
     print(f"\nPackaged MiniLM-L6, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{len(texts)} SST-2 dev sentences, batch {bs}, median of {args.rounds} rounds\n")
+          f"{len(texts)} SST-2 dev sentences, batch {bs}, median of {args.rounds} rounds, LoRA kernel: {kernel}\n")
     print("| variant | texts/s | × bare |")
     print("|---|---:|---:|")
     for name, tps in result.items():
@@ -149,7 +158,8 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
-            json.dump({"texts_per_second": result, "rounds": times, "batch_size": bs, "texts": len(texts)}, fh, indent=2)
+            json.dump({"texts_per_second": result, "rounds": times, "batch_size": bs, "texts": len(texts),
+                       "lora_kernel": kernel}, fh, indent=2)
     return 0
 
 
