@@ -52,21 +52,23 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 1; }
+int lora_kernel_abi(void) { return 2; }
 
 /* x: rows x T tokens of din floats (strides in floats; the feature dim is contiguous), y likewise
    with dout. A: [slots, r_max, din], B: [slots, r_max, dout], contiguous, scaling folded into B,
-   zero past each adapter's rank. din, dout multiples of 16; r8 = rank rounded up to 8, <= r_max.
-   len may be NULL: every one of the T positions counts. */
+   zero past each adapter's rank. din, dout multiples of 16. slot_r8[s]: slot s's rank in this layer
+   rounded up to 8 (<= r_max <= MAX_R), 0 when its adapter does not touch the layer: every row pays
+   only for its own adapter's rank. len may be NULL: every one of the T positions counts. */
 void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y_row, int64_t y_tok,
                int64_t rows, int64_t T, int64_t din, int64_t dout,
-               const float *A, const float *B, int64_t r_max, int64_t r8,
+               const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
                const int64_t *slot, const int64_t *len, int nthreads)
 {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < rows; b++) {
         int64_t s = slot[b];
-        if (s == 0) continue;
+        int64_t r8 = s == 0 ? 0 : slot_r8[s];
+        if (r8 == 0) continue;
         const float *As = A + s * r_max * din;
         const float *Bs = B + s * r_max * dout;
         int64_t n_tok = (len && len[b] < T) ? len[b] : T, t = 0;

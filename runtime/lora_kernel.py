@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_kernel.c")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI = 1
-MAX_RANK = 64  # per-token xa buffer in the kernel
+ABI = 2
+MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
 
@@ -58,19 +58,20 @@ class FusedLoRA:
     def applies(d_in: int, d_out: int, r_max: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether a slot layer of this shape can use the kernel at all (rank is checked per batch)."""
         return (device.type == "cpu" and dtype == torch.float32 and d_in % ALIGN == 0 and d_out % ALIGN == 0
-                and r_max % 8 == 0)
+                and r_max % 8 == 0 and r_max <= MAX_RANK)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r8: int,
-                 slot_per_row: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 slot_r8: torch.Tensor, slot_per_row: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
         """x [rows, T, din] or [rows, din], y likewise with dout (feature dim contiguous);
-        a [slots, r_max, din], b [slots, r_max, dout] contiguous; slot_per_row, lengths int64 [rows]
+        a [slots, r_max, din], b [slots, r_max, dout] contiguous; slot_r8 int64 [slots]: each slot's
+        rank in this layer rounded up to 8, 0 = untouched; slot_per_row, lengths int64 [rows]
         (lengths None: all T positions)."""
         if x.dim() == 2:
             rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
         else:
             rows, t, x_tok, y_tok = x.shape[0], x.shape[1], x.stride(1), y.stride(1)
         self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t,
-                 a.shape[2], b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], r8,
+                 a.shape[2], b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(),
                  slot_per_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
                  torch.get_num_threads())
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from runtime.batch import SlotContext
-from runtime.lora_kernel import MAX_RANK, FusedLoRA
+from runtime.lora_kernel import FusedLoRA
 
 
 class SlotLoRALinear(nn.Module):
@@ -32,22 +32,39 @@ class SlotLoRALinear(nn.Module):
         self._unmerged_weight: Optional[torch.Tensor] = None
         # Set by the engine when the fused CPU kernel serves this layer (see runtime/lora_kernel.c).
         self.kernel: Optional[FusedLoRA] = None
+        # Each slot's rank in this layer rounded up to the kernel's 8-wide blocks, 0 = not targeted:
+        # in a mixed batch every row then pays for its own adapter's rank, not the batch's largest.
+        self.slot_r8 = torch.zeros(slots, dtype=torch.long)
+        self._slot_r8_view = self.slot_r8.numpy()  # element writes without a torch op each
+        # Rows of each slot that may hold nonzero values (the last occupant's rank): a load zeroes only
+        # what its own rank does not overwrite, so evicting needs no zeroing at all.
+        self._filled = [0] * slots
+        # Per-slot views made once: slicing a view is half the cost of indexing the buffer each load.
+        self._a_slots = list(self.lora_a.unbind(0))
+        self._b_slots = list(self.lora_b.unbind(0))
 
-    # -- slot writes (the slot table is the only caller) --------------------------------------
-    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
+    def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
         """a: [d_in, r], b: [r, d_out] (scaled)."""
         r = a.shape[1]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_a[slot, :r].copy_(a.t())
-        self.lora_b[slot, :r].copy_(b)
+        a_slot, b_slot = self._a_slots[slot], self._b_slots[slot]
+        dst += [a_slot[:r], b_slot[:r]]
+        src += [a.t(), b]
+        filled = self._filled[slot]
+        if filled > r:
+            zero += [a_slot[r:filled], b_slot[r:filled]]
+        self._filled[slot] = r
+        self._slot_r8_view[slot] = min(-(-r // 8) * 8, self.lora_a.shape[1])
         self.active_slots.add(slot)
 
-    def clear_slot(self, slot: int) -> None:
-        if slot in self.active_slots:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-            self.active_slots.discard(slot)
+    def queue_clear(self, slot: int, zero: list) -> None:
+        """The slot's adapter does not target this layer."""
+        filled = self._filled[slot]
+        if filled:
+            zero += [self._a_slots[slot][:filled], self._b_slots[slot][:filled]]
+            self._filled[slot] = 0
+        self._slot_r8_view[slot] = 0
+        self.active_slots.discard(slot)
 
     # -- merged mode ---------------------------------------------------------------------------
     def merge_slot(self, slot: int) -> None:
@@ -84,10 +101,9 @@ class SlotLoRALinear(nn.Module):
             return y
         r = batch.rank
         kernel = self.kernel
-        if kernel is not None and r <= MAX_RANK and x.stride(-1) == 1 and y.stride(-1) == 1:
-            # Each row reads its own slot in place, real tokens only; rank rounded up to whole
-            # 8-wide blocks (slots are zero past their rank, and r_max is a multiple of 8).
-            kernel(x, y, self.lora_a, self.lora_b, -(-r // 8) * 8, batch.slot_per_row, batch.lengths)
+        if kernel is not None and x.stride(-1) == 1 and y.stride(-1) == 1:
+            # Each row reads its own slot in place, real tokens only, at its own rank.
+            kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths)
             return y
         # In-place accumulate into y (addmm_/baddbmm_): saves a full read+write of the output per layer.
         if batch.single_slot is not None:

@@ -123,6 +123,28 @@ def test_more_tasks_than_slots_are_served_by_eviction(tiny_bases, tmp_path):
     assert rt.slot_table.evictions > 0
 
 
+def test_slots_reused_by_adapters_of_other_ranks_and_targets(family_setup):
+    """Two slots, every batch mixing two tasks that evict the previous two: whatever an earlier
+    occupant left in a slot (rows past the new rank, layers the new adapter does not target) must not
+    leak into the next one, on the fused kernel and the torch path alike (the torch path gathers a
+    slot in every layer any row of the batch needs)."""
+    family, base, adapters, rt = family_setup
+    two_slots = Runtime(RuntimeConfig(base_model=base, slots=3, r_max=16, lora_kernel=rt.config.lora_kernel))
+    for task, path in adapters.items():
+        two_slots.add_adapter(task, path)
+    pairs = [("task3", "task1"), ("task4", "task7"), ("task2", "task5"), ("task6", "task0"), ("task1", "task4"),
+             ("task7", "task3"), ("task5", "task6"), ("task0", "task2")]
+    for pair in pairs:
+        items = [(pair[i % 2], t) for i, t in enumerate(SAMPLE_TEXTS[:4])]
+        got = [p.logits for p in two_slots.classify(items)]
+        for task in pair:
+            idx = [i for i, (t, _) in enumerate(items) if t == task]
+            want = reference_logits(base, two_slots.load_spec(adapters[task]), [items[i][1] for i in idx])
+            err = (torch.tensor([got[i] for i in idx]) - want).abs().max().item()
+            assert err <= TOL, f"{family}: {task} (batch {pair}) read what an earlier occupant left: {err}"
+    assert two_slots.slot_table.evictions >= 2 * (len(pairs) - 1)
+
+
 def test_text_pairs_match_peft(tiny_bases, tmp_path):
     base = tiny_bases["bert"]
     path = make_peft_adapter(base, str(tmp_path / "nli"), num_labels=3, r=4, seed=7)
