@@ -41,6 +41,10 @@ class RuntimeConfig:
     # Padded tokens (rows x longest row) one forward may hold.
     max_batch_tokens: int = 16384
     max_batch_size: int = 64
+    # What one more forward costs, in padded tokens: the batch planner splits a pool of rows into
+    # length bands when that saves more padding than this (runtime/planning.py). None = by device
+    # (CPU 32, measured; CUDA 4096, which keeps pools together).
+    forward_overhead_tokens: Optional[int] = None
     # None = the smaller of the tokenizer's model_max_length and the position table.
     max_length: Optional[int] = None
     # Host-memory tier bound for adapter tensors + files; past it, LRU adapters go to the disk tier
@@ -73,6 +77,8 @@ class RuntimeConfig:
             raise ConfigError(f"r_max must be in 1..512; got {self.r_max}")
         if not 1 <= self.max_batch_size <= 4096:
             raise ConfigError(f"max_batch_size must be in 1..4096; got {self.max_batch_size}")
+        if self.forward_overhead_tokens is not None and self.forward_overhead_tokens < 0:
+            raise ConfigError(f"forward_overhead_tokens must be >= 0; got {self.forward_overhead_tokens}")
         if self.max_batch_tokens < 8:
             raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
         if self.lora_kernel not in LORA_KERNELS:

@@ -4,9 +4,10 @@
     rt.add_adapter("sst2", "adapters/examples/sst2")
     rt.classify([("sst2", "a charming film"), ("ag_news", "Stocks fell today")])
 
-Request path inside: tokenize -> sort rows by length -> cut into batches by token budget, row count
-and free slots -> make each batch's adapters resident (pinned) -> one backbone forward -> each task's
-head on its rows -> softmax, labels sorted by score.
+Request path inside: tokenize -> sort rows by length -> cut into length bands that save padding,
+within the token budget, row count and free slots (runtime/planning.py) -> make each batch's adapters
+resident (pinned) -> one backbone forward -> each task's head on its rows -> softmax, labels sorted
+by score.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from runtime.config import RuntimeConfig
 from runtime.engine import TorchEngine
 from runtime.errors import InvalidInputError, NotSupportedError
 from runtime.host_tier import HostTier
+from runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, plan_groups
 from runtime.slots import SlotTable
 from runtime.tokenization import Encoded, TextEncoder
 
@@ -105,6 +107,9 @@ class Runtime:
         if onnx:
             self.engine = self._onnx_engine(self.engine)
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
+        self.forward_overhead_tokens = self.config.forward_overhead_tokens
+        if self.forward_overhead_tokens is None:
+            self.forward_overhead_tokens = GPU_OVERHEAD_TOKENS if self.base.device.type == "cuda" else CPU_OVERHEAD_TOKENS
         self._entries_by_key: dict[int, AdapterEntry] = {}
         self.slot_table = SlotTable(
             self.config.slots,
@@ -287,26 +292,12 @@ class Runtime:
         return [Row(e, enc) for e, enc in zip(entries, encoded)]
 
     def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:
-        """Sort by length (less padding) and cut by row count, padded tokens and distinct adapters."""
-        batches: list[list[Row]] = []
-        current: list[Row] = []
-        adapters: set[int] = set()
-        max_adapters = self.slot_table.capacity
-        for row in sorted(rows, key=lambda r: r.encoded.length):
-            new_adapter = row.entry.key not in adapters
-            width = row.encoded.length  # sorted ascending: this row is the longest so far
-            if current and (
-                len(current) >= self.config.max_batch_size
-                or (len(current) + 1) * width > self.config.max_batch_tokens
-                or (new_adapter and len(adapters) >= max_adapters)
-            ):
-                batches.append(current)
-                current, adapters = [], set()
-            current.append(row)
-            adapters.add(row.entry.key)
-        if current:
-            batches.append(current)
-        return batches
+        """Cut rows into forwards: length bands that save padding (runtime/planning.py), each within the
+        row, padded-token and distinct-adapter caps."""
+        groups = plan_groups([r.encoded.length for r in rows], [r.entry.key for r in rows],
+                             self.config.max_batch_size, self.config.max_batch_tokens, self.slot_table.capacity,
+                             self.forward_overhead_tokens)
+        return [[rows[i] for i in g] for g in groups]
 
     def infer(self, rows: Sequence[Row]) -> None:
         """Fill row.prediction for every row; rows may mix any registered tasks."""
