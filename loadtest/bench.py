@@ -134,9 +134,12 @@ def main(args) -> int:
         ours.stop()
 
     if not quick:
-        # The same matrix points on our other CPU configurations: two model workers (1 thread each) and
-        # the shared-base ONNX int8 engine (exported once into the cache on first use).
-        for name, flags in (("2 workers", ["--model-workers", "2"]), ("onnx int8", ["--engine", "onnx", "--precision", "int8"])):
+        # The same matrix points on our other CPU configurations: two model workers (1 thread each), the
+        # shared-base ONNX int8 engine (exported once into the cache on first use), and both together.
+        configs = (("2 workers", ["--model-workers", "2"]),
+                   ("onnx int8", ["--engine", "onnx", "--precision", "int8"]),
+                   ("onnx int8 2 workers", ["--engine", "onnx", "--precision", "int8", "--model-workers", "2"]))
+        for name, flags in configs:
             print(f"adapterserve ({name}, 64 slots)", flush=True)
             server = ServerProcess("--data-dir", "", "--no-examples", "--slots", "64", "--max-queue", "8192", *flags,
                                    ready_timeout=900)
@@ -146,7 +149,7 @@ def main(args) -> int:
                     label = f"ours {name} N={n} {mix}@{n}"
                     results[label] = _load(server.address, label, [f"t{i}" for i in range(n)], mix, args, duration,
                                            out_dir=runs_dir)
-                if name == "2 workers":
+                if name != "onnx int8":
                     sat = results[f"ours {name} N=128 zipf:1.0@128"]["throughput_texts_per_s"] / args.texts_per_request
                     label = f"ours {name} N=128 zipf:1.0 open loop at half saturation"
                     results[label] = _load(server.address, label, [f"t{i}" for i in range(128)], "zipf:1.0", args,
@@ -236,17 +239,19 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
               f"- open loop at half saturation: p99 / p50 = {open_loop['p99'] / open_loop['p50']:.2f} (target ≤ 3; "
               f"an ideal single server with a fixed service time and no batching gain, M/D/1 at ρ = 0.5, "
               f"has {mdc_tail_ratio(0.5):.2f})"]
-    for engine in ("2 workers", "onnx int8"):
+    for engine in ("2 workers", "onnx int8", "onnx int8 2 workers"):
         key = f"ours {engine} N=128 zipf:1.0@128"
         if key in results:
             e1 = results[f"ours {engine} N=1 uniform@1"]["throughput_texts_per_s"]
             ez = results[key]["throughput_texts_per_s"]
             lines.append(f"- {engine}: 128 Zipf = {ez / e1:.2f} × its own N=1, {ez / peft:.2f} × naive PEFT, "
                          f"{ez / z128:.2f} × the default server")
-    key = "ours 2 workers N=128 zipf:1.0 open loop at half saturation"
-    if key in results:
-        lat = results[key]["latency_ms"]
-        lines.append(f"- 2 workers, open loop at half saturation: p99 / p50 = {lat['p99'] / lat['p50']:.2f}")
+    for engine in ("2 workers", "onnx int8 2 workers"):
+        key = f"ours {engine} N=128 zipf:1.0 open loop at half saturation"
+        if key in results:
+            lat = results[key]["latency_ms"]
+            lines.append(f"- {engine}, open loop at half saturation: p99 / p50 = {lat['p99'] / lat['p50']:.2f} "
+                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f})")
     if 1024 in ns:
         z1024 = results["ours N=1024 zipf:1.0@1024"]
         lines.append(f"- 1,024 adapters on 64 slots: {z1024['throughput_texts_per_s'] / one:.2f} × one adapter "

@@ -5,6 +5,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from runtime.config import RuntimeConfig
@@ -14,8 +15,9 @@ from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 TOL = 1e-5
 
 
-def _setup(base, tmp_path, slots):
-    rt = Runtime(RuntimeConfig(base_model=base, slots=slots, r_max=8, max_batch_size=4))
+def _setup(base, tmp_path, slots, engine="torch"):
+    extra = dict(engine="onnx", onnx_dir=str(tmp_path / "onnx")) if engine == "onnx" else {}
+    rt = Runtime(RuntimeConfig(base_model=base, slots=slots, r_max=8, max_batch_size=4, **extra))
     tasks = []
     for i in range(6):
         path = make_peft_adapter(base, str(tmp_path / f"t{i}"), num_labels=2 + i % 3, r=2 + 2 * (i % 3),
@@ -30,9 +32,12 @@ def _requests(tasks, n, seed):
     return [[(rng.choice(tasks), rng.choice(SAMPLE_TEXTS)) for _ in range(rng.randint(1, 6))] for _ in range(n)]
 
 
-def test_concurrent_forwards_with_slot_churn_equal_sequential(tiny_bases, tmp_path):
+# The ONNX engine too: `--engine onnx --model-workers 2` runs two session.run calls at once, each
+# fed from the slot buffers that the other worker's batches keep reloading.
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_concurrent_forwards_with_slot_churn_equal_sequential(tiny_bases, tmp_path, engine):
     # 4 usable slots for 6 tasks: batches on the two threads keep loading and evicting slots.
-    rt, tasks = _setup(tiny_bases["bert"], tmp_path, slots=5)
+    rt, tasks = _setup(tiny_bases["bert"], tmp_path, slots=5, engine=engine)
     requests = _requests(tasks, 60, seed=1)
     expected = [[p.logits for p in rt.classify(r)] for r in requests]
     loads_before = rt.slot_table.loads
