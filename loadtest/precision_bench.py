@@ -1,11 +1,12 @@
 """Precision and engine benchmark (quantized/ONNX issue), packaged MiniLM on this machine's CPU.
 
-    python -m loadtest.precision_bench [--ag-news-limit 7600]
+    python -m loadtest.precision_bench [--ag-news-limit 7600] [--throughput-only] [--workers 2]
 
 1. Base memory per precision: parameter bytes, process RSS growth, and for ONNX the file size.
 2. Accuracy of the bundled adapters (SST-2 dev, AG News test) per precision/engine.
 3. Throughput on SST-2 dev texts, batches of 32: 32 synthetic tasks mixed through torch fp32 eager,
-   the shared-base ONNX engine (fp32 and int8), and a per-task merged int8 ONNX model serving one task.
+   the shared-base ONNX engine (fp32 and int8), and a per-task merged int8 ONNX model serving one task;
+   every engine runs the forwards the runtime's batch planner cuts, with 1 or N concurrent workers.
 """
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
+
+from runtime.planning import plan_groups
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +56,38 @@ def load_eval_sets(ag_limit: int):
     return ([e.text for e in sst], [int(e.label) for e in sst]), ([e.text for e in ag], [int(e.label) - 1 for e in ag])
 
 
+def _timed_workers(workers: int, batches: list, run) -> float:
+    """Seconds to run every batch, split round-robin over `workers` threads (each with its own share
+    of the cores, as the server's model workers have)."""
+    if workers == 1:
+        t = time.perf_counter()
+        for b in batches:
+            run(b)
+        return time.perf_counter() - t
+    per_worker = max(1, (os.cpu_count() or 1) // workers)
+
+    def part(k):
+        torch.set_num_threads(per_worker)
+        for b in batches[k::workers]:
+            run(b)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda k: torch.set_num_threads(per_worker), range(workers)))  # start the threads
+        t = time.perf_counter()
+        list(pool.map(part, range(workers)))
+        return time.perf_counter() - t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ag-news-limit", type=int, default=7600)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--throughput-only", action="store_true", help="skip the memory/accuracy table")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run every engine as N concurrent workers with cores/N threads each (like --model-workers)")
     args = p.parse_args(argv)
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
 
     from loadtest.synthetic import synthetic_adapter
     from runtime.config import RuntimeConfig, packaged_base_model_dir
@@ -73,7 +104,7 @@ def main(argv=None) -> int:
                ("onnx int8 shared base", dict(engine="onnx", precision="int8"))]
     print("| base | weights (bytes) | RSS growth (bytes) | ONNX file (bytes) | SST-2 dev acc | AG News test acc | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, kw in configs:
+    for name, kw in ([] if args.throughput_only else configs):
         gc.collect()
         before = rss()
         t = time.perf_counter()
@@ -102,13 +133,16 @@ def main(argv=None) -> int:
         else:
             del rt
     print("\nfp16: needs CUDA (refused on CPU with a clear message); no GPU in this session.\n")
+    if args.throughput_only or threads:
+        fp32_rt = Runtime(RuntimeConfig(slots=40, r_max=16, torch_threads=threads))
+        int8_rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8", torch_threads=threads))
 
     # Throughput: 32 synthetic tasks mixed, SST-2 dev texts, batches of 32.
     base = packaged_base_model_dir()
     files = [synthetic_adapter(base, seed=i) for i in range(32)]
     thr = {}
     engines = {"torch fp32 eager, 32 tasks mixed": fp32_rt, "onnx int8 shared base, 32 tasks mixed": int8_rt}
-    onnx32 = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="fp32"))
+    onnx32 = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="fp32", torch_threads=threads))
     engines["onnx fp32 shared base, 32 tasks mixed"] = onnx32
     batches = [list(range(i, min(i + 32, len(sst_x)))) for i in range(0, len(sst_x), 32)]
     for name, rt in engines.items():
@@ -119,10 +153,8 @@ def main(argv=None) -> int:
         rt.infer([Row(entries[j % 32], enc[i]) for j, i in enumerate(batches[0])])
         times = []
         for _ in range(args.rounds):
-            t = time.perf_counter()
-            for b in batches:
-                rt.infer([Row(entries[j % 32], enc[i]) for j, i in enumerate(b)])
-            times.append(time.perf_counter() - t)
+            times.append(_timed_workers(args.workers, batches, lambda b, rt=rt, entries=entries, enc=enc: rt.infer(
+                [Row(entries[j % 32], enc[i]) for j, i in enumerate(b)])))
         thr[name] = len(sst_x) / statistics.median(times)
 
     # Per-task merged int8 ONNX (one task, no adapter cost), same texts and batches.
@@ -132,21 +164,28 @@ def main(argv=None) -> int:
 
     task_dir = os.path.join(cache, "sst2-int8")
     export_task(os.path.join(examples, "sst2"), task_dir, quantize="int8")
-    session = ort.InferenceSession(os.path.join(task_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(os.path.join(task_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
     tok = fp32_rt.base.tokenizer
     wanted = {i.name for i in session.get_inputs()}
-    times = []
-    for _ in range(args.rounds + 1):
-        t = time.perf_counter()
-        for b in batches:
-            chunk = sorted((sst_x[i] for i in b), key=len)
-            enc = tok(chunk, padding=True, truncation=True, return_tensors="np")
+
+    def per_task(b):
+        # The same forwards our runtime makes: its batch planner's length bands (runtime/planning.py).
+        chunk = [sst_x[i] for i in b]
+        lengths = [len(ids) for ids in tok(chunk, truncation=True)["input_ids"]]
+        for g in plan_groups(lengths, [0] * len(chunk), 64, 16384, 1, fp32_rt.forward_overhead_tokens):
+            enc = tok([chunk[k] for k in g], padding=True, truncation=True, return_tensors="np")
             session.run(None, {k: v.astype(np.int64) for k, v in enc.items() if k in wanted})
-        times.append(time.perf_counter() - t)
+
+    times = [_timed_workers(args.workers, batches, per_task) for _ in range(args.rounds + 1)]
     thr["per-task merged int8 ONNX, 1 task"] = len(sst_x) / statistics.median(times[1:])
     rows["per-task int8 onnx file bytes"] = os.path.getsize(os.path.join(task_dir, "model.onnx"))
     ref = thr["torch fp32 eager, 32 tasks mixed"]
     merged = thr["per-task merged int8 ONNX, 1 task"]
+    print(f"{args.workers} worker(s) per engine, {threads or torch.get_num_threads()} thread(s) each; every engine "
+          f"cuts each batch of 32 with the runtime's batch planner\n")
     print("| engine | texts/s | × torch fp32 mixed | × per-task int8 ONNX |")
     print("|---|---:|---:|---:|")
     for name, v in thr.items():
