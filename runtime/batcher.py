@@ -40,7 +40,7 @@ class BatcherMetrics:
         self.queue_seconds = Histogram(f"{PREFIX}_queue_duration_seconds", "Time a request waited for its batch",
                                        buckets=LATENCY_BUCKETS, registry=registry)
         self.inference_seconds = Histogram(f"{PREFIX}_inference_duration_seconds",
-                                           "Model time of the batch that served a request", buckets=LATENCY_BUCKETS,
+                                           "Model time from its pool's first forward until the request's last row was done", buckets=LATENCY_BUCKETS,
                                            registry=registry)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Texts per model batch", buckets=SIZE_BUCKETS, registry=registry)
         self.batch_tokens = Histogram(f"{PREFIX}_batch_tokens", "Real (unpadded) tokens per model batch",
@@ -50,13 +50,19 @@ class BatcherMetrics:
         depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for the model", registry=registry)
         depth.set_function(lambda: batcher.pending_texts)
 
-    def observe_batch(self, works: list, rows: list, inference_ns: int) -> None:
+    def observe_batch(self, works: list, rows: list) -> None:
         self.batch_size.observe(len(rows))
         self.batch_tokens.observe(sum(r.encoded.length for r in rows))
         self.batch_adapters.observe(len({r.entry.key for r in rows}))
         for w in works:
             self.queue_seconds.observe(w.queue_ns / 1e9)
-            self.inference_seconds.observe(inference_ns / 1e9)
+            self.inference_seconds.observe(w.inference_ns / 1e9)
+
+
+def _resolve(works: list) -> None:
+    for w in works:
+        if not w.future.done():
+            w.future.set_result(w)
 
 
 class Batcher:
@@ -158,8 +164,25 @@ class Batcher:
                 continue
             rows = [r for w in live for r in w.rows]
             start = time.perf_counter_ns()
+            # The runtime cuts the pool into several forwards (length bands); answer each request as
+            # soon as the forwards holding its rows are done instead of after the whole pool.
+            work_of = {id(r): w for w in live for r in w.rows}
+            rows_left = {id(w): len(w.rows) for w in live}
+
+            def forward_done(batch_rows, start=start, work_of=work_of, rows_left=rows_left):
+                # Runs on the model thread: count down here, resolve futures on the event loop.
+                finished = []
+                for r in batch_rows:
+                    w = work_of[id(r)]
+                    rows_left[id(w)] -= 1
+                    if rows_left[id(w)] == 0:
+                        w.inference_ns = time.perf_counter_ns() - start
+                        finished.append(w)
+                if finished:
+                    loop.call_soon_threadsafe(_resolve, finished)
+
             try:
-                await loop.run_in_executor(self.executor, self.runtime.infer, rows)
+                await loop.run_in_executor(self.executor, self.runtime.infer, rows, forward_done)
             except Exception as e:  # noqa: BLE001 - every waiter must hear about it
                 log.exception("inference failed for a batch of %d texts", len(rows))
                 for w in live:
@@ -167,9 +190,8 @@ class Batcher:
                         w.future.set_exception(e)
                 continue
             elapsed = time.perf_counter_ns() - start
-            if self.metrics is not None:
-                self.metrics.observe_batch(live, rows, elapsed)
             for w in live:
-                w.inference_ns = elapsed
-                if not w.future.done():
-                    w.future.set_result(w)
+                w.inference_ns = w.inference_ns or elapsed
+            _resolve(live)  # normally all answered already, by forward_done
+            if self.metrics is not None:
+                self.metrics.observe_batch(live, rows)

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -299,10 +299,14 @@ class Runtime:
                              self.forward_overhead_tokens)
         return [[rows[i] for i in g] for g in groups]
 
-    def infer(self, rows: Sequence[Row]) -> None:
-        """Fill row.prediction for every row; rows may mix any registered tasks."""
+    def infer(self, rows: Sequence[Row], on_forward_done: Optional[Callable[[list[Row]], None]] = None) -> None:
+        """Fill row.prediction for every row; rows may mix any registered tasks. on_forward_done, if
+        given, hears each forward's rows as soon as their predictions are set (the server answers a
+        request once all its rows are done, not when the whole pool is)."""
         for batch in self.plan_batches(rows):
             self._run_batch(batch)
+            if on_forward_done is not None:
+                on_forward_done(batch)
 
     def _run_batch(self, batch: list[Row]) -> None:
         entries = list({r.entry.key: r.entry for r in batch}.values())

@@ -16,10 +16,26 @@ class RecordingModel:
         self.batches: list[tuple[str, int]] = []
         self.lock = threading.Lock()
 
-    def infer(self, rows) -> None:
+    def infer(self, rows, on_forward_done=None) -> None:
         with self.lock:
             self.batches.append((threading.current_thread().name, len(rows)))
         time.sleep(self.per_row * len(rows))
+        if on_forward_done is not None:
+            on_forward_done(rows)
+
+
+class BandedModel:
+    """Runs a pool as forwards of `band` rows each, `per_forward` seconds apart, like the runtime's
+    length bands."""
+
+    def __init__(self, band: int, per_forward: float) -> None:
+        self.band, self.per_forward = band, per_forward
+
+    def infer(self, rows, on_forward_done=None) -> None:
+        for i in range(0, len(rows), self.band):
+            time.sleep(self.per_forward)
+            if on_forward_done is not None:
+                on_forward_done(rows[i:i + self.band])
 
 
 def _rows(n):
@@ -51,3 +67,25 @@ def test_idle_workers_split_a_burst():
     sizes = [n for _, n in model.batches]
     assert sorted(sizes) == [8, 8], f"the burst was not split between the idle workers: {sizes}"
     assert len({name for name, _ in model.batches}) == 2
+
+
+def test_requests_are_answered_when_their_forwards_are_done_not_the_whole_pool():
+    async def run():
+        pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        batcher = Batcher(BandedModel(band=2, per_forward=0.05), pool, max_batch_tokens=100_000, max_batch_size=64,
+                          max_wait_ms=0, max_queue=10_000)
+        batcher.start()
+        await asyncio.sleep(0.01)
+        works = [await batcher.submit(_rows(2), None) for _ in range(4)]  # one pool, four forwards
+        done_at = {}
+        for w in works:
+            w.future.add_done_callback(lambda f, w=w: done_at.setdefault(id(w), time.perf_counter()))
+        await asyncio.gather(*[w.future for w in works])
+        await batcher.close()
+        pool.shutdown()
+        return [done_at[id(w)] for w in works], [w.inference_ns for w in works]
+
+    done, inference_ns = asyncio.run(run())
+    assert done == sorted(done)
+    assert done[-1] - done[0] > 0.1, "the first request waited for the whole pool"
+    assert inference_ns[0] < inference_ns[-1] and inference_ns[-1] >= 0.2e9
