@@ -192,6 +192,6 @@ class Batcher:
             elapsed = time.perf_counter_ns() - start
             for w in live:
                 w.inference_ns = w.inference_ns or elapsed
-            _resolve(live)  # normally all answered already, by forward_done
+            _resolve(live)  # the last forward's requests (earlier ones were answered by forward_done)
             if self.metrics is not None:
                 self.metrics.observe_batch(live, rows)

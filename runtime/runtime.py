@@ -301,11 +301,13 @@ class Runtime:
 
     def infer(self, rows: Sequence[Row], on_forward_done: Optional[Callable[[list[Row]], None]] = None) -> None:
         """Fill row.prediction for every row; rows may mix any registered tasks. on_forward_done, if
-        given, hears each forward's rows as soon as their predictions are set (the server answers a
-        request once all its rows are done, not when the whole pool is)."""
-        for batch in self.plan_batches(rows):
+        given, hears each forward's rows as soon as their predictions are set, except the last
+        forward's (the caller has everything once infer returns): the server answers a request once
+        its own rows are done, not when the whole pool is, and a one-forward pool costs nothing extra."""
+        batches = self.plan_batches(rows)
+        for k, batch in enumerate(batches):
             self._run_batch(batch)
-            if on_forward_done is not None:
+            if on_forward_done is not None and k < len(batches) - 1:
                 on_forward_done(batch)
 
     def _run_batch(self, batch: list[Row]) -> None:
