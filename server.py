@@ -57,6 +57,8 @@ _FLAGS = [
     ("model-workers", "server", "model_workers", int, "forwards run at once, intra-op threads split between them"),
     ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
     ("lora-kernel", "runtime", "lora_kernel", str, "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"),
+    ("forward-overhead-tokens", "runtime", "forward_overhead_tokens", int,
+     "batch planner: one more forward costs this many padded tokens (default: CPU 32, CUDA 4096)"),
 ]
 
 
