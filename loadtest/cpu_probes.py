@@ -129,6 +129,7 @@ def lora_layer() -> None:
     kernel = lora_kernel.load()
     slots, r_max, r, b, t = 64, 16, 8, 32, 26
     lengths = torch.linspace(t // 4, t, b).long()
+    slot_r8 = torch.full((slots,), r, dtype=torch.long)  # every slot rank 8 in this layer
     for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):
         a_buf, b_buf = torch.randn(slots, r_max, d_in), torch.randn(slots, r_max, d_out)
         x, y = torch.randn(b, t, d_in), torch.randn(b, t, d_out)
@@ -158,9 +159,9 @@ def lora_layer() -> None:
 
             row[f"{distinct} adapters: gather+bmm"] = gather_bmm
             if kernel is not None:
-                row[f"{distinct} adapters: fused kernel"] = lambda idx=idx: kernel(x, y, a_buf, b_buf, r, idx, None)
+                row[f"{distinct} adapters: fused kernel"] = lambda idx=idx: kernel(x, y, a_buf, b_buf, slot_r8, idx, None)
                 row[f"{distinct} adapters: fused kernel, real lengths"] = (
-                    lambda idx=idx: kernel(x, y, a_buf, b_buf, r, idx, lengths))
+                    lambda idx=idx: kernel(x, y, a_buf, b_buf, slot_r8, idx, lengths))
             row[f"{distinct} adapters: segment loop"] = segment_loop
             if hasattr(torch, "_grouped_mm"):
                 row[f"{distinct} adapters: _grouped_mm"] = grouped
