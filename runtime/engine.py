@@ -105,8 +105,11 @@ class TorchEngine:
         with torch.inference_mode():
             if zero:
                 torch._foreach_zero_(zero)
-            if dst:
+            if self.base.device.type == "cpu":
                 torch._foreach_copy_(dst, src)
+            else:  # host tensors into device slots: plain copies (not measured on a GPU here)
+                for d, s in zip(dst, src):
+                    d.copy_(s)
         self.slot_ranks[slot] = spec.rank
 
     def clear_slot(self, slot: int) -> None:

@@ -1,7 +1,7 @@
 """Loader for the fused CPU LoRA kernel (`lora_kernel.c`), built on first use with the system C compiler.
 
 The slot layers call it instead of gather + bmm when it applies (CPU, fp32, feature dims that are
-multiples of 16, rank <= 64); otherwise, or when it cannot be built (no compiler, no AVX-512), they
+multiples of 16, r_max a multiple of 8 and <= 64); otherwise, or when it cannot be built (no compiler, no AVX-512), they
 use the torch path, which gives the same numbers (tested to 1e-5). The build takes well under a second
 and is cached per source, compiler flags and CPU under the adapterserve cache directory.
 """
@@ -48,7 +48,8 @@ class FusedLoRA:
         if lib.lora_kernel_abi() != ABI:
             raise OSError(f"{path} has a different kernel ABI")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.lora_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64,
+        # x, x strides, y, y strides, rows, T, din, dout, A, B, r_max, slot_r8, slot, len, threads
+        lib.lora_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr,
                                   ptr, ptr, ctypes.c_int]
         lib.lora_rows.restype = None
         self._fn = lib.lora_rows
@@ -56,7 +57,7 @@ class FusedLoRA:
 
     @staticmethod
     def applies(d_in: int, d_out: int, r_max: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether a slot layer of this shape can use the kernel at all (rank is checked per batch)."""
+        """Whether a slot layer of this shape can use the kernel (r_max <= 64 bounds every adapter's rank)."""
         return (device.type == "cpu" and dtype == torch.float32 and d_in % ALIGN == 0 and d_out % ALIGN == 0
                 and r_max % 8 == 0 and r_max <= MAX_RANK)
 
