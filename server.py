@@ -198,8 +198,10 @@ def _register_runtime_metrics(registry, runtime) -> None:
     from runtime import metrics
     from runtime.grpc_service import VERSION
 
+    # How adapter deltas are computed: the fused CPU kernel, torch gather + bmm, or inside the ONNX graph.
+    lora_path = getattr(runtime.engine, "kernel_name", "onnx-graph")
     metrics.register_build_info(registry, VERSION, runtime.base.model_id, runtime.base.precision,
-                                runtime.engine.name, str(runtime.base.device))
+                                runtime.engine.name, str(runtime.base.device), lora_path)
     registry.register(metrics.MemoryCollector(runtime))
     registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
     load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds", "Time to copy an adapter into a device slot",

@@ -144,10 +144,10 @@ def _rss_bytes() -> int:
 
 
 def register_build_info(registry: CollectorRegistry, version: str, base_model: str, precision: str,
-                        engine: str, device: str) -> None:
+                        engine: str, device: str, lora_path: str) -> None:
     g = Gauge(f"{PREFIX}_build_info", "Always 1; labels describe the build and the served base",
-              ["version", "base_model", "precision", "engine", "device"], registry=registry)
-    g.labels(version, base_model, precision, engine, device).set(1)
+              ["version", "base_model", "precision", "engine", "device", "lora_path"], registry=registry)
+    g.labels(version, base_model, precision, engine, device, lora_path).set(1)
 
 
 def start_http(registry: CollectorRegistry, host: str, port: int) -> Optional[int]:
