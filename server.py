@@ -220,25 +220,9 @@ def _warm_up(runtime, barrier: threading.Barrier) -> None:
         runtime.classify([(t, "warm up") for t in tasks])
 
 
-def _keep_freed_memory() -> None:
-    """glibc only: serve activation-sized allocations from the heap and never hand freed memory back
-    to the OS. Otherwise a forward's large temporaries come from fresh mmap'd pages each time, and
-    page faults (0.7k-7k per 64-text pool of MiniLM in-process) cost ~3-5% of the forward."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed threshold
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
-        pass
-
-
 def main(argv=None) -> int:
     try:
         config = parse_config(argv)
-        _keep_freed_memory()
         return asyncio.run(serve(config))
     except AdapterServeError as e:
         print(f"error: {e}", file=sys.stderr)

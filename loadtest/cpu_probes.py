@@ -5,6 +5,10 @@
     python -m loadtest.cpu_probes tokenize      # HF tokenizer call vs the encoder's direct Rust call
     python -m loadtest.cpu_probes lora-layer    # one slot layer's adapter branch, ways of computing it
     python -m loadtest.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
+    python -m loadtest.cpu_probes forward-cost  # bare forward time by rows x tokens (the planner's cost model)
+    python -m loadtest.cpu_probes onnx-rows     # per-row cost of the shared ONNX int8 graph vs torch
+    python -m loadtest.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
+    python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -223,8 +227,112 @@ def onnx_profile() -> None:
     _profile(os.path.join(task_dir, "model.onnx"), tokens, "per-task merged int8 (sst2)")
 
 
+def forward_cost() -> None:
+    """Bare MiniLM forward time over rows x tokens: the fixed cost per forward against the cost per
+    padded token, which sets runtime.planning.CPU_OVERHEAD_TOKENS."""
+    from transformers import AutoModel
+
+    from runtime.config import packaged_base_model_dir
+
+    model = AutoModel.from_pretrained(packaged_base_model_dir()).eval()
+    for rows, tokens in ((1, 8), (1, 16), (1, 32), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (32, 32),
+                         (64, 32), (32, 64), (64, 64)):
+        ids = torch.randint(1000, 2000, (rows, tokens))
+        mask = torch.ones(rows, tokens, dtype=torch.long)
+        with torch.inference_mode():
+            us = _median_us(lambda: model(input_ids=ids, attention_mask=mask), n=max(3, 2000 // (rows * tokens)), warm=2)
+        print(f"{rows:3d} rows x {tokens:3d} tokens: {us / 1000:7.2f} ms, {us / (rows * tokens):6.1f} us per token")
+
+
+def onnx_rows() -> None:
+    """One runtime per engine (torch fp32, shared ONNX int8), 1 and 8 rows of one synthetic adapter at
+    3 lengths: the shared graph's cost per row (its slot Gather) against its cost per token."""
+    from loadtest.synthetic import synthetic_adapter
+    from runtime.config import RuntimeConfig, packaged_base_model_dir
+    from runtime.runtime import Row, Runtime
+
+    for kw in (dict(), dict(engine="onnx", precision="int8")):
+        rt = Runtime(RuntimeConfig(slots=40, r_max=16, **kw))
+        rt.add_adapter("s0", synthetic_adapter(packaged_base_model_dir(), seed=0))
+        entry = rt.registry.get("s0")
+        for tokens in (4, 16, 48):
+            enc = rt.encoder.encode([" ".join(["word"] * (tokens - 2))])[0]
+            for rows in (1, 8):
+                us = _median_us(lambda: rt.infer([Row(entry, enc) for _ in range(rows)]), n=20, warm=2)
+                print(f"{rt.engine.name:5s} {rows} rows x {enc.length:2d} tokens: {us / 1000:.2f} ms")
+
+
+def _pool_run(tuned: bool) -> None:
+    import resource
+    import sys
+
+    if tuned:  # glibc: heap (not fresh mmap pages) up to 32 MB allocations, never trim
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    from loadtest.synthetic import synthetic_adapter
+    from runtime.config import RuntimeConfig, packaged_base_model_dir
+    from runtime.runtime import Row, Runtime
+
+    texts = _texts(10_000)
+    rt = Runtime(RuntimeConfig(slots=64, r_max=16))
+    for i in range(32):
+        rt.add_adapter(f"t{i}", synthetic_adapter(packaged_base_model_dir(), seed=i))
+    entries = [rt.registry.get(f"t{i}") for i in range(32)]
+    enc = rt.encoder.encode(texts)
+    pools = [list(range(i, min(i + 64, len(texts)))) for i in range(0, len(texts), 64)]
+
+    def run():
+        for b in pools:
+            rt.infer([Row(entries[j % 32], enc[i]) for j, i in enumerate(b)])
+
+    run()
+    out = []
+    for _ in range(4):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        run()
+        out.append(f"{time.perf_counter() - t:.2f} s / {(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // len(pools)} faults per pool")
+    print(("mallopt  " if tuned else "default  ") + "; ".join(out), file=sys.stdout, flush=True)
+
+
+def page_faults() -> None:
+    """Each setting in its own process (the allocator's history matters), twice, interleaved."""
+    import subprocess
+    import sys
+
+    for tuned in (False, True, False, True):
+        subprocess.run([sys.executable, "-c", f"from loadtest.cpu_probes import _pool_run; _pool_run({tuned})"],
+                       cwd=ROOT, check=True)
+
+
+def open_loop() -> None:
+    """Default server, 128 Zipf adapters: closed-loop saturation, then 3 open loops at half its rate
+    (the bench runs one; this shows how far single readings of p99/p50 spread)."""
+    import argparse as _argparse
+
+    from loadtest import bench
+    from loadtest.server_proc import ServerProcess
+
+    args = _argparse.Namespace(concurrency=32, texts_per_request=4, quick=False)
+    server = ServerProcess("--data-dir", "", "--no-examples", "--slots", "64", "--max-queue", "8192", ready_timeout=900)
+    try:
+        bench._register(server.address, 128)
+        tasks = [f"t{i}" for i in range(128)]
+        sat = bench._load(server.address, "saturation", tasks, "zipf:1.0", args, 20.0)["throughput_texts_per_s"]
+        for k in range(3):
+            lat = bench._load(server.address, f"open loop {k + 1}", tasks, "zipf:1.0", args, 20.0,
+                              rate=round(sat / args.texts_per_request / 2, 1))["latency_ms"]
+            print(f"open loop {k + 1}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p99/p50 {lat['p99'] / lat['p50']:.2f}")
+    finally:
+        server.stop()
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
-          "onnx-profile": onnx_profile}
+          "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
+          "page-faults": page_faults, "open-loop": open_loop}
 
 
 def main(argv=None) -> int:
