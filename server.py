@@ -199,7 +199,7 @@ def _register_runtime_metrics(registry, runtime) -> None:
     from runtime.grpc_service import VERSION
 
     # How adapter deltas are computed: the fused CPU kernel, torch gather + bmm, or inside the ONNX graph.
-    lora_path = getattr(runtime.engine, "kernel_name", "onnx-graph")
+    lora_path = runtime.engine.kernel_name
     metrics.register_build_info(registry, VERSION, runtime.base.model_id, runtime.base.precision,
                                 runtime.engine.name, str(runtime.base.device), lora_path)
     registry.register(metrics.MemoryCollector(runtime))

@@ -2,9 +2,11 @@
 slot index as graph inputs, base weights as initializers. One ONNX Runtime session then serves every
 task, mixed in one run; registering a task changes inputs, never the graph.
 
-Exported with torch.onnx.export (TorchScript exporter, dynamo=False): our slot layers are plain
-gather + bmm, which it traces into Gather/MatMul with dynamic batch and sequence axes; optimum's
-exporter only knows stock architectures, not graphs with extra inputs.
+Exported with torch.onnx.export (TorchScript exporter, dynamo=False) with dynamic batch and
+sequence axes; optimum's exporter only knows stock architectures, not graphs with extra inputs.
+Each slot layer becomes one `adapterserve.SlotLoRA` node (the fused kernel as an ONNX Runtime custom
+op, runtime/ort_lora_op.c; graph inputs add each layer's rank table and the rows' real lengths)
+where that op can be built, else stock Gather/MatMul/Add nodes (`lora_op` in shared_base.json).
 """
 from __future__ import annotations
 
@@ -27,17 +29,24 @@ MODEL_FILE = "model.onnx"
 OPSET = 18
 
 
+FUSED_OP = "adapterserve.SlotLoRA"
+STOCK_OPS = "gather"
+
+
 class _SharedBaseGraph(nn.Module):
-    def __init__(self, engine: TorchEngine, uses_token_types: bool) -> None:
+    def __init__(self, engine: TorchEngine, uses_token_types: bool, fused_op: bool) -> None:
         super().__init__()
         self.engine = engine
         self.backbone = engine.base.backbone
         self.names = list(engine.layers)
         self.uses_token_types = uses_token_types
+        self.fused_op = fused_op
 
-    def forward(self, input_ids, attention_mask, token_type_ids, slot_per_row, *slot_tensors):
-        tensors = {n: (slot_tensors[2 * i], slot_tensors[2 * i + 1]) for i, n in enumerate(self.names)}
-        self.engine.context.traced = TracedSlots(slot_per_row, tensors)
+    def forward(self, input_ids, attention_mask, token_type_ids, slot_per_row, row_lengths, *slot_tensors):
+        k = 3 if self.fused_op else 2
+        tensors = {n: (slot_tensors[k * i], slot_tensors[k * i + 1]) for i, n in enumerate(self.names)}
+        r8 = {n: slot_tensors[k * i + 2] for i, n in enumerate(self.names)} if self.fused_op else None
+        self.engine.context.traced = TracedSlots(slot_per_row, tensors, self.fused_op, r8, row_lengths)
         try:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if self.uses_token_types:
@@ -50,43 +59,70 @@ class _SharedBaseGraph(nn.Module):
         return out.last_hidden_state[:, 0]
 
 
-def input_names(engine: TorchEngine) -> list[str]:
-    names = ["input_ids", "attention_mask", "token_type_ids", "slot_per_row"]
+def input_names(engine: TorchEngine, fused_op: bool) -> list[str]:
+    names = ["input_ids", "attention_mask", "token_type_ids", "slot_per_row", "row_lengths"]
     for i in range(len(engine.layers)):
-        names += [f"lora_a_{i}", f"lora_b_{i}"]
+        names += [f"lora_a_{i}", f"lora_b_{i}"] + ([f"lora_r8_{i}"] if fused_op else [])
     return names
 
 
+def fused_op_applies(engine: TorchEngine) -> Optional[str]:
+    """None when every slot layer can use the ONNX Runtime LoRA op, else why not."""
+    from runtime.lora_kernel import FusedLoRA
+    from runtime.ort_lora_op import library_path, unavailable_reason
+
+    if library_path() is None:
+        return f"the op library cannot be built: {unavailable_reason()}"
+    for name, layer in engine.layers.items():
+        if not FusedLoRA.applies(layer.d_in, layer.d_out, engine.r_max, layer.lora_a.dtype, layer.lora_a.device):
+            return (f"layer {name} ({layer.d_in}->{layer.d_out}, r_max {engine.r_max}) does not fit the kernel "
+                    "(dims multiples of 16, r_max a multiple of 8 and <= 64)")
+    return None
+
+
 def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: Optional[str] = None,
-                       optimize: bool = True) -> str:
-    """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path."""
+                       optimize: bool = True, lora_op: str = "auto") -> str:
+    """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path.
+    lora_op: "auto" (the fused op where it applies), "fused" (refuse if it does not), "stock"."""
     if engine.base.precision not in ("fp32",):
         raise ValueError(f"export the shared base from an fp32 base, not {engine.base.precision}; "
                          "use --quantize int8 for an int8 graph")
+    if lora_op not in ("auto", "fused", "stock"):
+        raise ValueError(f"lora_op must be auto, fused or stock, not {lora_op!r}")
+    fused = False
+    if lora_op != "stock":
+        why_not = fused_op_applies(engine)
+        if why_not and lora_op == "fused":
+            raise ValueError(f"the ONNX Runtime LoRA op cannot be used: {why_not}")
+        if why_not:
+            log.warning("shared graph uses stock ops for LoRA: %s", why_not)
+        fused = why_not is None
     os.makedirs(out_dir, exist_ok=True)
     uses_types = "token_type_ids" in tokenizer.model_input_names
-    graph = _SharedBaseGraph(engine, uses_types).eval()
+    graph = _SharedBaseGraph(engine, uses_types, fused).eval()
     batch, seq = 2, 8
     ids = torch.ones(batch, seq, dtype=torch.long)
     mask = torch.ones(batch, seq, dtype=torch.long)
     types = torch.zeros(batch, seq, dtype=torch.long)
     slots = torch.tensor([0, 1], dtype=torch.long)
+    lengths = torch.full((batch,), seq, dtype=torch.long)
     slot_tensors = []
     for layer in engine.layers.values():
-        slot_tensors += [layer.lora_a, layer.lora_b]
-    names = input_names(engine)
+        slot_tensors += [layer.lora_a, layer.lora_b] + ([layer.slot_r8] if fused else [])
+    names = input_names(engine, fused)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"}, "features": {0: "batch"}}
-    for n in names[4:]:
+               "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"},
+               "row_lengths": {0: "batch"}, "features": {0: "batch"}}
+    for n in names[5:]:
         dynamic[n] = {0: "slots"}
     fp32_path = os.path.join(out_dir, "model_fp32.onnx")
     with torch.no_grad():
-        torch.onnx.export(graph, (ids, mask, types, slots, *slot_tensors), fp32_path, input_names=names,
+        torch.onnx.export(graph, (ids, mask, types, slots, lengths, *slot_tensors), fp32_path, input_names=names,
                           output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
+                          do_constant_folding=True, custom_opsets={"adapterserve": 1} if fused else None)
     path = fp32_path
     if optimize:
-        path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"))
+        path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"), fused)
     if quantize == "int8":
         path = quantize_int8(path, os.path.join(out_dir, "model_int8.onnx"))
     final = os.path.join(out_dir, MODEL_FILE)
@@ -101,6 +137,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         "slots": engine.slots,
         "r_max": engine.r_max,
         "quantize": quantize,
+        "lora_op": FUSED_OP if fused else STOCK_OPS,
         "layers": [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in engine.layers.items()],
         "uses_token_types": uses_types,
     }
@@ -109,9 +146,11 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     return final
 
 
-def _optimize(path: str, engine: TorchEngine, out: str) -> str:
+def _optimize(path: str, engine: TorchEngine, out: str, fused_op: bool) -> str:
     """ORT's transformer optimizer fuses LayerNorm/GELU (and attention where the pattern still
-    matches with LoRA branches on q/k/v). Falls back to the unoptimized graph if it cannot run."""
+    matches with LoRA branches on q/k/v). Falls back to the unoptimized graph if it cannot run.
+    With our custom op only its Python fusions run (opt_level 0): level 1 first loads the graph into
+    an ORT session of its own, which does not know the op."""
     try:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -119,7 +158,7 @@ def _optimize(path: str, engine: TorchEngine, out: str) -> str:
         model_type = {"bert": "bert", "distilbert": "bert", "roberta": "bert"}[engine.base.family.name]
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads")
         opt = optimize_model(path, model_type=model_type, num_heads=heads, hidden_size=engine.base.hidden_size,
-                             opt_level=1, use_gpu=False)
+                             opt_level=0 if fused_op else 1, use_gpu=False)
         opt.save_model_to_file(out)
         return out
     except Exception as e:  # noqa: BLE001 - an unfused graph is still correct

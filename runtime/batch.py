@@ -47,6 +47,11 @@ class SlotContext(threading.local):
 
 
 class TracedSlots:
-    def __init__(self, slot_per_row: torch.Tensor, tensors: dict) -> None:
+    def __init__(self, slot_per_row: torch.Tensor, tensors: dict, fused_op: bool = False,
+                 slot_r8: Optional[dict] = None, row_lengths: Optional[torch.Tensor] = None) -> None:
         self.slot_per_row = slot_per_row  # [B] int64
         self.tensors = tensors  # layer name -> (A [slots, r_max, d_in], B [slots, r_max, d_out])
+        # With the ONNX Runtime LoRA op: layer name -> [slots] int64 rank table, and [B] real lengths.
+        self.fused_op = fused_op
+        self.slot_r8 = slot_r8 or {}
+        self.row_lengths = row_lengths

@@ -55,7 +55,9 @@ class RuntimeConfig:
     torch_threads: Optional[int] = None
     # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/lora_kernel.c,
     # no gather copy, skips padded tokens), "torch" (gather + bmm), or "auto" (fused when it can be
-    # built here, else torch). Other devices and precisions always use the torch path.
+    # built here, else torch). Other devices and precisions always use the torch path. For engine=onnx
+    # it picks the shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
+    # (runtime/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
     lora_kernel: str = "auto"
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
     engine: str = "torch"

@@ -54,6 +54,32 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
 
 int lora_kernel_abi(void) { return 2; }
 
+/* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
+typedef struct {
+    const float *x; int64_t x_row, x_tok;
+    float *y; int64_t y_row, y_tok;
+    int64_t T, din, dout;
+    const float *A, *B; int64_t r_max;
+    const int64_t *slot_r8, *slot, *len;
+} LoraArgs;
+
+static void lora_row(const LoraArgs *p, int64_t b)
+{
+    int64_t s = p->slot[b];
+    int64_t r8 = s == 0 ? 0 : p->slot_r8[s];
+    if (r8 == 0) return;
+    const float *As = p->A + s * p->r_max * p->din;
+    const float *Bs = p->B + s * p->r_max * p->dout;
+    int64_t n_tok = (p->len && p->len[b] < p->T) ? p->len[b] : p->T, t = 0;
+    const float *xb = p->x + b * p->x_row;
+    float *yb = p->y + b * p->y_row;
+    int64_t xt = p->x_tok, yt = p->y_tok;
+    for (; t + 1 < n_tok; t += 2)
+        lora_tokens(2, xb + t * xt, xb + (t + 1) * xt, yb + t * yt, yb + (t + 1) * yt, p->din, p->dout, As, Bs, r8);
+    if (t < n_tok)
+        lora_tokens(1, xb + t * xt, xb + t * xt, yb + t * yt, yb + t * yt, p->din, p->dout, As, Bs, r8);
+}
+
 /* x: rows x T tokens of din floats (strides in floats; the feature dim is contiguous), y likewise
    with dout. A: [slots, r_max, din], B: [slots, r_max, dout], contiguous, scaling folded into B,
    zero past each adapter's rank. din, dout multiples of 16. slot_r8[s]: slot s's rank in this layer
@@ -64,20 +90,8 @@ void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y
                const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
                const int64_t *slot, const int64_t *len, int nthreads)
 {
+    LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t b = 0; b < rows; b++) {
-        int64_t s = slot[b];
-        int64_t r8 = s == 0 ? 0 : slot_r8[s];
-        if (r8 == 0) continue;
-        const float *As = A + s * r_max * din;
-        const float *Bs = B + s * r_max * dout;
-        int64_t n_tok = (len && len[b] < T) ? len[b] : T, t = 0;
-        const float *xb = x + b * x_row;
-        float *yb = y + b * y_row;
-        for (; t + 1 < n_tok; t += 2)
-            lora_tokens(2, xb + t * x_tok, xb + (t + 1) * x_tok, yb + t * y_tok, yb + (t + 1) * y_tok,
-                        din, dout, As, Bs, r8);
-        if (t < n_tok)
-            lora_tokens(1, xb + t * x_tok, xb + t * x_tok, yb + t * y_tok, yb + t * y_tok, din, dout, As, Bs, r8);
-    }
+    for (int64_t b = 0; b < rows; b++)
+        lora_row(&p, b);
 }

@@ -81,23 +81,26 @@ _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "kernel" -> FusedLoRA, or "error" -> why it is unavailable
 
 
-def build(directory: Optional[str] = None) -> str:
-    """Compile the kernel (or reuse a cached build); returns the shared library's path."""
-    with open(SOURCE, "rb") as fh:
-        source = fh.read()
+def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
+    """Compile the kernel (or reuse a cached build); returns the shared library's path. source_path
+    may #include lora_kernel.c (the ONNX Runtime op does), so the cache key covers both files."""
+    source = b""
+    for p in dict.fromkeys([source_path, SOURCE]):
+        with open(p, "rb") as fh:
+            source += fh.read()
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise OSError("no C compiler (gcc/cc) on PATH")
     key = hashlib.sha256(source + " ".join([compiler] + CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     directory = directory or os.path.join(cache_root(), "kernels", key)
-    path = os.path.join(directory, "liblora_kernel.so")
+    path = os.path.join(directory, lib_name)
     if os.path.exists(path):
         return path
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, source_path], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
         os.replace(tmp, path)  # atomic: concurrent builders (test workers, servers) never see half a file

@@ -23,8 +23,12 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str]) -> str:
-    key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize])
+GRAPH_FORMAT = 2  # 2: row_lengths input and the optional adapterserve.SlotLoRA op
+
+
+def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto") -> str:
+    key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize,
+                      lora_op, GRAPH_FORMAT])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "onnx", digest)
 
@@ -36,7 +40,7 @@ class OnnxEngine:
                  threads: Optional[int] = None) -> None:
         import onnxruntime as ort
 
-        from exporters.shared_base import META_FILE, MODEL_FILE, input_names
+        from exporters.shared_base import FUSED_OP, META_FILE, MODEL_FILE, input_names
 
         self.torch_engine = slots_from
         self.base = slots_from.base
@@ -57,10 +61,21 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        self.fused_op = meta.get("lora_op") == FUSED_OP
+        if self.fused_op:
+            from runtime import ort_lora_op
+
+            path = ort_lora_op.library_path()
+            if path is None:
+                raise ConfigError(f"the ONNX model in {model_dir} uses the {FUSED_OP} op, which cannot be built here "
+                                  f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops (--lora-op stock)")
+            options.register_custom_ops_library(path)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
-        self.names = input_names(slots_from)
+        self.names = input_names(slots_from, self.fused_op)
+        # build_info's lora_path: the fused kernel as an ORT op, or stock Gather/MatMul nodes.
+        self.kernel_name = "onnx-op" if self.fused_op else "onnx-graph"
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
@@ -111,12 +126,18 @@ class OnnxEngine:
             "attention_mask": inputs["attention_mask"].numpy(),
             "slot_per_row": np.asarray(slots, dtype=np.int64),
         }
+        if self.fused_op:
+            width = inputs["input_ids"].shape[1]
+            feed["row_lengths"] = (np.asarray(lengths, dtype=np.int64) if lengths is not None
+                                   else np.full(len(slots), width, dtype=np.int64))
         if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
             feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
         for i, layer in enumerate(self.torch_engine.layers.values()):
             feed[f"lora_a_{i}"] = layer.lora_a.numpy()
             feed[f"lora_b_{i}"] = layer.lora_b.numpy()
+            if self.fused_op:
+                feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
         (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in self.graph_inputs})
         return torch.from_numpy(features)
 

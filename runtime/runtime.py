@@ -25,7 +25,7 @@ from adapters.spec import AdapterSpec
 from runtime.base_model import load_base_model
 from runtime.config import RuntimeConfig
 from runtime.engine import TorchEngine
-from runtime.errors import InvalidInputError, NotSupportedError
+from runtime.errors import ConfigError, InvalidInputError, NotSupportedError
 from runtime.host_tier import HostTier
 from runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, plan_groups
 from runtime.slots import SlotTable
@@ -134,10 +134,16 @@ class Runtime:
         from runtime.onnx_engine import OnnxEngine, default_onnx_dir
 
         quantize = "int8" if self.config.precision == "int8" else None
-        model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize)
+        # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
+        lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[self.config.lora_kernel]
+        model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
+                                                             lora_op)
         if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
             log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
-            export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize)
+            try:
+                export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         return OnnxEngine(torch_engine, model_dir, threads=self.config.torch_threads)
 
     # -- adapters --------------------------------------------------------------------------------

@@ -83,19 +83,26 @@ class SlotLoRALinear(nn.Module):
 
     name: str = ""  # module name in the backbone, set by the engine (keys the traced slot inputs)
 
-    def _traced_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Export path: full r_max, slot tensors from graph inputs, no Python-side shortcuts."""
-        a_all, b_all = self.context.traced.tensors[self.name]
-        idx = self.context.traced.slot_per_row
+    def _traced_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Export path: full r_max, slot tensors from graph inputs, no Python-side shortcuts. With
+        the ONNX Runtime op the graph gets one adapterserve.SlotLoRA node (runtime/ort_lora_op.c);
+        without it, stock ops: a per-row Gather of the slot tensors and two batched MatMuls."""
+        traced = self.context.traced
+        a_all, b_all = traced.tensors[self.name]
+        idx = traced.slot_per_row
+        if traced.fused_op:
+            from runtime.ort_lora_op import SlotLoRAFunction
+
+            return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths)
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
-        return delta if x.dim() == 3 else delta.squeeze(1)
+        return y + (delta if x.dim() == 3 else delta.squeeze(1))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.context.traced is not None:
-            return y + self._traced_delta(x)
+            return self._traced_forward(x, y)
         batch = self.context.current
         if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
             return y

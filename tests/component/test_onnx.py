@@ -20,15 +20,29 @@ def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
+def lora_op_nodes(path) -> int:
+    import onnx
+
+    return sum(n.op_type == "SlotLoRA" and n.domain == "adapterserve" for n in onnx.load(str(path)).graph.node)
+
+
+# "auto": each slot layer is one adapterserve.SlotLoRA node (the fused kernel as an ORT custom op);
+# "torch": stock Gather/MatMul/Add nodes. Both must equal the torch engine.
+@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
-def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family):
+def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora_kernel):
     base = tiny_bases[family]
     t = FAMILY_TARGETS[family]
     adapters = [make_peft_adapter(base, str(tmp_path / f"a{i}"), num_labels=2 + 2 * i, r=2 + 2 * i, targets=t[i:i + 3],
                                   seed=i) for i in range(3)]
     torch_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8))
-    onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "onnx")))
+    onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
+                                    lora_kernel=lora_kernel))
     assert onnx_rt.engine.name == "onnx"
+    fused = lora_kernel == "auto"
+    assert onnx_rt.engine.kernel_name == ("onnx-op" if fused else "onnx-graph")
+    n_ops = lora_op_nodes(tmp_path / "onnx" / "model.onnx")
+    assert n_ops == (len(onnx_rt.engine.layers) if fused else 0)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
@@ -68,6 +82,18 @@ def test_shared_base_int8_graph_is_quantized_and_serves(tiny_bases, tmp_path):
 
     graph = onnx.load(str(tmp_path / "onnx8" / "model.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
+    # The LoRA nodes survive quantization as our op (their slot inputs stay fp32).
+    assert lora_op_nodes(tmp_path / "onnx8" / "model.onnx") == len(int8_rt.engine.layers)
+
+
+def test_fused_lora_op_refused_where_it_cannot_apply(tiny_bases, tmp_path):
+    # r_max 6 is not a multiple of the kernel's 8-wide rank blocks: "fused" must say so, "auto" falls back.
+    base = tiny_bases["bert"]
+    with pytest.raises(ConfigError, match="does not fit the kernel"):
+        Runtime(RuntimeConfig(base_model=base, slots=4, r_max=6, engine="onnx", lora_kernel="fused",
+                              onnx_dir=str(tmp_path / "f")))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=6, engine="onnx", onnx_dir=str(tmp_path / "a")))
+    assert rt.engine.kernel_name == "onnx-graph" and lora_op_nodes(tmp_path / "a" / "model.onnx") == 0
 
 
 def test_graph_for_another_base_is_refused(tiny_bases, tmp_path):

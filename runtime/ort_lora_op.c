@@ -1,0 +1,203 @@
+/* ONNX Runtime custom op `adapterserve.SlotLoRA`: out = y + each row's LoRA delta, computed by the
+   fused kernel of lora_kernel.c inside an ORT session (the shared-base ONNX engine).
+
+   Why: the stock-op graph (Gather each row's A/B out of the slot tensors, then two batched MatMuls
+   and an Add) copies r_max x (din + dout) floats per row and layer and runs over padded tokens; on
+   MiniLM with 32 mixed tasks that was a third of the int8 graph's time. This op reads each row's slot
+   in place, only its real tokens, at its own rank in this layer.
+
+   Inputs: 0 y [rows, T, dout] or [rows, dout] (the base projection), 1 x [rows, T, din] or [rows, din],
+   2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64 [slots],
+   5 slot_per_row int64 [rows], 6 row_lengths int64 [rows]. All float tensors fp32, contiguous.
+   Output: like y. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
+   kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
+
+   The pip wheel of onnxruntime ships no C headers, so the few OrtApi entries used are declared below
+   by position: ORT only ever appends to OrtApi (the header's "DO NOT MODIFY ABOVE"), so a position,
+   once released, is fixed. All but KernelContext_ParallelFor (API 17, ORT 1.17) are in the version-1
+   block; with an older ORT the op runs its rows on one thread. The op struct uses the layout of
+   OrtCustomOp version 17 (fields after it are read only for ops declaring a later version).
+   Rows run on ORT's own intra-op pool: an OpenMP team here would fight ORT's spinning workers for
+   the cores (measured: 8x slower than one thread). */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lora_kernel.c"
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+
+/* Positions in OrtApi (version-1 block). */
+enum {
+    API_CREATE_CUSTOM_OP_DOMAIN = 26,
+    API_CUSTOM_OP_DOMAIN_ADD = 27,
+    API_ADD_CUSTOM_OP_DOMAIN = 28,
+    API_GET_TENSOR_MUTABLE_DATA = 51,
+    API_GET_DIMENSIONS_COUNT = 61,
+    API_GET_DIMENSIONS = 62,
+    API_GET_TENSOR_TYPE_AND_SHAPE = 65,
+    API_KERNEL_CONTEXT_GET_INPUT = 90,
+    API_KERNEL_CONTEXT_GET_OUTPUT = 91,
+    API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+    API_KERNEL_CONTEXT_PARALLEL_FOR = 274,  /* OrtApi version 17 */
+};
+
+typedef struct {
+    const void *const *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} ApiBase;
+
+typedef struct CustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct CustomOp *op, const void *api, const void *info);
+    const char *(*GetName)(const struct CustomOp *op);
+    const char *(*GetExecutionProviderType)(const struct CustomOp *op);
+    int (*GetInputType)(const struct CustomOp *op, size_t index);
+    size_t (*GetInputTypeCount)(const struct CustomOp *op);
+    int (*GetOutputType)(const struct CustomOp *op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct CustomOp *op);
+    void (*KernelCompute)(void *kernel, OrtKernelContext *context);
+    void (*KernelDestroy)(void *kernel);
+    /* version 8 */
+    int (*GetInputCharacteristic)(const struct CustomOp *op, size_t index);
+    int (*GetOutputCharacteristic)(const struct CustomOp *op, size_t index);
+    /* version 13, 14 */
+    int (*GetInputMemoryType)(const struct CustomOp *op, size_t index);
+    int (*GetVariadicInputMinArity)(const struct CustomOp *op);
+    int (*GetVariadicInputHomogeneity)(const struct CustomOp *op);
+    int (*GetVariadicOutputMinArity)(const struct CustomOp *op);
+    int (*GetVariadicOutputHomogeneity)(const struct CustomOp *op);
+    /* version 16, 17: left NULL (ORT then uses CreateKernel/KernelCompute, no shape inference) */
+    void *CreateKernelV2, *KernelComputeV2, *InferOutputShapeFn;
+    int (*GetStartVersion)(const struct CustomOp *op);
+    int (*GetEndVersion)(const struct CustomOp *op);
+} CustomOp;
+
+enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 7 };
+
+static const void *const *api;
+static int has_parallel_for;
+
+int adapterserve_ort_abi(void) { return 2; }
+
+#define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
+
+static void check(OrtStatus *status, const char *what)
+{
+    if (status) {
+        fprintf(stderr, "adapterserve.SlotLoRA: ORT call %s failed\n", what);
+        abort();
+    }
+}
+
+typedef OrtStatus *(*get_input_fn)(const OrtKernelContext *, size_t, const OrtValue **);
+typedef OrtStatus *(*get_output_fn)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+typedef OrtStatus *(*data_fn)(OrtValue *, void **);
+typedef OrtStatus *(*shape_fn)(const OrtValue *, OrtShape **);
+typedef OrtStatus *(*dims_count_fn)(const OrtShape *, size_t *);
+typedef OrtStatus *(*dims_fn)(const OrtShape *, int64_t *, size_t);
+typedef void (*release_shape_fn)(OrtShape *);
+
+static void *input(OrtKernelContext *ctx, size_t i, int64_t *dims, size_t *ndims)
+{
+    const OrtValue *v;
+    void *data;
+    check(CALL(API_KERNEL_CONTEXT_GET_INPUT, get_input_fn, ctx, i, &v), "KernelContext_GetInput");
+    if (dims) {
+        OrtShape *shape;
+        check(CALL(API_GET_TENSOR_TYPE_AND_SHAPE, shape_fn, v, &shape), "GetTensorTypeAndShape");
+        check(CALL(API_GET_DIMENSIONS_COUNT, dims_count_fn, shape, ndims), "GetDimensionsCount");
+        if (*ndims > 3) abort();
+        check(CALL(API_GET_DIMENSIONS, dims_fn, shape, dims, *ndims), "GetDimensions");
+        CALL(API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, release_shape_fn, shape);
+    }
+    check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, (OrtValue *)v, &data), "GetTensorMutableData");
+    return data;
+}
+
+typedef OrtStatus *(*parallel_for_fn)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
+
+static void row_task(void *args, size_t row) { lora_row((const LoraArgs *)args, (int64_t)row); }
+
+static void compute(void *kernel, OrtKernelContext *ctx)
+{
+    (void)kernel;
+    int64_t ydims[3], xdims[3], adims[3], bdims[3];
+    size_t yn, xn, an, bn;
+    const float *y = input(ctx, 0, ydims, &yn);
+    const float *x = input(ctx, 1, xdims, &xn);
+    const float *a = input(ctx, 2, adims, &an);
+    const float *b = input(ctx, 3, bdims, &bn);
+    const int64_t *r8 = input(ctx, 4, NULL, NULL);
+    const int64_t *slot = input(ctx, 5, NULL, NULL);
+    const int64_t *len = input(ctx, 6, NULL, NULL);
+    int64_t rows = ydims[0], T = yn == 3 ? ydims[1] : 1;
+    int64_t din = xdims[xn - 1], dout = ydims[yn - 1];
+    if (xn != yn || an != 3 || bn != 3 || adims[2] != din || bdims[2] != dout || adims[1] > MAX_R
+        || xdims[0] != rows || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16) {
+        fprintf(stderr, "adapterserve.SlotLoRA: inconsistent shapes (x %zu-d, A %zu-d)\n", xn, an);
+        abort();
+    }
+    OrtValue *out_value;
+    float *out;
+    check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, ydims, yn, &out_value), "KernelContext_GetOutput");
+    check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
+    memcpy(out, y, (size_t)(rows * T * dout) * sizeof(float));
+    LoraArgs p = {x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
+                  a, b, adims[1], r8, slot, len};
+    if (has_parallel_for && rows > 1) {
+        check(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn, ctx, row_task, (size_t)rows, (size_t)rows, &p),
+              "KernelContext_ParallelFor");
+    } else {
+        for (int64_t row = 0; row < rows; row++)
+            lora_row(&p, row);
+    }
+}
+
+static void *create_kernel(const CustomOp *op, const void *api_, const void *info)
+{
+    (void)op; (void)api_; (void)info;
+    return (void *)1;  /* stateless */
+}
+static const char *op_name(const CustomOp *op) { (void)op; return "SlotLoRA"; }
+static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 ? ELEM_FLOAT : ELEM_INT64; }
+static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
+static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t output_count(const CustomOp *op) { (void)op; return 1; }
+static void destroy_kernel(void *kernel) { (void)kernel; }
+static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* INPUT_OUTPUT_REQUIRED */ }
+static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
+static int one(const CustomOp *op) { (void)op; return 1; }
+static int start_version(const CustomOp *op) { (void)op; return 1; }
+static int end_version(const CustomOp *op) { (void)op; return 2147483647; }
+
+static CustomOp slot_lora_op = {
+    17, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
+    compute, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    start_version, end_version,
+};
+
+typedef OrtStatus *(*create_domain_fn)(const char *, void **);
+typedef OrtStatus *(*domain_add_fn)(void *, void *);
+typedef OrtStatus *(*add_domain_fn)(void *, void *);
+
+/* Entry point ORT looks up in SessionOptions.register_custom_ops_library. */
+OrtStatus *RegisterCustomOps(void *options, const ApiBase *base)
+{
+    api = base->GetApi(17);
+    has_parallel_for = api != NULL;
+    if (!api) api = base->GetApi(1);
+    if (!api) abort();
+    void *domain;
+    OrtStatus *s = CALL(API_CREATE_CUSTOM_OP_DOMAIN, create_domain_fn, "adapterserve", &domain);
+    if (s) return s;
+    s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, &slot_lora_op);
+    if (s) return s;
+    return CALL(API_ADD_CUSTOM_OP_DOMAIN, add_domain_fn, options, domain);
+}

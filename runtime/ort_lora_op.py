@@ -1,0 +1,70 @@
+"""The ONNX Runtime custom op `adapterserve.SlotLoRA` (ort_lora_op.c): the fused LoRA kernel inside
+the shared-base ONNX graph, in place of a per-row Gather of the slot tensors and two batched MatMuls.
+
+Built like the torch kernel (gcc, cached under the adapterserve cache directory) and registered on
+each ORT session that runs a graph exported with it. Where it cannot be built or a layer's shape
+does not fit the kernel, the exporter writes the stock-op graph instead (same numbers, tested).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import subprocess
+import threading
+from typing import Optional
+
+import torch
+
+from runtime import lora_kernel
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c")
+DOMAIN = "adapterserve"
+OP_TYPE = "SlotLoRA"
+ABI = 2
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "path" -> built library, "lib" -> ctypes handle, "error" -> why not
+
+
+def library_path() -> Optional[str]:
+    """Path of the built op library, or None when it cannot be built here (reason: unavailable_reason())."""
+    with _lock:
+        if "path" in _state or "error" in _state:
+            return _state.get("path")  # type: ignore[return-value]
+        try:
+            if platform.machine() not in ("x86_64", "AMD64"):
+                raise OSError(f"the kernel is written for x86-64 AVX-512, not {platform.machine()}")
+            path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so")
+            lib = ctypes.CDLL(path)
+            if lib.adapterserve_ort_abi() != ABI:
+                raise OSError(f"{path} has a different op ABI")
+            _state.update(path=path, lib=lib)
+            return path
+        except (OSError, subprocess.SubprocessError) as e:
+            _state["error"] = str(e)
+            log.warning("ONNX Runtime LoRA op unavailable, the shared graph uses stock ops: %s", e)
+            return None
+
+
+def unavailable_reason() -> Optional[str]:
+    library_path()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+class SlotLoRAFunction(torch.autograd.Function):
+    """Export-time only: traces as the custom op; its forward is the reference the op must equal."""
+
+    @staticmethod
+    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths):  # noqa: ARG004 - ctx unused
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        delta = torch.bmm(torch.bmm(x3, a.index_select(0, slot_per_row).transpose(1, 2)),
+                          b.index_select(0, slot_per_row))
+        return y + (delta if x.dim() == 3 else delta.squeeze(1))
+
+    @staticmethod
+    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths):
+        return g.op(f"{DOMAIN}::{OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, row_lengths).setType(y.type())
