@@ -33,6 +33,60 @@ FUSED_OP = "adapterserve.SlotLoRA"
 STOCK_OPS = "gather"
 
 
+class _MultiHeadAttention(torch.autograd.Function):
+    """Export-time only: traces as ORT's fused com.microsoft.MultiHeadAttention on the projected
+    q/k/v. The LoRA nodes on q/k/v keep ORT's optimizer from matching its Attention pattern, which
+    left attention as a dozen stock nodes (reshapes, transposes, scaled MatMul, Softmax): a quarter
+    of the int8 graph's time. The forward is the reference the op must equal."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, num_heads, hidden):  # noqa: ARG004 - ctx unused
+        b, t, d = q.shape
+        heads = [z.view(b, -1, num_heads, d // num_heads).transpose(1, 2) for z in (q, k, v)]
+        mask = key_padding_mask.bool()[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, t, d)
+
+    @staticmethod
+    def symbolic(g, q, k, v, key_padding_mask, num_heads, hidden):
+        # The optional bias input comes before the mask: a zero bias (q/k/v already carry theirs).
+        bias = g.op("Constant", value_t=torch.zeros(3 * hidden))
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, key_padding_mask,
+                    num_heads_i=num_heads).setType(q.type())
+
+
+def _fused_attention_modules(backbone) -> list:
+    """BERT/RoBERTa self-attention modules the fused op can stand in for (absolute positions,
+    encoder only); others keep their traced stock ops."""
+    found = []
+    for module in backbone.modules():
+        if all(hasattr(module, a) for a in ("query", "key", "value", "num_attention_heads")) \
+                and getattr(module, "position_embedding_type", "absolute") == "absolute" \
+                and not getattr(module, "is_decoder", False):
+            found.append(module)
+    return found
+
+
+class _FusedAttention:
+    """Swaps the self-attention forwards for the fused op while the graph is traced."""
+
+    def __init__(self, backbone, key_padding_mask: torch.Tensor) -> None:
+        self.modules = _fused_attention_modules(backbone)
+        self.mask = key_padding_mask
+
+    def __enter__(self):
+        for m in self.modules:
+            def forward(hidden_states, *args, _m=m, **kwargs):
+                q, k, v = _m.query(hidden_states), _m.key(hidden_states), _m.value(hidden_states)
+                return _MultiHeadAttention.apply(q, k, v, self.mask, _m.num_attention_heads, _m.all_head_size), None
+            m.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            del m.forward  # back to the class's forward
+
+
 class _SharedBaseGraph(nn.Module):
     def __init__(self, engine: TorchEngine, uses_token_types: bool, fused_op: bool) -> None:
         super().__init__()
@@ -51,7 +105,8 @@ class _SharedBaseGraph(nn.Module):
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if self.uses_token_types:
                 kwargs["token_type_ids"] = token_type_ids
-            out = self.backbone(**kwargs)
+            with _FusedAttention(self.backbone, attention_mask.to(torch.int32)):
+                out = self.backbone(**kwargs)
         finally:
             self.engine.context.traced = None
         if self.engine.base.family.uses_pooler:
@@ -119,7 +174,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     with torch.no_grad():
         torch.onnx.export(graph, (ids, mask, types, slots, lengths, *slot_tensors), fp32_path, input_names=names,
                           output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True, custom_opsets={"adapterserve": 1} if fused else None)
+                          do_constant_folding=True, custom_opsets={"adapterserve": 1, "com.microsoft": 1} if fused else {"com.microsoft": 1})
     path = fp32_path
     if optimize:
         path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"), fused)

@@ -16,7 +16,8 @@
    by position: ORT only ever appends to OrtApi (the header's "DO NOT MODIFY ABOVE"), so a position,
    once released, is fixed. All but KernelContext_ParallelFor (API 17, ORT 1.17) are in the version-1
    block; with an older ORT the op runs its rows on one thread. The op struct uses the layout of
-   OrtCustomOp version 17 (fields after it are read only for ops declaring a later version).
+   OrtCustomOp as of its last fields (GetMayInplace .. ReleaseAliasMap), declared as version 21; ORT
+   reads a field only when the declared version is at least the one that added it.
    Rows run on ORT's own intra-op pool: an OpenMP team here would fight ORT's spinning workers for
    the cores (measured: 8x slower than one thread). */
 #include <stddef.h>
@@ -76,6 +77,11 @@ typedef struct CustomOp {
     void *CreateKernelV2, *KernelComputeV2, *InferOutputShapeFn;
     int (*GetStartVersion)(const struct CustomOp *op);
     int (*GetEndVersion)(const struct CustomOp *op);
+    /* later versions: the output may take over input 0's buffer (no copy of y); no aliases */
+    size_t (*GetMayInplace)(int **input_index, int **output_index);
+    void (*ReleaseMayInplace)(int *input_index, int *output_index);
+    size_t (*GetAliasMap)(int **input_index, int **output_index);
+    void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
 enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 7 };
@@ -147,7 +153,8 @@ static void compute(void *kernel, OrtKernelContext *ctx)
     float *out;
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, ydims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
-    memcpy(out, y, (size_t)(rows * T * dout) * sizeof(float));
+    if (out != y)  /* ORT reuses y's buffer when nothing else reads it (GetMayInplace) */
+        memcpy(out, y, (size_t)(rows * T * dout) * sizeof(float));
     LoraArgs p = {x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
                   a, b, adims[1], r8, slot, len};
     if (has_parallel_for && rows > 1) {
@@ -176,11 +183,22 @@ static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; ret
 static int one(const CustomOp *op) { (void)op; return 1; }
 static int start_version(const CustomOp *op) { (void)op; return 1; }
 static int end_version(const CustomOp *op) { (void)op; return 2147483647; }
+static size_t may_inplace(int **input_index, int **output_index)
+{
+    *input_index = malloc(sizeof(int));
+    *output_index = malloc(sizeof(int));
+    if (!*input_index || !*output_index) abort();
+    **input_index = 0;  /* y */
+    **output_index = 0;
+    return 1;
+}
+static void release_pairs(int *input_index, int *output_index) { free(input_index); free(output_index); }
+static size_t no_aliases(int **input_index, int **output_index) { *input_index = NULL; *output_index = NULL; return 0; }
 
 static CustomOp slot_lora_op = {
-    17, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
+    21, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
     compute, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version,
+    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
 };
 
 typedef OrtStatus *(*create_domain_fn)(const char *, void **);

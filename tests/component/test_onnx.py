@@ -43,6 +43,11 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     assert onnx_rt.engine.kernel_name == ("onnx-op" if fused else "onnx-graph")
     n_ops = lora_op_nodes(tmp_path / "onnx" / "model.onnx")
     assert n_ops == (len(onnx_rt.engine.layers) if fused else 0)
+    # BERT/RoBERTa attention is ORT's fused MultiHeadAttention (one per layer); DistilBERT keeps stock ops.
+    import onnx
+
+    mha = sum(n.op_type == "MultiHeadAttention" for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node)
+    assert mha == (0 if family == "distilbert" else 2)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
