@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     s.add_argument("--slots", type=int, default=64)
     s.add_argument("--r-max", type=int, default=16)
     s.add_argument("--quantize", choices=["int8"], default=None)
+    s.add_argument("--lora-op", choices=["auto", "fused", "stock"], default="auto",
+                   help="LoRA nodes: our ONNX Runtime custom op (fused; auto = where it can be built) or stock ops "
+                        "(any ONNX Runtime, slower)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     from runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig(base_model=args.base_model, slots=args.slots, r_max=args.r_max, engine="onnx",
-                               precision="int8" if args.quantize else "fp32", onnx_dir=args.out))
+                               precision="int8" if args.quantize else "fp32", onnx_dir=args.out,
+                               lora_kernel={"auto": "auto", "fused": "fused", "stock": "torch"}[args.lora_op]))
     print(f"wrote {rt.engine.model_dir}")
     return 0
 

@@ -68,7 +68,8 @@ class OnnxEngine:
             path = ort_lora_op.library_path()
             if path is None:
                 raise ConfigError(f"the ONNX model in {model_dir} uses the {FUSED_OP} op, which cannot be built here "
-                                  f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops (--lora-op stock)")
+                                  f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops "
+                                  "(`python -m exporters shared --lora-op stock`, or serve with --lora-kernel torch)")
             options.register_custom_ops_library(path)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
