@@ -136,6 +136,10 @@ class Runtime:
         quantize = "int8" if self.config.precision == "int8" else None
         # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
         lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[self.config.lora_kernel]
+        import onnxruntime as ort
+
+        if lora_op == "auto" and "CUDAExecutionProvider" in ort.get_available_providers():
+            lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
         model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
                                                              lora_op)
         if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
