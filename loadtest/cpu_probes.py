@@ -246,7 +246,7 @@ def forward_cost() -> None:
 
 def onnx_rows() -> None:
     """One runtime per engine (torch fp32, shared ONNX int8), 1 and 8 rows of one synthetic adapter at
-    3 lengths: the shared graph's cost per row (its slot Gather) against its cost per token."""
+    3 lengths: the shared graph's cost per row against its cost per token."""
     from loadtest.synthetic import synthetic_adapter
     from runtime.config import RuntimeConfig, packaged_base_model_dir
     from runtime.runtime import Row, Runtime

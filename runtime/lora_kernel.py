@@ -77,8 +77,8 @@ class FusedLoRA:
                  torch.get_num_threads())
 
 
-_lock = threading.Lock()
-_loaded: dict[str, object] = {}  # "kernel" -> FusedLoRA, or "error" -> why it is unavailable
+_lock = threading.RLock()
+_loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable
 
 
 def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
@@ -110,22 +110,31 @@ def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: 
     return path
 
 
-def load() -> Optional[FusedLoRA]:
-    """The kernel, or None when it cannot run here (the reason is logged once; see `unavailable_reason`)."""
+def load_once(state: dict, make, fallback: str):
+    """Run make() (build + load a native library) once per process; its result, or None after a
+    failure, whose reason is kept in state["error"] and logged once with what the caller falls back to."""
     with _lock:
-        if "kernel" in _loaded or "error" in _loaded:
-            return _loaded.get("kernel")  # type: ignore[return-value]
+        if "value" in state or "error" in state:
+            return state.get("value")
         try:
             if platform.machine() not in ("x86_64", "AMD64"):
                 raise OSError(f"the kernel is written for x86-64 AVX-512, not {platform.machine()}")
-            kernel = FusedLoRA(build())
-            _loaded["kernel"] = kernel
-            log.info("fused LoRA kernel loaded from %s", kernel.path)
-            return kernel
+            state["value"] = make()
+            return state["value"]
         except (OSError, subprocess.SubprocessError) as e:
-            _loaded["error"] = str(e)
-            log.warning("fused LoRA kernel unavailable, using the torch path: %s", e)
+            state["error"] = str(e)
+            log.warning("%s: %s", fallback, e)
             return None
+
+
+def load() -> Optional[FusedLoRA]:
+    """The kernel, or None when it cannot run here (the reason is logged once; see `unavailable_reason`)."""
+    def make() -> FusedLoRA:
+        kernel = FusedLoRA(build())
+        log.info("fused LoRA kernel loaded from %s", kernel.path)
+        return kernel
+
+    return load_once(_loaded, make, "fused LoRA kernel unavailable, using the torch path")
 
 
 def unavailable_reason() -> Optional[str]:

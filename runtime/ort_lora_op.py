@@ -8,46 +8,31 @@ does not fit the kernel, the exporter writes the stock-op graph instead (same nu
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import platform
-import subprocess
-import threading
 from typing import Optional
 
 import torch
 
 from runtime import lora_kernel
 
-log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c")
 DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
 ABI = 2
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "path" -> built library, "lib" -> ctypes handle, "error" -> why not
+_state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 
 
 def library_path() -> Optional[str]:
     """Path of the built op library, or None when it cannot be built here (reason: unavailable_reason())."""
-    with _lock:
-        if "path" in _state or "error" in _state:
-            return _state.get("path")  # type: ignore[return-value]
-        try:
-            if platform.machine() not in ("x86_64", "AMD64"):
-                raise OSError(f"the kernel is written for x86-64 AVX-512, not {platform.machine()}")
-            path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so")
-            lib = ctypes.CDLL(path)
-            if lib.adapterserve_ort_abi() != ABI:
-                raise OSError(f"{path} has a different op ABI")
-            _state.update(path=path, lib=lib)
-            return path
-        except (OSError, subprocess.SubprocessError) as e:
-            _state["error"] = str(e)
-            log.warning("ONNX Runtime LoRA op unavailable, the shared graph uses stock ops: %s", e)
-            return None
+    def make() -> str:
+        path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so")
+        if ctypes.CDLL(path).adapterserve_ort_abi() != ABI:
+            raise OSError(f"{path} has a different op ABI")
+        return path
+
+    return lora_kernel.load_once(_state, make, "ONNX Runtime LoRA op unavailable, the shared graph uses stock ops")
 
 
 def unavailable_reason() -> Optional[str]:
