@@ -128,7 +128,19 @@ static void *input(OrtKernelContext *ctx, size_t i, int64_t *dims, size_t *ndims
 
 typedef OrtStatus *(*parallel_for_fn)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
 
-static void row_task(void *args, size_t row) { lora_row((const LoraArgs *)args, (int64_t)row); }
+typedef struct {
+    LoraArgs lora;
+    const float *y;  /* the base projection, copied row by row into the output unless ORT ran us in place */
+} RowTask;
+
+static void row_task(void *args, size_t row)
+{
+    const RowTask *task = args;
+    const LoraArgs *p = &task->lora;
+    if (task->y != p->y)  /* each task copies its own row: the copy is spread over the pool too */
+        memcpy(p->y + row * p->y_row, task->y + row * p->y_row, (size_t)p->y_row * sizeof(float));
+    lora_row(p, (int64_t)row);
+}
 
 static void compute(void *kernel, OrtKernelContext *ctx)
 {
@@ -153,16 +165,15 @@ static void compute(void *kernel, OrtKernelContext *ctx)
     float *out;
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, ydims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
-    if (out != y)  /* ORT reuses y's buffer when nothing else reads it (GetMayInplace) */
-        memcpy(out, y, (size_t)(rows * T * dout) * sizeof(float));
-    LoraArgs p = {x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                  a, b, adims[1], r8, slot, len};
+    /* out == y when ORT reuses y's buffer (nothing else reads it, GetMayInplace): no copy then. */
+    RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
+                     a, b, adims[1], r8, slot, len}, y};
     if (has_parallel_for && rows > 1) {
-        check(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn, ctx, row_task, (size_t)rows, (size_t)rows, &p),
+        check(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn, ctx, row_task, (size_t)rows, (size_t)rows, &task),
               "KernelContext_ParallelFor");
     } else {
         for (int64_t row = 0; row < rows; row++)
-            lora_row(&p, row);
+            row_task(&task, (size_t)row);
     }
 }
 
