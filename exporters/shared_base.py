@@ -21,6 +21,7 @@ from torch import nn
 
 from runtime.batch import TracedSlots
 from runtime.engine import TorchEngine
+from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,20 @@ def _fused_attention_modules(backbone) -> list:
     return found
 
 
+def _qkv(attention, hidden_states):
+    """q, k, v of one self-attention. With all three slot-wrapped, their base projections become one
+    packed [d, 3d] MatMul (one int8 GEMM after quantization, which ORT splits across threads, instead
+    of three small ones that it runs on one), then each gets its own LoRA node."""
+    layers = (attention.query, attention.key, attention.value)
+    if not all(isinstance(x, SlotLoRALinear) and isinstance(x.base, nn.Linear) and x.base.bias is not None
+               for x in layers):
+        return tuple(x(hidden_states) for x in layers)
+    weight = torch.cat([x.base.weight for x in layers])
+    bias = torch.cat([x.base.bias for x in layers])
+    ys = torch.nn.functional.linear(hidden_states, weight, bias).split([x.d_out for x in layers], dim=-1)
+    return tuple(x._traced_forward(hidden_states, y) for x, y in zip(layers, ys))
+
+
 class _FusedAttention:
     """Swaps the self-attention forwards for the fused op while the graph is traced."""
 
@@ -77,7 +92,7 @@ class _FusedAttention:
     def __enter__(self):
         for m in self.modules:
             def forward(hidden_states, *args, _m=m, **kwargs):
-                q, k, v = _m.query(hidden_states), _m.key(hidden_states), _m.value(hidden_states)
+                q, k, v = _qkv(_m, hidden_states)
                 return _MultiHeadAttention.apply(q, k, v, self.mask, _m.num_attention_heads, _m.all_head_size), None
             m.forward = forward
         return self
