@@ -78,7 +78,12 @@ def _qkv(attention, hidden_states):
         return tuple(x(hidden_states) for x in layers)
     weight = torch.cat([x.base.weight for x in layers])
     bias = torch.cat([x.base.bias for x in layers])
-    ys = torch.nn.functional.linear(hidden_states, weight, bias).split([x.d_out for x in layers], dim=-1)
+    packed = torch.nn.functional.linear(hidden_states, weight, bias)
+    if attention.query.context.traced.fused_op:
+        # Each LoRA node reads its columns of the packed output itself: no Split copy in between.
+        offsets = [0, layers[0].d_out, layers[0].d_out + layers[1].d_out]
+        return tuple(x._traced_forward(hidden_states, packed, off) for x, off in zip(layers, offsets))
+    ys = packed.split([x.d_out for x in layers], dim=-1)
     return tuple(x._traced_forward(hidden_states, y) for x, y in zip(layers, ys))
 
 

@@ -6,10 +6,11 @@
    MiniLM with 32 mixed tasks that was a third of the int8 graph's time. This op reads each row's slot
    in place, only its real tokens, at its own rank in this layer.
 
-   Inputs: 0 y [rows, T, dout] or [rows, dout] (the base projection), 1 x [rows, T, din] or [rows, din],
-   2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64 [slots],
-   5 slot_per_row int64 [rows], 6 row_lengths int64 [rows]. All float tensors fp32, contiguous.
-   Output: like y. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
+   Inputs: 0 y [rows, T, W] or [rows, W] (the base projection; W = dout, or wider when y packs several
+   projections, e.g. q/k/v, and this node's columns start at y_offset), 1 x [rows, T, din] or
+   [rows, din], 2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64
+   [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1]. All float
+   tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
    The pip wheel of onnxruntime ships no C headers, so the few OrtApi entries used are declared below
@@ -84,12 +85,12 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 7 };
+enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 8 };
 
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 2; }
+int adapterserve_ort_abi(void) { return 3; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -131,15 +132,28 @@ typedef OrtStatus *(*parallel_for_fn)(const OrtKernelContext *, void (*)(void *,
 typedef struct {
     LoraArgs lora;
     const float *y;  /* the base projection, copied row by row into the output unless ORT ran us in place */
+    int64_t y_width, y_offset;  /* y's last dim and this node's first column in it */
 } RowTask;
+
+static void copy_row(const RowTask *task, int64_t row)
+{
+    const LoraArgs *p = &task->lora;
+    if (task->y_width == p->dout) {  /* one slice per row */
+        memmove(p->y + row * p->y_row, task->y + row * p->y_row, (size_t)p->y_row * sizeof(float));
+        return;
+    }
+    int64_t tokens = p->y_row / p->dout;
+    for (int64_t t = 0; t < tokens; t++)
+        memmove(p->y + (row * tokens + t) * p->dout, task->y + (row * tokens + t) * task->y_width + task->y_offset,
+                (size_t)p->dout * sizeof(float));
+}
 
 static void row_task(void *args, size_t row)
 {
     const RowTask *task = args;
-    const LoraArgs *p = &task->lora;
-    if (task->y != p->y)  /* each task copies its own row: the copy is spread over the pool too */
-        memcpy(p->y + row * p->y_row, task->y + row * p->y_row, (size_t)p->y_row * sizeof(float));
-    lora_row(p, (int64_t)row);
+    if (task->y != task->lora.y)  /* each task copies its own row: the copy is spread over the pool too */
+        copy_row(task, (int64_t)row);
+    lora_row(&task->lora, (int64_t)row);
 }
 
 static void compute(void *kernel, OrtKernelContext *ctx)
@@ -154,20 +168,30 @@ static void compute(void *kernel, OrtKernelContext *ctx)
     const int64_t *r8 = input(ctx, 4, NULL, NULL);
     const int64_t *slot = input(ctx, 5, NULL, NULL);
     const int64_t *len = input(ctx, 6, NULL, NULL);
+    const int64_t y_offset = *(const int64_t *)input(ctx, 7, NULL, NULL);
     int64_t rows = ydims[0], T = yn == 3 ? ydims[1] : 1;
-    int64_t din = xdims[xn - 1], dout = ydims[yn - 1];
-    if (xn != yn || an != 3 || bn != 3 || adims[2] != din || bdims[2] != dout || adims[1] > MAX_R
-        || xdims[0] != rows || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16) {
+    int64_t din = xdims[xn - 1], y_width = ydims[yn - 1], dout = bdims[2];
+    if (xn != yn || an != 3 || bn != 3 || adims[2] != din || adims[1] > MAX_R || y_offset < 0
+        || y_offset + dout > y_width || xdims[0] != rows || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16) {
         fprintf(stderr, "adapterserve.SlotLoRA: inconsistent shapes (x %zu-d, A %zu-d)\n", xn, an);
         abort();
     }
+    int64_t out_dims[3] = {ydims[0], ydims[1], ydims[2]};
+    out_dims[yn - 1] = dout;
     OrtValue *out_value;
     float *out;
-    check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, ydims, yn, &out_value), "KernelContext_GetOutput");
+    check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
-    /* out == y when ORT reuses y's buffer (nothing else reads it, GetMayInplace): no copy then. */
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                     a, b, adims[1], r8, slot, len}, y};
+                     a, b, adims[1], r8, slot, len}, y, y_width, y_offset};
+    if (out == y) {
+        /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
+           columns to the front in order, on this thread (rows overlap while they move). */
+        if (y_width != dout || y_offset != 0)
+            for (int64_t row = 0; row < rows; row++)
+                copy_row(&task, row);
+        task.y = out;
+    }
     if (has_parallel_for && rows > 1) {
         check(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn, ctx, row_task, (size_t)rows, (size_t)rows, &task),
               "KernelContext_ParallelFor");

@@ -19,7 +19,7 @@ from runtime import lora_kernel
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c")
 DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
-ABI = 2
+ABI = 3
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 
@@ -41,15 +41,21 @@ def unavailable_reason() -> Optional[str]:
 
 
 class SlotLoRAFunction(torch.autograd.Function):
-    """Export-time only: traces as the custom op; its forward is the reference the op must equal."""
+    """Export-time only: traces as the custom op; its forward is the reference the op must equal.
+    y may pack several projections (q/k/v); this node's dout columns start at y_offset."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths):  # noqa: ARG004 - ctx unused
+    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):  # noqa: ARG004 - ctx unused
+        """y_offset: int64 [1] tensor (a graph constant)."""
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         delta = torch.bmm(torch.bmm(x3, a.index_select(0, slot_per_row).transpose(1, 2)),
                           b.index_select(0, slot_per_row))
+        y = y.narrow(-1, int(y_offset[0]), b.shape[-1])
         return y + (delta if x.dim() == 3 else delta.squeeze(1))
 
     @staticmethod
-    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths):
-        return g.op(f"{DOMAIN}::{OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, row_lengths).setType(y.type())
+    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):
+        out = g.op(f"{DOMAIN}::{OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset)
+        # Same dtype and rank as y; the last dim may be narrower (packed y), so sizes are left unknown.
+        rank = y.type().dim()
+        return out.setType(y.type().with_sizes([None] * rank) if rank is not None else y.type())

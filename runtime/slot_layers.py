@@ -83,17 +83,20 @@ class SlotLoRALinear(nn.Module):
 
     name: str = ""  # module name in the backbone, set by the engine (keys the traced slot inputs)
 
-    def _traced_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _traced_forward(self, x: torch.Tensor, y: torch.Tensor, y_offset: int = 0) -> torch.Tensor:
         """Export path: full r_max, slot tensors from graph inputs, no Python-side shortcuts. With
         the ONNX Runtime op the graph gets one adapterserve.SlotLoRA node (runtime/ort_lora_op.c);
-        without it, stock ops: a per-row Gather of the slot tensors and two batched MatMuls."""
+        without it, stock ops: a per-row Gather of the slot tensors and two batched MatMuls. y may be a
+        packed projection (q/k/v in one MatMul) whose columns for this layer start at y_offset."""
         traced = self.context.traced
         a_all, b_all = traced.tensors[self.name]
         idx = traced.slot_per_row
         if traced.fused_op:
             from runtime.ort_lora_op import SlotLoRAFunction
 
-            return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths)
+            return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths,
+                                          torch.tensor([y_offset]))
+        assert y_offset == 0, "stock-op graphs get their q/k/v split before the LoRA nodes"
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
         return y + (delta if x.dim() == 3 else delta.squeeze(1))
