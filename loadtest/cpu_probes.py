@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from typing import Optional
 
 import torch
 
@@ -174,12 +175,14 @@ def lora_layer() -> None:
         print(f"{d_in}->{d_out}: " + "; ".join(f"{k} {_median_us(f, 200, 10):.0f} us" for k, f in row.items()))
 
 
-def _profile(model_path: str, feed: dict, title: str) -> None:
+def _profile(model_path: str, feed: dict, title: str, op_library: Optional[str] = None) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    if op_library:  # the shared graph's adapterserve.SlotLoRA nodes
+        options.register_custom_ops_library(op_library)
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in names}
@@ -218,10 +221,15 @@ def onnx_profile() -> None:
     rt.classify([(f"s{i}", SHORT) for i in range(32)])  # loads the 32 slots
     tokens = {"input_ids": np.random.default_rng(0).integers(1000, 2000, (32, 26)).astype(np.int64),
               "attention_mask": np.ones((32, 26), np.int64), "token_type_ids": np.zeros((32, 26), np.int64)}
-    feed = dict(tokens, slot_per_row=np.array(sorted(rt.engine.slot_ranks)[:32], dtype=np.int64))
+    feed = dict(tokens, slot_per_row=np.array(sorted(rt.engine.slot_ranks)[:32], dtype=np.int64),
+                row_lengths=np.full(32, 26, dtype=np.int64))
     for i, layer in enumerate(rt.engine.layers.values()):
         feed[f"lora_a_{i}"], feed[f"lora_b_{i}"] = layer.lora_a.numpy(), layer.lora_b.numpy()
-    _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, "shared-base int8, 32 adapters")
+        feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+    from runtime.ort_lora_op import library_path
+
+    _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, f"shared-base int8 ({rt.engine.kernel_name}), "
+             "32 adapters", library_path() if rt.engine.fused_op else None)
     task_dir = os.path.join(tempfile.mkdtemp(prefix="cpu-probes-task-"), "sst2-int8")
     export_task(os.path.join(ROOT, "adapters", "examples", "sst2"), task_dir, quantize="int8")
     _profile(os.path.join(task_dir, "model.onnx"), tokens, "per-task merged int8 (sst2)")
