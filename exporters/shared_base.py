@@ -21,6 +21,7 @@ from torch import nn
 
 from runtime.batch import TracedSlots
 from runtime.engine import TorchEngine
+from runtime.ort_lora_op import ABI as OP_ABI
 from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         "r_max": engine.r_max,
         "quantize": quantize,
         "lora_op": FUSED_OP if fused else STOCK_OPS,
+        "lora_op_abi": OP_ABI if fused else None,
         "layers": [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in engine.layers.items()],
         "uses_token_types": uses_types,
     }

@@ -7,6 +7,7 @@
     python -m loadtest.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
     python -m loadtest.cpu_probes forward-cost  # bare forward time by rows x tokens (the planner's cost model)
     python -m loadtest.cpu_probes onnx-rows     # per-row cost of the shared ONNX int8 graph vs torch
+    python -m loadtest.cpu_probes onnx-threads  # the shared int8 graph's time by op type, 1 vs 2 threads
     python -m loadtest.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
     python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
 
@@ -270,6 +271,53 @@ def onnx_rows() -> None:
                 print(f"{rt.engine.name:5s} {rows} rows x {enc.length:2d} tokens: {us / 1000:.2f} ms")
 
 
+def onnx_threads() -> None:
+    """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
+    own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
+    speedup from the second thread."""
+    import onnxruntime as ort
+
+    from loadtest.synthetic import synthetic_adapter
+    from runtime.config import RuntimeConfig, packaged_base_model_dir
+    from runtime.ort_lora_op import library_path
+    from runtime.runtime import Row, Runtime
+
+    texts = _texts(10_000)
+    rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8"))
+    for i in range(32):
+        rt.add_adapter(f"s{i}", synthetic_adapter(packaged_base_model_dir(), seed=i))
+    entries = [rt.registry.get(f"s{i}") for i in range(32)]
+    enc = rt.encoder.encode(texts)
+
+    def one_pass() -> None:
+        for i in range(0, len(texts), 32):
+            rt.infer([Row(entries[j % 32], enc[k]) for j, k in enumerate(range(i, min(i + 32, len(texts))))])
+
+    by_threads = {}
+    for threads in (1, 2):
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+        options.intra_op_num_threads = threads
+        if rt.engine.fused_op:
+            options.register_custom_ops_library(library_path())
+        rt.engine.session = ort.InferenceSession(os.path.join(rt.engine.model_dir, "model.onnx"), options,
+                                                 providers=["CPUExecutionProvider"])
+        one_pass()
+        t = time.perf_counter()
+        one_pass()
+        print(f"{threads} thread(s): {len(texts) / (time.perf_counter() - t):.1f} texts/s")
+        by_op = collections.Counter()
+        with open(rt.engine.session.end_profiling()) as fh:
+            for event in json.load(fh):
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    by_op[event["args"]["op_name"]] += event["dur"]
+        by_threads[threads] = by_op
+    for op, us in by_threads[1].most_common(10):  # profiled: two passes per session
+        two = by_threads[2][op]
+        print(f"  {op:<28} 1 thread {us / 2000:7.1f} ms/pass  2 threads {two / 2000:7.1f}  × {us / max(two, 1):.2f}")
+
+
 def _pool_run(tuned: bool) -> None:
     import resource
     import sys
@@ -340,7 +388,7 @@ def open_loop() -> None:
 
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
-          "page-faults": page_faults, "open-loop": open_loop}
+          "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads}
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,15 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 2  # 2: row_lengths input and the optional adapterserve.SlotLoRA op
+GRAPH_FORMAT = 3  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input
+
+
+def default_providers() -> list[str]:
+    """ORT execution providers the engine uses, best first: CUDA when onnxruntime-gpu has it, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto") -> str:
@@ -66,18 +74,29 @@ class OnnxEngine:
             from runtime import ort_lora_op
 
             path = ort_lora_op.library_path()
+            if path is not None and meta.get("lora_op_abi") != ort_lora_op.ABI:
+                raise ConfigError(f"the ONNX model in {model_dir} was exported for {FUSED_OP} ABI "
+                                  f"{meta.get('lora_op_abi')}, this build has {ort_lora_op.ABI}; re-export it "
+                                  "(delete the directory, or `python -m exporters shared`)")
             if path is None:
                 raise ConfigError(f"the ONNX model in {model_dir} uses the {FUSED_OP} op, which cannot be built here "
                                   f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops "
                                   "(`python -m exporters shared --lora-op stock`, or serve with --lora-kernel torch)")
             options.register_custom_ops_library(path)
-        available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = providers or default_providers()
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
         self.names = input_names(slots_from, self.fused_op)
         # build_info's lora_path: the fused kernel as an ORT op, or stock Gather/MatMul nodes.
         self.kernel_name = "onnx-op" if self.fused_op else "onnx-graph"
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
+        # The slot buffers are only ever written in place (copy_), so their numpy views are made once
+        # here, not per forward: every forward feeds the same arrays, whose contents the registry changes.
+        self._slot_feed = {}
+        for i, layer in enumerate(slots_from.layers.values()):
+            self._slot_feed[f"lora_a_{i}"] = layer.lora_a.numpy()
+            self._slot_feed[f"lora_b_{i}"] = layer.lora_b.numpy()
+            self._slot_feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+        self._slot_feed = {k: v for k, v in self._slot_feed.items() if k in self.graph_inputs}
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
         self.released_bytes = _release_backbone_weights(slots_from)
@@ -134,12 +153,8 @@ class OnnxEngine:
         if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
             feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
-        for i, layer in enumerate(self.torch_engine.layers.values()):
-            feed[f"lora_a_{i}"] = layer.lora_a.numpy()
-            feed[f"lora_b_{i}"] = layer.lora_b.numpy()
-            if self.fused_op:
-                feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
-        (features,) = self.session.run(["features"], {k: v for k, v in feed.items() if k in self.graph_inputs})
+        feed.update(self._slot_feed)
+        (features,) = self.session.run(["features"], feed)
         return torch.from_numpy(features)
 
 

@@ -47,11 +47,9 @@ class SlotLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):  # noqa: ARG004 - ctx unused
         """y_offset: int64 [1] tensor (a graph constant)."""
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        delta = torch.bmm(torch.bmm(x3, a.index_select(0, slot_per_row).transpose(1, 2)),
-                          b.index_select(0, slot_per_row))
-        y = y.narrow(-1, int(y_offset[0]), b.shape[-1])
-        return y + (delta if x.dim() == 3 else delta.squeeze(1))
+        from runtime.slot_layers import gathered_delta
+
+        return y.narrow(-1, int(y_offset[0]), b.shape[-1]) + gathered_delta(x, a, b, slot_per_row)
 
     @staticmethod
     def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):

@@ -131,14 +131,12 @@ class Runtime:
 
     def _onnx_engine(self, torch_engine: TorchEngine):
         from exporters.shared_base import MODEL_FILE, export_shared_base
-        from runtime.onnx_engine import OnnxEngine, default_onnx_dir
+        from runtime.onnx_engine import OnnxEngine, default_onnx_dir, default_providers
 
         quantize = "int8" if self.config.precision == "int8" else None
         # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
         lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[self.config.lora_kernel]
-        import onnxruntime as ort
-
-        if lora_op == "auto" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if lora_op == "auto" and default_providers()[0] == "CUDAExecutionProvider":
             lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
         model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
                                                              lora_op)

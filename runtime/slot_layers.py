@@ -18,6 +18,14 @@ from runtime.batch import SlotContext
 from runtime.lora_kernel import FusedLoRA
 
 
+def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Each row's LoRA delta with stock ops (gather its slot's A/B, two bmm) at full r_max: the
+    stock-op ONNX graph, and the reference forward of the ONNX Runtime op while it is traced."""
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
+    delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
+    return delta if x.dim() == 3 else delta.squeeze(1)
+
+
 class SlotLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, d_in: int, d_out: int, slots: int, r_max: int,
                  context: SlotContext, dtype: torch.dtype, device: torch.device) -> None:
@@ -97,9 +105,7 @@ class SlotLoRALinear(nn.Module):
             return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths,
                                           torch.tensor([y_offset]))
         assert y_offset == 0, "stock-op graphs get their q/k/v split before the LoRA nodes"
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
-        return y + (delta if x.dim() == 3 else delta.squeeze(1))
+        return y + gathered_delta(x, a_all, b_all, idx)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,18 @@ def test_per_task_export_matches_torch(tiny_bases, tmp_path):
     export_task(a, str(tmp_path / "export8"), base_model=base, quantize="int8")
     report8 = task_model_parity(str(tmp_path / "export8"), a, SAMPLE_TEXTS, base_model=base)
     assert report8["texts"] == len(SAMPLE_TEXTS) and report8["max_abs_dlogit"] < 1.0
+
+
+def test_graph_exported_for_another_op_abi_is_refused(tiny_bases, tmp_path):
+    import json
+
+    base = tiny_bases["bert"]
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "g")))
+    if not rt.engine.fused_op:
+        pytest.skip("the ONNX Runtime LoRA op cannot be built here")
+    meta_path = tmp_path / "g" / "shared_base.json"
+    meta = json.loads(meta_path.read_text())
+    meta["lora_op_abi"] = 0  # as if exported by an older op build
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="ABI 0"):
+        Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "g")))
