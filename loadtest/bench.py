@@ -25,6 +25,12 @@ from loadtest import run as lt
 from loadtest.server_proc import ROOT, ServerProcess
 
 
+# The open-loop runs last this many times a closed-loop run: at half saturation the default server
+# answers ~33 requests/s, so a 20 s run puts its p99 on ~7 requests and single readings of p99 / p50
+# spread from 2.7 to 3.7 on this VM (session 5, 12 back-to-back runs); 60 s puts it on ~20.
+OPEN_LOOP_LENGTH = 3
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="short runs, N up to 128 (PEFT peer with 16 adapters)")
     p.add_argument("--out-dir", default="out/bench")
@@ -128,8 +134,8 @@ def main(args) -> int:
             if n == 128:  # open loop right after its own saturation run, before the 1,024-adapter churn
                 sat = results["ours N=128 zipf:1.0@128"]["throughput_texts_per_s"] / args.texts_per_request
                 label = "ours N=128 zipf:1.0 open loop at half saturation"
-                results[label] = _load(ours.address, label, [f"t{i}" for i in range(128)], "zipf:1.0", args, duration,
-                                       rate=round(sat / 2, 1), out_dir=runs_dir)
+                results[label] = _load(ours.address, label, [f"t{i}" for i in range(128)], "zipf:1.0", args,
+                                       OPEN_LOOP_LENGTH * duration, rate=round(sat / 2, 1), out_dir=runs_dir)
     finally:
         ours.stop()
 
@@ -153,7 +159,7 @@ def main(args) -> int:
                     sat = results[f"ours {name} N=128 zipf:1.0@128"]["throughput_texts_per_s"] / args.texts_per_request
                     label = f"ours {name} N=128 zipf:1.0 open loop at half saturation"
                     results[label] = _load(server.address, label, [f"t{i}" for i in range(128)], "zipf:1.0", args,
-                                           duration, rate=round(sat / 2, 1), out_dir=runs_dir)
+                                           OPEN_LOOP_LENGTH * duration, rate=round(sat / 2, 1), out_dir=runs_dir)
             finally:
                 server.stop()
 
@@ -220,7 +226,8 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
     one = results["ours N=1 uniform@1"]["throughput_texts_per_s"]
     peft = results[f"peft N={peft_n} zipf:1.0@{peft_n}"]["throughput_texts_per_s"]
     lines = [f"Closed loop, concurrency {args.concurrency} × {args.texts_per_request} SST-2 dev texts per request, "
-             f"{duration:.0f} s per run after 2 s warm-up; load generator on the same machine. Wall time {elapsed:.0f} s.",
+             f"{duration:.0f} s per run after 2 s warm-up (open loops: Poisson arrivals at half the closed-loop "
+             f"saturation, {OPEN_LOOP_LENGTH * duration:.0f} s); load generator on the same machine. Wall time {elapsed:.0f} s.",
              "", f"Ceiling (bare MiniLM forward in-process, no server, 64-text pools cut into forwards by the "
              f"server's batch planner): **{ceiling:.1f} texts/s**. The same bare model with one padded forward per "
              f"32 texts (plain HF batching): {padded:.1f} texts/s, so the planner alone is worth "
@@ -238,7 +245,7 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
               f"(target ≥ 5; the bare-model ceiling itself is {ceiling / peft:.2f} × PEFT in this run)",
               f"- open loop at half saturation: p99 / p50 = {open_loop['p99'] / open_loop['p50']:.2f} (target ≤ 3; "
               f"an ideal single server with a fixed service time and no batching gain, M/D/1 at ρ = 0.5, "
-              f"has {mdc_tail_ratio(0.5):.2f})"]
+              f"has {mdc_tail_ratio(0.5):.2f}); {_split(results['ours N=128 zipf:1.0 open loop at half saturation'])}"]
     for engine in ("2 workers", "onnx int8", "onnx int8 2 workers"):
         key = f"ours {engine} N=128 zipf:1.0@128"
         if key in results:
@@ -251,7 +258,7 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
         if key in results:
             lat = results[key]["latency_ms"]
             lines.append(f"- {engine}, open loop at half saturation: p99 / p50 = {lat['p99'] / lat['p50']:.2f} "
-                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f})")
+                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f}); {_split(results[key])}")
     if 1024 in ns:
         z1024 = results["ours N=1024 zipf:1.0@1024"]
         lines.append(f"- 1,024 adapters on 64 slots: {z1024['throughput_texts_per_s'] / one:.2f} × one adapter "
@@ -259,6 +266,14 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
     lines += ["", f"Register latency (upload, {len(register_s)} adapters): median {statistics.median(register_s) * 1000:.1f} ms, "
                   f"max {max(register_s) * 1000:.1f} ms"]
     return "\n".join(lines) + "\n"
+
+
+def _split(result: dict) -> str:
+    """The server's own account of an open-loop run's latency (loadtest.run.server_breakdown), p50 / p99."""
+    srv = result.get("server_ms") or {}
+    parts = [f"{name.replace('_', ' ')} {srv[name]['p50']:.1f} / {srv[name]['p99']:.1f}"
+             for name in ("queue", "tokenize", "inference", "outside_handler") if name in srv]
+    return "server side p50 / p99 ms: " + ", ".join(parts) if parts else "no server timings"
 
 
 def mdc_tail_ratio(rho: float, servers: int = 1, n: int = 200_000, seed: int = 1) -> float:

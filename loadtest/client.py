@@ -42,7 +42,7 @@ async def _run(plan: WorkerPlan, progress) -> dict:
     from runtime.rpc_stubs import pb, pb_grpc
 
     rng = random.Random(plan.seed)
-    records = []  # (start offset s, latency s, code name, texts)
+    records = []  # (start offset s, latency s, code name, texts, server timings or None)
     metadata = (("authorization", f"Bearer {plan.token}"),) if plan.token else None
     timeout = plan.deadline_ms / 1000.0 if plan.deadline_ms else None
     t0 = time.monotonic()
@@ -56,15 +56,18 @@ async def _run(plan: WorkerPlan, progress) -> dict:
             task = rng.choices(plan.tasks, plan.weights)[0]
             texts = [plan.texts[rng.randrange(len(plan.texts))] for _ in range(plan.texts_per_request)]
             start = time.monotonic()
+            server = None  # the server's own account of this request (Timings), seconds
             try:
-                await stub.Classify(pb.ClassifyRequest(task=task, texts=texts, truncate=True), timeout=timeout,
-                                    metadata=metadata)
+                reply = await stub.Classify(pb.ClassifyRequest(task=task, texts=texts, truncate=True), timeout=timeout,
+                                            metadata=metadata)
                 code = "OK"
+                t = reply.timings
+                server = (t.queue_ns / 1e9, t.tokenize_ns / 1e9, t.inference_ns / 1e9, t.total_ns / 1e9)
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
             done = time.monotonic()
             if start >= measure_from and done <= end + 30:
-                records.append((start - measure_from, done - start, code, len(texts)))
+                records.append((start - measure_from, done - start, code, len(texts), server))
                 if progress is not None:
                     progress.put((done - start, code, len(texts)))
 

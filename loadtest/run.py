@@ -84,6 +84,22 @@ def _worker_main(plan: WorkerPlan, progress, results) -> None:
     results.put(run_worker(plan, progress))
 
 
+def server_breakdown(ok: list) -> dict:
+    """Where the time went, from the server's own Timings on each answer (like Triton's perf_analyzer
+    server-side split): waiting for a batch, tokenizing, the model, the whole handler, and what lies
+    outside the handler (transport, gRPC, both event loops). Percentiles of each part over the
+    requests, in ms; the parts' percentiles do not add up to the latency's."""
+    timed = [r for r in ok if r[4] is not None]
+    if not timed:
+        return {}
+    parts = np.array([r[4] for r in timed]) * 1000.0  # queue, tokenize, inference, total
+    outside = np.array([r[1] for r in timed]) * 1000.0 - parts[:, 3]
+    cols = {"queue": parts[:, 0], "tokenize": parts[:, 1], "inference": parts[:, 2], "handler": parts[:, 3],
+            "outside_handler": outside}
+    return {name: {q: float(np.percentile(v, int(q[1:]))) for q in ("p50", "p90", "p99")} | {"mean": float(v.mean())}
+            for name, v in cols.items()}
+
+
 def summarize(records: list, duration: float, cpu_seconds: float, wall_seconds: float, processes: int) -> dict:
     ok = [r for r in records if r[2] == "OK"]
     errors: dict[str, int] = {}
@@ -99,6 +115,7 @@ def summarize(records: list, duration: float, cpu_seconds: float, wall_seconds: 
         "throughput_texts_per_s": texts / duration, "throughput_requests_per_s": len(ok) / duration,
         "latency_ms": {"p50": pct(50), "p90": pct(90), "p95": pct(95), "p99": pct(99),
                        "max": float(lat.max()) if len(lat) else None, "mean": float(lat.mean()) if len(lat) else None},
+        "server_ms": server_breakdown(ok),
         "latency_sample_ms": sorted(lat.tolist())[:: max(1, len(lat) // 5000)],
         "client": {"processes": processes, "cpu_seconds": cpu_seconds, "wall_seconds": wall_seconds,
                    "cpu_cores_used": cpu_seconds / wall_seconds if wall_seconds else None},
@@ -176,6 +193,12 @@ def markdown(result: dict) -> str:
         f"{f(lat['p95'])} | {f(lat['p99'])} | {f(lat['max'])} | {result['sent']} | {result['ok']} | {result['errors']} | "
         f"{result['client']['cpu_cores_used']:.2f} |",
     ]
+    srv = result.get("server_ms")
+    if srv:
+        lines += ["", "Server side (from each answer's timings), ms:", "",
+                  "| part | p50 | p90 | p99 | mean |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name.replace('_', ' ')} | {v['p50']:.1f} | {v['p90']:.1f} | {v['p99']:.1f} | {v['mean']:.1f} |"
+                  for name, v in srv.items()]
     if result["errors_by_code"]:
         lines += ["", "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(result["errors_by_code"].items()))]
     return "\n".join(lines) + "\n"

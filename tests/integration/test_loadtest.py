@@ -36,6 +36,14 @@ def test_run_and_compare(server, tmp_path):
         assert set(result["errors_by_code"]) == {"NOT_FOUND"}  # only the task that does not exist fails
         assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
         assert result["client"]["processes"] >= 1 and result["client"]["cpu_seconds"] > 0
+        # The server's own split of each answered request: the handler runs inside the client's
+        # round trip, and the model and queue inside the handler.
+        srv = result["server_ms"]
+        assert set(srv) == {"queue", "tokenize", "inference", "handler", "outside_handler"}
+        assert srv["handler"]["p50"] <= result["latency_ms"]["p50"] and srv["handler"]["p99"] <= result["latency_ms"]["p99"]
+        assert 0 < srv["inference"]["p50"] <= srv["handler"]["p50"]
+        assert srv["outside_handler"]["p50"] > 0 and srv["queue"]["p50"] >= 0
+        assert "| outside handler |" in (tmp_path / f"{name}.md").read_text()
         assert "| texts/s |" in (tmp_path / f"{name}.md").read_text()
         outs.append(str(out))
     report = tmp_path / "report"
