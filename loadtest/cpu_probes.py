@@ -379,9 +379,11 @@ def open_loop() -> None:
         tasks = [f"t{i}" for i in range(128)]
         sat = bench._load(server.address, "saturation", tasks, "zipf:1.0", args, 20.0)["throughput_texts_per_s"]
         for k in range(3):
-            lat = bench._load(server.address, f"open loop {k + 1}", tasks, "zipf:1.0", args, 20.0,
-                              rate=round(sat / args.texts_per_request / 2, 1))["latency_ms"]
-            print(f"open loop {k + 1}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p99/p50 {lat['p99'] / lat['p50']:.2f}")
+            result = bench._load(server.address, f"open loop {k + 1}", tasks, "zipf:1.0", args, 20.0,
+                                 rate=round(sat / args.texts_per_request / 2, 1))
+            lat = result["latency_ms"]
+            print(f"open loop {k + 1}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p99/p50 {lat['p99'] / lat['p50']:.2f}; "
+                  f"{bench._split(result)}")
     finally:
         server.stop()
 
