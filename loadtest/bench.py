@@ -27,7 +27,7 @@ from loadtest.server_proc import ROOT, ServerProcess
 
 # The open-loop runs last this many times a closed-loop run: at half saturation the default server
 # answers ~33 requests/s, so a 20 s run puts its p99 on ~7 requests and single readings of p99 / p50
-# spread from 2.7 to 3.7 on this VM (session 5, 12 back-to-back runs); 60 s puts it on ~20.
+# spread from 2.74 to 3.67 on this VM (session 5: 11 runs of 25 s); 60 s puts it on ~20.
 OPEN_LOOP_LENGTH = 3
 
 
