@@ -1,7 +1,9 @@
 """Dynamic batcher: an asyncio queue in front of the model executor, one batch loop per model worker.
 
 A batch is formed from whatever requests are waiting (and, after the first, up to max_wait_ms for
-more) until the token budget or row cap is reached; tasks mix freely. Requests whose deadline has
+more) until the token budget or row cap is reached; tasks mix freely. With several model workers, each
+takes at most its share (1/workers) of what is queued, and the rest waits for whichever worker frees
+first. Requests whose deadline has
 passed are dropped before they reach the model. The queue is bounded in texts: past max_queue a
 request is refused with RESOURCE_EXHAUSTED instead of growing latency without limit.
 """
@@ -79,7 +81,6 @@ class Batcher:
         self.closed = False
         self.workers = workers  # batch loops, one per model worker: each forms a batch and waits for its forward
         self._tasks: list[asyncio.Task] = []
-        self._idle_loops = 0  # batch loops waiting for work
         self.metrics: Optional[BatcherMetrics] = None
 
     def start(self) -> None:
@@ -106,20 +107,20 @@ class Batcher:
         await asyncio.gather(*self._tasks)
 
     async def _next_batch(self) -> Optional[list[Work]]:
-        self._idle_loops += 1
-        try:
-            first = await self.queue.get()
-        finally:
-            self._idle_loops -= 1
+        first = await self.queue.get()
         if first is None:
             self.queue.put_nowait(None)  # the other batch loops stop too
             return None
         batch, rows, tokens = [first], len(first.rows), first.tokens
         max_rows = self.max_batch_size
-        if self._idle_loops:
-            # Other workers are idle: take only this loop's share of what is queued, so a burst is
-            # split across workers instead of one worker taking it all while the others wait.
-            max_rows = min(max_rows, -(-self.pending_texts // (self._idle_loops + 1)))
+        if self.workers > 1:
+            # Take only one worker's share of what is queued, whether the other workers are idle or
+            # busy: a worker's forward runs on its own share of the cores, so one worker taking a whole
+            # burst runs it at a fraction of the machine while the others, once free, find nothing
+            # queued. What is left waits for whichever worker frees first. (Taking everything while
+            # the others were busy put ONNX int8 + 2 workers' open-loop p99 at 60-65 ms, p99/p50
+            # 3.4-3.7; with shares 47-55 ms, 2.65-3.04: docs/benchmarks.md.)
+            max_rows = min(max_rows, -(-self.pending_texts // self.workers))
         wait_until = time.monotonic() + self.max_wait
         while rows < max_rows and tokens < self.max_batch_tokens:
             try:

@@ -63,8 +63,33 @@ def test_idle_workers_split_a_burst():
     model = RecordingModel(per_row=0.002)
     asyncio.run(_burst(2, 8, 2, model))
     sizes = [n for _, n in model.batches]
-    assert sorted(sizes) == [8, 8], f"the burst was not split between the idle workers: {sizes}"
-    assert len({name for name, _ in model.batches}) == 2
+    assert sizes[0] == 8 and max(sizes) == 8, f"the burst was not split between the idle workers: {sizes}"
+    assert sum(sizes) == 16 and len({name for name, _ in model.batches}) == 2
+
+
+def test_a_worker_takes_only_its_share_while_another_is_busy():
+    """One worker is busy with a long pool when a burst arrives: the free worker takes half the burst,
+    not all of it (run on one thread of a 2-core CPU, a whole burst would take twice as long as it
+    need), and the rest is still served."""
+    async def run(model):
+        pool = ThreadPoolExecutor(2, thread_name_prefix="model")
+        batcher = Batcher(model, pool, max_batch_tokens=100_000, max_batch_size=64, max_wait_ms=0, max_queue=10_000,
+                          workers=2)
+        batcher.start()
+        await asyncio.sleep(0.01)
+        long = await batcher.submit(_rows(30), None)
+        await asyncio.sleep(0.05)  # one worker is inside the 30-row forward, the other waits for work
+        burst = [await batcher.submit(_rows(2), None) for _ in range(8)]
+        await asyncio.gather(long.future, *[w.future for w in burst])
+        await batcher.close()
+        pool.shutdown()
+
+    model = RecordingModel(per_row=0.01)
+    asyncio.run(run(model))
+    (busy, first), (free, second) = model.batches[:2]
+    assert first == 30 and busy != free
+    assert second == 8, f"the free worker took {second} of the 16 queued rows, not its share of 8"
+    assert sum(n for _, n in model.batches) == 30 + 16
 
 
 def test_requests_are_answered_when_their_forwards_are_done_not_the_whole_pool():
