@@ -119,7 +119,8 @@ class Batcher:
             # burst runs it at a fraction of the machine while the others, once free, find nothing
             # queued. What is left waits for whichever worker frees first. (Taking everything while
             # the others were busy put ONNX int8 + 2 workers' open-loop p99 at 60-65 ms, p99/p50
-            # 3.4-3.7; with shares 47-55 ms, 2.65-3.04: docs/benchmarks.md.)
+            # 3.4-3.7; with shares 47-55 ms, 2.65-3.04: docs/benchmarks.md.) A loop whose share is
+            # already taken does not wait --max-wait-ms for more: the other workers serve what comes.
             max_rows = min(max_rows, -(-self.pending_texts // self.workers))
         wait_until = time.monotonic() + self.max_wait
         while rows < max_rows and tokens < self.max_batch_tokens:
