@@ -176,15 +176,32 @@ def lora_layer() -> None:
         print(f"{d_in}->{d_out}: " + "; ".join(f"{k} {_median_us(f, 200, 10):.0f} us" for k, f in row.items()))
 
 
-def _profile(model_path: str, feed: dict, title: str, op_library: Optional[str] = None) -> None:
+def _profiled_session(model_path: str, op_library: Optional[str] = None, threads: Optional[int] = None):
+    """A CPU session that records ORT's per-node profile (read it back with _time_by_op)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    if threads:
+        options.intra_op_num_threads = threads
     if op_library:  # the shared graph's adapterserve.SlotLoRA nodes
         options.register_custom_ops_library(op_library)
-    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+
+
+def _time_by_op(session) -> collections.Counter:
+    """Microseconds per op type over everything the session ran, from its profile."""
+    by_op = collections.Counter()
+    with open(session.end_profiling()) as fh:
+        for event in json.load(fh):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by_op[event["args"]["op_name"]] += event["dur"]
+    return by_op
+
+
+def _profile(model_path: str, feed: dict, title: str, op_library: Optional[str] = None) -> None:
+    session = _profiled_session(model_path, op_library)
     names = {i.name for i in session.get_inputs()}
     feed = {k: v for k, v in feed.items() if k in names}
     runs = 10
@@ -194,11 +211,7 @@ def _profile(model_path: str, feed: dict, title: str, op_library: Optional[str] 
     for _ in range(runs):
         session.run(None, feed)
     print(f"{title}: {(time.perf_counter() - t) / runs * 1e3:.1f} ms per run")
-    by_op = collections.Counter()
-    with open(session.end_profiling()) as fh:
-        for event in json.load(fh):
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                by_op[event["args"]["op_name"]] += event["dur"]
+    by_op = _time_by_op(session)
     total = sum(by_op.values())
     for op, us in by_op.most_common(12):
         print(f"  {op:<28} {us / total * 100:5.1f}%  {us / (runs + 3) / 1000:6.2f} ms/run")
@@ -275,8 +288,6 @@ def onnx_threads() -> None:
     """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
     own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
     speedup from the second thread."""
-    import onnxruntime as ort
-
     from loadtest.synthetic import synthetic_adapter
     from runtime.config import RuntimeConfig, packaged_base_model_dir
     from runtime.ort_lora_op import library_path
@@ -295,24 +306,13 @@ def onnx_threads() -> None:
 
     by_threads = {}
     for threads in (1, 2):
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-        options.intra_op_num_threads = threads
-        if rt.engine.fused_op:
-            options.register_custom_ops_library(library_path())
-        rt.engine.session = ort.InferenceSession(os.path.join(rt.engine.model_dir, "model.onnx"), options,
-                                                 providers=["CPUExecutionProvider"])
+        rt.engine.session = _profiled_session(os.path.join(rt.engine.model_dir, "model.onnx"),
+                                              library_path() if rt.engine.fused_op else None, threads)
         one_pass()
         t = time.perf_counter()
         one_pass()
         print(f"{threads} thread(s): {len(texts) / (time.perf_counter() - t):.1f} texts/s")
-        by_op = collections.Counter()
-        with open(rt.engine.session.end_profiling()) as fh:
-            for event in json.load(fh):
-                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                    by_op[event["args"]["op_name"]] += event["dur"]
-        by_threads[threads] = by_op
+        by_threads[threads] = _time_by_op(rt.engine.session)
     for op, us in by_threads[1].most_common(10):  # profiled: two passes per session
         two = by_threads[2][op]
         print(f"  {op:<28} 1 thread {us / 2000:7.1f} ms/pass  2 threads {two / 2000:7.1f}  × {us / max(two, 1):.2f}")
