@@ -245,7 +245,7 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
               f"(target ≥ 5; the bare-model ceiling itself is {ceiling / peft:.2f} × PEFT in this run)",
               f"- open loop at half saturation: p99 / p50 = {open_loop['p99'] / open_loop['p50']:.2f} (target ≤ 3; "
               f"an ideal single server with a fixed service time and no batching gain, M/D/1 at ρ = 0.5, "
-              f"has {mdc_tail_ratio(0.5):.2f}); {_split(results['ours N=128 zipf:1.0 open loop at half saturation'])}"]
+              f"has {mdc_tail_ratio(0.5):.2f}); {server_split(results['ours N=128 zipf:1.0 open loop at half saturation'])}"]
     for engine in ("2 workers", "onnx int8", "onnx int8 2 workers"):
         key = f"ours {engine} N=128 zipf:1.0@128"
         if key in results:
@@ -258,7 +258,7 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
         if key in results:
             lat = results[key]["latency_ms"]
             lines.append(f"- {engine}, open loop at half saturation: p99 / p50 = {lat['p99'] / lat['p50']:.2f} "
-                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f}); {_split(results[key])}")
+                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f}); {server_split(results[key])}")
     if 1024 in ns:
         z1024 = results["ours N=1024 zipf:1.0@1024"]
         lines.append(f"- 1,024 adapters on 64 slots: {z1024['throughput_texts_per_s'] / one:.2f} × one adapter "
@@ -268,7 +268,7 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
     return "\n".join(lines) + "\n"
 
 
-def _split(result: dict) -> str:
+def server_split(result: dict) -> str:
     """The server's own account of an open-loop run's latency (loadtest.run.server_breakdown), p50 / p99."""
     srv = result.get("server_ms") or {}
     parts = [f"{name.replace('_', ' ')} {srv[name]['p50']:.1f} / {srv[name]['p99']:.1f}"

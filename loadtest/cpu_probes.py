@@ -383,7 +383,7 @@ def open_loop() -> None:
                                  rate=round(sat / args.texts_per_request / 2, 1))
             lat = result["latency_ms"]
             print(f"open loop {k + 1}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p99/p50 {lat['p99'] / lat['p50']:.2f}; "
-                  f"{bench._split(result)}")
+                  f"{bench.server_split(result)}")
     finally:
         server.stop()
 
