@@ -98,7 +98,7 @@ class OnnxEngine:
             self._slot_feed[f"lora_b_{i}"] = layer.lora_b.numpy()
             self._slot_feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
         self._slot_feed = {k: v for k, v in self._slot_feed.items() if k in self.graph_inputs}
-        # The 111 slot inputs are bound once per model thread (an IOBinding is not shared between
+        # The slot inputs (111 on MiniLM) are bound once per model thread (an IOBinding is not shared between
         # threads); a forward binds only its few per-batch inputs. Passing every input to run() each
         # time cost ~150 us per forward (0.86 -> 0.71 ms for one 4-token text, docs/benchmarks.md).
         self._bindings = threading.local()
