@@ -24,7 +24,8 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 3  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input
+GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
+# 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies
 
 
 def default_providers() -> list[str]:
@@ -86,7 +87,10 @@ class OnnxEngine:
             options.register_custom_ops_library(path)
         providers = providers or default_providers()
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
-        self.names = input_names(slots_from, self.fused_op)
+        # "packed": each forward is one run of the rows' real tokens back to back (no padding).
+        self.packed = meta.get("layout") == "packed"
+        self.position_offset = int(meta.get("position_offset", 0))
+        self.names = input_names(slots_from, self.fused_op, self.packed)
         # build_info's lora_path: the fused kernel as an ORT op, or stock Gather/MatMul nodes.
         self.kernel_name = "onnx-op" if self.fused_op else "onnx-graph"
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
@@ -144,8 +148,26 @@ class OnnxEngine:
     def unmerge(self) -> None:
         pass
 
+    def _packed_feed(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> dict:
+        """The padded batch (padding on the right) as one run of real tokens with each row's offsets."""
+        mask = inputs["attention_mask"].numpy().astype(bool)
+        lengths = mask.sum(axis=1)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        n = int(offsets[-1])
+        positions = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], lengths) + self.position_offset
+        feed = {"input_ids": inputs["input_ids"].numpy()[mask][None], "position_ids": positions[None],
+                "row_offsets": offsets, "slot_per_row": np.asarray(slots, dtype=np.int64)}
+        if "token_type_ids" in self.graph_inputs:
+            types = inputs.get("token_type_ids")
+            feed["token_type_ids"] = (types.numpy()[mask][None] if types is not None
+                                      else np.zeros((1, n), dtype=np.int64))
+        return feed
+
     def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
                lengths: Optional[list[int]] = None) -> torch.Tensor:
+        if self.packed:
+            return self._run(self._packed_feed(inputs, slots))
         feed = {
             "input_ids": inputs["input_ids"].numpy(),
             "attention_mask": inputs["attention_mask"].numpy(),
@@ -158,6 +180,9 @@ class OnnxEngine:
         if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
             feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
+        return self._run(feed)
+
+    def _run(self, feed: dict) -> torch.Tensor:
         binding = getattr(self._bindings, "value", None)
         if binding is None:
             binding = self.session.io_binding()

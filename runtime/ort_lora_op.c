@@ -245,7 +245,7 @@ static void compute_attention(void *kernel, OrtKernelContext *ctx)
     const int64_t heads = *(const int64_t *)input(ctx, 4, NULL, NULL);
     int64_t batch = odims[0] - 1, n = qdims[1], width = qdims[2];
     if (qn != 3 || kn != 3 || vn != 3 || on != 1 || qdims[0] != 1 || heads <= 0 || width % heads
-        || (width / heads) % 16 || width / heads > 256 || batch < 0 || offsets[batch] != n
+        || width / heads > 256 || batch < 0 || offsets[batch] != n
         || memcmp(qdims, kdims, sizeof qdims) || memcmp(qdims, vdims, sizeof qdims)) {
         fprintf(stderr, "adapterserve.VarlenAttention: inconsistent shapes\n");
         abort();

@@ -1,9 +1,9 @@
-/* WORK IN PROGRESS (branch wip/packed-graph, not used by any engine yet): self-attention over
-   token-packed sequences, the piece a token-packed shared ONNX graph needs (ORT 1.31.1 has no CPU
+/* Self-attention over token-packed sequences, for the token-packed shared ONNX graph (the
+   adapterserve.VarlenAttention op in ort_lora_op.c) (ORT 1.31.1 has no CPU
    kernel for com.microsoft.PackedMultiHeadAttention). q, k, v: [N, H] (rows of all sequences back
    to back, head h in columns h*d .. h*d+d-1), out likewise; sequence b holds rows cu[b] .. cu[b+1]-1.
    Each (sequence, head) is independent: the caller runs items 0 .. B*heads-1 on its thread pool.
-   fp32, AVX-512; d a multiple of 16 and <= 256. */
+   fp32, AVX-512; any head size d <= 256 (the last 16-float chunk of a head is masked). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -36,16 +36,18 @@ void varlen_attention_item(const float *q, const float *k, const float *v, float
     if (s <= 0) return;
     int64_t padded = (s + 15) & ~(int64_t)15;
     float stack_scores[512], *scores = padded <= 512 ? stack_scores : malloc((size_t)padded * sizeof(float));
-    const int64_t col = h * d, nv = d / 16;
+    const int64_t col = h * d, nv = (d + 15) / 16;
+    const __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : (__mmask16)0xFFFF;
+#define LOAD(ptr, c) ((c) == nv - 1 ? _mm512_maskz_loadu_ps(tail, (ptr)) : _mm512_loadu_ps(ptr))
     for (int64_t i = 0; i < s; i++) {
         const float *qi = q + (start + i) * ld + col;
         __m512 qv[16];
-        for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * c), _mm512_set1_ps(scale));
+        for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(LOAD(qi + 16 * c, c), _mm512_set1_ps(scale));
         float m = -INFINITY;
         for (int64_t j = 0; j < s; j++) {
             const float *kj = k + (start + j) * ld + col;
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+            __m512 acc = _mm512_mul_ps(qv[0], LOAD(kj, 0));
+            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], LOAD(kj + 16 * c, c), acc);
             float sc = _mm512_reduce_add_ps(acc);
             scores[j] = sc;
             if (sc > m) m = sc;
@@ -63,11 +65,13 @@ void varlen_attention_item(const float *q, const float *k, const float *v, float
         for (int64_t j = 0; j < s; j++) {
             const float *vj = v + (start + j) * ld + col;
             __m512 p = _mm512_set1_ps(scores[j]);
-            for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+            for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, LOAD(vj + 16 * c, c), acc[c]);
         }
         float *oi = out + (start + i) * ld + col;
-        for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        for (int64_t c = 0; c < nv - 1; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        _mm512_mask_storeu_ps(oi + 16 * (nv - 1), tail, _mm512_mul_ps(acc[nv - 1], _mm512_set1_ps(inv)));
     }
+#undef LOAD
     if (scores != stack_scores) free(scores);
 }
 

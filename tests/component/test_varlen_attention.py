@@ -1,4 +1,4 @@
-"""WIP (branch wip/packed-graph): the varlen attention kernel against torch SDPA per sequence."""
+"""The varlen attention kernel (runtime/varlen_attention.c) against torch SDPA per sequence."""
 import ctypes
 import os
 import shutil
@@ -22,7 +22,7 @@ def test_varlen_attention_matches_sdpa_per_sequence(tmp_path):
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.varlen_attention.argtypes = [p, p, p, p, i64, p, i64, i64, i64, ctypes.c_float]
     torch.manual_seed(0)
-    for heads, d in ((12, 32), (4, 64)):
+    for heads, d in ((12, 32), (4, 64), (4, 8), (3, 20)):  # head sizes off the 16-float grid too
         lengths = torch.tensor([1, 5, 17, 40, 3, 600])  # 600 > the kernel's 512-score stack buffer
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         n, h = int(cu[-1]), heads * d
