@@ -28,8 +28,10 @@ static inline __m512 exp_nonpos(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld,
-                           const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
+/* masked: a compile-time constant after inlining, so heads of 16k floats take unmasked loads only. */
+static inline __attribute__((always_inline)) void
+attention_item(const int masked, const float *q, const float *k, const float *v, float *out, int64_t ld,
+               const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
 {
     int64_t b = item / heads, h = item % heads;
     int64_t start = cu[b], s = cu[b + 1] - cu[b];
@@ -38,7 +40,7 @@ void varlen_attention_item(const float *q, const float *k, const float *v, float
     float stack_scores[512], *scores = padded <= 512 ? stack_scores : malloc((size_t)padded * sizeof(float));
     const int64_t col = h * d, nv = (d + 15) / 16;
     const __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : (__mmask16)0xFFFF;
-#define LOAD(ptr, c) ((c) == nv - 1 ? _mm512_maskz_loadu_ps(tail, (ptr)) : _mm512_loadu_ps(ptr))
+#define LOAD(ptr, c) (masked && (c) == nv - 1 ? _mm512_maskz_loadu_ps(tail, (ptr)) : _mm512_loadu_ps(ptr))
     for (int64_t i = 0; i < s; i++) {
         const float *qi = q + (start + i) * ld + col;
         __m512 qv[16];
@@ -73,6 +75,15 @@ void varlen_attention_item(const float *q, const float *k, const float *v, float
     }
 #undef LOAD
     if (scores != stack_scores) free(scores);
+}
+
+void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld,
+                           const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
+{
+    if (d % 16)
+        attention_item(1, q, k, v, out, ld, cu, heads, d, scale, item);
+    else
+        attention_item(0, q, k, v, out, ld, cu, heads, d, scale, item);
 }
 
 /* All items on the calling thread (the probe; the ORT op will hand items to ORT's pool). */
