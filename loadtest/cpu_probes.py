@@ -221,6 +221,7 @@ def onnx_profile() -> None:
     """Time by op type for one run, batch 32 x 26 tokens: the shared int8 graph with 32 adapters
     (ranks 4/8/16, all linears), and the per-task merged int8 graph of the bundled sst2 adapter."""
     import numpy as np
+    import torch
 
     from exporters.per_task import export_task
     from loadtest.synthetic import synthetic_adapter
@@ -235,11 +236,9 @@ def onnx_profile() -> None:
     rt.classify([(f"s{i}", SHORT) for i in range(32)])  # loads the 32 slots
     tokens = {"input_ids": np.random.default_rng(0).integers(1000, 2000, (32, 26)).astype(np.int64),
               "attention_mask": np.ones((32, 26), np.int64), "token_type_ids": np.zeros((32, 26), np.int64)}
-    feed = dict(tokens, slot_per_row=np.array(sorted(rt.engine.slot_ranks)[:32], dtype=np.int64),
-                row_lengths=np.full(32, 26, dtype=np.int64))
-    for i, layer in enumerate(rt.engine.layers.values()):
-        feed[f"lora_a_{i}"], feed[f"lora_b_{i}"] = layer.lora_a.numpy(), layer.lora_b.numpy()
-        feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+    feed = rt.engine.batch_feed({k: torch.from_numpy(v) for k, v in tokens.items()},
+                                sorted(rt.engine.slot_ranks)[:32], [26] * 32)
+    feed.update(rt.engine.slot_feed)
     from runtime.ort_lora_op import library_path
 
     _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, f"shared-base int8 ({rt.engine.kernel_name}), "
