@@ -7,6 +7,12 @@ sequence axes; optimum's exporter only knows stock architectures, not graphs wit
 Each slot layer becomes one `adapterserve.SlotLoRA` node (the fused kernel as an ONNX Runtime custom
 op, runtime/ort_lora_op.c; graph inputs add each layer's rank table and the rows' real lengths)
 where that op can be built, else stock Gather/MatMul/Add nodes (`lora_op` in shared_base.json).
+
+Two layouts (`layout` in shared_base.json). "packed" (BERT/RoBERTa with the fused op): every row's
+real tokens back to back as [1, N] inputs with row offsets, `adapterserve.SlotLoRAPacked` and our
+`adapterserve.VarlenAttention`, so a pool of rows of any lengths is one forward with no padding.
+"padded" (DistilBERT, whose attention is not swapped, and the stock-op graph): [rows, T] with an
+attention mask and ORT's MultiHeadAttention where it applies.
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
-/* ONNX Runtime custom op `adapterserve.SlotLoRA`: out = y + each row's LoRA delta, computed by the
-   fused kernel of lora_kernel.c inside an ORT session (the shared-base ONNX engine).
+/* ONNX Runtime custom ops of domain `adapterserve`, for the shared-base ONNX engine:
+   - SlotLoRA: out = y + each row's LoRA delta, computed by the fused kernel of lora_kernel.c;
+   - SlotLoRAPacked: the same over token-packed rows (input 6 holds row offsets [rows + 1] in place
+     of lengths; y/x are [1, N, .]), for the packed graph layout;
+   - VarlenAttention: softmax(q k^T / sqrt(d)) v per (sequence, head) over token-packed q/k/v
+     (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention.
 
    Why: the stock-op graph (Gather each row's A/B out of the slot tensors, then two batched MatMuls
    and an Add) copies r_max x (din + dout) floats per row and layer and runs over padded tokens; on
