@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     rt = Runtime(RuntimeConfig(base_model=args.base_model, slots=args.slots, r_max=args.r_max, engine="onnx",
                                precision="int8" if args.quantize else "fp32", onnx_dir=args.out,
                                lora_kernel={"auto": "auto", "fused": "fused", "stock": "torch"}[args.lora_op]))
-    print(f"wrote {rt.engine.model_dir}")
+    print(f"wrote {rt.engine.model_dir} ({'token-packed' if rt.engine.packed else 'padded'} layout)")
     return 0
 
 

@@ -7,6 +7,12 @@ sequence axes; optimum's exporter only knows stock architectures, not graphs wit
 Each slot layer becomes one `adapterserve.SlotLoRA` node (the fused kernel as an ONNX Runtime custom
 op, runtime/ort_lora_op.c; graph inputs add each layer's rank table and the rows' real lengths)
 where that op can be built, else stock Gather/MatMul/Add nodes (`lora_op` in shared_base.json).
+
+Two layouts (`layout` in shared_base.json). "packed" (BERT/RoBERTa with the fused op): every row's
+real tokens back to back as [1, N] inputs with row offsets, `adapterserve.SlotLoRAPacked` and our
+`adapterserve.VarlenAttention`, so a pool of rows of any lengths is one forward with no padding.
+"padded" (DistilBERT, whose attention is not swapped, and the stock-op graph): [rows, T] with an
+attention mask and ORT's MultiHeadAttention where it applies.
 """
 from __future__ import annotations
 
@@ -89,16 +95,23 @@ def _qkv(attention, hidden_states):
 
 
 class _FusedAttention:
-    """Swaps the self-attention forwards for the fused op while the graph is traced."""
+    """Swaps the self-attention forwards for the fused op while the graph is traced: ORT's
+    MultiHeadAttention over padded rows, or (offsets given) our VarlenAttention over packed tokens."""
 
-    def __init__(self, backbone, key_padding_mask: torch.Tensor) -> None:
+    def __init__(self, backbone, key_padding_mask: Optional[torch.Tensor], offsets: Optional[torch.Tensor] = None) -> None:
         self.modules = _fused_attention_modules(backbone)
         self.mask = key_padding_mask
+        self.offsets = offsets
 
     def __enter__(self):
+        from runtime.ort_lora_op import VarlenAttentionFunction
+
         for m in self.modules:
             def forward(hidden_states, *args, _m=m, **kwargs):
                 q, k, v = _qkv(_m, hidden_states)
+                if self.offsets is not None:
+                    heads = torch.tensor([_m.num_attention_heads])
+                    return VarlenAttentionFunction.apply(q, k, v, self.offsets, heads), None
                 return _MultiHeadAttention.apply(q, k, v, self.mask, _m.num_attention_heads, _m.all_head_size), None
             m.forward = forward
         return self
@@ -135,8 +148,63 @@ class _SharedBaseGraph(nn.Module):
         return out.last_hidden_state[:, 0]
 
 
-def input_names(engine: TorchEngine, fused_op: bool) -> list[str]:
-    names = ["input_ids", "attention_mask", "token_type_ids", "slot_per_row", "row_lengths"]
+class _PackedSharedBaseGraph(nn.Module):
+    """The same encoder over token-packed rows: every token of every row in one [1, N] run, so no
+    padded position is computed and a whole pool is one forward. Attention stays within each row
+    (adapterserve.VarlenAttention); the pooler reads each row's first token."""
+
+    def __init__(self, engine: TorchEngine, uses_token_types: bool) -> None:
+        super().__init__()
+        self.engine = engine
+        self.backbone = engine.base.backbone
+        self.names = list(engine.layers)
+        self.uses_token_types = uses_token_types
+
+    def forward(self, input_ids, position_ids, token_type_ids, offsets, slot_per_row, *slot_tensors):
+        tensors = {n: (slot_tensors[3 * i], slot_tensors[3 * i + 1]) for i, n in enumerate(self.names)}
+        r8 = {n: slot_tensors[3 * i + 2] for i, n in enumerate(self.names)}
+        lengths = offsets[1:] - offsets[:-1]
+        self.engine.context.traced = TracedSlots(slot_per_row, tensors, True, r8, lengths, offsets)
+        try:
+            kwargs = {"input_ids": input_ids, "position_ids": position_ids}
+            if self.uses_token_types:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = self.backbone.embeddings(**kwargs)
+            with _FusedAttention(self.backbone, None, offsets):
+                hidden = self.backbone.encoder(hidden)[0]
+            first = hidden[0].index_select(0, offsets[:-1])  # [B, H]: each row's first token
+            if self.engine.base.family.uses_pooler:
+                return self.backbone.pooler(first.unsqueeze(1))
+            return first
+        finally:
+            self.engine.context.traced = None
+
+
+PACKED_INPUTS = ["input_ids", "position_ids", "token_type_ids", "row_offsets", "slot_per_row"]
+
+
+def packed_applies(engine: TorchEngine) -> Optional[str]:
+    """None when the token-packed graph can be exported for this base, else why not."""
+    attention = _fused_attention_modules(engine.base.backbone)
+    layers = getattr(getattr(engine.base.backbone, "encoder", None), "layer", None)
+    if not attention or layers is None or len(attention) != len(layers):
+        return f"the {engine.base.family.name} attention is not one the packed graph can swap"
+    for m in attention:
+        if m.all_head_size // m.num_attention_heads > 256:
+            return "attention head size above 256"
+    return None
+
+
+def position_offset(engine: TorchEngine) -> int:
+    """First position id of a row: RoBERTa counts from its padding index + 1, BERT from 0."""
+    if engine.base.family.name == "roberta":
+        return int(engine.base.backbone.config.pad_token_id) + 1
+    return 0
+
+
+def input_names(engine: TorchEngine, fused_op: bool, packed: bool = False) -> list[str]:
+    names = list(PACKED_INPUTS) if packed else ["input_ids", "attention_mask", "token_type_ids", "slot_per_row",
+                                                 "row_lengths"]
     for i in range(len(engine.layers)):
         names += [f"lora_a_{i}", f"lora_b_{i}"] + ([f"lora_r8_{i}"] if fused_op else [])
     return names
@@ -157,9 +225,10 @@ def fused_op_applies(engine: TorchEngine) -> Optional[str]:
 
 
 def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: Optional[str] = None,
-                       optimize: bool = True, lora_op: str = "auto") -> str:
+                       optimize: bool = True, lora_op: str = "auto", packed: Optional[bool] = None) -> str:
     """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path.
-    lora_op: "auto" (the fused op where it applies), "fused" (refuse if it does not), "stock"."""
+    lora_op: "auto" (the fused op where it applies), "fused" (refuse if it does not), "stock".
+    packed: token-packed rows (None: wherever the fused op and the attention swap apply)."""
     if engine.base.precision not in ("fp32",):
         raise ValueError(f"export the shared base from an fp32 base, not {engine.base.precision}; "
                          "use --quantize int8 for an int8 graph")
@@ -173,29 +242,17 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         if why_not:
             log.warning("shared graph uses stock ops for LoRA: %s", why_not)
         fused = why_not is None
+    why_not_packed = "the fused LoRA op is not used" if not fused else packed_applies(engine)
+    if packed and why_not_packed:
+        raise ValueError(f"the token-packed graph cannot be exported: {why_not_packed}")
+    packed = why_not_packed is None if packed is None else packed
     os.makedirs(out_dir, exist_ok=True)
     uses_types = "token_type_ids" in tokenizer.model_input_names
-    graph = _SharedBaseGraph(engine, uses_types, fused).eval()
-    batch, seq = 2, 8
-    ids = torch.ones(batch, seq, dtype=torch.long)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    types = torch.zeros(batch, seq, dtype=torch.long)
-    slots = torch.tensor([0, 1], dtype=torch.long)
-    lengths = torch.full((batch,), seq, dtype=torch.long)
-    slot_tensors = []
-    for layer in engine.layers.values():
-        slot_tensors += [layer.lora_a, layer.lora_b] + ([layer.slot_r8] if fused else [])
-    names = input_names(engine, fused)
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"},
-               "row_lengths": {0: "batch"}, "features": {0: "batch"}}
-    for n in names[5:]:
-        dynamic[n] = {0: "slots"}
     fp32_path = os.path.join(out_dir, "model_fp32.onnx")
-    with torch.no_grad():
-        torch.onnx.export(graph, (ids, mask, types, slots, lengths, *slot_tensors), fp32_path, input_names=names,
-                          output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True, custom_opsets={"adapterserve": 1, "com.microsoft": 1} if fused else {"com.microsoft": 1})
+    if packed:
+        _export_packed(engine, uses_types, fp32_path)
+    else:
+        _export_padded(engine, uses_types, fused, fp32_path)
     path = fp32_path
     if optimize:
         path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"), fused)
@@ -217,10 +274,59 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         "lora_op_abi": OP_ABI if fused else None,
         "layers": [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in engine.layers.items()],
         "uses_token_types": uses_types,
+        # "packed": rows' tokens back to back ([1, N] inputs, row_offsets); "padded": [B, T] rows.
+        "layout": "packed" if packed else "padded",
+        "position_offset": position_offset(engine),
     }
     with open(os.path.join(out_dir, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1)
     return final
+
+
+def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
+    graph = _PackedSharedBaseGraph(engine, uses_types).eval()
+    lengths = [3, 5]
+    n = sum(lengths)
+    ids = torch.ones(1, n, dtype=torch.long)
+    positions = torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0) + position_offset(engine)
+    types = torch.zeros(1, n, dtype=torch.long)
+    offsets = torch.tensor([0, 3, 8], dtype=torch.long)
+    slots = torch.tensor([0, 1], dtype=torch.long)
+    slot_tensors = []
+    for layer in engine.layers.values():
+        slot_tensors += [layer.lora_a, layer.lora_b, layer.slot_r8]
+    names = input_names(engine, True, packed=True)
+    dynamic = {"input_ids": {1: "tokens"}, "position_ids": {1: "tokens"}, "token_type_ids": {1: "tokens"},
+               "row_offsets": {0: "rows_plus_one"}, "slot_per_row": {0: "rows"}, "features": {0: "rows"}}
+    for name in names[len(PACKED_INPUTS):]:
+        dynamic[name] = {0: "slots"}
+    with torch.no_grad():
+        torch.onnx.export(graph, (ids, positions, types, offsets, slots, *slot_tensors), path, input_names=names,
+                          output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True, custom_opsets={"adapterserve": 1})
+
+
+def _export_padded(engine: TorchEngine, uses_types: bool, fused: bool, fp32_path: str) -> None:
+    graph = _SharedBaseGraph(engine, uses_types, fused).eval()
+    batch, seq = 2, 8
+    ids = torch.ones(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    types = torch.zeros(batch, seq, dtype=torch.long)
+    slots = torch.tensor([0, 1], dtype=torch.long)
+    lengths = torch.full((batch,), seq, dtype=torch.long)
+    slot_tensors = []
+    for layer in engine.layers.values():
+        slot_tensors += [layer.lora_a, layer.lora_b] + ([layer.slot_r8] if fused else [])
+    names = input_names(engine, fused)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"},
+               "row_lengths": {0: "batch"}, "features": {0: "batch"}}
+    for n in names[5:]:
+        dynamic[n] = {0: "slots"}
+    with torch.no_grad():
+        torch.onnx.export(graph, (ids, mask, types, slots, lengths, *slot_tensors), fp32_path, input_names=names,
+                          output_names=["features"], dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True, custom_opsets={"adapterserve": 1, "com.microsoft": 1} if fused else {"com.microsoft": 1})
 
 
 def _optimize(path: str, engine: TorchEngine, out: str, fused_op: bool) -> str:

@@ -10,6 +10,7 @@
     python -m loadtest.cpu_probes onnx-threads  # the shared int8 graph's time by op type, 1 vs 2 threads
     python -m loadtest.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
     python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
+    python -m loadtest.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -221,6 +222,7 @@ def onnx_profile() -> None:
     """Time by op type for one run, batch 32 x 26 tokens: the shared int8 graph with 32 adapters
     (ranks 4/8/16, all linears), and the per-task merged int8 graph of the bundled sst2 adapter."""
     import numpy as np
+    import torch
 
     from exporters.per_task import export_task
     from loadtest.synthetic import synthetic_adapter
@@ -235,11 +237,9 @@ def onnx_profile() -> None:
     rt.classify([(f"s{i}", SHORT) for i in range(32)])  # loads the 32 slots
     tokens = {"input_ids": np.random.default_rng(0).integers(1000, 2000, (32, 26)).astype(np.int64),
               "attention_mask": np.ones((32, 26), np.int64), "token_type_ids": np.zeros((32, 26), np.int64)}
-    feed = dict(tokens, slot_per_row=np.array(sorted(rt.engine.slot_ranks)[:32], dtype=np.int64),
-                row_lengths=np.full(32, 26, dtype=np.int64))
-    for i, layer in enumerate(rt.engine.layers.values()):
-        feed[f"lora_a_{i}"], feed[f"lora_b_{i}"] = layer.lora_a.numpy(), layer.lora_b.numpy()
-        feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+    feed = rt.engine.batch_feed({k: torch.from_numpy(v) for k, v in tokens.items()},
+                                sorted(rt.engine.slot_ranks)[:32], [26] * 32)
+    feed.update(rt.engine.slot_feed)
     from runtime.ort_lora_op import library_path
 
     _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, f"shared-base int8 ({rt.engine.kernel_name}), "
@@ -388,9 +388,44 @@ def open_loop() -> None:
         server.stop()
 
 
+def varlen_attention() -> None:
+    """One attention layer over 32 SST-2-like sequences (12 heads x 32, lengths 5-55) on one thread:
+    the packed graph's varlen kernel (from the built ORT op library) against torch SDPA padded to the
+    longest sequence with a key mask (what a padded batch pays)."""
+    import ctypes
+
+    from runtime.ort_lora_op import library_path
+
+    path = library_path()
+    if path is None:
+        print("the ORT op library cannot be built here (needs gcc and AVX-512)")
+        return
+    lib = ctypes.CDLL(path)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.varlen_attention.argtypes = [p, p, p, p, i64, p, i64, i64, i64, ctypes.c_float]
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    heads, d, rows = 12, 32, 32
+    width = heads * d
+    lengths = torch.randint(5, 56, (rows,))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    q, k, v = (torch.randn(int(offsets[-1]), width) for _ in range(3))
+    out = torch.zeros_like(q)
+    us = _median_us(lambda: lib.varlen_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), width,
+                                                 offsets.data_ptr(), rows, heads, d, d ** -0.5), n=50, warm=3)
+    longest = int(lengths.max())
+    qp = torch.randn(rows, heads, longest, d)
+    mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    us_padded = _median_us(lambda: sdpa(qp, qp, qp, attn_mask=mask), n=50, warm=3)
+    print(f"{int(offsets[-1])} tokens in {rows} sequences, 1 thread: varlen kernel {us / 1000:.3f} ms; "
+          f"torch SDPA padded to {longest}: {us_padded / 1000:.3f} ms")
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
-          "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads}
+          "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
+          "varlen-attention": varlen_attention}
 
 
 def main(argv=None) -> int:

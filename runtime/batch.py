@@ -48,10 +48,14 @@ class SlotContext(threading.local):
 
 class TracedSlots:
     def __init__(self, slot_per_row: torch.Tensor, tensors: dict, fused_op: bool = False,
-                 slot_r8: Optional[dict] = None, row_lengths: Optional[torch.Tensor] = None) -> None:
+                 slot_r8: Optional[dict] = None, row_lengths: Optional[torch.Tensor] = None,
+                 offsets: Optional[torch.Tensor] = None) -> None:
         self.slot_per_row = slot_per_row  # [B] int64
         self.tensors = tensors  # layer name -> (A [slots, r_max, d_in], B [slots, r_max, d_out])
         # With the ONNX Runtime LoRA op: layer name -> [slots] int64 rank table, and [B] real lengths.
         self.fused_op = fused_op
         self.slot_r8 = slot_r8 or {}
         self.row_lengths = row_lengths
+        # Token-packed graph: the rows' token offsets [B + 1] into one [1, N, d] run of tokens; 3-D
+        # slot layers then become adapterserve.SlotLoRAPacked nodes (the pooler, [B, d], stays SlotLoRA).
+        self.offsets = offsets

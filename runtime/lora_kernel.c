@@ -61,6 +61,9 @@ typedef struct {
     int64_t T, din, dout;
     const float *A, *B; int64_t r_max;
     const int64_t *slot_r8, *slot, *len;
+    /* Token-packed rows (the packed ONNX graph): row b is tokens offsets[b] .. offsets[b+1]-1 of one
+       [N, d] sequence of tokens; x_row, y_row, T and len are unused. NULL: rows of T tokens each. */
+    const int64_t *offsets;
 } LoraArgs;
 
 static void lora_row(const LoraArgs *p, int64_t b)
@@ -73,6 +76,11 @@ static void lora_row(const LoraArgs *p, int64_t b)
     int64_t n_tok = (p->len && p->len[b] < p->T) ? p->len[b] : p->T, t = 0;
     const float *xb = p->x + b * p->x_row;
     float *yb = p->y + b * p->y_row;
+    if (p->offsets) {
+        n_tok = p->offsets[b + 1] - p->offsets[b];
+        xb = p->x + p->offsets[b] * p->x_tok;
+        yb = p->y + p->offsets[b] * p->y_tok;
+    }
     int64_t xt = p->x_tok, yt = p->y_tok;
     for (; t + 1 < n_tok; t += 2)
         lora_tokens(2, xb + t * xt, xb + (t + 1) * xt, yb + t * yt, yb + (t + 1) * yt, p->din, p->dout, As, Bs, r8);
@@ -90,7 +98,7 @@ void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y
                const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
                const int64_t *slot, const int64_t *len, int nthreads)
 {
-    LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len};
+    LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len, NULL};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < rows; b++)
         lora_row(&p, b);

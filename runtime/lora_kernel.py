@@ -81,11 +81,13 @@ _lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable
 
 
-def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
+def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so",
+          includes: tuple = ()) -> str:
     """Compile the kernel (or reuse a cached build); returns the shared library's path. source_path
-    may #include lora_kernel.c (the ONNX Runtime op does), so the cache key covers both files."""
+    may #include lora_kernel.c and the files in `includes` (the ONNX Runtime ops do), so the cache
+    key covers them all."""
     source = b""
-    for p in dict.fromkeys([source_path, SOURCE]):
+    for p in dict.fromkeys([source_path, SOURCE, *includes]):
         with open(p, "rb") as fh:
             source += fh.read()
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

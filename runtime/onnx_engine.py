@@ -24,7 +24,8 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 3  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input
+GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
+# 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies
 
 
 def default_providers() -> list[str]:
@@ -86,18 +87,21 @@ class OnnxEngine:
             options.register_custom_ops_library(path)
         providers = providers or default_providers()
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
-        self.names = input_names(slots_from, self.fused_op)
+        # "packed": each forward is one run of the rows' real tokens back to back (no padding).
+        self.packed = meta.get("layout") == "packed"
+        self.position_offset = int(meta.get("position_offset", 0))
+        self.names = input_names(slots_from, self.fused_op, self.packed)
         # build_info's lora_path: the fused kernel as an ORT op, or stock Gather/MatMul nodes.
         self.kernel_name = "onnx-op" if self.fused_op else "onnx-graph"
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
         # The slot buffers are only ever written in place (copy_), so their numpy views are made once
         # here, not per forward: every forward feeds the same arrays, whose contents the registry changes.
-        self._slot_feed = {}
+        self.slot_feed = {}
         for i, layer in enumerate(slots_from.layers.values()):
-            self._slot_feed[f"lora_a_{i}"] = layer.lora_a.numpy()
-            self._slot_feed[f"lora_b_{i}"] = layer.lora_b.numpy()
-            self._slot_feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
-        self._slot_feed = {k: v for k, v in self._slot_feed.items() if k in self.graph_inputs}
+            self.slot_feed[f"lora_a_{i}"] = layer.lora_a.numpy()
+            self.slot_feed[f"lora_b_{i}"] = layer.lora_b.numpy()
+            self.slot_feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+        self.slot_feed = {k: v for k, v in self.slot_feed.items() if k in self.graph_inputs}
         # The slot inputs (111 on MiniLM) are bound once per model thread (an IOBinding is not shared between
         # threads); a forward binds only its few per-batch inputs. Passing every input to run() each
         # time cost ~150 us per forward (0.86 -> 0.71 ms for one 4-token text, docs/benchmarks.md).
@@ -144,8 +148,25 @@ class OnnxEngine:
     def unmerge(self) -> None:
         pass
 
-    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
-               lengths: Optional[list[int]] = None) -> torch.Tensor:
+    def batch_feed(self, inputs: dict[str, torch.Tensor], slots: list[int],
+                   lengths: Optional[list[int]] = None) -> dict:
+        """The graph's per-batch inputs for a padded batch (padding on the right); with `slot_feed`
+        they are every input the graph takes. Packed layout: the rows' real tokens back to back,
+        each row's position ids from its own start, and the rows' offsets."""
+        if self.packed:
+            mask = inputs["attention_mask"].numpy().astype(bool)
+            counts = mask.sum(axis=1)
+            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            n = int(offsets[-1])
+            positions = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], counts) + self.position_offset
+            feed = {"input_ids": inputs["input_ids"].numpy()[mask][None], "position_ids": positions[None],
+                    "row_offsets": offsets, "slot_per_row": np.asarray(slots, dtype=np.int64)}
+            if "token_type_ids" in self.graph_inputs:
+                types = inputs.get("token_type_ids")
+                feed["token_type_ids"] = (types.numpy()[mask][None] if types is not None
+                                          else np.zeros((1, n), dtype=np.int64))
+            return feed
         feed = {
             "input_ids": inputs["input_ids"].numpy(),
             "attention_mask": inputs["attention_mask"].numpy(),
@@ -158,10 +179,17 @@ class OnnxEngine:
         if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
             feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
+        return feed
+
+    def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
+               lengths: Optional[list[int]] = None) -> torch.Tensor:
+        return self._run(self.batch_feed(inputs, slots, lengths))
+
+    def _run(self, feed: dict) -> torch.Tensor:
         binding = getattr(self._bindings, "value", None)
         if binding is None:
             binding = self.session.io_binding()
-            for name, array in self._slot_feed.items():
+            for name, array in self.slot_feed.items():
                 binding.bind_cpu_input(name, array)  # the slot buffers' own memory: slot writes reach it
             self._bindings.value = binding
         for name, array in feed.items():

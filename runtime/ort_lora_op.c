@@ -1,5 +1,9 @@
-/* ONNX Runtime custom op `adapterserve.SlotLoRA`: out = y + each row's LoRA delta, computed by the
-   fused kernel of lora_kernel.c inside an ORT session (the shared-base ONNX engine).
+/* ONNX Runtime custom ops of domain `adapterserve`, for the shared-base ONNX engine:
+   - SlotLoRA: out = y + each row's LoRA delta, computed by the fused kernel of lora_kernel.c;
+   - SlotLoRAPacked: the same over token-packed rows (input 6 holds row offsets [rows + 1] in place
+     of lengths; y/x are [1, N, .]), for the packed graph layout;
+   - VarlenAttention: softmax(q k^T / sqrt(d)) v per (sequence, head) over token-packed q/k/v
+     (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention.
 
    Why: the stock-op graph (Gather each row's A/B out of the slot tensors, then two batched MatMuls
    and an Add) copies r_max x (din + dout) floats per row and layer and runs over padded tokens; on
@@ -26,8 +30,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #include "lora_kernel.c"
+#include "varlen_attention.c"
 
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtValue OrtValue;
@@ -90,7 +96,7 @@ enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 8 };
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 3; }
+int adapterserve_ort_abi(void) { return 4; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -135,17 +141,25 @@ typedef struct {
     int64_t y_width, y_offset;  /* y's last dim and this node's first column in it */
 } RowTask;
 
+/* Output tokens [t0, t1) from the base projection (this node's columns of it). */
+static void copy_tokens(const RowTask *task, int64_t t0, int64_t t1)
+{
+    const LoraArgs *p = &task->lora;
+    if (task->y_width == p->dout) {  /* one block */
+        memmove(p->y + t0 * p->dout, task->y + t0 * p->dout, (size_t)((t1 - t0) * p->dout) * sizeof(float));
+        return;
+    }
+    for (int64_t t = t0; t < t1; t++)
+        memmove(p->y + t * p->dout, task->y + t * task->y_width + task->y_offset, (size_t)p->dout * sizeof(float));
+}
+
 static void copy_row(const RowTask *task, int64_t row)
 {
     const LoraArgs *p = &task->lora;
-    if (task->y_width == p->dout) {  /* one slice per row */
-        memmove(p->y + row * p->y_row, task->y + row * p->y_row, (size_t)p->y_row * sizeof(float));
-        return;
-    }
-    int64_t tokens = p->y_row / p->dout;
-    for (int64_t t = 0; t < tokens; t++)
-        memmove(p->y + (row * tokens + t) * p->dout, task->y + (row * tokens + t) * task->y_width + task->y_offset,
-                (size_t)p->dout * sizeof(float));
+    if (p->offsets)
+        copy_tokens(task, p->offsets[row], p->offsets[row + 1]);
+    else
+        copy_tokens(task, row * p->T, (row + 1) * p->T);
 }
 
 static void row_task(void *args, size_t row)
@@ -156,23 +170,25 @@ static void row_task(void *args, size_t row)
     lora_row(&task->lora, (int64_t)row);
 }
 
-static void compute(void *kernel, OrtKernelContext *ctx)
+/* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
+   [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths). */
+static void compute(OrtKernelContext *ctx, int packed)
 {
-    (void)kernel;
-    int64_t ydims[3], xdims[3], adims[3], bdims[3];
-    size_t yn, xn, an, bn;
+    int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
+    size_t yn, xn, an, bn, sn;
     const float *y = input(ctx, 0, ydims, &yn);
     const float *x = input(ctx, 1, xdims, &xn);
     const float *a = input(ctx, 2, adims, &an);
     const float *b = input(ctx, 3, bdims, &bn);
     const int64_t *r8 = input(ctx, 4, NULL, NULL);
-    const int64_t *slot = input(ctx, 5, NULL, NULL);
+    const int64_t *slot = input(ctx, 5, sdims, &sn);
     const int64_t *len = input(ctx, 6, NULL, NULL);
     const int64_t y_offset = *(const int64_t *)input(ctx, 7, NULL, NULL);
-    int64_t rows = ydims[0], T = yn == 3 ? ydims[1] : 1;
+    int64_t rows = packed ? sdims[0] : ydims[0], T = yn == 3 ? ydims[1] : 1;
     int64_t din = xdims[xn - 1], y_width = ydims[yn - 1], dout = bdims[2];
     if (xn != yn || an != 3 || bn != 3 || adims[2] != din || adims[1] > MAX_R || y_offset < 0
-        || y_offset + dout > y_width || xdims[0] != rows || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16) {
+        || y_offset + dout > y_width || xdims[0] != ydims[0] || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16
+        || (packed && (yn != 3 || ydims[0] != 1 || len[rows] != T)) || (!packed && xdims[0] != rows)) {
         fprintf(stderr, "adapterserve.SlotLoRA: inconsistent shapes (x %zu-d, A %zu-d)\n", xn, an);
         abort();
     }
@@ -183,7 +199,7 @@ static void compute(void *kernel, OrtKernelContext *ctx)
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                     a, b, adims[1], r8, slot, len}, y, y_width, y_offset};
+                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset};
     if (out == y) {
         /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
@@ -201,15 +217,72 @@ static void compute(void *kernel, OrtKernelContext *ctx)
     }
 }
 
+static void compute_padded(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 0); }
+static void compute_packed(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 1); }
+
+/* adapterserve.VarlenAttention: q, k, v [1, N, H] of token-packed sequences, offsets [B + 1],
+   num_heads int64 [1]; out [1, N, H]. Softmax(q k^T / sqrt(d)) v within each sequence
+   (varlen_attention.c), one (sequence, head) per task on ORT's pool. */
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    int64_t ld, heads, d;
+    const int64_t *offsets;
+    float scale;
+} AttentionTask;
+
+static void attention_task(void *args, size_t item)
+{
+    const AttentionTask *t = args;
+    varlen_attention_item(t->q, t->k, t->v, t->out, t->ld, t->offsets, t->heads, t->d, t->scale, (int64_t)item);
+}
+
+static void compute_attention(void *kernel, OrtKernelContext *ctx)
+{
+    (void)kernel;
+    int64_t qdims[3], kdims[3], vdims[3], odims[3];
+    size_t qn, kn, vn, on;
+    const float *q = input(ctx, 0, qdims, &qn);
+    const float *k = input(ctx, 1, kdims, &kn);
+    const float *v = input(ctx, 2, vdims, &vn);
+    const int64_t *offsets = input(ctx, 3, odims, &on);
+    const int64_t heads = *(const int64_t *)input(ctx, 4, NULL, NULL);
+    int64_t batch = odims[0] - 1, n = qdims[1], width = qdims[2];
+    if (qn != 3 || kn != 3 || vn != 3 || on != 1 || qdims[0] != 1 || heads <= 0 || width % heads
+        || width / heads > 256 || batch < 0 || offsets[batch] != n
+        || memcmp(qdims, kdims, sizeof qdims) || memcmp(qdims, vdims, sizeof qdims)) {
+        fprintf(stderr, "adapterserve.VarlenAttention: inconsistent shapes\n");
+        abort();
+    }
+    OrtValue *out_value;
+    float *out;
+    check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, qdims, 3, &out_value), "KernelContext_GetOutput");
+    check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
+    int64_t d = width / heads;
+    AttentionTask task = {q, k, v, out, width, heads, d, offsets, 1.0f / sqrtf((float)d)};
+    size_t items = (size_t)(batch * heads);
+    if (has_parallel_for && items > 1) {
+        check(CALL(API_KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn, ctx, attention_task, items, items, &task),
+              "KernelContext_ParallelFor");
+    } else {
+        for (size_t item = 0; item < items; item++)
+            attention_task(&task, item);
+    }
+}
+
 static void *create_kernel(const CustomOp *op, const void *api_, const void *info)
 {
     (void)op; (void)api_; (void)info;
     return (void *)1;  /* stateless */
 }
 static const char *op_name(const CustomOp *op) { (void)op; return "SlotLoRA"; }
+static const char *packed_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPacked"; }
+static const char *attention_op_name(const CustomOp *op) { (void)op; return "VarlenAttention"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
+static int attention_input_type(const CustomOp *op, size_t i) { (void)op; return i < 3 ? ELEM_FLOAT : ELEM_INT64; }
+static size_t attention_input_count(const CustomOp *op) { (void)op; return 5; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }
 static void destroy_kernel(void *kernel) { (void)kernel; }
@@ -232,8 +305,18 @@ static size_t no_aliases(int **input_index, int **output_index) { *input_index =
 
 static CustomOp slot_lora_op = {
     21, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
-    compute, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    compute_padded, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
     start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+};
+static CustomOp slot_lora_packed_op = {
+    21, create_kernel, packed_op_name, op_provider, input_type, input_count, output_type, output_count,
+    compute_packed, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+};
+static CustomOp varlen_attention_op = {
+    21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
+    output_count, compute_attention, destroy_kernel, required, required, default_memory, one, one, one, one, NULL,
+    NULL, NULL, start_version, end_version, no_aliases, release_pairs, no_aliases, release_pairs,
 };
 
 typedef OrtStatus *(*create_domain_fn)(const char *, void **);
@@ -250,7 +333,10 @@ OrtStatus *RegisterCustomOps(void *options, const ApiBase *base)
     void *domain;
     OrtStatus *s = CALL(API_CREATE_CUSTOM_OP_DOMAIN, create_domain_fn, "adapterserve", &domain);
     if (s) return s;
-    s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, &slot_lora_op);
-    if (s) return s;
+    CustomOp *ops[] = {&slot_lora_op, &slot_lora_packed_op, &varlen_attention_op};
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++) {
+        s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, ops[i]);
+        if (s) return s;
+    }
     return CALL(API_ADD_CUSTOM_OP_DOMAIN, add_domain_fn, options, domain);
 }

@@ -17,9 +17,12 @@ from runtime import lora_kernel
 
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c")
+ATTENTION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "varlen_attention.c")
 DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
-ABI = 3
+PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
+ATTENTION_OP_TYPE = "VarlenAttention"
+ABI = 4
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 
@@ -27,7 +30,7 @@ _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> w
 def library_path() -> Optional[str]:
     """Path of the built op library, or None when it cannot be built here (reason: unavailable_reason())."""
     def make() -> str:
-        path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so")
+        path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so", includes=(ATTENTION_SOURCE,))
         if ctypes.CDLL(path).adapterserve_ort_abi() != ABI:
             raise OSError(f"{path} has a different op ABI")
         return path
@@ -57,3 +60,40 @@ class SlotLoRAFunction(torch.autograd.Function):
         # Same dtype and rank as y; the last dim may be narrower (packed y), so sizes are left unknown.
         rank = y.type().dim()
         return out.setType(y.type().with_sizes([None] * rank) if rank is not None else y.type())
+
+
+class SlotLoRAPackedFunction(torch.autograd.Function):
+    """Export-time only: adapterserve.SlotLoRAPacked over one [1, N, d] run of token-packed rows
+    (row b is tokens offsets[b] .. offsets[b+1]-1); the forward is the reference the op must equal."""
+
+    @staticmethod
+    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset):  # noqa: ARG004 - ctx unused
+        from runtime.slot_layers import gathered_delta
+
+        per_token = torch.repeat_interleave(slot_per_row, offsets[1:] - offsets[:-1])
+        delta = gathered_delta(x[0], a, b, per_token)  # each token as its own row
+        return (y.narrow(-1, int(y_offset[0]), b.shape[-1])[0] + delta).unsqueeze(0)
+
+    @staticmethod
+    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset):
+        out = g.op(f"{DOMAIN}::{PACKED_OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, offsets, y_offset)
+        return out.setType(y.type().with_sizes([None] * 3))
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Export-time only: adapterserve.VarlenAttention, softmax(q k^T / sqrt(d)) v within each of the
+    token-packed sequences of q, k, v [1, N, H] (runtime/varlen_attention.c)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, num_heads):  # noqa: ARG004 - ctx unused
+        heads = int(num_heads[0])
+        out = torch.empty_like(q)
+        bounds = offsets.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            qh, kh, vh = (z[0, s:e].view(e - s, heads, -1).transpose(0, 1) for z in (q, k, v))
+            out[0, s:e] = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(0, 1).reshape(e - s, -1)
+        return out
+
+    @staticmethod
+    def symbolic(g, q, k, v, offsets, num_heads):
+        return g.op(f"{DOMAIN}::{ATTENTION_OP_TYPE}", q, k, v, offsets, num_heads).setType(q.type())

@@ -27,7 +27,7 @@ from runtime.config import RuntimeConfig
 from runtime.engine import TorchEngine
 from runtime.errors import ConfigError, InvalidInputError, NotSupportedError
 from runtime.host_tier import HostTier
-from runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, plan_groups
+from runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, PACKED_OVERHEAD_TOKENS, plan_groups
 from runtime.slots import SlotTable
 from runtime.tokenization import Encoded, TextEncoder
 
@@ -110,6 +110,9 @@ class Runtime:
         self.forward_overhead_tokens = self.config.forward_overhead_tokens
         if self.forward_overhead_tokens is None:
             self.forward_overhead_tokens = GPU_OVERHEAD_TOKENS if self.base.device.type == "cuda" else CPU_OVERHEAD_TOKENS
+            if getattr(self.engine, "packed", False):
+                # Packed rows compute no padding: splitting a pool saves nothing, so keep it whole.
+                self.forward_overhead_tokens = PACKED_OVERHEAD_TOKENS
         self._entries_by_key: dict[int, AdapterEntry] = {}
         self.slot_table = SlotTable(
             self.config.slots,

@@ -100,8 +100,11 @@ class SlotLoRALinear(nn.Module):
         a_all, b_all = traced.tensors[self.name]
         idx = traced.slot_per_row
         if traced.fused_op:
-            from runtime.ort_lora_op import SlotLoRAFunction
+            from runtime.ort_lora_op import SlotLoRAFunction, SlotLoRAPackedFunction
 
+            if traced.offsets is not None and x.dim() == 3:
+                return SlotLoRAPackedFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.offsets,
+                                                    torch.tensor([y_offset]))
             return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths,
                                           torch.tensor([y_offset]))
         assert y_offset == 0, "stock-op graphs get their q/k/v split before the LoRA nodes"

@@ -23,11 +23,19 @@ def max_diff(a, b):
 def lora_op_nodes(path) -> int:
     import onnx
 
-    return sum(n.op_type == "SlotLoRA" and n.domain == "adapterserve" for n in onnx.load(str(path)).graph.node)
+    return sum(n.op_type in ("SlotLoRA", "SlotLoRAPacked") and n.domain == "adapterserve"
+               for n in onnx.load(str(path)).graph.node)
 
 
-# "auto": each slot layer is one adapterserve.SlotLoRA node (the fused kernel as an ORT custom op);
-# "torch": stock Gather/MatMul/Add nodes. Both must equal the torch engine.
+def op_count(path, op_type) -> int:
+    import onnx
+
+    return sum(n.op_type == op_type for n in onnx.load(str(path)).graph.node)
+
+
+# "auto": each slot layer is one adapterserve.SlotLoRA node (the fused kernel as an ORT custom op), and
+# BERT/RoBERTa get the token-packed graph (SlotLoRAPacked nodes, VarlenAttention, rows back to back);
+# "torch": stock Gather/MatMul/Add nodes over padded rows. All must equal the torch engine.
 @pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
 def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora_kernel):
@@ -46,8 +54,13 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     # BERT/RoBERTa attention is ORT's fused MultiHeadAttention (one per layer); DistilBERT keeps stock ops.
     import onnx
 
-    mha = sum(n.op_type == "MultiHeadAttention" for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node)
-    assert mha == (0 if family == "distilbert" else 2)
+    model = tmp_path / "onnx" / "model.onnx"
+    packed = fused and family != "distilbert"
+    assert onnx_rt.engine.packed == packed
+    assert op_count(model, "VarlenAttention") == (2 if packed else 0)
+    encoder_layers = sum("pooler" not in name for name in onnx_rt.engine.layers)  # the pooler sees [B, d] rows
+    assert op_count(model, "SlotLoRAPacked") == (encoder_layers if packed else 0)
+    assert op_count(model, "MultiHeadAttention") == (0 if family == "distilbert" or packed else 2)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())

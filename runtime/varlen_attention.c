@@ -1,0 +1,95 @@
+/* Self-attention over token-packed sequences, for the token-packed shared ONNX graph (the
+   adapterserve.VarlenAttention op in ort_lora_op.c) (ORT 1.31.1 has no CPU
+   kernel for com.microsoft.PackedMultiHeadAttention). q, k, v: [N, H] (rows of all sequences back
+   to back, head h in columns h*d .. h*d+d-1), out likewise; sequence b holds rows cu[b] .. cu[b+1]-1.
+   Each (sequence, head) is independent: the caller runs items 0 .. B*heads-1 on its thread pool.
+   fp32, AVX-512; any head size d <= 256 (the last 16-float chunk of a head is masked). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <immintrin.h>
+
+/* exp(x) for x <= 0 (scores minus their row max): 2^n * p(r), r = x - n ln2, |r| <= ln2/2, degree-6
+   Taylor polynomial (relative error ~2e-7), scaled by vscalefps. */
+static inline __m512 exp_nonpos(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* masked: a compile-time constant after inlining, so heads of 16k floats take unmasked loads only. */
+static inline __attribute__((always_inline)) void
+attention_item(const int masked, const float *q, const float *k, const float *v, float *out, int64_t ld,
+               const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
+{
+    int64_t b = item / heads, h = item % heads;
+    int64_t start = cu[b], s = cu[b + 1] - cu[b];
+    if (s <= 0) return;
+    int64_t padded = (s + 15) & ~(int64_t)15;
+    float stack_scores[512], *scores = padded <= 512 ? stack_scores : malloc((size_t)padded * sizeof(float));
+    const int64_t col = h * d, nv = (d + 15) / 16;
+    const __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : (__mmask16)0xFFFF;
+#define LOAD(ptr, c) (masked && (c) == nv - 1 ? _mm512_maskz_loadu_ps(tail, (ptr)) : _mm512_loadu_ps(ptr))
+    for (int64_t i = 0; i < s; i++) {
+        const float *qi = q + (start + i) * ld + col;
+        __m512 qv[16];
+        for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(LOAD(qi + 16 * c, c), _mm512_set1_ps(scale));
+        float m = -INFINITY;
+        for (int64_t j = 0; j < s; j++) {
+            const float *kj = k + (start + j) * ld + col;
+            __m512 acc = _mm512_mul_ps(qv[0], LOAD(kj, 0));
+            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], LOAD(kj + 16 * c, c), acc);
+            float sc = _mm512_reduce_add_ps(acc);
+            scores[j] = sc;
+            if (sc > m) m = sc;
+        }
+        for (int64_t j = s; j < padded; j++) scores[j] = -INFINITY;
+        __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < padded; j += 16) {
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mv));
+            _mm512_storeu_ps(scores + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        __m512 acc[16];
+        for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < s; j++) {
+            const float *vj = v + (start + j) * ld + col;
+            __m512 p = _mm512_set1_ps(scores[j]);
+            for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, LOAD(vj + 16 * c, c), acc[c]);
+        }
+        float *oi = out + (start + i) * ld + col;
+        for (int64_t c = 0; c < nv - 1; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        _mm512_mask_storeu_ps(oi + 16 * (nv - 1), tail, _mm512_mul_ps(acc[nv - 1], _mm512_set1_ps(inv)));
+    }
+#undef LOAD
+    if (scores != stack_scores) free(scores);
+}
+
+void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld,
+                           const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
+{
+    if (d % 16)
+        attention_item(1, q, k, v, out, ld, cu, heads, d, scale, item);
+    else
+        attention_item(0, q, k, v, out, ld, cu, heads, d, scale, item);
+}
+
+/* All items on the calling thread (the probe; the ORT op will hand items to ORT's pool). */
+void varlen_attention(const float *q, const float *k, const float *v, float *out, int64_t ld,
+                      const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale)
+{
+    for (int64_t item = 0; item < batch * heads; item++)
+        varlen_attention_item(q, k, v, out, ld, cu, heads, d, scale, item);
+}
