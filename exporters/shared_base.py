@@ -27,7 +27,9 @@ from torch import nn
 
 from runtime.batch import TracedSlots
 from runtime.engine import TorchEngine
+from runtime import packing
 from runtime.ort_lora_op import ABI as OP_ABI
+from runtime.packing import swappable_attention
 from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
@@ -63,18 +65,6 @@ class _MultiHeadAttention(torch.autograd.Function):
                     num_heads_i=num_heads).setType(q.type())
 
 
-def _fused_attention_modules(backbone) -> list:
-    """BERT/RoBERTa self-attention modules the fused op can stand in for (absolute positions,
-    encoder only); others keep their traced stock ops."""
-    found = []
-    for module in backbone.modules():
-        if all(hasattr(module, a) for a in ("query", "key", "value", "num_attention_heads")) \
-                and getattr(module, "position_embedding_type", "absolute") == "absolute" \
-                and not getattr(module, "is_decoder", False):
-            found.append(module)
-    return found
-
-
 def _qkv(attention, hidden_states):
     """q, k, v of one self-attention. With all three slot-wrapped, their base projections become one
     packed [d, 3d] MatMul (one int8 GEMM after quantization, which ORT splits across threads, instead
@@ -99,7 +89,7 @@ class _FusedAttention:
     MultiHeadAttention over padded rows, or (offsets given) our VarlenAttention over packed tokens."""
 
     def __init__(self, backbone, key_padding_mask: Optional[torch.Tensor], offsets: Optional[torch.Tensor] = None) -> None:
-        self.modules = _fused_attention_modules(backbone)
+        self.modules = swappable_attention(backbone)
         self.mask = key_padding_mask
         self.offsets = offsets
 
@@ -185,21 +175,11 @@ PACKED_INPUTS = ["input_ids", "position_ids", "token_type_ids", "row_offsets", "
 
 def packed_applies(engine: TorchEngine) -> Optional[str]:
     """None when the token-packed graph can be exported for this base, else why not."""
-    attention = _fused_attention_modules(engine.base.backbone)
-    layers = getattr(getattr(engine.base.backbone, "encoder", None), "layer", None)
-    if not attention or layers is None or len(attention) != len(layers):
-        return f"the {engine.base.family.name} attention is not one the packed graph can swap"
-    for m in attention:
-        if m.all_head_size // m.num_attention_heads > 256:
-            return "attention head size above 256"
-    return None
+    return packing.packed_applies(engine.base.backbone, engine.base.family.name)
 
 
 def position_offset(engine: TorchEngine) -> int:
-    """First position id of a row: RoBERTa counts from its padding index + 1, BERT from 0."""
-    if engine.base.family.name == "roberta":
-        return int(engine.base.backbone.config.pad_token_id) + 1
-    return 0
+    return packing.position_offset(engine.base.backbone, engine.base.family.name)
 
 
 def input_names(engine: TorchEngine, fused_op: bool, packed: bool = False) -> list[str]:

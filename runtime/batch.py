@@ -18,10 +18,14 @@ class SlotBatch:
     # kernel adds no delta past it (those positions are masked out of attention and never read);
     # None = every position counts.
     lengths: Optional[torch.Tensor] = None
+    # Token-packed forward (TorchEngine on the CPU): every row's tokens back to back as one [1, N]
+    # run; row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [B + 1]). 3-D activations are then
+    # [1, N, d]; the pooler's [B, d] stays one row per entry. None = rows padded to a common length.
+    offsets: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device,
-              lengths: Optional[list[int]] = None) -> "SlotBatch":
+              lengths: Optional[list[int]] = None, offsets: Optional[torch.Tensor] = None) -> "SlotBatch":
         distinct = frozenset(s for s in slots if s != 0)
         single = next(iter(distinct)) if len(distinct) == 1 and 0 not in slots else None
         rank = max((ranks[s] for s in distinct), default=0)
@@ -31,6 +35,7 @@ class SlotBatch:
             single_slot=single,
             rank=rank,
             lengths=torch.tensor(lengths, dtype=torch.long) if lengths is not None else None,
+            offsets=offsets,
         )
 
 

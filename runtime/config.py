@@ -13,6 +13,7 @@ from runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 LORA_KERNELS = ("auto", "fused", "torch")
+TOKEN_PACKING = ("auto", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -59,6 +60,10 @@ class RuntimeConfig:
     # it picks the shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
     # (runtime/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
     lora_kernel: str = "auto"
+    # The torch engine's forward over token-packed rows (runtime/packing.py): "auto" = on CPU fp32
+    # BERT/RoBERTa bases with the fused kernel (a pool is then one forward with no padding and our
+    # varlen attention), "off" = padded forwards cut by the batch planner.
+    token_packing: str = "auto"
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
     engine: str = "torch"
     # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
@@ -83,6 +88,8 @@ class RuntimeConfig:
             raise ConfigError(f"forward_overhead_tokens must be >= 0; got {self.forward_overhead_tokens}")
         if self.max_batch_tokens < 8:
             raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
+        if self.token_packing not in TOKEN_PACKING:
+            raise ConfigError(f"token_packing must be one of {', '.join(TOKEN_PACKING)}; got {self.token_packing!r}")
         if self.lora_kernel not in LORA_KERNELS:
             raise ConfigError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}; got {self.lora_kernel!r}")
         if self.engine not in ("torch", "onnx"):

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <immintrin.h>
 
+#include "varlen_attention.c"
+
 #ifndef __AVX512F__
 #error "adapterserve fused LoRA kernel needs AVX-512F (falls back to the torch path)"
 #endif
@@ -52,7 +54,7 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 2; }
+int lora_kernel_abi(void) { return 3; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
 typedef struct {
@@ -102,4 +104,26 @@ void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < rows; b++)
         lora_row(&p, b);
+}
+
+/* Token-packed rows (the torch engine's packed forward): x [N, din], y [N, dout] with token strides
+   x_tok, y_tok; row b is tokens offsets[b] .. offsets[b+1]-1. */
+void lora_rows_packed(const float *x, int64_t x_tok, float *y, int64_t y_tok, int64_t rows, int64_t din,
+                      int64_t dout, const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
+                      const int64_t *slot, const int64_t *offsets, int nthreads)
+{
+    LoraArgs p = {x, 0, x_tok, y, 0, y_tok, 0, din, dout, A, B, r_max, slot_r8, slot, NULL, offsets};
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t b = 0; b < rows; b++)
+        lora_row(&p, b);
+}
+
+/* varlen_attention.c over an OpenMP team, one (sequence, head) per item; dynamic schedule, as
+   sequences differ in length. */
+void varlen_attention_rows(const float *q, const float *k, const float *v, float *out, int64_t ld,
+                           const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale, int nthreads)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t item = 0; item < batch * heads; item++)
+        varlen_attention_item(q, k, v, out, ld, cu, heads, d, scale, item);
 }

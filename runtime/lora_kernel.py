@@ -25,8 +25,9 @@ from runtime.config import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_kernel.c")
+ATTENTION_SOURCE = os.path.join(os.path.dirname(SOURCE), "varlen_attention.c")  # #included by SOURCE
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI = 2
+ABI = 3
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
@@ -53,6 +54,14 @@ class FusedLoRA:
                                   ptr, ptr, ctypes.c_int]
         lib.lora_rows.restype = None
         self._fn = lib.lora_rows
+        # x, x token stride, y, y token stride, rows, din, dout, A, B, r_max, slot_r8, slot, offsets, threads
+        lib.lora_rows_packed.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+        lib.lora_rows_packed.restype = None
+        self._packed = lib.lora_rows_packed
+        # q, k, v, out, row stride, offsets, sequences, heads, head size, scale, threads
+        lib.varlen_attention_rows.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        lib.varlen_attention_rows.restype = None
+        self._attention = lib.varlen_attention_rows
         self.path = path
 
     @staticmethod
@@ -76,6 +85,25 @@ class FusedLoRA:
                  slot_per_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
                  torch.get_num_threads())
 
+    def packed(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_r8: torch.Tensor,
+               slot_per_row: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Token-packed rows: x [..., N, din], y [..., N, dout] (one run of every row's tokens; the
+        feature dim contiguous), row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [rows + 1])."""
+        self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a.shape[2],
+                     b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
+                     offsets.data_ptr(), torch.get_num_threads())
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+        """softmax(q kᵀ / √d) v within each token-packed sequence: q, k, v contiguous [N, heads × d]
+        fp32, offsets int64 [sequences + 1]. Returns [N, heads × d]."""
+        width = q.shape[-1]
+        d = width // heads
+        out = torch.empty_like(q)
+        self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), width, offsets.data_ptr(),
+                        offsets.shape[0] - 1, heads, d, d ** -0.5, torch.get_num_threads())
+        return out
+
 
 _lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable
@@ -87,7 +115,7 @@ def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: 
     may #include lora_kernel.c and the files in `includes` (the ONNX Runtime ops do), so the cache
     key covers them all."""
     source = b""
-    for p in dict.fromkeys([source_path, SOURCE, *includes]):
+    for p in dict.fromkeys([source_path, SOURCE, ATTENTION_SOURCE, *includes]):
         with open(p, "rb") as fh:
             source += fh.read()
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

@@ -19,6 +19,7 @@ import torch
 
 from runtime.config import cache_root
 from runtime.engine import TorchEngine
+from runtime import packing
 from runtime.errors import ConfigError, NotSupportedError
 
 log = logging.getLogger(__name__)
@@ -154,18 +155,11 @@ class OnnxEngine:
         they are every input the graph takes. Packed layout: the rows' real tokens back to back,
         each row's position ids from its own start, and the rows' offsets."""
         if self.packed:
-            mask = inputs["attention_mask"].numpy().astype(bool)
-            counts = mask.sum(axis=1)
-            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-            np.cumsum(counts, out=offsets[1:])
-            n = int(offsets[-1])
-            positions = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], counts) + self.position_offset
-            feed = {"input_ids": inputs["input_ids"].numpy()[mask][None], "position_ids": positions[None],
-                    "row_offsets": offsets, "slot_per_row": np.asarray(slots, dtype=np.int64)}
+            packed = packing.pack(inputs, self.position_offset)
+            feed = {"input_ids": packed["input_ids"].numpy(), "position_ids": packed["position_ids"].numpy(),
+                    "row_offsets": packed["row_offsets"].numpy(), "slot_per_row": np.asarray(slots, dtype=np.int64)}
             if "token_type_ids" in self.graph_inputs:
-                types = inputs.get("token_type_ids")
-                feed["token_type_ids"] = (types.numpy()[mask][None] if types is not None
-                                          else np.zeros((1, n), dtype=np.int64))
+                feed["token_type_ids"] = packed["token_type_ids"].numpy()
             return feed
         feed = {
             "input_ids": inputs["input_ids"].numpy(),

@@ -103,7 +103,8 @@ class Runtime:
         # The ONNX engine exports from an fp32 torch base; int8 then means ORT int8, not bitsandbytes.
         self.base = load_base_model(replace(self.config, precision="fp32") if onnx else self.config)
         self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets,
-                                  lora_kernel="torch" if onnx else self.config.lora_kernel)
+                                  lora_kernel="torch" if onnx else self.config.lora_kernel,
+                                  token_packing=self.config.token_packing)
         if onnx:
             self.engine = self._onnx_engine(self.engine)
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)

@@ -120,9 +120,13 @@ class SlotLoRALinear(nn.Module):
             return y
         r = batch.rank
         kernel = self.kernel
+        packed = batch.offsets is not None and x.dim() == 3  # [1, N, d]; the pooler's [B, d] is not
         if kernel is not None and x.stride(-1) == 1 and y.stride(-1) == 1:
             # Each row reads its own slot in place, real tokens only, at its own rank.
-            kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths)
+            if packed:
+                kernel.packed(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.offsets)
+            else:
+                kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths)
             return y
         # In-place accumulate into y (addmm_/baddbmm_): saves a full read+write of the output per layer.
         if batch.single_slot is not None:
@@ -133,6 +137,9 @@ class SlotLoRALinear(nn.Module):
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
         y3 = y if y.dim() == 3 else y.unsqueeze(1)
         idx = batch.slot_per_row
+        if packed:  # one "row" per token, each with its row's slot
+            x3, y3 = x.view(-1, 1, self.d_in), y.view(-1, 1, self.d_out)
+            idx = idx.repeat_interleave(batch.offsets.diff().to(idx.device))
         a = self.lora_a[:, :r].index_select(0, idx)  # [B, r, d_in]
         b = self.lora_b[:, :r].index_select(0, idx)  # [B, r, d_out]
         y3.baddbmm_(torch.bmm(x3, a.transpose(1, 2)), b)

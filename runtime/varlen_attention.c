@@ -3,7 +3,10 @@
    kernel for com.microsoft.PackedMultiHeadAttention). q, k, v: [N, H] (rows of all sequences back
    to back, head h in columns h*d .. h*d+d-1), out likewise; sequence b holds rows cu[b] .. cu[b+1]-1.
    Each (sequence, head) is independent: the caller runs items 0 .. B*heads-1 on its thread pool.
-   fp32, AVX-512; any head size d <= 256 (the last 16-float chunk of a head is masked). */
+   fp32, AVX-512; any head size d <= 256 (the last 16-float chunk of a head is masked).
+   Included by lora_kernel.c (the torch engine's packed forward) and ort_lora_op.c, hence the guard. */
+#ifndef ADAPTERSERVE_VARLEN_ATTENTION_C
+#define ADAPTERSERVE_VARLEN_ATTENTION_C
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -86,10 +89,12 @@ void varlen_attention_item(const float *q, const float *k, const float *v, float
         attention_item(0, q, k, v, out, ld, cu, heads, d, scale, item);
 }
 
-/* All items on the calling thread (the probe; the ORT op will hand items to ORT's pool). */
+/* All items on the calling thread (the kernel test; the ORT op hands items to ORT's pool, the
+   torch engine to an OpenMP team: varlen_attention_rows in lora_kernel.c). */
 void varlen_attention(const float *q, const float *k, const float *v, float *out, int64_t ld,
                       const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale)
 {
     for (int64_t item = 0; item < batch * heads; item++)
         varlen_attention_item(q, k, v, out, ld, cu, heads, d, scale, item);
 }
+#endif

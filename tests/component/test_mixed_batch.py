@@ -77,6 +77,24 @@ def test_mixed_batch_matches_peft_and_reference(family_setup):
     assert worst_ref <= TOL, f"{family}: max |dlogit| vs reference {worst_ref}"
 
 
+def test_token_packed_forward_where_it_applies(family_setup):
+    """token_packing=auto packs rows on BERT/RoBERTa with the fused kernel, so the PEFT comparison
+    above runs the packed forward there; DistilBERT and the torch path stay padded. Packed equals
+    padded (token_packing=off) on mixed tasks and lengths within 1e-5."""
+    family, base, adapters, rt = family_setup
+    name, kernel = family.split("/")
+    assert rt.engine.packed == (kernel == "fused" and name != "distilbert")
+    padded = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16, lora_kernel=rt.config.lora_kernel,
+                                   token_packing="off"))
+    assert not padded.engine.packed
+    for task, path in adapters.items():
+        padded.add_adapter(task, path)
+    items = mixed_items(sorted(adapters), n=40, seed=3)
+    assert len({len(t) for _, t in items}) > 3  # rows of several lengths in one pool
+    for a, b in zip(rt.classify(items), padded.classify(items)):
+        assert max(abs(x - y) for x, y in zip(a.logits, b.logits)) <= 1e-5
+
+
 def test_whole_batch_goes_through_one_forward(family_setup):
     """Tasks never split a batch: 32 rows of 8 tasks with texts of one length are one forward (the
     planner cuts only by length, row/token caps and free slots)."""
