@@ -29,7 +29,6 @@ from runtime.batch import TracedSlots
 from runtime.engine import TorchEngine
 from runtime import packing
 from runtime.ort_lora_op import ABI as OP_ABI
-from runtime.packing import swappable_attention
 from runtime.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class _FusedAttention:
     MultiHeadAttention over padded rows, or (offsets given) our VarlenAttention over packed tokens."""
 
     def __init__(self, backbone, key_padding_mask: Optional[torch.Tensor], offsets: Optional[torch.Tensor] = None) -> None:
-        self.modules = swappable_attention(backbone)
+        self.modules = packing.swappable_attention(backbone)
         self.mask = key_padding_mask
         self.offsets = offsets
 
@@ -173,15 +172,6 @@ class _PackedSharedBaseGraph(nn.Module):
 PACKED_INPUTS = ["input_ids", "position_ids", "token_type_ids", "row_offsets", "slot_per_row"]
 
 
-def packed_applies(engine: TorchEngine) -> Optional[str]:
-    """None when the token-packed graph can be exported for this base, else why not."""
-    return packing.packed_applies(engine.base.backbone, engine.base.family.name)
-
-
-def position_offset(engine: TorchEngine) -> int:
-    return packing.position_offset(engine.base.backbone, engine.base.family.name)
-
-
 def input_names(engine: TorchEngine, fused_op: bool, packed: bool = False) -> list[str]:
     names = list(PACKED_INPUTS) if packed else ["input_ids", "attention_mask", "token_type_ids", "slot_per_row",
                                                  "row_lengths"]
@@ -222,7 +212,8 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         if why_not:
             log.warning("shared graph uses stock ops for LoRA: %s", why_not)
         fused = why_not is None
-    why_not_packed = "the fused LoRA op is not used" if not fused else packed_applies(engine)
+    why_not_packed = ("the fused LoRA op is not used" if not fused
+                      else packing.packed_applies(engine.base.backbone, engine.base.family.name))
     if packed and why_not_packed:
         raise ValueError(f"the token-packed graph cannot be exported: {why_not_packed}")
     packed = why_not_packed is None if packed is None else packed
@@ -256,7 +247,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         "uses_token_types": uses_types,
         # "packed": rows' tokens back to back ([1, N] inputs, row_offsets); "padded": [B, T] rows.
         "layout": "packed" if packed else "padded",
-        "position_offset": position_offset(engine),
+        "position_offset": engine.position_offset,
     }
     with open(os.path.join(out_dir, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1)
@@ -268,7 +259,7 @@ def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
     lengths = [3, 5]
     n = sum(lengths)
     ids = torch.ones(1, n, dtype=torch.long)
-    positions = torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0) + position_offset(engine)
+    positions = torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0) + engine.position_offset
     types = torch.zeros(1, n, dtype=torch.long)
     offsets = torch.tensor([0, 3, 8], dtype=torch.long)
     slots = torch.tensor([0, 1], dtype=torch.long)

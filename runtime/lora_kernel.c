@@ -63,7 +63,7 @@ typedef struct {
     int64_t T, din, dout;
     const float *A, *B; int64_t r_max;
     const int64_t *slot_r8, *slot, *len;
-    /* Token-packed rows (the packed ONNX graph): row b is tokens offsets[b] .. offsets[b+1]-1 of one
+    /* Token-packed rows (the packed ONNX graph, the torch engine's packed forward): row b is tokens offsets[b] .. offsets[b+1]-1 of one
        [N, d] sequence of tokens; x_row, y_row, T and len are unused. NULL: rows of T tokens each. */
     const int64_t *offsets;
 } LoraArgs;

@@ -109,13 +109,12 @@ _lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable
 
 
-def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so",
-          includes: tuple = ()) -> str:
+def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
     """Compile the kernel (or reuse a cached build); returns the shared library's path. source_path
-    may #include lora_kernel.c and the files in `includes` (the ONNX Runtime ops do), so the cache
-    key covers them all."""
+    may #include lora_kernel.c (the ONNX Runtime ops do), which #includes varlen_attention.c, so the
+    cache key covers all three."""
     source = b""
-    for p in dict.fromkeys([source_path, SOURCE, ATTENTION_SOURCE, *includes]):
+    for p in dict.fromkeys([source_path, SOURCE, ATTENTION_SOURCE]):
         with open(p, "rb") as fh:
             source += fh.read()
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

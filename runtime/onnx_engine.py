@@ -17,9 +17,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from runtime import packing
 from runtime.config import cache_root
 from runtime.engine import TorchEngine
-from runtime import packing
 from runtime.errors import ConfigError, NotSupportedError
 
 log = logging.getLogger(__name__)

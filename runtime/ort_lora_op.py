@@ -17,7 +17,6 @@ from runtime import lora_kernel
 
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c")
-ATTENTION_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "varlen_attention.c")
 DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
@@ -30,7 +29,7 @@ _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> w
 def library_path() -> Optional[str]:
     """Path of the built op library, or None when it cannot be built here (reason: unavailable_reason())."""
     def make() -> str:
-        path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so", includes=(ATTENTION_SOURCE,))
+        path = lora_kernel.build(source_path=SOURCE, lib_name="libadapterserve_ort_ops.so")
         if ctypes.CDLL(path).adapterserve_ort_abi() != ABI:
             raise OSError(f"{path} has a different op ABI")
         return path

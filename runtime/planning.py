@@ -16,7 +16,8 @@ from typing import Hashable, Sequence
 # thousands of tokens (not measured here), which makes the planner keep a pool together.
 CPU_OVERHEAD_TOKENS = 32
 GPU_OVERHEAD_TOKENS = 4096
-# The token-packed ONNX graph computes no padded position: one forward per pool.
+# Token-packed engines (the packed ONNX graph, the torch engine's packed forward) compute no padded
+# position: one forward per pool.
 PACKED_OVERHEAD_TOKENS = 1 << 30
 
 
