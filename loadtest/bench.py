@@ -143,6 +143,8 @@ def main(args) -> int:
         # The same matrix points on our other CPU configurations: two model workers (1 thread each), the
         # shared-base ONNX int8 engine (exported once into the cache on first use), and both together.
         configs = (("2 workers", ["--model-workers", "2"]),
+                   ("bf16", ["--precision", "bf16"]),
+                   ("bf16 2 workers", ["--precision", "bf16", "--model-workers", "2"]),
                    ("onnx int8", ["--engine", "onnx", "--precision", "int8"]),
                    ("onnx int8 2 workers", ["--engine", "onnx", "--precision", "int8", "--model-workers", "2"]))
         for name, flags in configs:
@@ -190,25 +192,17 @@ def main(args) -> int:
     peft_dir = tempfile.mkdtemp(prefix="peft-adapters-")
     for i in range(peft_n):
         write_adapter(synthetic_adapter(packaged_base_model_dir(), seed=i), os.path.join(peft_dir, f"t{i}"))
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest.baselines.peft_server", "--port", "0", "--adapters", peft_dir],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    try:
-        port = None
-        for line in proc.stdout:
-            m = re.search(r"listening on 127.0.0.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        if port is None:
-            raise RuntimeError("PEFT baseline did not start")
-        peft_addr = f"127.0.0.1:{port}"
-        for mix in (["zipf:1.0"] if quick else ["zipf:1.0", "uniform"]):
-            label = f"peft N={peft_n} {mix}@{peft_n}"
-            results[label] = _load(peft_addr, label, [f"t{i}" for i in range(peft_n)], mix, args, duration, out_dir=runs_dir)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    # The peer on the base our bf16 rows serve (bf16 linears, fp32 activations), for a like-for-like ratio.
+    for precision in (["fp32"] if quick else ["fp32", "bf16"]):
+        peft_addr, proc = _start_peft(peft_dir, precision)
+        try:
+            for mix in (["zipf:1.0"] if quick or precision == "bf16" else ["zipf:1.0", "uniform"]):
+                label = f"peft{' bf16' if precision == 'bf16' else ''} N={peft_n} {mix}@{peft_n}"
+                results[label] = _load(peft_addr, label, [f"t{i}" for i in range(peft_n)], mix, args, duration,
+                                       out_dir=runs_dir)
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
     report = _report(results, ceiling, padded, register_s, args, duration, time.time() - t_start, ns, peft_n)
     from loadtest import compare
@@ -225,6 +219,19 @@ def main(args) -> int:
                   fh, indent=1)
     print(report)
     return 0
+
+
+def _start_peft(adapter_dir: str, precision: str):
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest.baselines.peft_server", "--port", "0", "--adapters",
+                             adapter_dir, "--precision", precision],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    for line in proc.stdout:
+        m = re.search(r"listening on 127.0.0.1:(\d+)", line)
+        if m:
+            return f"127.0.0.1:{m.group(1)}", proc
+    proc.wait(30)
+    raise RuntimeError(f"PEFT baseline ({precision}) did not start")
 
 
 def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, peft_n) -> str:
@@ -253,14 +260,17 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
               f"- open loop at half saturation: p99 / p50 = {open_loop['p99'] / open_loop['p50']:.2f} (target ≤ 3; "
               f"an ideal single server with a fixed service time and no batching gain, M/D/1 at ρ = 0.5, "
               f"has {mdc_tail_ratio(0.5):.2f}); {server_split(results['ours N=128 zipf:1.0 open loop at half saturation'])}"]
-    for engine in ("2 workers", "onnx int8", "onnx int8 2 workers"):
+    peft_bf16 = results.get(f"peft bf16 N={peft_n} zipf:1.0@{peft_n}", {}).get("throughput_texts_per_s")
+    for engine in ("2 workers", "bf16", "bf16 2 workers", "onnx int8", "onnx int8 2 workers"):
         key = f"ours {engine} N=128 zipf:1.0@128"
         if key in results:
             e1 = results[f"ours {engine} N=1 uniform@1"]["throughput_texts_per_s"]
             ez = results[key]["throughput_texts_per_s"]
-            lines.append(f"- {engine}: 128 Zipf = {ez / e1:.2f} × its own N=1, {ez / peft:.2f} × naive PEFT, "
+            like = (f" ({ez / peft_bf16:.2f} × PEFT on the same bf16 base)"
+                    if engine.startswith("bf16") and peft_bf16 else "")
+            lines.append(f"- {engine}: 128 Zipf = {ez / e1:.2f} × its own N=1, {ez / peft:.2f} × naive PEFT{like}, "
                          f"{ez / z128:.2f} × the default server")
-    for engine in ("2 workers", "onnx int8 2 workers"):
+    for engine in ("2 workers", "bf16", "bf16 2 workers", "onnx int8 2 workers"):
         key = f"ours {engine} N=128 zipf:1.0 open loop at half saturation"
         if key in results:
             lat = results[key]["latency_ms"]

@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     # quantized-bases issue set its target against.
     engines["torch fp32 eager padded (token packing off), 32 tasks mixed"] = Runtime(
         RuntimeConfig(slots=40, r_max=16, torch_threads=threads, token_packing="off"))
+    engines["torch bf16 (bf16 matmuls, fp32 activations), 32 tasks mixed"] = Runtime(
+        RuntimeConfig(slots=40, r_max=16, torch_threads=threads, precision="bf16"))
     batches = [list(range(i, min(i + 32, len(sst_x)))) for i in range(0, len(sst_x), 32)]
     for name, rt in engines.items():
         for i, f in enumerate(files):

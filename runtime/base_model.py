@@ -35,6 +35,38 @@ class BaseModel:
         return {name: m for name, m in self.backbone.named_modules() if isinstance(m, nn.Linear)}
 
 
+class Bf16Linear(nn.Linear):
+    """A linear that stores its weight (and bias) in bf16 and takes and returns fp32: the matmul runs
+    in bf16, everything around it (LayerNorm, softmax, residuals, the LoRA delta, the heads) in fp32.
+    On CPUs with AMX or AVX512-BF16, oneDNN runs these matmuls ~6x faster than fp32 (MiniLM's
+    1,600 x 384 x 1,536 product: 0.9 ms against 5.5 ms on this machine), at bf16's own rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
+
+
+class Bf16Embedding(nn.Embedding):
+    """The word-embedding table in bf16 (its largest tensor), looked up into fp32."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def bf16_weights_fp32_activations(backbone: nn.Module) -> None:
+    """bf16 on a CPU: every linear and the word embeddings hold bf16 weights (the memory of a bf16
+    base), activations stay fp32. Full bf16 activations would give up the fused LoRA kernel and the
+    token-packed forward (both fp32) and round every LayerNorm and residual to 8 bits."""
+    for module in backbone.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Bf16Linear
+            module.to(torch.bfloat16)
+    embeddings = getattr(backbone, "embeddings", None)
+    words = getattr(embeddings, "word_embeddings", None)
+    if type(words) is nn.Embedding:
+        words.__class__ = Bf16Embedding
+        words.to(torch.bfloat16)
+
+
 def _bnb_config(precision: str, compute_dtype: torch.dtype):
     try:
         from transformers import BitsAndBytesConfig
@@ -69,6 +101,8 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
         # Activations (and so the LoRA delta) stay in a float dtype: fp16 on CUDA, fp32 on CPU.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         quantization = _bnb_config(config.precision, dtype)
+    elif config.precision == "bf16" and device.type == "cpu":
+        dtype = torch.float32  # activations; the weights go to bf16 below
     else:
         dtype = _DTYPES[config.precision]
 
@@ -85,6 +119,8 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     else:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
         backbone.eval().requires_grad_(False).to(device)
+        if config.precision == "bf16" and device.type == "cpu":
+            bf16_weights_fp32_activations(backbone)
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
 
     positions = getattr(hf_config, "max_position_embeddings", 512)

@@ -67,12 +67,13 @@ class TorchEngine:
         # Plain fp32 bases only: on a bitsandbytes int8 base, LLM.int8 rounds every layer's activations
         # to int8, which turns the kernel's different fp32 summation order (~1e-7) into ~4e-3 logit
         # differences from PEFT; int8/NF4 keep the torch path, which matches PEFT's matmuls.
+        # bf16 on the CPU keeps fp32 activations (runtime/base_model.py), so the kernel serves it too.
         fits = {n: l for n, l in self.layers.items()
-                if self.base.precision == "fp32"
+                if self.base.precision in ("fp32", "bf16")
                 and FusedLoRA.applies(l.d_in, l.d_out, self.r_max, self.base.dtype, self.base.device)}
         why = None
         if not fits:
-            why = (f"it runs fp32 bases on the CPU with feature sizes that are multiples of 16 and r_max a "
+            why = (f"it runs fp32 and bf16 bases on the CPU with feature sizes that are multiples of 16 and r_max a "
                    f"multiple of 8 up to {lora_kernel.MAX_RANK} (this base: {self.base.precision} on "
                    f"{self.base.device}, r_max {self.r_max})")
         kernel = lora_kernel.load() if fits else None

@@ -20,7 +20,7 @@ import torch
 
 
 class PeftServicer:
-    def __init__(self, base_dir: str, adapter_root: str) -> None:
+    def __init__(self, base_dir: str, adapter_root: str, precision: str = "fp32") -> None:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -35,6 +35,10 @@ class PeftServicer:
             n = len(labels)
             if n not in self.models:
                 base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=n)
+                if precision == "bf16":  # the same bf16 base our --precision bf16 serves on a CPU
+                    from runtime.base_model import bf16_weights_fp32_activations
+
+                    bf16_weights_fp32_activations(base.base_model)
                 self.models[n] = PeftModel.from_pretrained(base, path, adapter_name=task).eval()
             else:
                 self.models[n].load_adapter(path, adapter_name=task)
@@ -53,7 +57,7 @@ async def serve(args) -> None:
     from runtime.config import packaged_base_model_dir
     from runtime.rpc_stubs import pb, pb_grpc
 
-    servicer = PeftServicer(args.base_model or packaged_base_model_dir(), args.adapters)
+    servicer = PeftServicer(args.base_model or packaged_base_model_dir(), args.adapters, args.precision)
     loop = asyncio.get_running_loop()
 
     class Classifier(pb_grpc.ClassifierServicer):
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=50061)
     p.add_argument("--adapters", required=True, help="directory of PEFT adapter dirs, one per task")
     p.add_argument("--base-model", default=None)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bf16 linear weights with fp32 activations, like adapterserve's CPU bf16")
     asyncio.run(serve(p.parse_args(argv)))
     return 0
 

@@ -115,7 +115,10 @@ def test_runtime_picks_the_kernel_and_refuses_it_where_it_cannot_run(tiny_bases)
     assert Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=128)).engine.kernel_name == "torch"
     with pytest.raises(ConfigError, match="r_max a multiple of 8"):
         Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=12, lora_kernel="fused"))
-    with pytest.raises(ConfigError, match="bf16 on cpu"):
-        Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=8, precision="bf16", lora_kernel="fused"))
+    with pytest.raises(ConfigError, match="int8 on cpu"):
+        Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=8, precision="int8", lora_kernel="fused"))
+    # bf16 on the CPU keeps fp32 activations: the kernel and the packed forward serve it.
+    bf16 = Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=8, precision="bf16"))
+    assert bf16.engine.kernel_name == "fused" and bf16.engine.packed
     with pytest.raises(ConfigError, match="lora_kernel must be one of"):
         RuntimeConfig(lora_kernel="cuda")
