@@ -151,9 +151,9 @@ def main(args) -> int:
             print(f"adapterserve ({name}, 64 slots)", flush=True)
             server = ServerProcess("--data-dir", "", "--no-examples", "--slots", "64", "--max-queue", "8192", *flags,
                                    ready_timeout=900)
-            # The fastest CPU configuration also runs the 1,024-adapter churn point, so one configuration
-            # is measured against every target.
-            churn = name == "onnx int8 2 workers"
+            # The fastest configurations of each engine also run the 1,024-adapter churn point, so they
+            # are measured against every target in one run.
+            churn = name in ("bf16 2 workers", "onnx int8 2 workers")
             try:
                 _register(server.address, 1024 if churn else 128)
                 for n, mix in ((1, "uniform"), (128, "zipf:1.0")):
@@ -274,17 +274,20 @@ def _report(results, ceiling, padded, register_s, args, duration, elapsed, ns, p
         key = f"ours {engine} N=128 zipf:1.0 open loop at half saturation"
         if key in results:
             lat = results[key]["latency_ms"]
+            servers = 2 if "2 workers" in engine else 1
             lines.append(f"- {engine}, open loop at half saturation: p99 / p50 = {lat['p99'] / lat['p50']:.2f} "
-                         f"(M/D/2 at ρ = 0.5: {mdc_tail_ratio(0.5, servers=2):.2f}); {server_split(results[key])}")
+                         f"(M/D/{servers} at ρ = 0.5: {mdc_tail_ratio(0.5, servers=servers):.2f}); "
+                         f"{server_split(results[key])}")
     if 1024 in ns:
         z1024 = results["ours N=1024 zipf:1.0@1024"]
         lines.append(f"- 1,024 adapters on 64 slots: {z1024['throughput_texts_per_s'] / one:.2f} × one adapter "
                      f"(target ≥ 0.80), errors {z1024['errors']}")
-    key = "ours onnx int8 2 workers N=1024 zipf:1.0@1024"
-    if key in results:
-        e1 = results["ours onnx int8 2 workers N=1 uniform@1"]["throughput_texts_per_s"]
-        lines.append(f"- onnx int8 2 workers, 1,024 adapters on 64 slots: {results[key]['throughput_texts_per_s'] / e1:.2f} "
-                     f"× its own N=1 (target ≥ 0.80), errors {results[key]['errors']}")
+    for engine in ("bf16 2 workers", "onnx int8 2 workers"):
+        key = f"ours {engine} N=1024 zipf:1.0@1024"
+        if key in results:
+            e1 = results[f"ours {engine} N=1 uniform@1"]["throughput_texts_per_s"]
+            lines.append(f"- {engine}, 1,024 adapters on 64 slots: {results[key]['throughput_texts_per_s'] / e1:.2f} "
+                         f"× its own N=1 (target ≥ 0.80), errors {results[key]['errors']}")
     lines += ["", f"Register latency (upload, {len(register_s)} adapters): median {statistics.median(register_s) * 1000:.1f} ms, "
                   f"max {max(register_s) * 1000:.1f} ms"]
     return "\n".join(lines) + "\n"

@@ -31,7 +31,13 @@ static inline __m512 exp_nonpos(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-/* masked: a compile-time constant after inlining, so heads of 16k floats take unmasked loads only. */
+/* One (sequence, head), four queries at a time. Scores are computed 16 keys at a time against a
+   transposed, pre-scaled copy of the head's keys (kt[c][j]): broadcast q[c] times a row of kt, so a
+   query costs d FMAs per 16 keys and no horizontal sum (a dot product per (query, key) with a
+   horizontal sum was the old way). Four queries share every load of kt and of v and keep four
+   independent FMA chains in flight. masked: a compile-time constant after inlining, so heads of 16k
+   floats take unmasked loads only. */
+#define QB 4
 static inline __attribute__((always_inline)) void
 attention_item(const int masked, const float *q, const float *k, const float *v, float *out, int64_t ld,
                const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
@@ -40,45 +46,68 @@ attention_item(const int masked, const float *q, const float *k, const float *v,
     int64_t start = cu[b], s = cu[b + 1] - cu[b];
     if (s <= 0) return;
     int64_t padded = (s + 15) & ~(int64_t)15;
-    float stack_scores[512], *scores = padded <= 512 ? stack_scores : malloc((size_t)padded * sizeof(float));
+    float stack_scores[QB * 256], *scores = padded <= 256 ? stack_scores : malloc((size_t)(QB * padded) * sizeof(float));
+    float stack_kt[8192], *kt = d * padded <= 8192 ? stack_kt : malloc((size_t)(d * padded) * sizeof(float));
     const int64_t col = h * d, nv = (d + 15) / 16;
     const __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : (__mmask16)0xFFFF;
 #define LOAD(ptr, c) (masked && (c) == nv - 1 ? _mm512_maskz_loadu_ps(tail, (ptr)) : _mm512_loadu_ps(ptr))
-    for (int64_t i = 0; i < s; i++) {
-        const float *qi = q + (start + i) * ld + col;
-        __m512 qv[16];
-        for (int64_t c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(LOAD(qi + 16 * c, c), _mm512_set1_ps(scale));
-        float m = -INFINITY;
-        for (int64_t j = 0; j < s; j++) {
-            const float *kj = k + (start + j) * ld + col;
-            __m512 acc = _mm512_mul_ps(qv[0], LOAD(kj, 0));
-            for (int64_t c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[c], LOAD(kj + 16 * c, c), acc);
-            float sc = _mm512_reduce_add_ps(acc);
-            scores[j] = sc;
-            if (sc > m) m = sc;
-        }
-        for (int64_t j = s; j < padded; j++) scores[j] = -INFINITY;
-        __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s; j++) {
+        const float *kj = k + (start + j) * ld + col;
+        for (int64_t c = 0; c < d; c++) kt[c * padded + j] = kj[c] * scale;
+    }
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = s; j < padded; j++) kt[c * padded + j] = 0.0f;
+    const __mmask16 last = s % 16 ? (__mmask16)((1u << (s % 16)) - 1) : (__mmask16)0xFFFF;
+    for (int64_t i0 = 0; i0 < s; i0 += QB) {
+        const float *qr[QB];
+        float inv[QB];
+        /* A last block of fewer than QB queries repeats its final query and drops the copies. */
+        for (int r = 0; r < QB; r++) qr[r] = q + (start + (i0 + r < s ? i0 + r : s - 1)) * ld + col;
+        __m512 mv[QB];
+        for (int r = 0; r < QB; r++) mv[r] = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < padded; j += 16) {
-            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mv));
-            _mm512_storeu_ps(scores + j, e);
-            sum = _mm512_add_ps(sum, e);
+            __m512 acc[QB];
+            for (int r = 0; r < QB; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < d; c++) {
+                __m512 kv = _mm512_loadu_ps(kt + c * padded + j);
+                for (int r = 0; r < QB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c]), kv, acc[r]);
+            }
+            for (int r = 0; r < QB; r++) {
+                if (j + 16 > s) acc[r] = _mm512_mask_blend_ps(last, _mm512_set1_ps(-INFINITY), acc[r]);
+                _mm512_storeu_ps(scores + r * padded + j, acc[r]);
+                mv[r] = _mm512_max_ps(mv[r], acc[r]);
+            }
         }
-        float inv = 1.0f / _mm512_reduce_add_ps(sum);
-        __m512 acc[16];
-        for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < s; j++) {
-            const float *vj = v + (start + j) * ld + col;
-            __m512 p = _mm512_set1_ps(scores[j]);
-            for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, LOAD(vj + 16 * c, c), acc[c]);
+        for (int r = 0; r < QB; r++) {
+            __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv[r])), sum = _mm512_setzero_ps();
+            float *sr = scores + r * padded;
+            for (int64_t j = 0; j < padded; j += 16) {
+                __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m));
+                _mm512_storeu_ps(sr + j, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
         }
-        float *oi = out + (start + i) * ld + col;
-        for (int64_t c = 0; c < nv - 1; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-        _mm512_mask_storeu_ps(oi + 16 * (nv - 1), tail, _mm512_mul_ps(acc[nv - 1], _mm512_set1_ps(inv)));
+        for (int64_t c = 0; c < nv; c++) {  /* 16 output columns at a time, QB queries */
+            __m512 acc[QB];
+            for (int r = 0; r < QB; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < s; j++) {
+                __m512 vv = LOAD(v + (start + j) * ld + col + 16 * c, c);
+                for (int r = 0; r < QB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * padded + j]), vv, acc[r]);
+            }
+            for (int r = 0; r < QB && i0 + r < s; r++) {
+                float *o = out + (start + i0 + r) * ld + col + 16 * c;
+                __m512 y = _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r]));
+                if (masked && c == nv - 1) _mm512_mask_storeu_ps(o, tail, y);
+                else _mm512_storeu_ps(o, y);
+            }
+        }
     }
 #undef LOAD
     if (scores != stack_scores) free(scores);
+    if (kt != stack_kt) free(kt);
 }
+#undef QB
 
 void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld,
                            const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
