@@ -33,7 +33,7 @@ _FLAGS = [
     ("metrics-max-task-labels", "server", "metrics_max_task_labels", int, "per-task series before _other"),
     ("base-model", "runtime", "base_model", str, "HF encoder directory (default: packaged MiniLM-L6)"),
     ("device", "runtime", "device", str, "auto | cpu | cuda"),
-    ("precision", "runtime", "precision", str, "fp32 | fp16 | bf16 | int8 | nf4 (onnx engine: fp32 | int8)"),
+    ("precision", "runtime", "precision", str, "fp32 | fp16 | bf16 | int8 | nf4 (onnx engine: fp32 | int8; bf16 on a CPU: bf16 weights, fp32 activations)"),
     ("engine", "runtime", "engine", str, "torch | onnx (shared-base ONNX graph on ONNX Runtime)"),
     ("onnx-dir", "runtime", "onnx_dir", str, "exported shared-base directory (default: export once into the cache)"),
     ("slots", "runtime", "slots", int, "device adapter slots, slot 0 reserved"),

@@ -11,6 +11,7 @@
     python -m loadtest.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
     python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
     python -m loadtest.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
+    python -m loadtest.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -422,10 +423,32 @@ def varlen_attention() -> None:
           f"torch SDPA padded to {longest}: {us_padded / 1000:.3f} ms")
 
 
+def bf16_matmul() -> None:
+    """MiniLM's largest linear (384 -> 1,536) over 1,600 packed tokens, the machine's threads: fp32,
+    the CPU bf16 base's Bf16Linear (casts in and out included), and the bf16 matmul alone."""
+    from runtime.base_model import Bf16Linear
+
+    torch.manual_seed(0)
+    x = torch.randn(1600, 384)
+    fp32 = torch.nn.Linear(384, 1536)
+    bf16 = torch.nn.Linear(384, 1536)
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.__class__ = Bf16Linear
+    bf16.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        t32 = _median_us(lambda: fp32(x), n=100, warm=5)
+        t16 = _median_us(lambda: bf16(x), n=100, warm=5)
+        tmm = _median_us(lambda: torch.nn.functional.linear(xb, bf16.weight, bf16.bias), n=100, warm=5)
+        err = (bf16(x) - fp32(x)).abs().max().item()
+    print(f"{torch.get_num_threads()} threads, [1600, 384] x [384, 1536]: fp32 {t32 / 1000:.2f} ms; Bf16Linear "
+          f"{t16 / 1000:.2f} ms (x {t32 / t16:.1f}); bf16 matmul alone {tmm / 1000:.2f} ms; max |bf16 - fp32| {err:.3f}")
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
           "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
-          "varlen-attention": varlen_attention}
+          "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul}
 
 
 def main(argv=None) -> int:

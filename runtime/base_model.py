@@ -38,8 +38,8 @@ class BaseModel:
 class Bf16Linear(nn.Linear):
     """A linear that stores its weight (and bias) in bf16 and takes and returns fp32: the matmul runs
     in bf16, everything around it (LayerNorm, softmax, residuals, the LoRA delta, the heads) in fp32.
-    On CPUs with AMX or AVX512-BF16, oneDNN runs these matmuls ~6x faster than fp32 (MiniLM's
-    1,600 x 384 x 1,536 product: 0.9 ms against 5.5 ms on this machine), at bf16's own rounding."""
+    On CPUs with AMX or AVX512-BF16, oneDNN runs these matmuls ~6x faster than fp32 and this linear,
+    casts included, ~4.7x (`python -m loadtest.cpu_probes bf16-matmul`, docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
@@ -97,11 +97,12 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device (CPU matmuls in fp16 are slow and inexact); use fp32 or bf16 on CPU")
     quantization = None
+    cpu_bf16 = config.precision == "bf16" and device.type == "cpu"  # bf16 weights, fp32 activations
     if config.precision in ("int8", "nf4"):
         # Activations (and so the LoRA delta) stay in a float dtype: fp16 on CUDA, fp32 on CPU.
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         quantization = _bnb_config(config.precision, dtype)
-    elif config.precision == "bf16" and device.type == "cpu":
+    elif cpu_bf16:
         dtype = torch.float32  # activations; the weights go to bf16 below
     else:
         dtype = _DTYPES[config.precision]
@@ -119,7 +120,7 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     else:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
         backbone.eval().requires_grad_(False).to(device)
-        if config.precision == "bf16" and device.type == "cpu":
+        if cpu_bf16:
             bf16_weights_fp32_activations(backbone)
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
 

@@ -64,10 +64,10 @@ class TorchEngine:
         """Give the fused CPU kernel to every layer it can serve; returns "fused" or "torch"."""
         if choice == "torch":
             return "torch"
-        # Plain fp32 bases only: on a bitsandbytes int8 base, LLM.int8 rounds every layer's activations
-        # to int8, which turns the kernel's different fp32 summation order (~1e-7) into ~4e-3 logit
-        # differences from PEFT; int8/NF4 keep the torch path, which matches PEFT's matmuls.
-        # bf16 on the CPU keeps fp32 activations (runtime/base_model.py), so the kernel serves it too.
+        # fp32 bases, and bf16 ones on the CPU (fp32 activations, runtime/base_model.py). Not bitsandbytes
+        # int8: LLM.int8 rounds every layer's activations to int8, which turns the kernel's different
+        # fp32 summation order (~1e-7) into ~4e-3 logit differences from PEFT; int8/NF4 keep the torch
+        # path, which matches PEFT's matmuls.
         fits = {n: l for n, l in self.layers.items()
                 if self.base.precision in ("fp32", "bf16")
                 and FusedLoRA.applies(l.d_in, l.d_out, self.r_max, self.base.dtype, self.base.device)}
