@@ -91,6 +91,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def _device_map_target(device: torch.device):
+    """transformers' device_map wants a CUDA index (torch.device("cuda") has none) or "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def load_base_model(config: RuntimeConfig) -> BaseModel:
     path = config.base_model_path
     device = resolve_device(config.device)
@@ -115,7 +122,7 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
         kwargs["add_pooling_layer"] = family.uses_pooler
     if quantization is not None:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, quantization_config=quantization,
-                                             device_map={"": device.index if device.type == "cuda" else "cpu"}, **kwargs)
+                                             device_map={"": _device_map_target(device)}, **kwargs)
         backbone.eval().requires_grad_(False)
     else:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)

@@ -17,7 +17,9 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from adapters.peft_lora import parse_adapter, read_adapter_dir
 from adapters.registry import AdapterEntry, Registry, device_head
@@ -377,16 +379,38 @@ class Runtime:
         rows_of: dict[int, list[int]] = {}
         for i, r in enumerate(batch):
             rows_of.setdefault(r.entry.key, []).append(i)
+        entries = list(entries)
         apply_head = self.base.family.apply_head
         with torch.inference_mode():
+            if len(entries) > 1:
+                # One gather puts each task's rows next to each other; its head then reads a slice.
+                perm = [i for e in entries for i in rows_of[e.key]]
+                features = features.index_select(0, torch.tensor(perm, device=features.device))
+            logits, start = [], 0
             for e in entries:
+                n = len(rows_of[e.key])
+                logits.append(apply_head(e.head, features[start:start + n]).float())
+                start += n
+            if features.device.type != "cpu":
+                # One device->host copy (one sync) for every task's logits, not three per task:
+                # with 32 tasks in a GPU batch the per-task copies cost more than the forward.
+                width = max(lg.shape[1] for lg in logits)
+                host = torch.cat([F.pad(lg, (0, width - lg.shape[1])) for lg in logits]).cpu()
+                logits, start = [], 0
+                for e in entries:
+                    n = len(rows_of[e.key])
+                    logits.append(host[start:start + n, :len(e.spec.labels)])
+                    start += n
+            # Softmax and order on the host in numpy: no device sync per task, and no torch CPU op
+            # per task either (each opens a parallel region: 0.5 ms apiece on a 16-core GPU host).
+            for e, lgt in zip(entries, logits):
                 idx = rows_of[e.key]
-                feats = features[idx] if len(idx) < len(batch) else features
-                logits = apply_head(e.head, feats).float()
-                probs = torch.softmax(logits, dim=-1)
-                order = torch.argsort(probs, dim=-1, descending=True)
-                # One tensor -> list conversion per task group, not three per row.
-                all_p, all_o, all_lg = probs.tolist(), order.tolist(), logits.tolist()
+                x = lgt.numpy()
+                ex = np.exp(x - x.max(axis=1, keepdims=True))
+                probs = ex / ex.sum(axis=1, keepdims=True)
+                order = np.argsort(-probs, axis=1, kind="stable")
+                # One array -> list conversion per task group, not three per row.
+                all_p, all_o, all_lg = probs.tolist(), order.tolist(), x.tolist()
                 for j, i in enumerate(idx):
                     p, o, lg = all_p[j], all_o[j], all_lg[j]
                     batch[i].prediction = Prediction(

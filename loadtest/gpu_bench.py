@@ -1,0 +1,289 @@
+"""GPU figures for the quantized-bases issue: the torch engine on CUDA at every precision.
+
+    python -m loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--json F]
+
+Per precision, in one process on one GPU: base weight bytes and CUDA memory after load; accuracy of
+the bundled adapters (SST-2 dev, AG News test); throughput on SST-2 dev texts with 32 synthetic tasks
+mixed in every batch, beside the same-run ceiling (the bare base at the same precision, same
+forwards, no adapters) and the naive peer (PEFT at the same precision: one forward per task present
+in the batch, `set_adapter` before each); peak CUDA memory while serving. Also reports whether
+onnxruntime has its CUDA execution provider here.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+
+import torch
+
+from loadtest.precision_bench import ROOT, accuracy, load_eval_sets, param_bytes
+from runtime.planning import GPU_OVERHEAD_TOKENS, plan_groups
+
+TASKS = 32
+
+
+def _sync_time(fn, rounds: int) -> float:
+    """Median seconds of `fn()` over `rounds`, after one warm-up, with the device drained each time."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _forwards(tok, texts: list[str], batch: int, max_rows: int) -> list[dict]:
+    """The padded forwards our runtime cuts each batch into (runtime/planning.py, GPU cost model),
+    tokenized up front onto pinned host memory, so the ceiling times the model and the copies alone."""
+    out = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i:i + batch]
+        lengths = [len(ids) for ids in tok(chunk, truncation=True)["input_ids"]]
+        for g in plan_groups(lengths, [0] * len(chunk), max_rows, 16384, 1, GPU_OVERHEAD_TOKENS):
+            enc = tok([chunk[k] for k in g], padding=True, truncation=True, return_tensors="pt")
+            out.append({k: v.pin_memory() for k, v in enc.items()})
+    return out
+
+
+def _peft_models(base_dir: str, precision: str, adapter_dirs: list[str]):
+    """PEFT the way a user would serve these tasks: one PeftModel per head size, every adapter loaded."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    kwargs = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16)}
+    skip = ["pooler", "classifier"]
+    if precision == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    elif precision == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.float16,
+                                                           llm_int8_skip_modules=skip)
+    models, model_of = {}, {}
+    for k, path in enumerate(adapter_dirs):
+        with open(os.path.join(path, "labels.json")) as fh:
+            n = len(json.load(fh))
+        if n not in models:
+            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=n, device_map={"": 0},
+                                                                       **kwargs)
+            models[n] = PeftModel.from_pretrained(base, path, adapter_name=f"s{k}").eval()
+        else:
+            models[n].load_adapter(path, adapter_name=f"s{k}")
+        model_of[k] = models[n]
+    return model_of
+
+
+def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
+    from runtime.base_model import load_base_model
+    from runtime.config import RuntimeConfig, packaged_base_model_dir
+    from runtime.runtime import Row, Runtime
+
+    (sst_x, sst_y), (ag_x, ag_y) = evals
+    row: dict = {"precision": precision}
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    config = RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows)
+    rt = Runtime(config)
+    row["load_seconds"] = time.perf_counter() - t
+    slot_bytes = rt.engine.slot_bytes() * config.slots
+    row["weights_bytes"] = param_bytes(rt.base.backbone) - slot_bytes
+    row["cuda_allocated_after_load_bytes"] = torch.cuda.memory_allocated() - before
+    row["slot_bytes"] = slot_bytes
+    examples = os.path.join(ROOT, "adapters", "examples")
+    rt.add_adapter("sst2", os.path.join(examples, "sst2"))
+    rt.add_adapter("ag_news", os.path.join(examples, "ag_news"))
+    if args.accuracy:
+        row["sst2_dev_accuracy"] = accuracy(rt, "sst2", sst_x, sst_y)
+        row["ag_news_test_accuracy"] = accuracy(rt, "ag_news", ag_x, ag_y)
+
+    for i, f in enumerate(files):
+        rt.add_adapter(f"s{i}", dict(f), replace=True)
+    entries = [rt.registry.get(f"s{i}") for i in range(TASKS)]
+    texts = sst_x * args.repeat
+    enc = rt.encoder.encode(texts)
+    bare = load_base_model(RuntimeConfig(device="cuda", precision=precision))
+    peft = _peft_models(packaged_base_model_dir(), precision, adapter_dirs) if args.peft else None
+    tok = rt.base.tokenizer
+    for batch in args.batches:
+        cuts = [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]
+
+        def ours(cuts=cuts):
+            for b in cuts:
+                rt.infer([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])
+
+        forwards = _forwards(tok, texts, batch, args.max_rows)
+
+        def ceiling(forwards=forwards):
+            with torch.inference_mode():
+                for f in forwards:
+                    bare.backbone(**{k: v.to("cuda", non_blocking=True) for k, v in f.items()})
+
+        torch.cuda.reset_peak_memory_stats()
+        s = _sync_time(ours, args.rounds)
+        row[f"peak_cuda_bytes_b{batch}"] = torch.cuda.max_memory_allocated() - before
+        row[f"ours_texts_per_s_b{batch}"] = len(texts) / s
+        row[f"ceiling_texts_per_s_b{batch}"] = len(texts) / _sync_time(ceiling, args.rounds)
+        if peft is not None:
+            # Per batch: one forward per task present (its rows padded together), set_adapter first.
+            # Over the first 256 texts (the peer is slow: with 32 tasks in a batch of 32 that is one
+            # forward per text).
+            per_task = []
+            for b in cuts[:max(1, 256 // batch)]:
+                by_task: dict[int, list[str]] = {}
+                for j, i in enumerate(b):
+                    by_task.setdefault(j % TASKS, []).append(texts[i])
+                for k, group in by_task.items():
+                    enc_k = tok(group, padding=True, truncation=True, return_tensors="pt")
+                    per_task.append((k, {n: v.pin_memory() for n, v in enc_k.items()}))
+
+            def naive(per_task=per_task):
+                with torch.inference_mode():
+                    for k, f in per_task:
+                        peft[k].set_adapter(f"s{k}")
+                        peft[k](**{n: v.to("cuda", non_blocking=True) for n, v in f.items()})
+
+            n_peft = sum(len(f["input_ids"]) for _, f in per_task)
+            row[f"peft_texts_per_s_b{batch}"] = n_peft / _sync_time(naive, 2)
+        print(f"  {precision} batch {batch}: ours {row[f'ours_texts_per_s_b{batch}']:.0f} texts/s, ceiling "
+              f"{row[f'ceiling_texts_per_s_b{batch}']:.0f}, peft {row.get(f'peft_texts_per_s_b{batch}', 0):.0f}",
+              flush=True)
+    return row
+
+
+def _profile(args, evals, files) -> int:
+    """Where a mixed batch's time goes on the GPU: host-side functions (cProfile, by own time) and
+    device kernels (torch.profiler, by CUDA time)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime.config import RuntimeConfig
+    from runtime.runtime import Row, Runtime
+
+    precision, batch = args.profile.split(":")
+    batch = int(batch)
+    rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows))
+    for i, f in enumerate(files):
+        rt.add_adapter(f"s{i}", dict(f), replace=True)
+    entries = [rt.registry.get(f"s{i}") for i in range(TASKS)]
+    texts = evals[0][0] * args.repeat
+    enc = rt.encoder.encode(texts)
+    cuts = [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]
+
+    def ours():
+        for b in cuts:
+            rt.infer([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])
+
+    s = _sync_time(ours, 3)
+    print(f"{precision} batch {batch}: {len(texts) / s:.0f} texts/s, {len(cuts)} infer calls, "
+          f"{sum(len(rt.plan_batches([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])) for b in cuts)} forwards")
+    prof = cProfile.Profile()
+    prof.enable()
+    ours()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        ours()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
+
+
+def _onnxruntime_providers() -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return f"onnxruntime not importable: {e}"
+    return f"onnxruntime {ort.__version__}: {', '.join(ort.get_available_providers())}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--precisions", default="fp32,fp16,bf16,int8,nf4")
+    p.add_argument("--batches", default="32,256", help="texts per infer call (a server's pool)")
+    p.add_argument("--max-rows", type=int, default=256, help="max_batch_size: most rows in one forward")
+    p.add_argument("--repeat", type=int, default=4, help="SST-2 dev (872 texts) this many times per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--ag-news-limit", type=int, default=7600)
+    p.add_argument("--no-peft", dest="peft", action="store_false")
+    p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
+    p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, metavar="PRECISION:BATCH",
+                   help="instead of the table: cProfile and torch.profiler of our engine at one point")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if not torch.cuda.is_available():
+        print("gpu_bench needs a CUDA device; torch sees none")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the parity tests
+    from loadtest.synthetic import synthetic_adapter, write_adapter
+    from runtime.config import packaged_base_model_dir
+
+    os.environ.setdefault("ADAPTERSERVE_CACHE", tempfile.mkdtemp(prefix="gpu-bench-"))
+    device = torch.cuda.get_device_name(0)
+    import transformers
+
+    try:
+        import bitsandbytes as bnb
+        bnb_version = bnb.__version__
+    except Exception as e:  # noqa: BLE001 - reported, int8/nf4 rows then fail with the runtime's message
+        bnb_version = f"not importable ({e})"
+    env = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "transformers": transformers.__version__, "bitsandbytes": bnb_version, "onnxruntime": _onnxruntime_providers()}
+    print(json.dumps(env, indent=1), flush=True)
+    evals = load_eval_sets(args.ag_news_limit)
+    base = packaged_base_model_dir()
+    files = [synthetic_adapter(base, seed=i) for i in range(TASKS)]
+    tmp = tempfile.mkdtemp(prefix="gpu-bench-adapters-")
+    adapter_dirs = [write_adapter(f, os.path.join(tmp, f"s{i}")) for i, f in enumerate(files)]
+    if args.profile:
+        return _profile(args, evals, files)
+    rows = []
+    for precision in args.precisions.split(","):
+        try:
+            rows.append(bench_precision(precision, args, evals, files, adapter_dirs))
+        except Exception as e:  # noqa: BLE001 - one precision failing must not hide the others' figures
+            traceback.print_exc()
+            rows.append({"precision": precision, "error": f"{type(e).__name__}: {e}"})
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.json:  # after every precision, so a run cut short still leaves the rows it finished
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as fh:
+                json.dump({"env": env, "rows": rows}, fh, indent=1)
+    print(f"\n{device}; torch {torch.__version__} (CUDA {torch.version.cuda}), bitsandbytes {bnb_version}; "
+          f"{TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
+    print("| precision | weights (bytes) | CUDA after load (bytes) | SST-2 dev | AG News | "
+          + " | ".join(f"b{b}: ours / ceiling / × ceiling / PEFT / × PEFT | peak b{b} (bytes)" for b in args.batches) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * (2 * len(args.batches)))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['precision']} | {r['error']} |")
+            continue
+        cells = []
+        for b in args.batches:
+            ours, ceil, peft = (r[f"ours_texts_per_s_b{b}"], r[f"ceiling_texts_per_s_b{b}"],
+                                r.get(f"peft_texts_per_s_b{b}"))
+            peft_cells = f"{peft:.0f} / {ours / peft:.2f}" if peft else "– / –"
+            cells.append(f"{ours:.0f} / {ceil:.0f} / {ours / ceil:.2f} / {peft_cells} | {r[f'peak_cuda_bytes_b{b}']:,}")
+        print(f"| {r['precision']} | {r['weights_bytes']:,} | {r['cuda_allocated_after_load_bytes']:,} | "
+              f"{r.get('sst2_dev_accuracy', float('nan')) * 100:.2f}% | {r.get('ag_news_test_accuracy', float('nan')) * 100:.2f}% | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The torch engine on a CUDA device, every precision, against PEFT on the same base and device.
+
+Skipped where torch sees no CUDA device (CI and the development machine); run on a lent GPU with
+`pytest tests/component/test_cuda.py` (docs/benchmarks.md records where and what it saw)."""
+import os
+
+import pytest
+import torch
+from tiny_models import SAMPLE_TEXTS
+
+from runtime.config import RuntimeConfig
+from runtime.runtime import Runtime
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "adapters", "examples")
+T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# max |Δlogit| against PEFT on the same base, one text per forward (logits up to 3.7 here). fp32 with
+# TF32 off is exact up to summation order; half precisions round the LoRA delta at different points
+# than PEFT (PEFT adds lora_B(lora_A(x)) * scale to the base output, we add x A^T (scale B) with one
+# baddbmm). LLM.int8 re-quantizes every layer's input to int8, so those rounding differences move
+# int8 codes and grow layer by layer. Seen on an H100 (docs/benchmarks.md): fp32 7e-7, fp16 2.0e-3,
+# bf16 2.3e-2, int8 3.9e-2, nf4 2.0e-3.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2, "int8": 8e-2, "nf4": 1e-2}
+
+
+def peft_logits(base_dir, adapter_dir, precision, num_labels, texts):
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+    )
+
+    skip = ["pooler", "classifier"]
+    kwargs = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16)}
+    if precision == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    elif precision == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.float16,
+                                                           llm_int8_skip_modules=skip)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, device_map={"": 0},
+                                                               **kwargs)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.inference_mode():
+        out = [model(**tok(t, return_tensors="pt").to("cuda")).logits[0].float().cpu() for t in texts]
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def adapter(minilm_dir, tmp_path_factory):
+    from tiny_models import make_peft_adapter
+
+    return make_peft_adapter(minilm_dir, str(tmp_path_factory.mktemp("cuda") / "a"), num_labels=4, r=8, targets=T,
+                             seed=3, scale=0.05)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "nf4"])
+def test_cuda_engine_matches_peft_on_the_same_base(minilm_dir, adapter, precision):
+    rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=4, r_max=16))
+    assert rt.base.device.type == "cuda" and rt.engine.kernel_name == "torch" and not rt.engine.packed
+    rt.add_adapter("t", adapter)
+    rt.add_adapter("sst2", os.path.join(EXAMPLES, "sst2"))
+    for task, path, labels in (("t", adapter, 4), ("sst2", os.path.join(EXAMPLES, "sst2"), 2)):
+        got = torch.tensor([rt.classify([(task, t)])[0].logits for t in SAMPLE_TEXTS])
+        want = peft_logits(minilm_dir, path, precision, labels, SAMPLE_TEXTS)
+        err = (got - want).abs().max().item()
+        print(f"{precision} {task}: max |Δlogit| vs PEFT {err:.2e} (max |logit| {want.abs().max().item():.2f})")
+        assert err <= TOLERANCE[precision], f"{precision} {task}: {err:.2e}"
+        assert (got.argmax(1) == want.argmax(1)).float().mean().item() >= 0.9
+    # Two tasks with different head sizes mixed in one forward, against the same rows served alone.
+    mixed = rt.classify([(("t", "sst2")[i % 2], t) for i, t in enumerate(SAMPLE_TEXTS)])
+    alone = [rt.classify([(("t", "sst2")[i % 2], t)])[0] for i, t in enumerate(SAMPLE_TEXTS)]
+    for m, a in zip(mixed, alone):
+        assert len(m.logits) == len(a.logits)
+        assert max(abs(x - y) for x, y in zip(m.logits, a.logits)) <= 2 * TOLERANCE[precision]
+
+
+def test_cuda_fp32_matches_the_cpu_engine(adapter):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = Runtime(RuntimeConfig(device="cuda", slots=4, r_max=16))
+    cpu = Runtime(RuntimeConfig(device="cpu", slots=4, r_max=16))
+    for rt in (gpu, cpu):
+        rt.add_adapter("t", adapter)
+    a = torch.tensor([p.logits for p in gpu.classify([("t", t) for t in SAMPLE_TEXTS])])
+    b = torch.tensor([p.logits for p in cpu.classify([("t", t) for t in SAMPLE_TEXTS])])
+    print(f"cuda fp32 vs cpu fp32: max |Δlogit| {(a - b).abs().max().item():.2e}")
+    assert (a - b).abs().max().item() <= 1e-4
