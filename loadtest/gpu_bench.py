@@ -55,26 +55,30 @@ def _forwards(tok, texts: list[str], batch: int, max_rows: int) -> list[dict]:
     return out
 
 
+def peft_base_kwargs(precision: str) -> dict:
+    """from_pretrained arguments for PEFT's base on CUDA at `precision`: the same dtype and the same
+    bitsandbytes settings as our own CUDA base (runtime/base_model.py), so the two compare like for like."""
+    from runtime.base_model import _bnb_config
+
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    kwargs = {"dtype": torch.float32 if precision == "fp32" else half, "device_map": {"": 0}}
+    if precision in ("int8", "nf4"):
+        kwargs["quantization_config"] = _bnb_config(precision, torch.float16)
+    return kwargs
+
+
 def _peft_models(base_dir: str, precision: str, adapter_dirs: list[str]):
     """PEFT the way a user would serve these tasks: one PeftModel per head size, every adapter loaded."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16)}
-    skip = ["pooler", "classifier"]
-    if precision == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    elif precision == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.float16,
-                                                           llm_int8_skip_modules=skip)
+    kwargs = peft_base_kwargs(precision)
     models, model_of = {}, {}
     for k, path in enumerate(adapter_dirs):
         with open(os.path.join(path, "labels.json")) as fh:
             n = len(json.load(fh))
         if n not in models:
-            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=n, device_map={"": 0},
-                                                                       **kwargs)
+            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=n, **kwargs)
             models[n] = PeftModel.from_pretrained(base, path, adapter_name=f"s{k}").eval()
         else:
             models[n].load_adapter(path, adapter_name=f"s{k}")

@@ -26,22 +26,12 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2, "int8": 8e-2, "nf4": 1e-2
 
 def peft_logits(base_dir, adapter_dir, precision, num_labels, texts):
     from peft import PeftModel
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    skip = ["pooler", "classifier"]
-    kwargs = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16)}
-    if precision == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    elif precision == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.float16,
-                                                           llm_int8_skip_modules=skip)
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, device_map={"": 0},
-                                                               **kwargs)
+    from loadtest.gpu_bench import peft_base_kwargs
+
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
+                                                               **peft_base_kwargs(precision))
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     tok = AutoTokenizer.from_pretrained(base_dir)
     with torch.inference_mode():
