@@ -58,7 +58,7 @@ _FLAGS = [
     ("torch-threads", "runtime", "torch_threads", int, "intra-op threads"),
     ("lora-kernel", "runtime", "lora_kernel", str, "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"),
     ("token-packing", "runtime", "token_packing", str,
-     "auto | off: CPU fp32 BERT/RoBERTa forwards over token-packed rows (no padding, one forward per batch)"),
+     "auto | off: CPU fp32/bf16 BERT/RoBERTa forwards over token-packed rows (no padding, one forward per batch)"),
     ("forward-overhead-tokens", "runtime", "forward_overhead_tokens", int,
      "batch planner: one more forward costs this many padded tokens (default: CPU 32, CUDA 4096)"),
 ]

@@ -24,7 +24,7 @@ import traceback
 import torch
 
 from loadtest.precision_bench import ROOT, accuracy, load_eval_sets, param_bytes
-from runtime.planning import GPU_OVERHEAD_TOKENS, plan_groups
+from runtime.planning import plan_groups
 
 TASKS = 32
 
@@ -42,14 +42,16 @@ def _sync_time(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def _forwards(tok, texts: list[str], batch: int, max_rows: int) -> list[dict]:
-    """The padded forwards our runtime cuts each batch into (runtime/planning.py, GPU cost model),
+def _forwards(rt, texts: list[str], batch: int) -> list[dict]:
+    """The padded forwards `rt`'s planner cuts each batch into (its row, token and overhead settings),
     tokenized up front onto pinned host memory, so the ceiling times the model and the copies alone."""
+    tok, config = rt.base.tokenizer, rt.config
     out = []
     for i in range(0, len(texts), batch):
         chunk = texts[i:i + batch]
         lengths = [len(ids) for ids in tok(chunk, truncation=True)["input_ids"]]
-        for g in plan_groups(lengths, [0] * len(chunk), max_rows, 16384, 1, GPU_OVERHEAD_TOKENS):
+        for g in plan_groups(lengths, [0] * len(chunk), config.max_batch_size, config.max_batch_tokens, 1,
+                             rt.forward_overhead_tokens):
             enc = tok([chunk[k] for k in g], padding=True, truncation=True, return_tensors="pt")
             out.append({k: v.pin_memory() for k, v in enc.items()})
     return out
@@ -58,10 +60,9 @@ def _forwards(tok, texts: list[str], batch: int, max_rows: int) -> list[dict]:
 def peft_base_kwargs(precision: str) -> dict:
     """from_pretrained arguments for PEFT's base on CUDA at `precision`: the same dtype and the same
     bitsandbytes settings as our own CUDA base (runtime/base_model.py), so the two compare like for like."""
-    from runtime.base_model import _bnb_config
+    from runtime.base_model import _DTYPES, _bnb_config
 
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
-    kwargs = {"dtype": torch.float32 if precision == "fp32" else half, "device_map": {"": 0}}
+    kwargs = {"dtype": _DTYPES.get(precision, torch.float16), "device_map": {"": 0}}  # int8/NF4: fp16 activations
     if precision in ("int8", "nf4"):
         kwargs["quantization_config"] = _bnb_config(precision, torch.float16)
     return kwargs
@@ -86,10 +87,31 @@ def _peft_models(base_dir: str, precision: str, adapter_dirs: list[str]):
     return model_of
 
 
+def _mixed_workload(rt, files, texts: list[str]):
+    """Register the synthetic tasks on `rt` and encode `texts` once; returns workload(batch) ->
+    (infer calls, run): every call holds `batch` texts, row j of a call going to task j % TASKS."""
+    from runtime.runtime import Row
+
+    for i, f in enumerate(files):
+        rt.add_adapter(f"s{i}", dict(f), replace=True)
+    entries = [rt.registry.get(f"s{i}") for i in range(TASKS)]
+    enc = rt.encoder.encode(texts)
+
+    def workload(batch: int):
+        calls = [[Row(entries[j % TASKS], e) for j, e in enumerate(enc[lo:lo + batch])]
+                 for lo in range(0, len(enc), batch)]
+
+        def run():
+            for rows in calls:
+                rt.infer(rows)
+        return calls, run
+    return workload
+
+
 def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
     from runtime.base_model import load_base_model
     from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from runtime.runtime import Runtime
 
     (sst_x, sst_y), (ag_x, ag_y) = evals
     row: dict = {"precision": precision}
@@ -110,22 +132,14 @@ def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
         row["sst2_dev_accuracy"] = accuracy(rt, "sst2", sst_x, sst_y)
         row["ag_news_test_accuracy"] = accuracy(rt, "ag_news", ag_x, ag_y)
 
-    for i, f in enumerate(files):
-        rt.add_adapter(f"s{i}", dict(f), replace=True)
-    entries = [rt.registry.get(f"s{i}") for i in range(TASKS)]
     texts = sst_x * args.repeat
-    enc = rt.encoder.encode(texts)
+    workload = _mixed_workload(rt, files, texts)
     bare = load_base_model(RuntimeConfig(device="cuda", precision=precision))
     peft = _peft_models(packaged_base_model_dir(), precision, adapter_dirs) if args.peft else None
     tok = rt.base.tokenizer
     for batch in args.batches:
-        cuts = [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]
-
-        def ours(cuts=cuts):
-            for b in cuts:
-                rt.infer([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])
-
-        forwards = _forwards(tok, texts, batch, args.max_rows)
+        _, ours = workload(batch)
+        forwards = _forwards(rt, texts, batch)
 
         def ceiling(forwards=forwards):
             with torch.inference_mode():
@@ -142,10 +156,10 @@ def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
             # Over the first 256 texts (the peer is slow: with 32 tasks in a batch of 32 that is one
             # forward per text).
             per_task = []
-            for b in cuts[:max(1, 256 // batch)]:
+            for lo in range(0, 256, batch):
                 by_task: dict[int, list[str]] = {}
-                for j, i in enumerate(b):
-                    by_task.setdefault(j % TASKS, []).append(texts[i])
+                for j, text in enumerate(texts[lo:lo + batch]):
+                    by_task.setdefault(j % TASKS, []).append(text)
                 for k, group in by_task.items():
                     enc_k = tok(group, padding=True, truncation=True, return_tensors="pt")
                     per_task.append((k, {n: v.pin_memory() for n, v in enc_k.items()}))
@@ -173,25 +187,20 @@ def _profile(args, evals, files) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from runtime.config import RuntimeConfig
-    from runtime.runtime import Row, Runtime
+    from runtime.runtime import Runtime
 
     precision, batch = args.profile.split(":")
     batch = int(batch)
     rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows))
-    for i, f in enumerate(files):
-        rt.add_adapter(f"s{i}", dict(f), replace=True)
-    entries = [rt.registry.get(f"s{i}") for i in range(TASKS)]
     texts = evals[0][0] * args.repeat
-    enc = rt.encoder.encode(texts)
-    cuts = [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]
-
-    def ours():
-        for b in cuts:
-            rt.infer([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])
-
+    calls, ours = _mixed_workload(rt, files, texts)(batch)
     s = _sync_time(ours, 3)
-    print(f"{precision} batch {batch}: {len(texts) / s:.0f} texts/s, {len(cuts)} infer calls, "
-          f"{sum(len(rt.plan_batches([Row(entries[j % TASKS], enc[i]) for j, i in enumerate(b)])) for b in cuts)} forwards")
+    print(f"{precision} batch {batch}: {len(texts) / s:.0f} texts/s, {len(calls)} infer calls, "
+          f"{sum(len(rt.plan_batches(rows)) for rows in calls)} forwards")
+    # What one kernel launch costs this host (the floor under every op of a forward).
+    x = torch.ones(4, device="cuda")
+    launches = _sync_time(lambda: [x.add_(1) for _ in range(10_000)], 3)
+    print(f"one kernel launch: {launches / 10_000 * 1e6:.1f} us (x.add_(1) x 10,000)")
     prof = cProfile.Profile()
     prof.enable()
     ours()
