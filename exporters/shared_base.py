@@ -280,11 +280,12 @@ def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
 def _export_padded(engine: TorchEngine, uses_types: bool, fused: bool, fp32_path: str) -> None:
     graph = _SharedBaseGraph(engine, uses_types, fused).eval()
     batch, seq = 2, 8
-    ids = torch.ones(batch, seq, dtype=torch.long)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    types = torch.zeros(batch, seq, dtype=torch.long)
-    slots = torch.tensor([0, 1], dtype=torch.long)
-    lengths = torch.full((batch,), seq, dtype=torch.long)
+    device = engine.base.device  # a CUDA base traces with CUDA inputs (same graph, same initializers)
+    ids = torch.ones(batch, seq, dtype=torch.long, device=device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    types = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    slots = torch.tensor([0, 1], dtype=torch.long, device=device)
+    lengths = torch.full((batch,), seq, dtype=torch.long, device=device)
     slot_tensors = []
     for layer in engine.layers.values():
         slot_tensors += [layer.lora_a, layer.lora_b] + ([layer.slot_r8] if fused else [])

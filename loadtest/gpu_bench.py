@@ -216,6 +216,100 @@ def _profile(args, evals, files) -> int:
     return 0
 
 
+def _device_used_bytes() -> int:
+    """Device memory in use by anyone (torch and ONNX Runtime's own arena alike)."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def bench_ort_cuda(args, evals, files) -> list[dict]:
+    """ONNX Runtime's CUDA provider: the shared-base graph (fp32, stock LoRA ops) with 32 tasks mixed,
+    beside the same-run bare torch fp32 base, and per-task merged exports (fp32, fp16) serving one task.
+    Memory is device-wide (mem_get_info): ORT allocates outside torch's allocator."""
+    from exporters.per_task import export_task
+    from runtime.base_model import load_base_model
+    from runtime.config import RuntimeConfig
+    from runtime.runtime import Runtime
+
+    (sst_x, sst_y), (ag_x, ag_y) = evals
+    examples = os.path.join(ROOT, "adapters", "examples")
+    texts = sst_x * args.repeat
+    rows = []
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.zeros(1, device="cuda")  # the CUDA context exists before the first reading, so it is not counted
+    before = _device_used_bytes()
+    rt = Runtime(RuntimeConfig(device="cuda", engine="onnx", slots=40, r_max=16, max_batch_size=args.max_rows))
+    row: dict = {"engine": "ORT CUDA shared base fp32 (32 tasks mixed)",
+                 "device_used_after_load_bytes": _device_used_bytes() - before,
+                 "model_file_bytes": os.path.getsize(os.path.join(rt.engine.model_dir, "model.onnx"))}
+    rt.add_adapter("sst2", os.path.join(examples, "sst2"))
+    rt.add_adapter("ag_news", os.path.join(examples, "ag_news"))
+    if args.accuracy:
+        row["sst2_dev_accuracy"] = accuracy(rt, "sst2", sst_x, sst_y)
+        row["ag_news_test_accuracy"] = accuracy(rt, "ag_news", ag_x, ag_y)
+    workload = _mixed_workload(rt, files, texts)
+    bare = load_base_model(RuntimeConfig(device="cuda", precision="fp32"))
+    for batch in args.batches:
+        _, ours = workload(batch)
+        forwards = _forwards(rt, texts, batch)
+
+        def ceiling(forwards=forwards, bare=bare):
+            with torch.inference_mode():
+                for f in forwards:
+                    bare.backbone(**{k: v.to("cuda", non_blocking=True) for k, v in f.items()})
+
+        row[f"ours_texts_per_s_b{batch}"] = len(texts) / _sync_time(ours, args.rounds)
+        row[f"ceiling_texts_per_s_b{batch}"] = len(texts) / _sync_time(ceiling, args.rounds)
+        row[f"device_used_peak_b{batch}_bytes"] = _device_used_bytes() - before
+        print(f"  ORT CUDA shared batch {batch}: {row[f'ours_texts_per_s_b{batch}']:.0f} texts/s, torch fp32 bare "
+              f"{row[f'ceiling_texts_per_s_b{batch}']:.0f}", flush=True)
+    rows.append(row)
+    ceilings = {b: row[f"ceiling_texts_per_s_b{b}"] for b in args.batches}
+    plans = {b: _forwards(rt, texts, b) for b in args.batches}
+    del rt, workload, bare
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # Per-task merged exports: what a user deploys per task without us (one model per task).
+    out_root = tempfile.mkdtemp(prefix="gpu-bench-onnx-")
+    for fp16 in (False, True):
+        out = os.path.join(out_root, "fp16" if fp16 else "fp32")
+        export_task(os.path.join(examples, "sst2"), out, fp16=fp16)
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(_bench_merged_task(out, f"ORT CUDA merged per task {'fp16' if fp16 else 'fp32'} (SST-2 only)",
+                                       plans, ceilings, len(texts), args))
+    return rows
+
+
+def _bench_merged_task(model_dir: str, name: str, plans: dict, ceilings: dict, n_texts: int, args) -> dict:
+    """One per-task merged export on the CUDA provider over the same forwards; its session (and ORT's
+    arena with it) is gone when this returns, so the next reading starts clean."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime.onnx_engine import providers_for
+
+    before = _device_used_bytes()
+    session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), providers=providers_for(torch.device("cuda")))
+    wanted = {i.name for i in session.get_inputs()}
+    row = {"engine": name, "model_file_bytes": os.path.getsize(os.path.join(model_dir, "model.onnx")),
+           "device_used_after_load_bytes": _device_used_bytes() - before}
+    for batch in args.batches:
+        feeds = [{k: v.numpy().astype(np.int64) for k, v in f.items() if k in wanted} for f in plans[batch]]
+
+        def merged(feeds=feeds):
+            for f in feeds:
+                session.run(None, f)
+
+        row[f"ours_texts_per_s_b{batch}"] = n_texts / _sync_time(merged, args.rounds)
+        row[f"ceiling_texts_per_s_b{batch}"] = ceilings[batch]
+        row[f"device_used_peak_b{batch}_bytes"] = _device_used_bytes() - before
+        print(f"  {name} batch {batch}: {row[f'ours_texts_per_s_b{batch}']:.0f} texts/s", flush=True)
+    return row
+
+
 def _onnxruntime_providers() -> str:
     try:
         import onnxruntime as ort
@@ -235,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-peft", dest="peft", action="store_false")
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     p.add_argument("--json", default=None)
+    p.add_argument("--ort", action="store_true",
+                   help="also ONNX Runtime's CUDA provider (needs onnxruntime-gpu): shared base and per-task merged")
     p.add_argument("--profile", default=None, metavar="PRECISION:BATCH",
                    help="instead of the table: cProfile and torch.profiler of our engine at one point")
     args = p.parse_args(argv)
@@ -266,7 +362,7 @@ def main(argv=None) -> int:
     if args.profile:
         return _profile(args, evals, files)
     rows = []
-    for precision in args.precisions.split(","):
+    for precision in [p for p in args.precisions.split(",") if p]:
         try:
             rows.append(bench_precision(precision, args, evals, files, adapter_dirs))
         except Exception as e:  # noqa: BLE001 - one precision failing must not hide the others' figures
@@ -278,6 +374,16 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as fh:
                 json.dump({"env": env, "rows": rows}, fh, indent=1)
+    ort_rows = []
+    if args.ort:
+        try:
+            ort_rows = bench_ort_cuda(args, evals, files)
+        except Exception as e:  # noqa: BLE001 - reported beside the torch rows
+            traceback.print_exc()
+            ort_rows = [{"engine": "ORT CUDA", "error": f"{type(e).__name__}: {e}"}]
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"env": env, "rows": rows, "ort_rows": ort_rows}, fh, indent=1)
     print(f"\n{device}; torch {torch.__version__} (CUDA {torch.version.cuda}), bitsandbytes {bnb_version}; "
           f"{TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
     print("| precision | weights (bytes) | CUDA after load (bytes) | SST-2 dev | AG News | "
@@ -295,6 +401,21 @@ def main(argv=None) -> int:
             cells.append(f"{ours:.0f} / {ceil:.0f} / {ours / ceil:.2f} / {peft_cells} | {r[f'peak_cuda_bytes_b{b}']:,}")
         print(f"| {r['precision']} | {r['weights_bytes']:,} | {r['cuda_allocated_after_load_bytes']:,} | "
               f"{r.get('sst2_dev_accuracy', float('nan')) * 100:.2f}% | {r.get('ag_news_test_accuracy', float('nan')) * 100:.2f}% | " + " | ".join(cells) + " |")
+    if ort_rows:
+        print(f"\n{_onnxruntime_providers()}; ceiling = bare torch fp32 base, same forwards, same run\n")
+        print("| ORT engine | model file (bytes) | device memory after load (bytes) | SST-2 dev | AG News | "
+              + " | ".join(f"b{b}: texts/s / ceiling / × ceiling" for b in args.batches) + " |")
+        print("|---|---:|---:|---:|---:|" + "---:|" * len(args.batches))
+        for r in ort_rows:
+            if "error" in r:
+                print(f"| {r['engine']} | {r['error']} |")
+                continue
+            cells = [f"{r[f'ours_texts_per_s_b{b}']:.0f} / {r[f'ceiling_texts_per_s_b{b}']:.0f} / "
+                     f"{r[f'ours_texts_per_s_b{b}'] / r[f'ceiling_texts_per_s_b{b}']:.2f}" for b in args.batches]
+            acc = (f"{r['sst2_dev_accuracy'] * 100:.2f}% | {r['ag_news_test_accuracy'] * 100:.2f}%"
+                   if "sst2_dev_accuracy" in r else "– | –")
+            print(f"| {r['engine']} | {r['model_file_bytes']:,} | {r['device_used_after_load_bytes']:,} | {acc} | "
+                  + " | ".join(cells) + " |")
     return 0
 
 

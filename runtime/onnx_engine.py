@@ -29,12 +29,18 @@ GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA 
 # 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies
 
 
-def default_providers() -> list[str]:
-    """ORT execution providers the engine uses, best first: CUDA when onnxruntime-gpu has it, else CPU."""
+def providers_for(device: torch.device) -> list:
+    """ORT execution providers for a base on `device`. The base's device decides, not what ORT has:
+    on CUDA the slot buffers and the batch already live in GPU memory and are bound there in place."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ConfigError(f"the base is on CUDA but this ONNX Runtime ({ort.__version__}) has no CUDA execution "
+                          "provider; install onnxruntime-gpu (built for this CUDA), or serve with --device cpu")
+    # TF32 off: fp32 means fp32 here as in torch (whose matmul default is TF32 off), within 1e-4 of the CPU.
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}), "CPUExecutionProvider"]
 
 
 def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto") -> str:
@@ -47,7 +53,7 @@ def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, slots_from: TorchEngine, model_dir: str, providers: Optional[list[str]] = None,
+    def __init__(self, slots_from: TorchEngine, model_dir: str, providers: Optional[list] = None,
                  threads: Optional[int] = None) -> None:
         import onnxruntime as ort
 
@@ -86,8 +92,18 @@ class OnnxEngine:
                                   f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops "
                                   "(`python -m exporters shared --lora-op stock`, or serve with --lora-kernel torch)")
             options.register_custom_ops_library(path)
-        providers = providers or default_providers()
+        self.device = slots_from.base.device
+        providers = providers or providers_for(self.device)
         self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
+        # On the CUDA provider every tensor is bound where it lives (slot buffers, batch, output) by
+        # address: nothing crosses the bus per forward but the small per-batch inputs ORT copies itself.
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        if self.on_cuda != (self.device.type == "cuda"):
+            raise ConfigError(f"ONNX Runtime runs on {self.session.get_providers()[0]} but the base is on "
+                              f"{self.device}; they must match")
+        if self.on_cuda and self.fused_op:
+            raise ConfigError(f"the ONNX model in {model_dir} uses {FUSED_OP}, a CPU kernel; export the CUDA "
+                              "graph with stock ops (`python -m exporters shared --lora-op stock`)")
         # "packed": each forward is one run of the rows' real tokens back to back (no padding).
         self.packed = meta.get("layout") == "packed"
         self.position_offset = int(meta.get("position_offset", 0))
@@ -99,9 +115,9 @@ class OnnxEngine:
         # here, not per forward: every forward feeds the same arrays, whose contents the registry changes.
         self.slot_feed = {}
         for i, layer in enumerate(slots_from.layers.values()):
-            self.slot_feed[f"lora_a_{i}"] = layer.lora_a.numpy()
-            self.slot_feed[f"lora_b_{i}"] = layer.lora_b.numpy()
-            self.slot_feed[f"lora_r8_{i}"] = layer.slot_r8.numpy()
+            self.slot_feed[f"lora_a_{i}"] = layer.lora_a
+            self.slot_feed[f"lora_b_{i}"] = layer.lora_b
+            self.slot_feed[f"lora_r8_{i}"] = layer.slot_r8
         self.slot_feed = {k: v for k, v in self.slot_feed.items() if k in self.graph_inputs}
         # The slot inputs (111 on MiniLM) are bound once per model thread (an IOBinding is not shared between
         # threads); a forward binds only its few per-batch inputs. Passing every input to run() each
@@ -136,6 +152,8 @@ class OnnxEngine:
 
     def load_slot(self, slot, spec) -> None:
         self.torch_engine.load_slot(slot, spec)
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)  # ORT reads the slot buffers on its own stream
 
     def clear_slot(self, slot) -> None:
         self.torch_engine.clear_slot(slot)
@@ -156,14 +174,14 @@ class OnnxEngine:
         each row's position ids from its own start, and the rows' offsets."""
         if self.packed:
             packed = packing.pack(inputs, self.position_offset)
-            feed = {"input_ids": packed["input_ids"].numpy(), "position_ids": packed["position_ids"].numpy(),
-                    "row_offsets": packed["row_offsets"].numpy(), "slot_per_row": np.asarray(slots, dtype=np.int64)}
+            feed = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"],
+                    "row_offsets": packed["row_offsets"], "slot_per_row": np.asarray(slots, dtype=np.int64)}
             if "token_type_ids" in self.graph_inputs:
-                feed["token_type_ids"] = packed["token_type_ids"].numpy()
+                feed["token_type_ids"] = packed["token_type_ids"]
             return feed
         feed = {
-            "input_ids": inputs["input_ids"].numpy(),
-            "attention_mask": inputs["attention_mask"].numpy(),
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
             "slot_per_row": np.asarray(slots, dtype=np.int64),
         }
         if self.fused_op:
@@ -172,7 +190,7 @@ class OnnxEngine:
                                    else np.full(len(slots), width, dtype=np.int64))
         if "token_type_ids" in self.graph_inputs:
             types = inputs.get("token_type_ids")
-            feed["token_type_ids"] = (types if types is not None else torch.zeros_like(inputs["input_ids"])).numpy()
+            feed["token_type_ids"] = types if types is not None else torch.zeros_like(inputs["input_ids"])
         return feed
 
     def encode(self, inputs: dict[str, torch.Tensor], slots: list[int],
@@ -183,15 +201,40 @@ class OnnxEngine:
         binding = getattr(self._bindings, "value", None)
         if binding is None:
             binding = self.session.io_binding()
-            for name, array in self.slot_feed.items():
-                binding.bind_cpu_input(name, array)  # the slot buffers' own memory: slot writes reach it
+            for name, tensor in self.slot_feed.items():
+                self._bind(binding, name, tensor)  # the slot buffers' own memory: slot writes reach it
             self._bindings.value = binding
-        for name, array in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_output("features")  # unallocated each run: ORT sizes it to this batch
-        self.session.run_with_iobinding(binding)
-        (features,) = binding.copy_outputs_to_cpu()
-        return torch.from_numpy(features)
+        bound = [self._bind(binding, name, value) for name, value in feed.items()]  # alive until the run ends
+        if not self.on_cuda:
+            binding.bind_output("features")  # unallocated each run: ORT sizes it to this batch
+            self.session.run_with_iobinding(binding)
+            (features,) = binding.copy_outputs_to_cpu()
+            return torch.from_numpy(features)
+        rows = len(feed["slot_per_row"])
+        features = torch.empty(rows, self.base.hidden_size, dtype=torch.float32, device=self.device)
+        binding.bind_output("features", "cuda", self.device.index or 0, np.float32, list(features.shape),
+                            features.data_ptr())
+        # The batch was copied to the GPU on torch's stream; ORT runs on its own, so wait for the copy.
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)  # returns once its stream is done: features are written
+        del bound
+        return features
+
+    def _bind(self, binding, name: str, value):
+        """Bind one input; returns what must stay alive until the run (ORT reads a CUDA input in place)."""
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            value = value.contiguous()
+            binding.bind_input(name, "cuda", value.device.index or 0, _NUMPY_DTYPES[value.dtype], list(value.shape),
+                               value.data_ptr())
+            return value
+        if isinstance(value, torch.Tensor):
+            value = value.numpy()
+        value = np.ascontiguousarray(value)
+        binding.bind_cpu_input(name, value)
+        return value
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 
 
 def _release_backbone_weights(engine: TorchEngine) -> int:
@@ -204,4 +247,6 @@ def _release_backbone_weights(engine: TorchEngine) -> int:
                 released += param.numel() * param.element_size()
                 module._parameters[name] = None
     engine.weights_released = True
+    if engine.base.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed weights back to the device, where ORT allocates its own
     return released

@@ -137,12 +137,16 @@ class Runtime:
 
     def _onnx_engine(self, torch_engine: TorchEngine):
         from exporters.shared_base import MODEL_FILE, export_shared_base
-        from runtime.onnx_engine import OnnxEngine, default_onnx_dir, default_providers
+        from runtime.onnx_engine import OnnxEngine, default_onnx_dir, providers_for
 
         quantize = "int8" if self.config.precision == "int8" else None
         # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
         lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[self.config.lora_kernel]
-        if lora_op == "auto" and default_providers()[0] == "CUDAExecutionProvider":
+        providers = providers_for(self.base.device)  # refuses a CUDA base where ORT has no CUDA provider
+        if quantize and self.base.device.type == "cuda":
+            raise ConfigError("the ONNX int8 graph (dynamic quantization) runs on ONNX Runtime's CPU provider only; "
+                              "on CUDA serve --engine onnx --precision fp32, or the torch engine's int8/nf4")
+        if lora_op == "auto" and self.base.device.type == "cuda":
             lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
         model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
                                                              lora_op)
@@ -152,7 +156,7 @@ class Runtime:
                 export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        return OnnxEngine(torch_engine, model_dir, threads=self.config.torch_threads)
+        return OnnxEngine(torch_engine, model_dir, providers, threads=self.config.torch_threads)
 
     # -- adapters --------------------------------------------------------------------------------
     def load_spec(self, source: AdapterSource, labels: Optional[list[str]] = None,

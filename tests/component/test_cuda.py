@@ -78,3 +78,35 @@ def test_cuda_fp32_matches_the_cpu_engine(adapter):
     b = torch.tensor([p.logits for p in cpu.classify([("t", t) for t in SAMPLE_TEXTS])])
     print(f"cuda fp32 vs cpu fp32: max |Δlogit| {(a - b).abs().max().item():.2e}")
     assert (a - b).abs().max().item() <= 1e-4
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ort_has_cuda(), reason="needs onnxruntime-gpu")
+def test_onnx_engine_on_the_cuda_provider_matches_the_cpu_engine(adapter, tmp_path):
+    """The shared-base graph on ORT's CUDA provider (stock LoRA ops, slot buffers bound in GPU memory)
+    serves two tasks mixed in one run, and a replaced adapter reaches the graph without re-export."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = Runtime(RuntimeConfig(device="cuda", engine="onnx", slots=4, r_max=16, onnx_dir=str(tmp_path / "g")))
+    cpu = Runtime(RuntimeConfig(device="cpu", slots=4, r_max=16))
+    assert gpu.engine.on_cuda and gpu.engine.kernel_name == "onnx-graph"
+    sst2 = os.path.join(EXAMPLES, "sst2")
+    for rt in (gpu, cpu):
+        rt.add_adapter("t", adapter)
+        rt.add_adapter("sst2", sst2)
+    requests = [(("t", "sst2")[i % 2], t) for i, t in enumerate(SAMPLE_TEXTS)]
+    for name, rows in (("mixed", requests), ("one task", [("t", t) for t in SAMPLE_TEXTS])):
+        got = [p.logits for p in gpu.classify(rows)]
+        want = [p.logits for p in cpu.classify(rows)]
+        err = max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w))
+        print(f"ORT CUDA vs torch CPU fp32, {name}: max |Δlogit| {err:.2e}")
+        assert all(len(g) == len(w) for g, w in zip(got, want)) and err <= 1e-4
+    for rt in (gpu, cpu):  # replace "t" by the SST-2 adapter: new weights, new head size
+        rt.add_adapter("t", sst2, replace=True)
+    got = torch.tensor([p.logits for p in gpu.classify([("t", t) for t in SAMPLE_TEXTS])])
+    want = torch.tensor([p.logits for p in cpu.classify([("t", t) for t in SAMPLE_TEXTS])])
+    assert got.shape == (len(SAMPLE_TEXTS), 2) and (got - want).abs().max().item() <= 1e-4
