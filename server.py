@@ -59,6 +59,8 @@ _FLAGS = [
     ("lora-kernel", "runtime", "lora_kernel", str, "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"),
     ("token-packing", "runtime", "token_packing", str,
      "auto | off: CPU fp32/bf16 BERT/RoBERTa forwards over token-packed rows (no padding, one forward per batch)"),
+    ("cuda-graphs", "runtime", "cuda_graphs", str,
+     "auto | off: replay CUDA fp32/fp16/bf16 forwards as captured CUDA graphs (one per rows x width bucket)"),
     ("forward-overhead-tokens", "runtime", "forward_overhead_tokens", int,
      "batch planner: one more forward costs this many padded tokens (default: CPU 32, CUDA 4096)"),
 ]

@@ -241,6 +241,7 @@ def onnx_profile() -> None:
     feed = rt.engine.batch_feed({k: torch.from_numpy(v) for k, v in tokens.items()},
                                 sorted(rt.engine.slot_ranks)[:32], [26] * 32)
     feed.update(rt.engine.slot_feed)
+    feed = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}  # session.run takes numpy
     from runtime.ort_lora_op import library_path
 
     _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, f"shared-base int8 ({rt.engine.kernel_name}), "

@@ -118,7 +118,8 @@ def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     t = time.perf_counter()
-    config = RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows)
+    config = RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows,
+                           cuda_graphs=args.cuda_graphs)
     rt = Runtime(config)
     row["load_seconds"] = time.perf_counter() - t
     slot_bytes = rt.engine.slot_bytes() * config.slots
@@ -191,7 +192,8 @@ def _profile(args, evals, files) -> int:
 
     precision, batch = args.profile.split(":")
     batch = int(batch)
-    rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows))
+    rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows,
+                               cuda_graphs=args.cuda_graphs))
     texts = evals[0][0] * args.repeat
     calls, ours = _mixed_workload(rt, files, texts)(batch)
     s = _sync_time(ours, 3)
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-peft", dest="peft", action="store_false")
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     p.add_argument("--json", default=None)
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
+                   help="our torch engine's forwards replayed as CUDA graphs (auto) or eager (off)")
     p.add_argument("--ort", action="store_true",
                    help="also ONNX Runtime's CUDA provider (needs onnxruntime-gpu): shared base and per-task merged")
     p.add_argument("--profile", default=None, metavar="PRECISION:BATCH",
@@ -385,7 +389,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as fh:
                 json.dump({"env": env, "rows": rows, "ort_rows": ort_rows}, fh, indent=1)
     print(f"\n{device}; torch {torch.__version__} (CUDA {torch.version.cuda}), bitsandbytes {bnb_version}; "
-          f"{TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
+          f"CUDA graphs {args.cuda_graphs}; {TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
     print("| precision | weights (bytes) | CUDA after load (bytes) | SST-2 dev | AG News | "
           + " | ".join(f"b{b}: ours / ceiling / × ceiling / PEFT / × PEFT | peak b{b} (bytes)" for b in args.batches) + " |")
     print("|---|---:|---:|---:|---:|" + "---:|" * (2 * len(args.batches)))

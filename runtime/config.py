@@ -14,6 +14,7 @@ from runtime.errors import ConfigError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 LORA_KERNELS = ("auto", "fused", "torch")
 TOKEN_PACKING = ("auto", "off")
+CUDA_GRAPHS = ("auto", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -64,6 +65,9 @@ class RuntimeConfig:
     # BERT/RoBERTa bases with the fused kernel (a pool is then one forward with no padding and our
     # varlen attention), "off" = padded forwards cut by the batch planner.
     token_packing: str = "auto"
+    # The torch engine's padded forwards on CUDA replayed as captured CUDA graphs, one per (rows, width)
+    # bucket (runtime/cuda_graphs.py): "auto" = on for fp32/fp16/bf16 CUDA bases, "off" = eager.
+    cuda_graphs: str = "auto"
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
     engine: str = "torch"
     # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
@@ -88,6 +92,8 @@ class RuntimeConfig:
             raise ConfigError(f"forward_overhead_tokens must be >= 0; got {self.forward_overhead_tokens}")
         if self.max_batch_tokens < 8:
             raise ConfigError(f"max_batch_tokens must be at least 8; got {self.max_batch_tokens}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ConfigError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}; got {self.cuda_graphs!r}")
         if self.token_packing not in TOKEN_PACKING:
             raise ConfigError(f"token_packing must be one of {', '.join(TOKEN_PACKING)}; got {self.token_packing!r}")
         if self.lora_kernel not in LORA_KERNELS:

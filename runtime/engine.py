@@ -13,6 +13,7 @@ from adapters.peft_lora import BaseShape
 from adapters.spec import AdapterSpec
 from runtime.base_model import BaseModel
 from runtime.batch import SlotBatch, SlotContext
+from runtime.cuda_graphs import GraphedForward
 from runtime import lora_kernel, packing
 from runtime.errors import ConfigError, NotSupportedError
 from runtime.lora_kernel import FusedLoRA
@@ -29,7 +30,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None,
-                 lora_kernel: str = "auto", token_packing: str = "auto") -> None:
+                 lora_kernel: str = "auto", token_packing: str = "auto", cuda_graphs: str = "auto") -> None:
         self.base = base
         self.slots = slots
         self.r_max = r_max
@@ -59,6 +60,13 @@ class TorchEngine:
         )
         self.merged_slot: Optional[int] = None
         self.weights_released = False  # set when an ONNX session took over the base weights
+        self.graphs: Optional[GraphedForward] = None
+        # bitsandbytes int8/NF4 are left eager: LLM.int8 picks outlier columns by value on the host. BERT
+        # only so far: the graph feeds a [rows, 1, width] mask, a path checked for BERT's forward alone.
+        if (cuda_graphs == "auto" and base.device.type == "cuda" and base.precision in ("fp32", "fp16", "bf16")
+                and base.family.name == "bert"):
+            uses_types = "token_type_ids" in base.tokenizer.model_input_names
+            self.graphs = GraphedForward(self._graph_forward, base.device, base.max_length, uses_types)
 
     def _attach_kernel(self, choice: str) -> str:
         """Give the fused CPU kernel to every layer it can serve; returns "fused" or "torch"."""
@@ -155,7 +163,23 @@ class TorchEngine:
             raise NotSupportedError("this runtime serves the base through ONNX Runtime; its torch weights were released")
         if self.packed:
             return self._encode_packed(inputs, slots)
+        if self.graphs is not None:
+            features = self.graphs(inputs, slots)
+            if features is not None:
+                return features
         self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths)
+        try:
+            out = self.base.backbone(**inputs)
+        finally:
+            self.context.current = None
+        if self.base.family.uses_pooler:
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+    def _graph_forward(self, inputs: dict[str, torch.Tensor], slot_per_row: torch.Tensor) -> torch.Tensor:
+        """The forward a CUDA graph captures: static inputs, every slot layer at r_max (cuda_graphs.py)."""
+        self.context.current = SlotBatch(slot_per_row=slot_per_row, distinct_slots=frozenset(range(1, self.slots)),
+                                         single_slot=None, rank=self.r_max, every_layer=True)
         try:
             out = self.base.backbone(**inputs)
         finally:

@@ -116,7 +116,8 @@ class SlotLoRALinear(nn.Module):
         if self.context.traced is not None:
             return self._traced_forward(x, y)
         batch = self.context.current
-        if batch is None or batch.rank == 0 or not (batch.distinct_slots & self.active_slots):
+        if batch is None or (not batch.every_layer
+                             and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))):
             return y
         r = batch.rank
         kernel = self.kernel

@@ -159,3 +159,18 @@ def test_graph_exported_for_another_op_abi_is_refused(tiny_bases, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="ABI 0"):
         Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "g")))
+
+
+def test_cuda_base_without_the_onnxruntime_cuda_provider_is_refused():
+    """A CUDA base needs onnxruntime-gpu; with the CPU build (this machine, CI) the message says so
+    instead of ORT quietly running every node on the CPU."""
+    import onnxruntime as ort
+    import torch
+
+    from runtime.onnx_engine import providers_for
+
+    assert providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider (tests/component/test_cuda.py covers it)")
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        providers_for(torch.device("cuda"))
