@@ -1,13 +1,15 @@
-"""GPU figures for the quantized-bases issue: the torch engine on CUDA at every precision.
+"""GPU figures for the quantized-bases issue: the torch engine on CUDA at every precision, and ONNX Runtime's CUDA provider.
 
-    python -m loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--json F]
+    python -m loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--cuda-graphs auto|off]
+                                 [--ort] [--json F]
 
 Per precision, in one process on one GPU: base weight bytes and CUDA memory after load; accuracy of
 the bundled adapters (SST-2 dev, AG News test); throughput on SST-2 dev texts with 32 synthetic tasks
 mixed in every batch, beside the same-run ceiling (the bare base at the same precision, same
 forwards, no adapters) and the naive peer (PEFT at the same precision: one forward per task present
-in the batch, `set_adapter` before each); peak CUDA memory while serving. Also reports whether
-onnxruntime has its CUDA execution provider here.
+in the batch, `set_adapter` before each); peak CUDA memory while serving. `--cuda-graphs off` serves
+eagerly (the A/B for runtime/cuda_graphs.py). `--ort` adds ONNX Runtime's CUDA provider (needs
+onnxruntime-gpu): the shared-base graph with 32 tasks mixed, and per-task merged fp32/fp16 exports.
 """
 from __future__ import annotations
 

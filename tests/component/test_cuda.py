@@ -1,4 +1,6 @@
-"""The torch engine on a CUDA device, every precision, against PEFT on the same base and device.
+"""The torch engine on a CUDA device, every precision, against PEFT on the same base and device; its
+CUDA-graph replays against its eager forwards; the ONNX engine on ONNX Runtime's CUDA provider
+(where onnxruntime-gpu is installed) against the CPU engine.
 
 Skipped where torch sees no CUDA device (CI and the development machine); run on a lent GPU with
 `pytest tests/component/test_cuda.py` (docs/benchmarks.md records where and what it saw)."""
