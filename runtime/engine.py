@@ -167,19 +167,16 @@ class TorchEngine:
             features = self.graphs(inputs, slots)
             if features is not None:
                 return features
-        self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths)
-        try:
-            out = self.base.backbone(**inputs)
-        finally:
-            self.context.current = None
-        if self.base.family.uses_pooler:
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        return self._padded_forward(inputs, SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths))
 
     def _graph_forward(self, inputs: dict[str, torch.Tensor], slot_per_row: torch.Tensor) -> torch.Tensor:
         """The forward a CUDA graph captures: static inputs, every slot layer at r_max (cuda_graphs.py)."""
-        self.context.current = SlotBatch(slot_per_row=slot_per_row, distinct_slots=frozenset(range(1, self.slots)),
-                                         single_slot=None, rank=self.r_max, every_layer=True)
+        return self._padded_forward(inputs, SlotBatch(
+            slot_per_row=slot_per_row, distinct_slots=frozenset(range(1, self.slots)), single_slot=None,
+            rank=self.r_max, every_layer=True))
+
+    def _padded_forward(self, inputs: dict[str, torch.Tensor], batch: SlotBatch) -> torch.Tensor:
+        self.context.current = batch
         try:
             out = self.base.backbone(**inputs)
         finally:
