@@ -10,15 +10,14 @@ import numpy as np
 
 def task_model_parity(export_dir: str, adapter_dir: str, texts: list[str], base_model: Optional[str] = None,
                       batch_size: int = 32) -> dict:
-    import onnxruntime as ort
-
     from runtime.config import RuntimeConfig
+    from runtime.onnx_engine import open_session
     from runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig(base_model=base_model, slots=2, r_max=512))
     rt.add_adapter("t", adapter_dir)
     torch_logits = np.array([p.logits for p in rt.classify([("t", t) for t in texts])])
-    session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    session = open_session(os.path.join(export_dir, "model.onnx"))
     wanted = {i.name for i in session.get_inputs()}
     out = []
     for i in range(0, len(texts), batch_size):

@@ -2,7 +2,8 @@
 stock *ForSequenceClassification, exported with optimum's ONNX exporter (it knows the input
 signature and dynamic axes of BERT/DistilBERT/RoBERTa and writes config + tokenizer), then optionally
 fused by ORT's transformer optimizer, quantized to int8 or converted to fp16. The folder is
-self-contained: model.onnx, config.json, tokenizer files, labels.json.
+self-contained: model.onnx, config.json, tokenizer files, labels.json, export.json (what was exported
+and how: load a CPU export with its `cpu_session.disabled_optimizers`, as our own sessions do).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def export_task(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
                 fp16: bool = False, optimize: bool = True) -> str:
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from runtime.onnx_engine import CPU_DISABLED_OPTIMIZERS
     from runtime.runtime import Runtime
 
     config = RuntimeConfig(base_model=base_model, slots=2, r_max=512)
@@ -54,17 +56,25 @@ def export_task(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
         json.dump(spec.labels, fh)
     with open(os.path.join(out_dir, "export.json"), "w") as fh:
         json.dump({"adapter": os.path.abspath(adapter_dir), "adapter_version": spec.version, "quantize": quantize,
-                   "fp16": fp16, "optimized": optimize, "exporter": "optimum onnx_export_from_model (opset 18)"}, fh, indent=1)
+                   "fp16": fp16, "optimized": optimize, "exporter": "optimum onnx_export_from_model (opset 18)",
+                   # How to load it on the CPU at full speed (ORT re-fuses the pair otherwise).
+                   "cpu_session": {"disabled_optimizers": [] if fp16 else CPU_DISABLED_OPTIMIZERS}}, fh, indent=1)
     return os.path.join(out_dir, "model.onnx")
 
 
 def _optimize(path: str, model, out: str, fp16: bool) -> str:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads")
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
-    opt = optimize_model(path, model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1, use_gpu=fp16)
+    # CPU exports keep LayerNorm + Add unfused: ORT's CPU SkipLayerNormalization is the slower of the two
+    # (runtime/onnx_engine.CPU_DISABLED_OPTIMIZERS; load the model with those disabled, export.json says so).
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = fp16
+    opt = optimize_model(path, model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1, use_gpu=fp16,
+                         optimization_options=options)
     if fp16:
         # For the CUDA execution provider; inputs/outputs stay int64/fp32.
         opt.convert_float_to_float16(keep_io_types=True)

@@ -189,7 +189,9 @@ def _profiled_session(model_path: str, op_library: Optional[str] = None, threads
         options.intra_op_num_threads = threads
     if op_library:  # the shared graph's adapterserve.SlotLoRA nodes
         options.register_custom_ops_library(op_library)
-    return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    from runtime.onnx_engine import open_session
+
+    return open_session(model_path, options)  # what the engine and the per-task sessions run
 
 
 def _time_by_op(session) -> collections.Counter:

@@ -291,12 +291,11 @@ def _bench_merged_task(model_dir: str, name: str, plans: dict, ceilings: dict, n
     """One per-task merged export on the CUDA provider over the same forwards; its session (and ORT's
     arena with it) is gone when this returns, so the next reading starts clean."""
     import numpy as np
-    import onnxruntime as ort
 
-    from runtime.onnx_engine import providers_for
+    from runtime.onnx_engine import open_session, providers_for
 
     before = _device_used_bytes()
-    session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), providers=providers_for(torch.device("cuda")))
+    session = open_session(os.path.join(model_dir, "model.onnx"), providers=providers_for(torch.device("cuda")))
     wanted = {i.name for i in session.get_inputs()}
     row = {"engine": name, "model_file_bytes": os.path.getsize(os.path.join(model_dir, "model.onnx")),
            "device_used_after_load_bytes": _device_used_bytes() - before}

@@ -167,13 +167,14 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from exporters.per_task import export_task
+    from runtime.onnx_engine import open_session
 
     task_dir = os.path.join(cache, "sst2-int8")
     export_task(os.path.join(examples, "sst2"), task_dir, quantize="int8")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(os.path.join(task_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = open_session(os.path.join(task_dir, "model.onnx"), options)  # as exporters/parity.py and the engine
     tok = fp32_rt.base.tokenizer
     wanted = {i.name for i in session.get_inputs()}
 

@@ -29,6 +29,24 @@ GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA 
 # 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies
 
 
+# ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it
+# replaces: 0.9 ms against ~0.2 ms per BERT-layer norm at 832 tokens x 384 (python -m loadtest.cpu_probes
+# onnx-profile; docs/benchmarks.md). CPU sessions therefore keep the pair unfused: +11 % texts/s for
+# the shared int8 graph, 31.5 -> 22.5 ms per run for a per-task merged int8 export.
+CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+
+def open_session(path: str, options=None, providers: Optional[list] = None):
+    """An ONNX Runtime session for one of our graphs (shared base or per-task export); on the CPU
+    provider without the SkipLayerNormalization fusion (CPU_DISABLED_OPTIMIZERS)."""
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    disabled = CPU_DISABLED_OPTIMIZERS if first == "CPUExecutionProvider" else []
+    return ort.InferenceSession(path, options, providers=providers, disabled_optimizers=disabled)
+
+
 def providers_for(device: torch.device) -> list:
     """ORT execution providers for a base on `device`. The base's device decides, not what ORT has:
     on CUDA the slot buffers and the batch already live in GPU memory and are bound there in place."""
@@ -94,7 +112,7 @@ class OnnxEngine:
             options.register_custom_ops_library(path)
         self.device = slots_from.base.device
         providers = providers or providers_for(self.device)
-        self.session = ort.InferenceSession(os.path.join(model_dir, MODEL_FILE), options, providers=providers)
+        self.session = open_session(os.path.join(model_dir, MODEL_FILE), options, providers)
         # On the CUDA provider every tensor is bound where it lives (slot buffers, batch, output) by
         # address: nothing crosses the bus per forward but the small per-batch inputs ORT copies itself.
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -174,3 +174,34 @@ def test_cuda_base_without_the_onnxruntime_cuda_provider_is_refused():
         pytest.skip("this onnxruntime has the CUDA provider (tests/component/test_cuda.py covers it)")
     with pytest.raises(ConfigError, match="onnxruntime-gpu"):
         providers_for(torch.device("cuda"))
+
+
+def test_cpu_sessions_keep_layernorm_and_residual_add_unfused(tiny_bases, tmp_path):
+    """ORT's CPU SkipLayerNormalization is slower than the LayerNorm + Add it fuses (runtime/onnx_engine.py):
+    a per-task CPU export leaves the pair unfused, says how to load it, and our sessions keep it so.
+    The control (a default session on the same file) shows ORT would fuse it otherwise."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from exporters.per_task import export_task
+    from runtime.onnx_engine import CPU_DISABLED_OPTIMIZERS, open_session
+
+    base = tiny_bases["bert"]
+    a = make_peft_adapter(base, str(tmp_path / "a"), num_labels=2, r=4, targets=FAMILY_TARGETS["bert"], seed=4)
+    out = tmp_path / "export"
+    model = export_task(a, str(out), base_model=base)
+    assert op_count(model, "SkipLayerNormalization") == 0 and op_count(model, "LayerNormalization") > 0
+    assert json.loads((out / "export.json").read_text())["cpu_session"]["disabled_optimizers"] == CPU_DISABLED_OPTIMIZERS
+
+    def ops_after_load(session_factory, name):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / name)
+        session_factory(model, options)
+        return {n.op_type for n in onnx.load(str(tmp_path / name)).graph.node}
+
+    ours = ops_after_load(lambda p, o: open_session(p, o), "ours.onnx")
+    default = ops_after_load(lambda p, o: ort.InferenceSession(p, o, providers=["CPUExecutionProvider"]), "default.onnx")
+    assert "SkipLayerNormalization" in default
+    assert "SkipLayerNormalization" not in ours and "LayerNormalization" in ours
