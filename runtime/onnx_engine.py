@@ -30,9 +30,9 @@ GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA 
 
 
 # ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it
-# replaces: 0.9 ms against ~0.2 ms per BERT-layer norm at 832 tokens x 384 (python -m loadtest.cpu_probes
-# onnx-profile; docs/benchmarks.md). CPU sessions therefore keep the pair unfused: +11 % texts/s for
-# the shared int8 graph, 31.5 -> 22.5 ms per run for a per-task merged int8 export.
+# replaces: ~0.9 ms against ~0.2 ms per BERT-layer norm at 832 tokens x 384 (python -m loadtest.cpu_probes
+# onnx-profile; docs/benchmarks.md). CPU sessions therefore keep the pair unfused: a per-task merged int8
+# export runs 35.1 -> 23.5 ms per run; the shared int8 graph, where ORT fused one pair, 28.7 -> 27.4 ms.
 CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
