@@ -34,3 +34,18 @@ def test_direct_tokenizer_matches_hf_call(family, tiny_bases, minilm_dir):
     assert [g.truncated for g in got] == [True, False]
     # The HF tokenizer's own settings are untouched by the encoder's copy.
     assert tok(long)["input_ids"] == _hf(tok, [long], truncation=False)["input_ids"][0]
+
+
+@pytest.mark.parametrize("family", ["roberta", "minilm"])
+def test_collate_pads_like_the_tokenizer(family, tiny_bases, minilm_dir):
+    """collate's numpy scatter gives exactly the HF tokenizer's right-padded batch (ids, mask, types)."""
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir if family == "minilm" else tiny_bases[family])
+    enc = TextEncoder(tok, max_length=512)
+    texts = TEXTS + ["x " * 40]
+    got = enc.collate(enc.encode(texts, TEXTS[:1] * len(texts)), torch.device("cpu"))
+    want = tok(texts, TEXTS[:1] * len(texts), padding=True, return_tensors="pt")
+    assert set(got) == {k for k in want if k in ("input_ids", "attention_mask", "token_type_ids")}
+    for k, v in got.items():
+        assert v.dtype == torch.long and torch.equal(v, want[k]), k
