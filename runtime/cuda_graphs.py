@@ -112,7 +112,10 @@ class GraphedForward:
                 for _ in range(2):
                     self.forward(graph.kwargs(), graph.slot_per_row)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(graph.graph, pool=self.pool):
+            # thread_local: other threads (an adapter registration's copies, another worker's heads) may
+            # use the GPU meanwhile; torch's capture stream is non-blocking, so their legacy-stream work
+            # does not join the capture.
+            with torch.cuda.graph(graph.graph, pool=self.pool, capture_error_mode="thread_local"):
                 graph.features = self.forward(graph.kwargs(), graph.slot_per_row)
         except Exception as e:  # noqa: BLE001 - an uncapturable shape is still served, eagerly
             log.warning("CUDA graph capture failed for %d rows x %d tokens, serving that shape eagerly: %s",

@@ -154,3 +154,43 @@ def test_cuda_graphs_match_eager_forwards(minilm_dir, tmp_path, precision):
     compare([(("qv", "sst2", "ffn")[i % 3], t) for i, t in enumerate(texts)])
     compare([("ffn", texts[0])])
     assert len(graphed.engine.graphs.graphs) == captured  # same buckets: replayed, not re-captured
+
+
+def test_cuda_graph_captures_while_another_thread_registers_adapters(minilm_dir, tmp_path):
+    """Captures happen at first use of a shape, while other threads may be using the GPU (here: a
+    thread replacing an adapter over and over, each a host->device copy into a slot). No capture may
+    fail and every answer must equal the eager forward's."""
+    import threading
+
+    from tiny_models import make_peft_adapter
+
+    churn = make_peft_adapter(minilm_dir, str(tmp_path / "churn"), num_labels=2, r=8, targets=T, seed=7, scale=0.05)
+    sst2 = os.path.join(EXAMPLES, "sst2")
+    graphed = Runtime(RuntimeConfig(device="cuda", precision="fp16", slots=6, r_max=16))
+    eager = Runtime(RuntimeConfig(device="cuda", precision="fp16", slots=6, r_max=16, cuda_graphs="off"))
+    for rt in (graphed, eager):
+        rt.add_adapter("sst2", sst2)
+        rt.add_adapter("churn", churn)
+    stop, errors = threading.Event(), []
+
+    def register():
+        while not stop.is_set():
+            try:
+                graphed.add_adapter("churn", churn, replace=True)
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                errors.append(e)
+                return
+
+    thread = threading.Thread(target=register)
+    thread.start()
+    texts = SAMPLE_TEXTS * 8
+    try:
+        got = [graphed.classify([("sst2", t) for t in texts[:n]]) for n in (1, 2, 3, 5, 9, 17, 33, 65)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert not graphed.engine.graphs.failed and len(graphed.engine.graphs.graphs) >= 7
+    for n, preds in zip((1, 2, 3, 5, 9, 17, 33, 65), got):
+        want = eager.classify([("sst2", t) for t in texts[:n]])
+        assert max(abs(x - y) for p, q in zip(preds, want) for x, y in zip(p.logits, q.logits)) <= TOLERANCE["fp16"]
