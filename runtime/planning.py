@@ -46,6 +46,11 @@ def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int,
             left += 1
         width = lengths[order[j - 1]]  # sorted: the group's last row is its longest
         longest[j] = max(1, min(max_rows, j - left, max_tokens // max(1, width)))
+    if n and longest[n] == n and n * lengths[order[-1]] - sum(lengths) < overhead_tokens:
+        # One forward is allowed and all its padding costs less than one more forward, so no split can
+        # win (any split still pays every real token plus a second overhead): the program's own answer,
+        # without running it. Usual on a GPU (overhead 4096 tokens) for pools of a few dozen rows.
+        return [order]
     # best[j]: cost of planning the first j sorted rows; a group of rows i..j-1 costs its padded
     # tokens plus the forward's overhead. One vector op per j (the Python double loop this replaced
     # cost ~4 ms for a 256-row GPU pool). Costs are integers, exact in float64.

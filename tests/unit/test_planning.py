@@ -88,3 +88,15 @@ def test_vectorised_planner_equals_the_plain_dynamic_program():
         args = (lengths, keys, rng.choice([1, 4, 16, 64, 256]), rng.choice([100, 400, 16384]),
                 rng.choice([1, 2, 5, 39]), rng.choice([0, 8, 32, 4096]))
         assert plan_groups(*args) == reference_plan(*args)
+
+
+def test_one_forward_when_all_its_padding_costs_less_than_another_forward():
+    """The planner's shortcut (no program run) must give the program's own answer, and only when the
+    whole pool's padding is below one forward's overhead."""
+    lengths, keys = [30, 5, 12, 9], [0, 1, 2, 3]
+    waste = 4 * 30 - sum(lengths)  # 66 padded tokens
+    for overhead in (waste + 1, 4096):
+        got = plan_groups(lengths, keys, 256, 16384, 39, overhead)
+        assert got == [[1, 3, 2, 0]] == reference_plan(lengths, keys, 256, 16384, 39, overhead)
+    assert plan_groups(lengths, keys, 256, 16384, 39, 8) == reference_plan(lengths, keys, 256, 16384, 39, 8)
+    assert len(plan_groups(lengths, keys, 256, 16384, 39, 8)) > 1  # cheap forwards: it still splits
