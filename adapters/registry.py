@@ -25,7 +25,7 @@ class AdapterEntry:
     task: str
     spec: AdapterSpec
     head: dict  # head tensors on the model's device and dtype
-    # GPU, single-linear heads (BERT): (weight [P, H], bias [P]) zero-padded to P = a power of two >= 8
+    # GPU, single-linear heads (Family.linear_head, e.g. BERT): (weight [P, H], bias [P]) zero-padded to P = a power of two >= 8
     # labels, so a batch's heads run as one batched matmul (Runtime._stacked_logits). None elsewhere.
     stacked_head: Optional[tuple] = None
     registered_at: float = field(default_factory=time.time)

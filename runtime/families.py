@@ -8,7 +8,7 @@ the same logits here as in PEFT.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class Family:
     apply_head: HeadFn
     # Linear layer suffixes a training run targets by default (attention + feed-forward).
     default_targets: tuple[str, ...]
+    # (weight, bias) names where the whole head is one linear layer (logits = W x + b); None otherwise.
+    # Such heads of a mixed GPU batch run as one batched matmul (Runtime._stacked_logits).
+    linear_head: Optional[tuple[str, str]] = None
 
 
 BERT = Family(
@@ -56,6 +59,7 @@ BERT = Family(
     label_tensor="classifier.weight",
     apply_head=_bert_head,
     default_targets=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    linear_head=("classifier.weight", "classifier.bias"),
 )
 
 DISTILBERT = Family(

@@ -384,9 +384,10 @@ class Runtime:
     def _stacked_head(self, head: dict) -> Optional[tuple]:
         """AdapterEntry.stacked_head: on a GPU, where each task's own head costs a few kernel launches
         (~50 ms of host time per pass over 32 tasks on the H100 VM) and the math is tiny."""
-        if self.base.device.type == "cpu" or self.base.family.name != "bert":
+        names = self.base.family.linear_head
+        if self.base.device.type == "cpu" or names is None:
             return None
-        weight, bias = head["classifier.weight"], head["classifier.bias"]
+        weight, bias = head[names[0]], head[names[1]]
         n, hidden = weight.shape
         padded = max(8, 1 << (n - 1).bit_length())
         w = weight.new_zeros(padded, hidden)
