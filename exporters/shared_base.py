@@ -194,11 +194,20 @@ def fused_op_applies(engine: TorchEngine) -> Optional[str]:
     return None
 
 
+def bf16_lora_default(quantize: Optional[str], lora_op: str) -> bool:
+    """Whether an int8 graph gets the bf16 LoRA ops by default: where they run on AMX tiles here."""
+    from runtime.ort_lora_op import amx_bf16_available
+
+    return quantize == "int8" and lora_op != "stock" and amx_bf16_available()
+
+
 def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: Optional[str] = None,
-                       optimize: bool = True, lora_op: str = "auto", packed: Optional[bool] = None) -> str:
+                       optimize: bool = True, lora_op: str = "auto", packed: Optional[bool] = None,
+                       bf16_lora: Optional[bool] = None) -> str:
     """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path.
     lora_op: "auto" (the fused op where it applies), "fused" (refuse if it does not), "stock".
-    packed: token-packed rows (None: wherever the fused op and the attention swap apply)."""
+    packed: token-packed rows (None: wherever the fused op and the attention swap apply).
+    bf16_lora: the int8 graph's LoRA ops take bf16 slots (runtime/lora_amx.c); None: where AMX runs."""
     if engine.base.precision not in ("fp32",):
         raise ValueError(f"export the shared base from an fp32 base, not {engine.base.precision}; "
                          "use --quantize int8 for an int8 graph")
@@ -229,6 +238,11 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"), fused)
     if quantize == "int8":
         path = quantize_int8(path, os.path.join(out_dir, "model_int8.onnx"))
+    bf16_lora = bf16_lora_default(quantize, lora_op) if bf16_lora is None else bf16_lora
+    if bf16_lora and (quantize != "int8" or not fused):
+        raise ValueError("bf16 LoRA slots are for the int8 graph with the fused op; the fp32 graph stays fp32")
+    if bf16_lora:
+        path = _bf16_lora_ops(path, engine, os.path.join(out_dir, "model_int8_bf16lora.onnx"))
     final = os.path.join(out_dir, MODEL_FILE)
     if path != final:
         shutil.copyfile(path, final)
@@ -243,6 +257,8 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         "quantize": quantize,
         "lora_op": FUSED_OP if fused else STOCK_OPS,
         "lora_op_abi": OP_ABI if fused else None,
+        # "bf16": the LoRA ops read bf16 slots (int32 pair layouts, runtime/ort_lora_op.pack_bf16_*).
+        "lora_precision": "bf16" if bf16_lora else "fp32",
         "layers": [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in engine.layers.items()],
         "uses_token_types": uses_types,
         # "packed": rows' tokens back to back ([1, N] inputs, row_offsets); "padded": [B, T] rows.
@@ -252,6 +268,37 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     with open(os.path.join(out_dir, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1)
     return final
+
+
+def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
+    """The graph with SlotLoRA(Packed) nodes as their BF16 variants, whose A/B inputs (lora_a_i,
+    lora_b_i) become int32 [slots, ...] in the pair layouts of runtime/lora_amx.c."""
+    import onnx
+
+    from runtime.ort_lora_op import DOMAIN, OP_TYPE, PACKED_OP_TYPE, bf16_a_shape, bf16_b_shape
+
+    model = onnx.load(path)
+    graph = model.graph
+    variants = {OP_TYPE: OP_TYPE + "BF16", PACKED_OP_TYPE: PACKED_OP_TYPE + "BF16"}
+    shapes = {}
+    for i, layer in enumerate(engine.layers.values()):
+        shapes[f"lora_a_{i}"] = bf16_a_shape(engine.r_max, layer.d_in)
+        shapes[f"lora_b_{i}"] = bf16_b_shape(engine.r_max, layer.d_out)
+    retyped = set()
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type in variants:
+            node.op_type = variants[node.op_type]
+            retyped.update(node.input[2:4])
+        elif set(node.input) & set(shapes):
+            raise ValueError(f"slot input of {node.op_type} node {node.name} is not a LoRA op's: cannot make it bf16")
+    if retyped != set(shapes):
+        raise ValueError(f"the LoRA ops' slot inputs are not the graph's slot inputs ({sorted(retyped ^ set(shapes))})")
+    for graph_input in graph.input:
+        if graph_input.name in shapes:
+            graph_input.CopyFrom(onnx.helper.make_tensor_value_info(
+                graph_input.name, onnx.TensorProto.INT32, ["slots", *shapes[graph_input.name]]))
+    onnx.save(model, out)
+    return out
 
 
 def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:

@@ -25,8 +25,8 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 4  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
-# 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies
+GRAPH_FORMAT = 5  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
+# 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies; 5: bf16 LoRA slots (int8)
 
 
 # ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it
@@ -61,9 +61,10 @@ def providers_for(device: torch.device) -> list:
     return [("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}), "CPUExecutionProvider"]
 
 
-def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto") -> str:
+def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto",
+                     bf16_lora: bool = False) -> str:
     key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize,
-                      lora_op, GRAPH_FORMAT])
+                      lora_op, GRAPH_FORMAT] + (["bf16-lora"] if bf16_lora else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "onnx", digest)
 
@@ -136,6 +137,20 @@ class OnnxEngine:
             self.slot_feed[f"lora_a_{i}"] = layer.lora_a
             self.slot_feed[f"lora_b_{i}"] = layer.lora_b
             self.slot_feed[f"lora_r8_{i}"] = layer.slot_r8
+        # bf16 LoRA slots (int8 graph on AMX): the graph reads packed bf16 copies of the slot buffers,
+        # kept here and rewritten for each slot the registry loads (load_slot).
+        self.bf16_lora = meta.get("lora_precision") == "bf16"
+        self._bf16_slots: dict[str, tuple] = {}
+        if self.bf16_lora:
+            from runtime import ort_lora_op
+
+            if not ort_lora_op.amx_bf16_available():
+                log.warning("the ONNX graph in %s has bf16 LoRA ops but AMX does not run here: they take their "
+                            "portable loop, ~30x slower than the fp32 op; re-export it on this machine", model_dir)
+            for i, (name, layer) in enumerate(slots_from.layers.items()):
+                at, bp = ort_lora_op.pack_bf16_a(layer.lora_a), ort_lora_op.pack_bf16_b(layer.lora_b)
+                self._bf16_slots[name] = (layer, at, bp)
+                self.slot_feed[f"lora_a_{i}"], self.slot_feed[f"lora_b_{i}"] = at, bp
         self.slot_feed = {k: v for k, v in self.slot_feed.items() if k in self.graph_inputs}
         # The slot inputs (111 on MiniLM) are bound once per model thread (an IOBinding is not shared between
         # threads); a forward binds only its few per-batch inputs. Passing every input to run() each
@@ -170,6 +185,14 @@ class OnnxEngine:
 
     def load_slot(self, slot, spec) -> None:
         self.torch_engine.load_slot(slot, spec)
+        if self._bf16_slots:
+            from runtime.ort_lora_op import pack_bf16_a, pack_bf16_b
+
+            with torch.inference_mode():
+                for layer, at, bp in self._bf16_slots.values():
+                    if layer.slot_r8[slot]:  # a layer the adapter leaves alone is never read for it
+                        at[slot].copy_(pack_bf16_a(layer.lora_a[slot]))
+                        bp[slot].copy_(pack_bf16_b(layer.lora_b[slot]))
         if self.on_cuda:
             torch.cuda.synchronize(self.device)  # ORT reads the slot buffers on its own stream
 

@@ -2,6 +2,8 @@
    - SlotLoRA: out = y + each row's LoRA delta, computed by the fused kernel of lora_kernel.c;
    - SlotLoRAPacked: the same over token-packed rows (input 6 holds row offsets [rows + 1] in place
      of lengths; y/x are [1, N, .]), for the packed graph layout;
+   - SlotLoRABF16, SlotLoRAPackedBF16: the same with bf16 slots on AMX tiles (lora_amx.c), in the
+     int8 graph only;
    - VarlenAttention: softmax(q k^T / sqrt(d)) v per (sequence, head) over token-packed q/k/v
      (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention.
 
@@ -33,6 +35,7 @@
 #include <math.h>
 
 #include "lora_kernel.c"
+#include "lora_amx.c"
 #include "varlen_attention.c"
 
 typedef struct OrtStatus OrtStatus;
@@ -91,12 +94,12 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT64 = 7, N_INPUTS = 8 };
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 8 };
 
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 4; }
+int adapterserve_ort_abi(void) { return 5; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -139,6 +142,8 @@ typedef struct {
     LoraArgs lora;
     const float *y;  /* the base projection, copied row by row into the output unless ORT ran us in place */
     int64_t y_width, y_offset;  /* y's last dim and this node's first column in it */
+    int bf16;  /* the *BF16 ops: A and B in lora_amx.c's pair layouts, shaped by sh */
+    Bf16Shape sh;
 } RowTask;
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
@@ -167,12 +172,17 @@ static void row_task(void *args, size_t row)
     const RowTask *task = args;
     if (task->y != task->lora.y)  /* each task copies its own row: the copy is spread over the pool too */
         copy_row(task, (int64_t)row);
-    lora_row(&task->lora, (int64_t)row);
+    if (task->bf16)
+        lora_row_bf16(&task->lora, &task->sh, (int64_t)row);
+    else
+        lora_row(&task->lora, (int64_t)row);
 }
 
 /* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
-   [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths). */
-static void compute(OrtKernelContext *ctx, int packed)
+   [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
+   bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
+   [slots, RB / 2, dout] in lora_amx.c's layouts. */
+static void compute(OrtKernelContext *ctx, int packed, int bf16)
 {
     int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
     size_t yn, xn, an, bn, sn;
@@ -186,7 +196,10 @@ static void compute(OrtKernelContext *ctx, int packed)
     const int64_t y_offset = *(const int64_t *)input(ctx, 7, NULL, NULL);
     int64_t rows = packed ? sdims[0] : ydims[0], T = yn == 3 ? ydims[1] : 1;
     int64_t din = xdims[xn - 1], y_width = ydims[yn - 1], dout = bdims[2];
-    if (xn != yn || an != 3 || bn != 3 || adims[2] != din || adims[1] > MAX_R || y_offset < 0
+    Bf16Shape sh = {adims[1], 2 * adims[2], 2 * bdims[1]};
+    int a_ok = bf16 ? sh.din_pad == ((din + 31) & ~(int64_t)31) && sh.r16 % 16 == 0 && sh.rb % 2 == 0
+                    : adims[2] == din;
+    if (xn != yn || an != 3 || bn != 3 || !a_ok || adims[1] > MAX_R || y_offset < 0
         || y_offset + dout > y_width || xdims[0] != ydims[0] || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16
         || (packed && (yn != 3 || ydims[0] != 1 || len[rows] != T)) || (!packed && xdims[0] != rows)) {
         fprintf(stderr, "adapterserve.SlotLoRA: inconsistent shapes (x %zu-d, A %zu-d)\n", xn, an);
@@ -199,7 +212,7 @@ static void compute(OrtKernelContext *ctx, int packed)
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset};
+                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh};
     if (out == y) {
         /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
@@ -217,8 +230,10 @@ static void compute(OrtKernelContext *ctx, int packed)
     }
 }
 
-static void compute_padded(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 0); }
-static void compute_packed(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 1); }
+static void compute_padded(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 0, 0); }
+static void compute_packed(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 1, 0); }
+static void compute_padded_bf16(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 0, 1); }
+static void compute_packed_bf16(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute(ctx, 1, 1); }
 
 /* adapterserve.VarlenAttention: q, k, v [1, N, H] of token-packed sequences, offsets [B + 1],
    num_heads int64 [1]; out [1, N, H]. Softmax(q k^T / sqrt(d)) v within each sequence
@@ -278,9 +293,12 @@ static void *create_kernel(const CustomOp *op, const void *api_, const void *inf
 static const char *op_name(const CustomOp *op) { (void)op; return "SlotLoRA"; }
 static const char *packed_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPacked"; }
 static const char *attention_op_name(const CustomOp *op) { (void)op; return "VarlenAttention"; }
+static const char *bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16"; }
+static const char *packed_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
+static int bf16_input_type(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64; }
 static int attention_input_type(const CustomOp *op, size_t i) { (void)op; return i < 3 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t attention_input_count(const CustomOp *op) { (void)op; return 5; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
@@ -313,6 +331,16 @@ static CustomOp slot_lora_packed_op = {
     compute_packed, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
     start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
 };
+static CustomOp slot_lora_bf16_op = {
+    21, create_kernel, bf16_op_name, op_provider, bf16_input_type, input_count, output_type, output_count,
+    compute_padded_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+};
+static CustomOp slot_lora_packed_bf16_op = {
+    21, create_kernel, packed_bf16_op_name, op_provider, bf16_input_type, input_count, output_type, output_count,
+    compute_packed_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+};
 static CustomOp varlen_attention_op = {
     21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
     output_count, compute_attention, destroy_kernel, required, required, default_memory, one, one, one, one, NULL,
@@ -333,7 +361,10 @@ OrtStatus *RegisterCustomOps(void *options, const ApiBase *base)
     void *domain;
     OrtStatus *s = CALL(API_CREATE_CUSTOM_OP_DOMAIN, create_domain_fn, "adapterserve", &domain);
     if (s) return s;
-    CustomOp *ops[] = {&slot_lora_op, &slot_lora_packed_op, &varlen_attention_op};
+    const char *amx = getenv("ADAPTERSERVE_LORA_AMX");  /* "off": the bf16 ops take their portable loop */
+    amx_disabled = amx && strcmp(amx, "off") == 0;
+    CustomOp *ops[] = {&slot_lora_op, &slot_lora_packed_op, &slot_lora_bf16_op, &slot_lora_packed_bf16_op,
+                       &varlen_attention_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++) {
         s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, ops[i]);
         if (s) return s;

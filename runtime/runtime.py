@@ -137,7 +137,7 @@ class Runtime:
         self._solo_batches = 0
 
     def _onnx_engine(self, torch_engine: TorchEngine):
-        from exporters.shared_base import MODEL_FILE, export_shared_base
+        from exporters.shared_base import MODEL_FILE, bf16_lora_default, export_shared_base
         from runtime.onnx_engine import OnnxEngine, default_onnx_dir, providers_for
 
         quantize = "int8" if self.config.precision == "int8" else None
@@ -149,12 +149,15 @@ class Runtime:
                               "on CUDA serve --engine onnx --precision fp32, or the torch engine's int8/nf4")
         if lora_op == "auto" and self.base.device.type == "cuda":
             lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
+        # The int8 graph's LoRA ops read bf16 slots where they run on AMX tiles (runtime/lora_amx.c).
+        bf16_lora = bf16_lora_default(quantize, lora_op)
         model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
-                                                             lora_op)
+                                                             lora_op, bf16_lora)
         if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
             log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
             try:
-                export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op)
+                export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op,
+                                   bf16_lora=bf16_lora)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
         return OnnxEngine(torch_engine, model_dir, providers, threads=self.config.torch_threads)
@@ -382,10 +385,12 @@ class Runtime:
                 self._released.notify_all()
 
     def _stacked_head(self, head: dict) -> Optional[tuple]:
-        """AdapterEntry.stacked_head: on a GPU, where each task's own head costs a few kernel launches
-        (~50 ms of host time per pass over 32 tasks on the H100 VM) and the math is tiny."""
+        """AdapterEntry.stacked_head, where the head is one linear (Family.linear_head). On a GPU each
+        task's own head costs a few kernel launches (~50 ms of host time per pass over 32 tasks on the
+        H100 VM); on the CPU a torch op per task plus a softmax and a sort per task were ~1.6 ms per
+        batch of 32 mixed tasks, 6 % of a shared int8 ONNX forward."""
         names = self.base.family.linear_head
-        if self.base.device.type == "cpu" or names is None:
+        if names is None:
             return None
         weight, bias = head[names[0]], head[names[1]]
         n, hidden = weight.shape
@@ -394,18 +399,31 @@ class Runtime:
         w[:n] = weight
         b = bias.new_zeros(padded)
         b[:n] = bias
+        if self.base.device.type == "cpu":  # the CPU path is numpy (_stacked_logits)
+            return w.float().numpy(), b.float().numpy()
         return w, b
 
     def _stacked_logits(self, batch: list[Row], entries: list[AdapterEntry], features: torch.Tensor) -> np.ndarray:
-        """Every row's logits [rows, P] (host) from one gather of its task's padded head and one baddbmm,
-        instead of a slice, a linear and a cast per task; row i's first n_labels columns are its logits."""
+        """Every row's logits [rows, P] (host) from one gather of its task's padded head and one batched
+        product, instead of a slice, a linear and a cast per task; row i's first n_labels columns are
+        its logits. In numpy on the CPU: no torch op (each opens an OpenMP region; right after an ONNX
+        Runtime run, whose threads still spin, that is what made packing slow, runtime/packing.py)."""
         width = max(e.stacked_head[0].shape[0] for e in entries)
+        position = {e.key: k for k, e in enumerate(entries)}
+        if features.device.type == "cpu":
+            ws = np.zeros((len(entries), width, features.shape[1]), dtype=np.float32)
+            bs = np.zeros((len(entries), width), dtype=np.float32)
+            for k, e in enumerate(entries):
+                w, b = e.stacked_head
+                ws[k, :w.shape[0]], bs[k, :b.shape[0]] = w, b
+            idx = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
+            f = features.float().numpy()
+            return np.einsum("rh,rph->rp", f, ws[idx]) + bs[idx]
         ws, bs = [], []
         for e in entries:
             w, b = e.stacked_head
             ws.append(w if w.shape[0] == width else F.pad(w, (0, 0, 0, width - w.shape[0])))
             bs.append(b if b.shape[0] == width else F.pad(b, (0, width - b.shape[0])))
-        position = {e.key: k for k, e in enumerate(entries)}
         idx = torch.tensor([position[r.entry.key] for r in batch], device=features.device)
         weight = torch.stack(ws).index_select(0, idx)  # [rows, P, H]
         bias = torch.stack(bs).index_select(0, idx).unsqueeze(1)  # [rows, 1, P]
@@ -430,29 +448,45 @@ class Runtime:
         return [lg.numpy() for lg in logits]
 
     def _apply_heads(self, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
-        rows_of: dict[int, list[int]] = {}
-        for i, r in enumerate(batch):
-            rows_of.setdefault(r.entry.key, []).append(i)
         entries = list(entries)
         with torch.inference_mode():
             if len(entries) > 1 and all(e.stacked_head is not None for e in entries):
-                stacked = self._stacked_logits(batch, entries, features)
-                logits = [stacked[rows_of[e.key], :len(e.spec.labels)] for e in entries]
-            else:
-                logits = self._per_task_logits(entries, rows_of, features)
-            # Softmax and order on the host in numpy: no device sync per task, and no torch CPU op
-            # per task either (each opens a parallel region: 0.5 ms apiece on a 16-core GPU host).
-            for e, x in zip(entries, logits):
-                idx = rows_of[e.key]
-                ex = np.exp(x - x.max(axis=1, keepdims=True))
-                probs = ex / ex.sum(axis=1, keepdims=True)
-                order = np.argsort(-probs, axis=1, kind="stable")
-                # One array -> list conversion per task group, not three per row.
-                all_p, all_o, all_lg = probs.tolist(), order.tolist(), x.tolist()
-                for j, i in enumerate(idx):
-                    p, o, lg = all_p[j], all_o[j], all_lg[j]
-                    batch[i].prediction = Prediction(
-                        task=e.task, adapter_version=e.version,
-                        scores=[LabelScore(e.spec.labels[k], k, p[k]) for k in o],
-                        logits=lg, input_tokens=batch[i].encoded.length, truncated=batch[i].encoded.truncated,
-                    )
+                self._predict_stacked(batch, self._stacked_logits(batch, entries, features))
+                return
+            rows_of: dict[int, list[int]] = {}
+            for i, r in enumerate(batch):
+                rows_of.setdefault(r.entry.key, []).append(i)
+            logits = self._per_task_logits(entries, rows_of, features)
+        # Softmax and order on the host in numpy: no device sync per task, and no torch CPU op
+        # per task either (each opens a parallel region: 0.5 ms apiece on a 16-core GPU host).
+        for e, x in zip(entries, logits):
+            probs, order = _softmax_order(x)
+            # One array -> list conversion per task group, not three per row.
+            all_p, all_o, all_lg = probs.tolist(), order.tolist(), x.tolist()
+            for j, i in enumerate(rows_of[e.key]):
+                batch[i].prediction = _prediction(e, batch[i], all_p[j], all_o[j], all_lg[j])
+
+    @staticmethod
+    def _predict_stacked(batch: list[Row], logits: np.ndarray) -> None:
+        """Predictions from the padded logits [rows, P] of _stacked_logits: one softmax and one sort
+        over the batch, each row's columns past its task's labels masked out (they sort last)."""
+        n_labels = np.fromiter((len(r.entry.spec.labels) for r in batch), dtype=np.int64, count=len(batch))
+        masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
+        probs, order = _softmax_order(masked)
+        all_p, all_o, all_lg = probs.tolist(), order.tolist(), logits.tolist()
+        for i, r in enumerate(batch):
+            n = n_labels[i]
+            r.prediction = _prediction(r.entry, r, all_p[i], all_o[i][:n], all_lg[i][:n])
+
+
+def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise softmax and label order (most probable first, ties by index)."""
+    ex = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = ex / ex.sum(axis=1, keepdims=True)
+    return probs, np.argsort(-probs, axis=1, kind="stable")
+
+
+def _prediction(entry: AdapterEntry, row: Row, probs: list, order: list, logits: list) -> Prediction:
+    return Prediction(task=entry.task, adapter_version=entry.version,
+                      scores=[LabelScore(entry.spec.labels[k], k, probs[k]) for k in order],
+                      logits=logits, input_tokens=row.encoded.length, truncated=row.encoded.truncated)

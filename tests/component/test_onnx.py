@@ -20,11 +20,12 @@ def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-def lora_op_nodes(path) -> int:
+def lora_op_nodes(path, bf16: bool = False) -> int:
+    """Our LoRA op's nodes in the graph (the int8 graph's bf16 variants where bf16, tests/component/test_bf16_lora.py)."""
     import onnx
 
-    return sum(n.op_type in ("SlotLoRA", "SlotLoRAPacked") and n.domain == "adapterserve"
-               for n in onnx.load(str(path)).graph.node)
+    types = ("SlotLoRABF16", "SlotLoRAPackedBF16") if bf16 else ("SlotLoRA", "SlotLoRAPacked")
+    return sum(n.op_type in types and n.domain == "adapterserve" for n in onnx.load(str(path)).graph.node)
 
 
 def op_count(path, op_type) -> int:
@@ -100,8 +101,8 @@ def test_shared_base_int8_graph_is_quantized_and_serves(tiny_bases, tmp_path):
 
     graph = onnx.load(str(tmp_path / "onnx8" / "model.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
-    # The LoRA nodes survive quantization as our op (their slot inputs stay fp32).
-    assert lora_op_nodes(tmp_path / "onnx8" / "model.onnx") == len(int8_rt.engine.layers)
+    # The LoRA nodes survive quantization as our op (bf16 slots where AMX runs, else fp32).
+    assert lora_op_nodes(tmp_path / "onnx8" / "model.onnx", bf16=int8_rt.engine.bf16_lora) == len(int8_rt.engine.layers)
 
 
 def test_fused_lora_op_refused_where_it_cannot_apply(tiny_bases, tmp_path):
