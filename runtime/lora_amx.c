@@ -228,14 +228,9 @@ static void lora_row_bf16(const LoraArgs *p, const Bf16Shape *sh, int64_t b)
     int64_t s = p->slot[b];
     int64_t r8 = s == 0 ? 0 : p->slot_r8[s];
     if (r8 == 0) return;
-    int64_t n_tok = (p->len && p->len[b] < p->T) ? p->len[b] : p->T;
-    const float *xb = p->x + b * p->x_row;
-    float *yb = p->y + b * p->y_row;
-    if (p->offsets) {
-        n_tok = p->offsets[b + 1] - p->offsets[b];
-        xb = p->x + p->offsets[b] * p->x_tok;
-        yb = p->y + p->offsets[b] * p->y_tok;
-    }
+    const float *xb;
+    float *yb;
+    int64_t n_tok = row_tokens(p, b, &xb, &yb);
     if (n_tok <= 0) return;
     if (amx_disabled || !lora_row_bf16_amx(p, sh, b, r8, xb, yb, n_tok))
         lora_row_bf16_scalar(p, sh, b, r8, xb, yb, n_tok);

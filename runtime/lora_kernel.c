@@ -68,6 +68,19 @@ typedef struct {
     const int64_t *offsets;
 } LoraArgs;
 
+/* Row b's first x and y token and its token count (its real length, or its span of packed tokens). */
+static int64_t row_tokens(const LoraArgs *p, int64_t b, const float **xb, float **yb)
+{
+    if (p->offsets) {
+        *xb = p->x + p->offsets[b] * p->x_tok;
+        *yb = p->y + p->offsets[b] * p->y_tok;
+        return p->offsets[b + 1] - p->offsets[b];
+    }
+    *xb = p->x + b * p->x_row;
+    *yb = p->y + b * p->y_row;
+    return (p->len && p->len[b] < p->T) ? p->len[b] : p->T;
+}
+
 static void lora_row(const LoraArgs *p, int64_t b)
 {
     int64_t s = p->slot[b];
@@ -75,14 +88,9 @@ static void lora_row(const LoraArgs *p, int64_t b)
     if (r8 == 0) return;
     const float *As = p->A + s * p->r_max * p->din;
     const float *Bs = p->B + s * p->r_max * p->dout;
-    int64_t n_tok = (p->len && p->len[b] < p->T) ? p->len[b] : p->T, t = 0;
-    const float *xb = p->x + b * p->x_row;
-    float *yb = p->y + b * p->y_row;
-    if (p->offsets) {
-        n_tok = p->offsets[b + 1] - p->offsets[b];
-        xb = p->x + p->offsets[b] * p->x_tok;
-        yb = p->y + p->offsets[b] * p->y_tok;
-    }
+    const float *xb;
+    float *yb;
+    int64_t n_tok = row_tokens(p, b, &xb, &yb), t = 0;
     int64_t xt = p->x_tok, yt = p->y_tok;
     for (; t + 1 < n_tok; t += 2)
         lora_tokens(2, xb + t * xt, xb + (t + 1) * xt, yb + t * yt, yb + (t + 1) * yt, p->din, p->dout, As, Bs, r8);

@@ -321,26 +321,16 @@ static size_t may_inplace(int **input_index, int **output_index)
 static void release_pairs(int *input_index, int *output_index) { free(input_index); free(output_index); }
 static size_t no_aliases(int **input_index, int **output_index) { *input_index = NULL; *output_index = NULL; return 0; }
 
-static CustomOp slot_lora_op = {
-    21, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count,
-    compute_padded, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
-};
-static CustomOp slot_lora_packed_op = {
-    21, create_kernel, packed_op_name, op_provider, input_type, input_count, output_type, output_count,
-    compute_packed, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
-};
-static CustomOp slot_lora_bf16_op = {
-    21, create_kernel, bf16_op_name, op_provider, bf16_input_type, input_count, output_type, output_count,
-    compute_padded_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
-};
-static CustomOp slot_lora_packed_bf16_op = {
-    21, create_kernel, packed_bf16_op_name, op_provider, bf16_input_type, input_count, output_type, output_count,
-    compute_packed_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
-};
+/* The four LoRA ops differ in name, input types (fp32 or bf16-pair slots) and compute function. */
+#define LORA_OP(name_fn, input_type_fn, compute_fn) {                                                     \
+    21, create_kernel, name_fn, op_provider, input_type_fn, input_count, output_type, output_count,        \
+    compute_fn, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
+    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,                   \
+}
+static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded);
+static CustomOp slot_lora_packed_op = LORA_OP(packed_op_name, input_type, compute_packed);
+static CustomOp slot_lora_bf16_op = LORA_OP(bf16_op_name, bf16_input_type, compute_padded_bf16);
+static CustomOp slot_lora_packed_bf16_op = LORA_OP(packed_bf16_op_name, bf16_input_type, compute_packed_bf16);
 static CustomOp varlen_attention_op = {
     21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
     output_count, compute_attention, destroy_kernel, required, required, default_memory, one, one, one, one, NULL,
