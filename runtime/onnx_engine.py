@@ -3,7 +3,8 @@
 Slot storage stays with the torch engine's slot layers (same validation, same copy_ into a slot);
 this engine hands those buffers to ONNX Runtime as inputs (torch CPU tensors share memory with numpy,
 so no copy on our side; whether ORT copies inputs was not measured). Registering, replacing or evicting an adapter therefore reaches the graph on
-its next run, with no re-export.
+its next run, with no re-export. An int8 graph with bf16 LoRA ops (AMX) reads packed bf16 copies of
+those buffers instead, which load_slot rewrites after the torch engine's write.
 """
 from __future__ import annotations
 
@@ -140,16 +141,16 @@ class OnnxEngine:
         # bf16 LoRA slots (int8 graph on AMX): the graph reads packed bf16 copies of the slot buffers,
         # kept here and rewritten for each slot the registry loads (load_slot).
         self.bf16_lora = meta.get("lora_precision") == "bf16"
-        self._bf16_slots: dict[str, tuple] = {}
+        self._bf16_slots: list[tuple] = []  # (slot layer, its packed A^T, its packed B)
         if self.bf16_lora:
             from runtime import ort_lora_op
 
             if not ort_lora_op.amx_bf16_available():
                 log.warning("the ONNX graph in %s has bf16 LoRA ops but AMX does not run here: they take their "
                             "portable loop, ~30x slower than the fp32 op; re-export it on this machine", model_dir)
-            for i, (name, layer) in enumerate(slots_from.layers.items()):
+            for i, layer in enumerate(slots_from.layers.values()):
                 at, bp = ort_lora_op.pack_bf16_a(layer.lora_a), ort_lora_op.pack_bf16_b(layer.lora_b)
-                self._bf16_slots[name] = (layer, at, bp)
+                self._bf16_slots.append((layer, at, bp))
                 self.slot_feed[f"lora_a_{i}"], self.slot_feed[f"lora_b_{i}"] = at, bp
         self.slot_feed = {k: v for k, v in self.slot_feed.items() if k in self.graph_inputs}
         # The slot inputs (111 on MiniLM) are bound once per model thread (an IOBinding is not shared between
@@ -189,7 +190,7 @@ class OnnxEngine:
             from runtime.ort_lora_op import pack_bf16_a, pack_bf16_b
 
             with torch.inference_mode():
-                for layer, at, bp in self._bf16_slots.values():
+                for layer, at, bp in self._bf16_slots:
                     if layer.slot_r8[slot]:  # a layer the adapter leaves alone is never read for it
                         at[slot].copy_(pack_bf16_a(layer.lora_a[slot]))
                         bp[slot].copy_(pack_bf16_b(layer.lora_b[slot]))

@@ -387,8 +387,8 @@ class Runtime:
     def _stacked_head(self, head: dict) -> Optional[tuple]:
         """AdapterEntry.stacked_head, where the head is one linear (Family.linear_head). On a GPU each
         task's own head costs a few kernel launches (~50 ms of host time per pass over 32 tasks on the
-        H100 VM); on the CPU a torch op per task plus a softmax and a sort per task were ~1.6 ms per
-        batch of 32 mixed tasks, 6 % of a shared int8 ONNX forward."""
+        H100 VM); on the CPU a torch op, a softmax and a sort per task cost ~0.4 ms more per batch of
+        32 mixed tasks than one numpy pass (shared int8 ONNX engine, docs/benchmarks.md session 11)."""
         names = self.base.family.linear_head
         if names is None:
             return None
