@@ -243,6 +243,8 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         raise ValueError("bf16 LoRA slots are for the int8 graph with the fused op; the fp32 graph stays fp32")
     if bf16_lora:
         path = _bf16_lora_ops(path, engine, os.path.join(out_dir, "model_int8_bf16lora.onnx"))
+    if fused:
+        path = _fold_residual_adds(path, os.path.join(out_dir, "model_folded.onnx"))
     final = os.path.join(out_dir, MODEL_FILE)
     if path != final:
         shutil.copyfile(path, final)
@@ -297,6 +299,43 @@ def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
         if graph_input.name in shapes:
             graph_input.CopyFrom(onnx.helper.make_tensor_value_info(
                 graph_input.name, onnx.TensorProto.INT32, ["slots", *shapes[graph_input.name]]))
+    onnx.save(model, out)
+    return out
+
+
+def _fold_residual_adds(path: str, out: str) -> str:
+    """Each residual Add that takes a LoRA op's output (attention.output.dense and output.dense in BERT
+    layers) folded into that op as its optional input 8: the op adds it while the row is in cache, one
+    pass over [tokens, hidden] less per Add (runtime/ort_lora_op.c, add_residual). Same sum, same
+    order: (y + delta) + residual."""
+    import onnx
+
+    from runtime.ort_lora_op import DOMAIN
+
+    model = onnx.load(path)
+    graph = model.graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    outputs = {o.name for o in graph.output}
+    removed = []
+    for add in graph.node:
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            continue
+        for k in (0, 1):
+            lora, residual = produced_by.get(add.input[k]), add.input[1 - k]
+            if (lora is not None and lora.domain == DOMAIN and lora.op_type.startswith("SlotLoRA")
+                    and len(lora.input) == 8 and consumers[add.input[k]] == 1 and add.input[k] not in outputs
+                    and residual not in constants):  # an activation, not a bias
+                lora.input.append(residual)
+                lora.output[0] = add.output[0]
+                removed.append(add)
+                break
+    for add in removed:
+        graph.node.remove(add)
     onnx.save(model, out)
     return out
 

@@ -94,12 +94,12 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 8 };
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 9 };  /* input 8: the optional residual */
 
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 5; }
+int adapterserve_ort_abi(void) { return 6; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -144,6 +144,7 @@ typedef struct {
     int64_t y_width, y_offset;  /* y's last dim and this node's first column in it */
     int bf16;  /* the *BF16 ops: A and B in lora_amx.c's pair layouts, shaped by sh */
     Bf16Shape sh;
+    const float *residual;  /* optional input 8, the output's shape: added after the delta, or NULL */
 } RowTask;
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
@@ -167,6 +168,17 @@ static void copy_row(const RowTask *task, int64_t row)
         copy_tokens(task, row * p->T, (row + 1) * p->T);
 }
 
+/* out[t0, t1) += residual[t0, t1): the residual Add that followed this node in the graph, folded in
+   while the row is in cache (exporters/shared_base._fold_residual_adds). Same order of additions as
+   the graph had: (y + delta) + residual. */
+static void add_residual(const RowTask *task, int64_t t0, int64_t t1)
+{
+    float *out = task->lora.y;
+    const float *res = task->residual;
+    for (int64_t i = t0 * task->lora.dout; i < t1 * task->lora.dout; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_loadu_ps(res + i)));
+}
+
 static void row_task(void *args, size_t row)
 {
     const RowTask *task = args;
@@ -176,12 +188,19 @@ static void row_task(void *args, size_t row)
         lora_row_bf16(&task->lora, &task->sh, (int64_t)row);
     else
         lora_row(&task->lora, (int64_t)row);
+    if (task->residual) {  /* every position of the row, padding included, as the graph's Add did */
+        const LoraArgs *p = &task->lora;
+        if (p->offsets)
+            add_residual(task, p->offsets[row], p->offsets[row + 1]);
+        else
+            add_residual(task, (int64_t)row * p->T, ((int64_t)row + 1) * p->T);
+    }
 }
 
 /* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
    [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
    bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
-   [slots, RB / 2, dout] in lora_amx.c's layouts. */
+   [slots, RB / 2, dout] in lora_amx.c's layouts. Optional input 8: a residual of the output's shape. */
 static void compute(OrtKernelContext *ctx, int packed, int bf16)
 {
     int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
@@ -207,12 +226,24 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
     }
     int64_t out_dims[3] = {ydims[0], ydims[1], ydims[2]};
     out_dims[yn - 1] = dout;
+    const OrtValue *residual_value;
+    const float *residual = NULL;
+    check(CALL(API_KERNEL_CONTEXT_GET_INPUT, get_input_fn, ctx, 8, &residual_value), "KernelContext_GetInput");
+    if (residual_value) {  /* absent optional inputs come back as NULL */
+        int64_t rdims[3];
+        size_t rn;
+        residual = input(ctx, 8, rdims, &rn);
+        if (rn != yn || memcmp(rdims, out_dims, yn * sizeof(int64_t))) {
+            fprintf(stderr, "adapterserve.SlotLoRA: the residual's shape is not the output's\n");
+            abort();
+        }
+    }
     OrtValue *out_value;
     float *out;
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh};
+                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual};
     if (out == y) {
         /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
@@ -296,15 +327,20 @@ static const char *attention_op_name(const CustomOp *op) { (void)op; return "Var
 static const char *bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16"; }
 static const char *packed_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 ? ELEM_FLOAT : ELEM_INT64; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
-static int bf16_input_type(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64; }
+static int bf16_input_type(const CustomOp *op, size_t i)
+{
+    (void)op;
+    return i < 2 || i == 8 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64;
+}
 static int attention_input_type(const CustomOp *op, size_t i) { (void)op; return i < 3 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t attention_input_count(const CustomOp *op) { (void)op; return 5; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }
 static void destroy_kernel(void *kernel) { (void)kernel; }
 static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* INPUT_OUTPUT_REQUIRED */ }
+static int residual_optional(const CustomOp *op, size_t i) { (void)op; return i == 8; /* 1: INPUT_OUTPUT_OPTIONAL */ }
 static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
 static int one(const CustomOp *op) { (void)op; return 1; }
 static int start_version(const CustomOp *op) { (void)op; return 1; }
@@ -324,7 +360,7 @@ static size_t no_aliases(int **input_index, int **output_index) { *input_index =
 /* The four LoRA ops differ in name, input types (fp32 or bf16-pair slots) and compute function. */
 #define LORA_OP(name_fn, input_type_fn, compute_fn) {                                                     \
     21, create_kernel, name_fn, op_provider, input_type_fn, input_count, output_type, output_count,        \
-    compute_fn, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
+    compute_fn, destroy_kernel, residual_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
     start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,                   \
 }
 static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded);

@@ -21,7 +21,7 @@ DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
 ATTENTION_OP_TYPE = "VarlenAttention"
-ABI = 5
+ABI = 6
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 

@@ -62,6 +62,12 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     encoder_layers = sum("pooler" not in name for name in onnx_rt.engine.layers)  # the pooler sees [B, d] rows
     assert op_count(model, "SlotLoRAPacked") == (encoder_layers if packed else 0)
     assert op_count(model, "MultiHeadAttention") == (0 if family == "distilbert" or packed else 2)
+    # The residual Adds after attention.output / output LoRA nodes are folded into them (input 8).
+    nodes = onnx.load(str(model)).graph.node
+    lora_outputs = {n.output[0] for n in nodes if n.domain == "adapterserve" and n.op_type.startswith("SlotLoRA")}
+    assert not any(n.op_type == "Add" and set(n.input) & lora_outputs for n in nodes)
+    folded = sum(len(n.input) == 9 for n in nodes if n.domain == "adapterserve")
+    assert folded == (2 * 2 if fused else 0)  # 2 encoder layers x (attention output, output)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
