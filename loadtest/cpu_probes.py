@@ -12,6 +12,8 @@
     python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
     python -m loadtest.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
     python -m loadtest.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
+    python -m loadtest.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
+    python -m loadtest.cpu_probes onnx-host     # shared int8 engine: wall time per batch vs time inside ORT
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -288,13 +290,11 @@ def onnx_rows() -> None:
                 print(f"{rt.engine.name:5s} {rows} rows x {enc.length:2d} tokens: {us / 1000:.2f} ms")
 
 
-def onnx_threads() -> None:
-    """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
-    own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
-    speedup from the second thread."""
+def _mixed_int8_pass():
+    """The shared int8 engine with 32 synthetic adapters, and a function that runs SST-2 dev through
+    it once in batches of 32 with the tasks mixed (rows tokenized up front); returns (runtime, pass)."""
     from loadtest.synthetic import synthetic_adapter
     from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.ort_lora_op import library_path
     from runtime.runtime import Row, Runtime
 
     texts = _texts(10_000)
@@ -304,18 +304,29 @@ def onnx_threads() -> None:
     entries = [rt.registry.get(f"s{i}") for i in range(32)]
     enc = rt.encoder.encode(texts)
 
-    def one_pass() -> None:
+    def one_pass() -> int:
         for i in range(0, len(texts), 32):
             rt.infer([Row(entries[j % 32], enc[k]) for j, k in enumerate(range(i, min(i + 32, len(texts))))])
+        return len(texts)
 
+    return rt, one_pass
+
+
+def onnx_threads() -> None:
+    """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
+    own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
+    speedup from the second thread."""
+    from runtime.ort_lora_op import library_path
+
+    rt, one_pass = _mixed_int8_pass()
     by_threads = {}
     for threads in (1, 2):
         rt.engine.session = _profiled_session(os.path.join(rt.engine.model_dir, "model.onnx"),
                                               library_path() if rt.engine.fused_op else None, threads)
         one_pass()
         t = time.perf_counter()
-        one_pass()
-        print(f"{threads} thread(s): {len(texts) / (time.perf_counter() - t):.1f} texts/s")
+        n = one_pass()
+        print(f"{threads} thread(s): {n / (time.perf_counter() - t):.1f} texts/s")
         by_threads[threads] = _time_by_op(rt.engine.session)
     for op, us in by_threads[1].most_common(10):  # profiled: two passes per session
         two = by_threads[2][op]
@@ -448,10 +459,80 @@ def bf16_matmul() -> None:
           f"{t16 / 1000:.2f} ms (x {t32 / t16:.1f}); bf16 matmul alone {tmm / 1000:.2f} ms; max |bf16 - fp32| {err:.3f}")
 
 
+def lora_op() -> None:
+    """One LoRA op node on ORT's CPU provider, 2 threads: 32 token-packed rows of 6-26 tokens, each on
+    its own slot (ranks 4/8/16, r_max 16): the fp32 op, the bf16 op on AMX tiles and on its portable
+    loop (runtime/lora_amx.c), for the shapes of one MiniLM layer."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime import ort_lora_op
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(6, 27, 32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    slot_per_row = np.arange(1, 33, dtype=np.int64)
+    r8 = np.array([0] + [(4, 8, 16)[i % 3] for i in range(32)], np.int64)
+    print(f"32 rows, {int(offsets[-1])} tokens; AMX here: {ort_lora_op.amx_bf16_available()}")
+    for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):
+        a = np.zeros((33, 16, d_in), np.float32)
+        b = np.zeros((33, 16, d_out), np.float32)
+        for s in range(1, 33):
+            a[s, :r8[s]] = rng.normal(0, 0.05, (r8[s], d_in))
+            b[s, :r8[s]] = rng.normal(0, 0.05, (r8[s], d_out))
+        n = int(offsets[-1])
+        common = {"y": rng.normal(0, 1, (1, n, d_out)).astype(np.float32),
+                  "x": rng.normal(0, 1, (1, n, d_in)).astype(np.float32)}
+        tail = {"r8": r8, "slot": slot_per_row, "offsets": offsets, "y_offset": np.zeros(1, np.int64)}
+        fp32 = {**common, "a": a, "b": b, **tail}
+        bf16 = {**common, "a": ort_lora_op.pack_bf16_a(torch.from_numpy(a)).numpy(),
+                "b": ort_lora_op.pack_bf16_b(torch.from_numpy(b)).numpy(), **tail}
+        timings = []
+        for label, op_type, feed, amx in (("fp32", "SlotLoRAPacked", fp32, "on"),
+                                          ("bf16 AMX", "SlotLoRAPackedBF16", bf16, "on"),
+                                          ("bf16 portable", "SlotLoRAPackedBF16", bf16, "off")):
+            os.environ["ADAPTERSERVE_LORA_AMX"] = amx  # read when the session registers the ops
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            options.register_custom_ops_library(ort_lora_op.library_path())
+            session = ort.InferenceSession(ort_lora_op.single_op_model(op_type, feed).SerializeToString(), options)
+            us = _median_us(lambda s=session, f=feed: s.run(None, f), n=20 if amx == "off" else 200, warm=3)
+            timings.append(f"{label} {us:.0f} us")
+        os.environ.pop("ADAPTERSERVE_LORA_AMX")
+        print(f"  {d_in:4d} -> {d_out:4d}: " + ", ".join(timings))
+
+
+def onnx_host() -> None:
+    """The shared int8 engine over SST-2 dev in batches of 32 (32 synthetic tasks mixed, rows tokenized
+    up front): wall time per batch of Runtime.infer against the time inside ORT's run; the difference
+    is the runtime's host work (planning, packing, binding, heads, predictions)."""
+    rt, one_pass = _mixed_int8_pass()
+    session, inside = rt.engine.session, [0.0]
+    run = session.run_with_iobinding
+
+    def timed_run(binding, *args):
+        t = time.perf_counter()
+        try:
+            return run(binding, *args)
+        finally:
+            inside[0] += time.perf_counter() - t
+
+    session.run_with_iobinding = timed_run
+    for rnd in range(4):  # the first is a warm-up
+        inside[0] = 0.0
+        t = time.perf_counter()
+        n = one_pass()
+        wall, batches = time.perf_counter() - t, -(-n // 32)
+        if rnd:
+            print(f"{n / wall:7.1f} texts/s: {wall / batches * 1e3:.2f} ms per batch, ORT run "
+                  f"{inside[0] / batches * 1e3:.2f} ms, host {(wall - inside[0]) / batches * 1e3:.2f} ms")
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
           "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
-          "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul}
+          "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+          "onnx-host": onnx_host}
 
 
 def main(argv=None) -> int:

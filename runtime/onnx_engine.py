@@ -148,7 +148,7 @@ class OnnxEngine:
 
             if not ort_lora_op.amx_bf16_available():
                 log.warning("the ONNX graph in %s has bf16 LoRA ops but AMX does not run here: they take their "
-                            "portable loop, ~30x slower than the fp32 op; re-export it on this machine", model_dir)
+                            "portable loop, 10-18x slower than the fp32 op; re-export it on this machine", model_dir)
             for i, layer in enumerate(slots_from.layers.values()):
                 at, bp = ort_lora_op.pack_bf16_a(layer.lora_a), ort_lora_op.pack_bf16_b(layer.lora_b)
                 self._bf16_slots.append((layer, at, bp))

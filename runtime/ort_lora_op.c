@@ -15,8 +15,9 @@
    Inputs: 0 y [rows, T, W] or [rows, W] (the base projection; W = dout, or wider when y packs several
    projections, e.g. q/k/v, and this node's columns start at y_offset), 1 x [rows, T, din] or
    [rows, din], 2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64
-   [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1]. All float
-   tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
+   [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1], and optional
+   8 residual (the output's shape; a residual Add folded in). The *BF16 ops take 2 and 3 as int32 bf16
+   pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
    The pip wheel of onnxruntime ships no C headers, so the few OrtApi entries used are declared below
@@ -119,11 +120,14 @@ typedef OrtStatus *(*dims_count_fn)(const OrtShape *, size_t *);
 typedef OrtStatus *(*dims_fn)(const OrtShape *, int64_t *, size_t);
 typedef void (*release_shape_fn)(OrtShape *);
 
+/* Input i's data (and its dims when asked); NULL for an absent optional input. */
 static void *input(OrtKernelContext *ctx, size_t i, int64_t *dims, size_t *ndims)
 {
     const OrtValue *v;
     void *data;
     check(CALL(API_KERNEL_CONTEXT_GET_INPUT, get_input_fn, ctx, i, &v), "KernelContext_GetInput");
+    if (!v)
+        return NULL;
     if (dims) {
         OrtShape *shape;
         check(CALL(API_GET_TENSOR_TYPE_AND_SHAPE, shape_fn, v, &shape), "GetTensorTypeAndShape");
@@ -226,17 +230,12 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
     }
     int64_t out_dims[3] = {ydims[0], ydims[1], ydims[2]};
     out_dims[yn - 1] = dout;
-    const OrtValue *residual_value;
-    const float *residual = NULL;
-    check(CALL(API_KERNEL_CONTEXT_GET_INPUT, get_input_fn, ctx, 8, &residual_value), "KernelContext_GetInput");
-    if (residual_value) {  /* absent optional inputs come back as NULL */
-        int64_t rdims[3];
-        size_t rn;
-        residual = input(ctx, 8, rdims, &rn);
-        if (rn != yn || memcmp(rdims, out_dims, yn * sizeof(int64_t))) {
-            fprintf(stderr, "adapterserve.SlotLoRA: the residual's shape is not the output's\n");
-            abort();
-        }
+    int64_t rdims[3];
+    size_t rn;
+    const float *residual = input(ctx, 8, rdims, &rn);
+    if (residual && (rn != yn || memcmp(rdims, out_dims, yn * sizeof(int64_t)))) {
+        fprintf(stderr, "adapterserve.SlotLoRA: the residual's shape is not the output's\n");
+        abort();
     }
     OrtValue *out_value;
     float *out;

@@ -135,8 +135,26 @@ def pack_bf16_b(b: torch.Tensor) -> torch.Tensor:
 
 def amx_bf16_available() -> bool:
     """Whether the bf16 LoRA ops run on AMX tiles here (the int8 graph then uses them). Without AMX
-    their portable loop is ~30x slower than the fp32 op, so the exporter keeps fp32 there."""
+    their portable loop is 10-18x slower than the fp32 op (python -m loadtest.cpu_probes lora-op), so the
+    exporter keeps fp32 there."""
     path = library_path()
     if path is None or os.environ.get("ADAPTERSERVE_LORA_AMX") == "off":
         return False
     return bool(ctypes.CDLL(path).adapterserve_amx_bf16())
+
+
+def single_op_model(op_type: str, inputs: dict):
+    """An ONNX model of one adapterserve op over named numpy inputs (their dtypes and shapes), for
+    checking and timing the op alone (tests/component/test_bf16_lora.py, loadtest/cpu_probes lora-op)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32,
+             np.dtype(np.int64): TensorProto.INT64}
+    node = helper.make_node(op_type, list(inputs), ["out"], domain=DOMAIN)
+    graph = helper.make_graph([node], op_type, [helper.make_tensor_value_info(k, types[v.dtype], v.shape)
+                                                for k, v in inputs.items()],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8  # ONNX Runtime 1.31 reads IR versions up to 13; the onnx package writes newer
+    return model

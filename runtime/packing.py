@@ -51,8 +51,9 @@ def pack(inputs: dict[str, torch.Tensor], first_position: int) -> dict[str, torc
     row_offsets int64 [B + 1].
 
     In numpy, not torch: a torch CPU op opens an OpenMP region, and right after an ONNX Runtime run
-    (whose pool threads still spin) that cost ~0.9 ms for one repeat_interleave of ~800 ids; these
-    few index ops take microseconds."""
+    (whose pool threads still spin) one repeat_interleave of ~800 ids took ~0.9 ms (cProfile of the
+    shared int8 engine) and slowed the next run too; these few index ops take microseconds
+    (docs/benchmarks.md, session 11)."""
     mask = inputs["attention_mask"].numpy().astype(bool)
     counts = mask.sum(axis=1)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)

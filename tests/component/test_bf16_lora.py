@@ -66,7 +66,6 @@ def test_bf16_op_matches_a_float64_reference(tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
     import torch
-    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     d_in, d_out, r_max, slots = 48, 80, 48, 5
@@ -83,23 +82,15 @@ def test_bf16_op_matches_a_float64_reference(tmp_path, monkeypatch):
     y = rng.normal(0, 1, (1, n, d_out)).astype(np.float32)
     packed_a = ort_lora_op.pack_bf16_a(torch.from_numpy(a)).numpy()
     packed_b = ort_lora_op.pack_bf16_b(torch.from_numpy(b)).numpy()
-    names = ["y", "x", "a", "b", "r8", "slot", "offsets", "y_offset"]
-    arrays = [y, x, packed_a, packed_b, r8, slot_per_row, offsets, np.zeros(1, np.int64)]
-    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32,
-             np.dtype(np.int64): TensorProto.INT64}
-    node = helper.make_node("SlotLoRAPackedBF16", names, ["out"], domain="adapterserve")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, types[v.dtype], v.shape)
-                                            for k, v in zip(names, arrays)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("adapterserve", 1)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "op.onnx"))
+    feed = dict(zip(["y", "x", "a", "b", "r8", "slot", "offsets", "y_offset"],
+                    [y, x, packed_a, packed_b, r8, slot_per_row, offsets, np.zeros(1, np.int64)]))
+    onnx.save(ort_lora_op.single_op_model("SlotLoRAPackedBF16", feed), str(tmp_path / "op.onnx"))
 
     def run(amx: str) -> np.ndarray:
         monkeypatch.setenv("ADAPTERSERVE_LORA_AMX", amx)
         options = ort.SessionOptions()
         options.register_custom_ops_library(ort_lora_op.library_path())
-        return ort.InferenceSession(str(tmp_path / "op.onnx"), options).run(None, dict(zip(names, arrays)))[0]
+        return ort.InferenceSession(str(tmp_path / "op.onnx"), options).run(None, feed)[0]
 
     outputs = {"off": run("off")}
     if AMX:
