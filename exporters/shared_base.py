@@ -244,7 +244,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     if bf16_lora:
         path = _bf16_lora_ops(path, engine, os.path.join(out_dir, "model_int8_bf16lora.onnx"))
     if fused:
-        path = _fold_residual_adds(path, os.path.join(out_dir, "model_folded.onnx"))
+        path = _fold_into_lora_ops(path, os.path.join(out_dir, "model_folded.onnx"))
     final = os.path.join(out_dir, MODEL_FILE)
     if path != final:
         shutil.copyfile(path, final)
@@ -303,41 +303,77 @@ def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
     return out
 
 
-def _fold_residual_adds(path: str, out: str) -> str:
-    """Each residual Add that takes a LoRA op's output (attention.output.dense and output.dense in BERT
-    layers) folded into that op as its optional input 8: the op adds it while the row is in cache, one
-    pass over [tokens, hidden] less per Add (runtime/ort_lora_op.c, add_residual). Same sum, same
-    order: (y + delta) + residual."""
+def _fold_into_lora_ops(path: str, out: str) -> str:
+    """The nodes right after the LoRA ops folded into them (runtime/row_epilogue.c): each saves a
+    pass over [tokens, width] and one node, as the op applies it while the row is in cache."""
     import onnx
 
+    model = onnx.load(path)
+    _fold_residual_adds(model.graph)
+    _fold_gelus(model.graph)
+    onnx.save(model, out)
+    return out
+
+
+def _lora_output_folds(graph):
+    """(LoRA op producing each tensor, how many nodes read each tensor, graph outputs), for folding a
+    node into the op that feeds it: allowed only when the op's output has no other reader."""
     from runtime.ort_lora_op import DOMAIN
 
-    model = onnx.load(path)
-    graph = model.graph
-    produced_by = {o: n for n in graph.node for o in n.output}
+    lora_by_output = {n.output[0]: n for n in graph.node if n.domain == DOMAIN and n.op_type.startswith("SlotLoRA")}
     consumers: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
+    return lora_by_output, consumers, {o.name for o in graph.output}
+
+
+def _fold_residual_adds(graph) -> None:
+    """Each residual Add that takes a LoRA op's output (attention.output.dense and output.dense in BERT
+    layers) folded into that op as its optional input 8. Same sum, same order: (y + delta) + residual."""
+    lora_by_output, consumers, outputs = _lora_output_folds(graph)
     constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    outputs = {o.name for o in graph.output}
     removed = []
     for add in graph.node:
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
             continue
         for k in (0, 1):
-            lora, residual = produced_by.get(add.input[k]), add.input[1 - k]
-            if (lora is not None and lora.domain == DOMAIN and lora.op_type.startswith("SlotLoRA")
-                    and len(lora.input) == 8 and consumers[add.input[k]] == 1 and add.input[k] not in outputs
-                    and residual not in constants):  # an activation, not a bias
+            lora, residual = lora_by_output.get(add.input[k]), add.input[1 - k]
+            if (lora is not None and len(lora.input) == 8 and consumers[add.input[k]] == 1
+                    and add.input[k] not in outputs and residual not in constants):  # an activation, not a bias
                 lora.input.append(residual)
                 lora.output[0] = add.output[0]
                 removed.append(add)
                 break
     for add in removed:
         graph.node.remove(add)
-    onnx.save(model, out)
-    return out
+
+
+GELU_ACTIVATION = "lora_activation_gelu"  # the int64 [1] initializer = 1 that turns on the op's GELU
+
+
+def _fold_gelus(graph) -> None:
+    """Each exact GELU (ORT's fused com.microsoft Gelu, intermediate.dense in BERT layers) of a LoRA op's
+    output folded into that op as its optional input 9 (input 8, the residual, left empty)."""
+    import numpy as np
+    import onnx
+
+    lora_by_output, consumers, outputs = _lora_output_folds(graph)
+    removed = []
+    for gelu in graph.node:
+        lora = lora_by_output.get(gelu.input[0]) if gelu.input else None
+        if (gelu.op_type != "Gelu" or gelu.domain != "com.microsoft" or lora is None or len(lora.input) > 9
+                or consumers[gelu.input[0]] != 1 or gelu.input[0] in outputs):
+            continue
+        if len(lora.input) == 8:
+            lora.input.append("")
+        lora.input.append(GELU_ACTIVATION)
+        lora.output[0] = gelu.output[0]
+        removed.append(gelu)
+    for gelu in removed:
+        graph.node.remove(gelu)
+    if removed:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), GELU_ACTIVATION))
 
 
 def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:

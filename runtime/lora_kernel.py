@@ -25,8 +25,6 @@ from runtime.config import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_kernel.c")
-ATTENTION_SOURCE = os.path.join(os.path.dirname(SOURCE), "varlen_attention.c")  # #included by SOURCE
-AMX_SOURCE = os.path.join(os.path.dirname(SOURCE), "lora_amx.c")  # #included by the ONNX Runtime ops
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ABI = 3
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
@@ -112,10 +110,11 @@ _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is
 
 def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
     """Compile the kernel (or reuse a cached build); returns the shared library's path. source_path
-    may #include lora_kernel.c and lora_amx.c (the ONNX Runtime ops do); lora_kernel.c #includes
-    varlen_attention.c. The cache key covers all four."""
+    may #include the other C files beside it (the ONNX Runtime ops include them all), so the cache
+    key covers every .c file in runtime/."""
     source = b""
-    for p in dict.fromkeys([source_path, SOURCE, ATTENTION_SOURCE, AMX_SOURCE]):
+    here = os.path.dirname(SOURCE)
+    for p in dict.fromkeys([source_path, *sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".c"))]):
         with open(p, "rb") as fh:
             source += fh.read()
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

@@ -16,7 +16,8 @@
    projections, e.g. q/k/v, and this node's columns start at y_offset), 1 x [rows, T, din] or
    [rows, din], 2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64
    [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1], and optional
-   8 residual (the output's shape; a residual Add folded in). The *BF16 ops take 2 and 3 as int32 bf16
+   8 residual (the output's shape; a residual Add folded in), optional 9 activation int64 [1] (1: exact
+   GELU of the sum; a Gelu node folded in; 0 or absent: none). The *BF16 ops take 2 and 3 as int32 bf16
    pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
@@ -38,6 +39,7 @@
 #include "lora_kernel.c"
 #include "lora_amx.c"
 #include "varlen_attention.c"
+#include "row_epilogue.c"
 
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtValue OrtValue;
@@ -95,12 +97,12 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 9 };  /* input 8: the optional residual */
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 10 };  /* 8, 9: the optional residual and activation */
 
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 6; }
+int adapterserve_ort_abi(void) { return 7; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -149,6 +151,7 @@ typedef struct {
     int bf16;  /* the *BF16 ops: A and B in lora_amx.c's pair layouts, shaped by sh */
     Bf16Shape sh;
     const float *residual;  /* optional input 8, the output's shape: added after the delta, or NULL */
+    int gelu;  /* optional input 9 = 1: exact GELU last */
 } RowTask;
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
@@ -172,15 +175,15 @@ static void copy_row(const RowTask *task, int64_t row)
         copy_tokens(task, row * p->T, (row + 1) * p->T);
 }
 
-/* out[t0, t1) += residual[t0, t1): the residual Add that followed this node in the graph, folded in
-   while the row is in cache (exporters/shared_base._fold_residual_adds). Same order of additions as
-   the graph had: (y + delta) + residual. */
-static void add_residual(const RowTask *task, int64_t t0, int64_t t1)
+/* The nodes that followed this one in the graph, folded in (exporters/shared_base._fold_*), over
+   output tokens [t0, t1) while the row is in cache: the residual Add, then the GELU (row_epilogue.c). */
+static void epilogue(const RowTask *task, int64_t t0, int64_t t1)
 {
-    float *out = task->lora.y;
-    const float *res = task->residual;
-    for (int64_t i = t0 * task->lora.dout; i < t1 * task->lora.dout; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_loadu_ps(res + i)));
+    const int64_t d = task->lora.dout;
+    if (task->residual)
+        add_residual_span(task->lora.y + t0 * d, task->residual + t0 * d, (t1 - t0) * d);
+    if (task->gelu)
+        gelu_span(task->lora.y + t0 * d, (t1 - t0) * d);
 }
 
 static void row_task(void *args, size_t row)
@@ -192,19 +195,20 @@ static void row_task(void *args, size_t row)
         lora_row_bf16(&task->lora, &task->sh, (int64_t)row);
     else
         lora_row(&task->lora, (int64_t)row);
-    if (task->residual) {  /* every position of the row, padding included, as the graph's Add did */
+    if (task->residual || task->gelu) {  /* every position of the row, padding included, as the graph's nodes did */
         const LoraArgs *p = &task->lora;
         if (p->offsets)
-            add_residual(task, p->offsets[row], p->offsets[row + 1]);
+            epilogue(task, p->offsets[row], p->offsets[row + 1]);
         else
-            add_residual(task, (int64_t)row * p->T, ((int64_t)row + 1) * p->T);
+            epilogue(task, (int64_t)row * p->T, ((int64_t)row + 1) * p->T);
     }
 }
 
 /* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
    [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
    bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
-   [slots, RB / 2, dout] in lora_amx.c's layouts. Optional input 8: a residual of the output's shape. */
+   [slots, RB / 2, dout] in lora_amx.c's layouts. Optional inputs 8: a residual of the output's shape;
+   9: the activation (1: GELU). */
 static void compute(OrtKernelContext *ctx, int packed, int bf16)
 {
     int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
@@ -237,12 +241,18 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
         fprintf(stderr, "adapterserve.SlotLoRA: the residual's shape is not the output's\n");
         abort();
     }
+    const int64_t *activation = input(ctx, 9, NULL, NULL);
+    if (activation && (*activation < 0 || *activation > 1)) {
+        fprintf(stderr, "adapterserve.SlotLoRA: unknown activation %lld\n", (long long)*activation);
+        abort();
+    }
     OrtValue *out_value;
     float *out;
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
-                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual};
+                     a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual,
+                    activation && *activation == 1};
     if (out == y) {
         /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
@@ -326,7 +336,7 @@ static const char *attention_op_name(const CustomOp *op) { (void)op; return "Var
 static const char *bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16"; }
 static const char *packed_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 ? ELEM_FLOAT : ELEM_INT64; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 ? ELEM_FLOAT : ELEM_INT64; }  /* 9: int64 */
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
 static int bf16_input_type(const CustomOp *op, size_t i)
 {
@@ -339,7 +349,7 @@ static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }
 static void destroy_kernel(void *kernel) { (void)kernel; }
 static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* INPUT_OUTPUT_REQUIRED */ }
-static int residual_optional(const CustomOp *op, size_t i) { (void)op; return i == 8; /* 1: INPUT_OUTPUT_OPTIONAL */ }
+static int epilogue_optional(const CustomOp *op, size_t i) { (void)op; return i >= 8; /* 1: INPUT_OUTPUT_OPTIONAL */ }
 static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
 static int one(const CustomOp *op) { (void)op; return 1; }
 static int start_version(const CustomOp *op) { (void)op; return 1; }
@@ -359,7 +369,7 @@ static size_t no_aliases(int **input_index, int **output_index) { *input_index =
 /* The four LoRA ops differ in name, input types (fp32 or bf16-pair slots) and compute function. */
 #define LORA_OP(name_fn, input_type_fn, compute_fn) {                                                     \
     21, create_kernel, name_fn, op_provider, input_type_fn, input_count, output_type, output_count,        \
-    compute_fn, destroy_kernel, residual_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
+    compute_fn, destroy_kernel, epilogue_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
     start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,                   \
 }
 static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded);

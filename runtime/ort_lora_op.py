@@ -21,7 +21,7 @@ DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
 ATTENTION_OP_TYPE = "VarlenAttention"
-ABI = 6
+ABI = 7
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 
@@ -144,16 +144,17 @@ def amx_bf16_available() -> bool:
 
 
 def single_op_model(op_type: str, inputs: dict):
-    """An ONNX model of one adapterserve op over named numpy inputs (their dtypes and shapes), for
-    checking and timing the op alone (tests/component/test_bf16_lora.py, loadtest/cpu_probes lora-op)."""
+    """An ONNX model of one adapterserve op over named numpy inputs (their dtypes and shapes; None: an
+    absent optional input), for checking and timing the op alone (tests/component/test_bf16_lora.py,
+    test_lora_epilogue.py, loadtest/cpu_probes lora-op). Feed it the inputs that are not None."""
     import numpy as np
     from onnx import TensorProto, helper
 
     types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32,
              np.dtype(np.int64): TensorProto.INT64}
-    node = helper.make_node(op_type, list(inputs), ["out"], domain=DOMAIN)
+    node = helper.make_node(op_type, [k if v is not None else "" for k, v in inputs.items()], ["out"], domain=DOMAIN)
     graph = helper.make_graph([node], op_type, [helper.make_tensor_value_info(k, types[v.dtype], v.shape)
-                                                for k, v in inputs.items()],
+                                                for k, v in inputs.items() if v is not None],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 8  # ONNX Runtime 1.31 reads IR versions up to 13; the onnx package writes newer
