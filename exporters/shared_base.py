@@ -311,6 +311,7 @@ def _fold_into_lora_ops(path: str, out: str) -> str:
     model = onnx.load(path)
     _fold_residual_adds(model.graph)
     _fold_gelus(model.graph)
+    _fold_layer_norms(model.graph)
     onnx.save(model, out)
     return out
 
@@ -374,6 +375,33 @@ def _fold_gelus(graph) -> None:
         graph.node.remove(gelu)
     if removed:
         graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), GELU_ACTIVATION))
+
+
+def _fold_layer_norms(graph) -> None:
+    """Each LayerNormalization over the last axis of a LoRA op's output (the residual sums of
+    attention.output and output in BERT layers, once their Adds are folded) folded into that op as its
+    optional inputs 10-12: scale, bias and an epsilon initializer (inputs 8 and 9 left empty where absent)."""
+    import numpy as np
+    import onnx
+
+    lora_by_output, consumers, outputs = _lora_output_folds(graph)
+    initializers = {i.name for i in graph.initializer}
+    removed = []
+    for ln in graph.node:
+        lora = lora_by_output.get(ln.input[0]) if ln.input else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in ln.attribute}
+        if (ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx") or lora is None
+                or len(lora.input) > 10 or consumers[ln.input[0]] != 1 or ln.input[0] in outputs
+                or attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1
+                or len(ln.input) != 3 or not set(ln.input[1:]) <= initializers or any(ln.output[1:])):
+            continue
+        epsilon = f"{ln.output[0]}_epsilon"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([attrs.get("epsilon", 1e-5)], np.float32), epsilon))
+        lora.input.extend([""] * (10 - len(lora.input)) + [ln.input[1], ln.input[2], epsilon])
+        lora.output[0] = ln.output[0]
+        removed.append(ln)
+    for ln in removed:
+        graph.node.remove(ln)
 
 
 def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:

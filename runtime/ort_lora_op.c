@@ -17,7 +17,8 @@
    [rows, din], 2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64
    [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1], and optional
    8 residual (the output's shape; a residual Add folded in), optional 9 activation int64 [1] (1: exact
-   GELU of the sum; a Gelu node folded in; 0 or absent: none). The *BF16 ops take 2 and 3 as int32 bf16
+   GELU of the sum; a Gelu node folded in; 0 or absent: none), optional 10-12 LayerNorm scale [dout],
+   bias [dout] and epsilon [1] (a LayerNormalization over the last dim folded in, applied last). The *BF16 ops take 2 and 3 as int32 bf16
    pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
@@ -97,7 +98,7 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 10 };  /* 8, 9: the optional residual and activation */
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 13 };  /* 8-12: the optional epilogue */
 
 static const void *const *api;
 static int has_parallel_for;
@@ -151,7 +152,9 @@ typedef struct {
     int bf16;  /* the *BF16 ops: A and B in lora_amx.c's pair layouts, shaped by sh */
     Bf16Shape sh;
     const float *residual;  /* optional input 8, the output's shape: added after the delta, or NULL */
-    int gelu;  /* optional input 9 = 1: exact GELU last */
+    int gelu;  /* optional input 9 = 1: exact GELU */
+    const float *ln_scale, *ln_bias;  /* optional inputs 10, 11: LayerNorm last, or NULL */
+    float ln_epsilon;  /* optional input 12 */
 } RowTask;
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
@@ -176,14 +179,23 @@ static void copy_row(const RowTask *task, int64_t row)
 }
 
 /* The nodes that followed this one in the graph, folded in (exporters/shared_base._fold_*), over
-   output tokens [t0, t1) while the row is in cache: the residual Add, then the GELU (row_epilogue.c). */
+   output tokens [t0, t1) while the row is in cache: the residual Add, the GELU, the LayerNorm
+   (row_epilogue.c). */
 static void epilogue(const RowTask *task, int64_t t0, int64_t t1)
 {
     const int64_t d = task->lora.dout;
-    if (task->residual)
-        add_residual_span(task->lora.y + t0 * d, task->residual + t0 * d, (t1 - t0) * d);
+    float *out = task->lora.y + t0 * d;
+    const float *res = task->residual ? task->residual + t0 * d : NULL;
+    if (task->ln_scale && !task->gelu) {  /* the residual sum within the LayerNorm's first pass */
+        layer_norm_tokens(out, res, t1 - t0, d, task->ln_scale, task->ln_bias, task->ln_epsilon);
+        return;
+    }
+    if (res)
+        add_residual_span(out, res, (t1 - t0) * d);
     if (task->gelu)
-        gelu_span(task->lora.y + t0 * d, (t1 - t0) * d);
+        gelu_span(out, (t1 - t0) * d);
+    if (task->ln_scale)
+        layer_norm_tokens(out, NULL, t1 - t0, d, task->ln_scale, task->ln_bias, task->ln_epsilon);
 }
 
 static void row_task(void *args, size_t row)
@@ -195,7 +207,7 @@ static void row_task(void *args, size_t row)
         lora_row_bf16(&task->lora, &task->sh, (int64_t)row);
     else
         lora_row(&task->lora, (int64_t)row);
-    if (task->residual || task->gelu) {  /* every position of the row, padding included, as the graph's nodes did */
+    if (task->residual || task->gelu || task->ln_scale) {  /* every position of the row, padding included, as the graph's nodes did */
         const LoraArgs *p = &task->lora;
         if (p->offsets)
             epilogue(task, p->offsets[row], p->offsets[row + 1]);
@@ -208,7 +220,7 @@ static void row_task(void *args, size_t row)
    [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
    bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
    [slots, RB / 2, dout] in lora_amx.c's layouts. Optional inputs 8: a residual of the output's shape;
-   9: the activation (1: GELU). */
+   9: the activation (1: GELU); 10-12: LayerNorm scale, bias, epsilon. */
 static void compute(OrtKernelContext *ctx, int packed, int bf16)
 {
     int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
@@ -246,13 +258,23 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
         fprintf(stderr, "adapterserve.SlotLoRA: unknown activation %lld\n", (long long)*activation);
         abort();
     }
+    int64_t gdims[3], bdims_ln[3], edims[3];
+    size_t gn, bn_ln, en;
+    const float *ln_scale = input(ctx, 10, gdims, &gn), *ln_bias = input(ctx, 11, bdims_ln, &bn_ln);
+    const float *ln_epsilon = input(ctx, 12, edims, &en);
+    if ((ln_scale || ln_bias || ln_epsilon)
+        && (!ln_scale || !ln_bias || !ln_epsilon || gn != 1 || bn_ln != 1 || gdims[0] != dout || bdims_ln[0] != dout
+            || en != 1 || edims[0] != 1)) {
+        fprintf(stderr, "adapterserve.SlotLoRA: LayerNorm inputs 10-12 must be scale [dout], bias [dout], epsilon [1]\n");
+        abort();
+    }
     OrtValue *out_value;
     float *out;
     check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, out_dims, yn, &out_value), "KernelContext_GetOutput");
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
                      a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual,
-                    activation && *activation == 1};
+                    activation && *activation == 1, ln_scale, ln_bias, ln_epsilon ? *ln_epsilon : 0};
     if (out == y) {
         /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
@@ -336,12 +358,12 @@ static const char *attention_op_name(const CustomOp *op) { (void)op; return "Var
 static const char *bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16"; }
 static const char *packed_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 ? ELEM_FLOAT : ELEM_INT64; }  /* 9: int64 */
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 || i >= 10 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
 static int bf16_input_type(const CustomOp *op, size_t i)
 {
     (void)op;
-    return i < 2 || i == 8 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64;
+    return i < 2 || i == 8 || i >= 10 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64;
 }
 static int attention_input_type(const CustomOp *op, size_t i) { (void)op; return i < 3 ? ELEM_FLOAT : ELEM_INT64; }
 static size_t attention_input_count(const CustomOp *op) { (void)op; return 5; }

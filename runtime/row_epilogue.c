@@ -1,11 +1,13 @@
 /* What the shared graph did to a LoRA op's output right after it, done by the op while each row is
-   still in cache (exporters/shared_base._fold_*): the residual Add of attention.output / output, and
-   the exact GELU of intermediate. Each saves a pass over [tokens, width] in memory and one node.
+   still in cache (exporters/shared_base._fold_*): the residual Add of attention.output / output and
+   the LayerNorm after it, and the exact GELU of intermediate. Each saves a pass over [tokens, width]
+   in memory and one node.
 
    The erf is Norbert Juffa's faithfully rounded erff (max error < 1 ulp; the polynomial
    coefficients are his, https://stackoverflow.com/questions/35148198), the same algorithm ONNX
    Runtime's MLAS uses for its Gelu; here both branches run on all 16 lanes and a mask picks one. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "varlen_attention.c"  /* exp_nonpos */
@@ -52,6 +54,39 @@ static void gelu_span(float *x, int64_t n)
         const __m512 half = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
         const __m512 e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
         _mm512_storeu_ps(x + i, _mm512_fmadd_ps(half, e, half));
+    }
+}
+
+/* Each of n tokens of d floats (d a multiple of 16), plus its residual first where res is not NULL,
+   normalized over its d features, then scaled and shifted: (x - mean) / sqrt(var + eps) * scale +
+   bias, var the biased variance, as ONNX LayerNormalization over the last axis. Per token, while it
+   is in L1: the residual sum and the mean in one pass, the squared deviations (two passes lose less
+   than a mean of squares minus the squared mean), then the output. */
+static void layer_norm_tokens(float *x, const float *res, int64_t n, int64_t d, const float *scale, const float *bias,
+                              float eps)
+{
+    for (int64_t t = 0; t < n; t++, x += d) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            __m512 v = _mm512_loadu_ps(x + i);
+            if (res) {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(res + t * d + i));
+                _mm512_storeu_ps(x + i, v);
+            }
+            if (i / 16 % 2) acc1 = _mm512_add_ps(acc1, v); else acc0 = _mm512_add_ps(acc0, v);
+        }
+        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / (float)d);
+        acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(x + i), mean);
+            if (i / 16 % 2) acc1 = _mm512_fmadd_ps(c, c, acc1); else acc0 = _mm512_fmadd_ps(c, c, acc0);
+        }
+        const float var = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / (float)d;
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(var + eps));
+        for (int64_t i = 0; i < d; i += 16) {
+            const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mean), inv);
+            _mm512_storeu_ps(x + i, _mm512_fmadd_ps(c, _mm512_loadu_ps(scale + i), _mm512_loadu_ps(bias + i)));
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 """The nodes folded into the LoRA ops (runtime/row_epilogue.c, exporters/shared_base._fold_*): the
-vectorized erf and GELU against float64, and one op node with its residual and GELU inputs against
-gelu((y + delta) + residual) computed in float64. Whole graphs with the folds are checked against
+vectorized erf and GELU against float64, and one op node with its residual, GELU and LayerNorm
+inputs against layer_norm(gelu((y + delta) + residual)) computed in float64. Whole graphs with the folds are checked against
 torch in test_onnx.py (1e-4) and test_bf16_lora.py."""
 import ctypes
 import math
@@ -47,7 +47,7 @@ def test_gelu_is_as_close_to_float64_as_torch_fp32():
     assert got[np.isin(x, [0.0, 30.0, 100.0, 2.0 ** 100])].tolist() == [0.0, 0.0, 30.0, 2.0 ** 100, 100.0]  # in grid order
 
 
-def packed_op_feed(rng, bf16: bool, residual: bool, activation):
+def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool):
     d_in, d_out, r_max, slots = 32, 48, 16, 3
     a = np.zeros((slots, r_max, d_in), np.float32)
     b = np.zeros((slots, r_max, d_out), np.float32)
@@ -63,7 +63,10 @@ def packed_op_feed(rng, bf16: bool, residual: bool, activation):
     feed = {"y": y, "x": x, "a": a_in, "b": b_in, "r8": r8, "slot": np.array([1, 2, 0], np.int64), "offsets": offsets,
             "y_offset": np.zeros(1, np.int64),
             "residual": rng.normal(0, 1, (1, n, d_out)).astype(np.float32) if residual else None,
-            "activation": None if activation is None else np.array([activation], np.int64)}
+            "activation": None if activation is None else np.array([activation], np.int64),
+            "ln_scale": rng.normal(1, 0.2, d_out).astype(np.float32) if norm else None,
+            "ln_bias": rng.normal(0, 0.2, d_out).astype(np.float32) if norm else None,
+            "ln_epsilon": np.array([1e-5], np.float32) if norm else None}
     want = y[0].astype(np.float64)
     for row, slot in enumerate(feed["slot"]):
         s, e = offsets[row], offsets[row + 1]
@@ -72,18 +75,23 @@ def packed_op_feed(rng, bf16: bool, residual: bool, activation):
         want += feed["residual"][0]
     if activation == 1:
         want = torch.nn.functional.gelu(torch.from_numpy(want)).numpy()
+    if norm:
+        want = torch.nn.functional.layer_norm(torch.from_numpy(want), (d_out,), torch.from_numpy(feed["ln_scale"]).double(),
+                                              torch.from_numpy(feed["ln_bias"]).double(), 1e-5).numpy()
     return feed, want
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("residual,activation", [(False, 1), (True, None), (True, 1), (False, 0)])
-def test_op_applies_its_residual_and_gelu(tmp_path, bf16, residual, activation):
+@pytest.mark.parametrize("residual,activation,norm", [(False, 1, False), (True, None, False), (True, 1, False),
+                                                     (False, 0, False), (True, None, True), (False, None, True)])
+def test_op_applies_its_residual_gelu_and_layer_norm(tmp_path, bf16, residual, activation, norm):
     """Token-packed rows of 3 / 17 / 7 tokens (one on slot 0, whose output is still y + residual,
-    then GELU). Tolerance: 1e-5 of the output's scale for the fp32 op; bf16 slots round the delta."""
+    then GELU, then LayerNorm). Tolerance: 1e-5 of the output's scale for the fp32 op; bf16 slots
+    round the delta."""
     import onnx
     import onnxruntime as ort
 
-    feed, want = packed_op_feed(np.random.default_rng(3), bf16, residual, activation)
+    feed, want = packed_op_feed(np.random.default_rng(3), bf16, residual, activation, norm)
     op = ort_lora_op.PACKED_OP_TYPE + ("BF16" if bf16 else "")
     onnx.save(ort_lora_op.single_op_model(op, feed), str(tmp_path / "op.onnx"))
     options = ort.SessionOptions()
@@ -92,5 +100,5 @@ def test_op_applies_its_residual_and_gelu(tmp_path, bf16, residual, activation):
     got = session.run(None, {k: v for k, v in feed.items() if v is not None})[0][0]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= (1e-2 if bf16 else 1e-5) * scale
-    if activation == 1:  # GELU really applied: an ungelu'd output is far off
+    if activation == 1 and not norm:  # GELU really applied: an ungelu'd output is far off
         assert (got < -0.2).sum() == 0

@@ -66,12 +66,16 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     nodes = onnx.load(str(model)).graph.node
     lora_outputs = {n.output[0] for n in nodes if n.domain == "adapterserve" and n.op_type.startswith("SlotLoRA")}
     assert not any(n.op_type == "Add" and set(n.input) & lora_outputs for n in nodes)
-    folded = sum(len(n.input) == 9 for n in nodes if n.domain == "adapterserve")
+    folded = sum(len(n.input) > 8 and n.input[8] != "" for n in nodes if n.domain == "adapterserve")
     assert folded == (2 * 2 if fused else 0)  # 2 encoder layers x (attention output, output)
     # So is the GELU after each intermediate LoRA node (input 9; input 8 left empty).
     assert not any(n.op_type in ("Gelu", "Erf") and set(n.input) & lora_outputs for n in nodes)
     gelus = [n for n in nodes if n.domain == "adapterserve" and len(n.input) == 10]
     assert len(gelus) == (2 if fused else 0) and all(n.input[8] == "" for n in gelus)
+    # And the LayerNorm after each folded residual (inputs 10-12): only the embeddings' stays a node.
+    assert not any(n.op_type == "LayerNormalization" and set(n.input) & lora_outputs for n in nodes)
+    norms = [n for n in nodes if n.domain == "adapterserve" and len(n.input) == 13]
+    assert len(norms) == (2 * 2 if fused else 0) and all(n.input[8] and n.input[9] == "" for n in norms)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
