@@ -309,11 +309,62 @@ def _fold_into_lora_ops(path: str, out: str) -> str:
     import onnx
 
     model = onnx.load(path)
+    _fuse_qkv(model.graph)
     _fold_residual_adds(model.graph)
     _fold_gelus(model.graph)
     _fold_layer_norms(model.graph)
     onnx.save(model, out)
     return out
+
+
+def _fuse_qkv(graph) -> None:
+    """Each self-attention's q, k and v LoRA nodes (token-packed layout), which all read one packed
+    [N, dq + dk + dv] base projection at column offsets 0, dq, dq + dk, replaced by one
+    SlotLoRAQKVPacked(BF16) node that adds the three deltas in place; its VarlenAttention then reads
+    the packed output (k and v inputs left empty). Saves copying q, k and v out of the packed tensor
+    and two of three trips to the thread pool per layer (runtime/ort_lora_op.c, compute_qkv)."""
+    import onnx
+
+    from runtime.ort_lora_op import ATTENTION_OP_TYPE, DOMAIN, PACKED_OP_TYPE, QKV_OP_TYPE
+
+    produced_by = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            constants[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    widths = {}  # slot B inputs' last dim (d_out), static in the exported graph
+    for graph_input in graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            widths[graph_input.name] = dims[-1].dim_value
+    removed = []
+    for attention in graph.node:
+        if attention.domain != DOMAIN or attention.op_type != ATTENTION_OP_TYPE or len(attention.input) != 5:
+            continue
+        parts = [produced_by.get(i) for i in attention.input[:3]]
+        if any(p is None or p.domain != DOMAIN or not p.op_type.startswith(PACKED_OP_TYPE) or len(p.input) != 8
+               or consumers[p.output[0]] != 1 for p in parts):
+            continue
+        q, k, v = parts
+        if (len({p.op_type for p in parts}) != 1 or len({tuple(p.input[i] for i in (0, 1, 5, 6)) for p in parts}) != 1
+                or consumers[q.input[0]] != 3 or any(p.input[3] not in widths or p.input[7] not in constants for p in parts)):
+            continue
+        offsets = [int(constants[p.input[7]].reshape(-1)[0]) for p in parts]
+        if offsets != [0, widths[q.input[3]], widths[q.input[3]] + widths[k.input[3]]]:
+            continue
+        fused = onnx.helper.make_node(
+            q.op_type.replace(PACKED_OP_TYPE, QKV_OP_TYPE),
+            [q.input[0], q.input[1], *[p.input[i] for p in parts for i in (2, 3, 4)], q.input[5], q.input[6]],
+            [q.input[0] + "_qkv_lora"], name=q.name + "_qkv", domain=DOMAIN)
+        graph.node.insert(list(graph.node).index(q), fused)
+        attention.input[0], attention.input[1], attention.input[2] = fused.output[0], "", ""
+        removed += parts
+    for node in removed:
+        graph.node.remove(node)
 
 
 def _lora_output_folds(graph):

@@ -528,11 +528,37 @@ def onnx_host() -> None:
                   f"{inside[0] / batches * 1e3:.2f} ms, host {(wall - inside[0]) / batches * 1e3:.2f} ms")
 
 
+def onnx_nodes() -> None:
+    """The shared int8 engine's SST-2 loop (as onnx-host) under a profiled session: milliseconds per
+    batch of 32 by node, the six encoder layers' nodes of one name summed (which part of a layer costs
+    what: the LoRA ops with what is folded into them, attention, each int8 GEMM)."""
+    import re
+    import threading
+
+    from runtime.ort_lora_op import library_path
+
+    rt, one_pass = _mixed_int8_pass()
+    rt.engine.session = _profiled_session(os.path.join(rt.engine.model_dir, "model.onnx"),
+                                          library_path() if rt.engine.fused_op else None)
+    rt.engine._bindings = threading.local()  # the bindings belong to the engine's own session
+    one_pass()
+    batches = -(-one_pass() // 32) * 2  # the profile covers both passes
+    by_node = collections.Counter()
+    with open(rt.engine.session.end_profiling()) as fh:
+        for event in json.load(fh):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                name = re.sub(r"layer\.\d+", "layer.N", event["name"][: -len("_kernel_time")])
+                by_node[f'{event["args"]["op_name"]} {name}'] += event["dur"]
+    print(f"shared-base int8, 32 tasks mixed: {sum(by_node.values()) / batches / 1e3:.2f} ms of nodes per batch")
+    for node, us in by_node.most_common(12):
+        print(f"  {us / batches / 1e3:6.2f} ms  {node}")
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
           "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
           "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
-          "onnx-host": onnx_host}
+          "onnx-host": onnx_host, "onnx-nodes": onnx_nodes}
 
 
 def main(argv=None) -> int:

@@ -133,5 +133,5 @@ void varlen_attention_rows(const float *q, const float *k, const float *v, float
 {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < batch * heads; item++)
-        varlen_attention_item(q, k, v, out, ld, cu, heads, d, scale, item);
+        varlen_attention_item(q, k, v, out, ld, ld, cu, heads, d, scale, item);
 }

@@ -20,8 +20,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ort_lora_op.c
 DOMAIN = "adapterserve"
 OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
+QKV_OP_TYPE = "SlotLoRAQKVPacked"  # one self-attention's q, k, v LoRA nodes over their packed projection
 ATTENTION_OP_TYPE = "VarlenAttention"
-ABI = 7
+ABI = 8
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 

@@ -42,7 +42,7 @@ static inline __m512 exp_nonpos(__m512 x)
 #define QB 4
 static inline __attribute__((always_inline)) void
 attention_item(const int masked, const float *q, const float *k, const float *v, float *out, int64_t ld,
-               const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
+               int64_t out_ld, const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
 {
     int64_t b = item / heads, h = item % heads;
     int64_t start = cu[b], s = cu[b + 1] - cu[b];
@@ -98,7 +98,7 @@ attention_item(const int masked, const float *q, const float *k, const float *v,
                 for (int r = 0; r < QB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * padded + j]), vv, acc[r]);
             }
             for (int r = 0; r < QB && i0 + r < s; r++) {
-                float *o = out + (start + i0 + r) * ld + col + 16 * c;
+                float *o = out + (start + i0 + r) * out_ld + col + 16 * c;
                 __m512 y = _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r]));
                 if (masked && c == nv - 1) _mm512_mask_storeu_ps(o, tail, y);
                 else _mm512_storeu_ps(o, y);
@@ -111,13 +111,15 @@ attention_item(const int masked, const float *q, const float *k, const float *v,
 }
 #undef QB
 
-void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld,
+/* ld: the row stride of q, k and v (they may be column blocks of one packed [N, 3H] tensor); out_ld
+   the output's. */
+void varlen_attention_item(const float *q, const float *k, const float *v, float *out, int64_t ld, int64_t out_ld,
                            const int64_t *cu, int64_t heads, int64_t d, float scale, int64_t item)
 {
     if (d % 16)
-        attention_item(1, q, k, v, out, ld, cu, heads, d, scale, item);
+        attention_item(1, q, k, v, out, ld, out_ld, cu, heads, d, scale, item);
     else
-        attention_item(0, q, k, v, out, ld, cu, heads, d, scale, item);
+        attention_item(0, q, k, v, out, ld, out_ld, cu, heads, d, scale, item);
 }
 
 /* All items on the calling thread (the kernel test; the ORT op hands items to ORT's pool, the
@@ -126,6 +128,6 @@ void varlen_attention(const float *q, const float *k, const float *v, float *out
                       const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale)
 {
     for (int64_t item = 0; item < batch * heads; item++)
-        varlen_attention_item(q, k, v, out, ld, cu, heads, d, scale, item);
+        varlen_attention_item(q, k, v, out, ld, ld, cu, heads, d, scale, item);
 }
 #endif

@@ -21,11 +21,13 @@ def max_diff(a, b):
 
 
 def lora_op_nodes(path, bf16: bool = False) -> int:
-    """Our LoRA op's nodes in the graph (the int8 graph's bf16 variants where bf16, tests/component/test_bf16_lora.py)."""
+    """Slot layers served by our LoRA op's nodes in the graph, a q/k/v node serving three (the int8
+    graph's bf16 variants where bf16, tests/component/test_bf16_lora.py)."""
     import onnx
 
-    types = ("SlotLoRABF16", "SlotLoRAPackedBF16") if bf16 else ("SlotLoRA", "SlotLoRAPacked")
-    return sum(n.op_type in types and n.domain == "adapterserve" for n in onnx.load(str(path)).graph.node)
+    suffix = "BF16" if bf16 else ""
+    layers = {f"SlotLoRA{suffix}": 1, f"SlotLoRAPacked{suffix}": 1, f"SlotLoRAQKVPacked{suffix}": 3}
+    return sum(layers.get(n.op_type, 0) for n in onnx.load(str(path)).graph.node if n.domain == "adapterserve")
 
 
 def op_count(path, op_type) -> int:
@@ -60,21 +62,24 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     assert onnx_rt.engine.packed == packed
     assert op_count(model, "VarlenAttention") == (2 if packed else 0)
     encoder_layers = sum("pooler" not in name for name in onnx_rt.engine.layers)  # the pooler sees [B, d] rows
-    assert op_count(model, "SlotLoRAPacked") == (encoder_layers if packed else 0)
+    # Each layer's q, k and v LoRA nodes are one node over the packed projection (the attention reads it).
+    assert op_count(model, "SlotLoRAQKVPacked") == (2 if packed else 0)
+    assert op_count(model, "SlotLoRAPacked") == (encoder_layers - 3 * 2 if packed else 0)
     assert op_count(model, "MultiHeadAttention") == (0 if family == "distilbert" or packed else 2)
     # The residual Adds after attention.output / output LoRA nodes are folded into them (input 8).
     nodes = onnx.load(str(model)).graph.node
     lora_outputs = {n.output[0] for n in nodes if n.domain == "adapterserve" and n.op_type.startswith("SlotLoRA")}
     assert not any(n.op_type == "Add" and set(n.input) & lora_outputs for n in nodes)
-    folded = sum(len(n.input) > 8 and n.input[8] != "" for n in nodes if n.domain == "adapterserve")
+    single = [n for n in nodes if n.domain == "adapterserve" and n.op_type in ("SlotLoRA", "SlotLoRAPacked")]
+    folded = sum(len(n.input) > 8 and n.input[8] != "" for n in single)
     assert folded == (2 * 2 if fused else 0)  # 2 encoder layers x (attention output, output)
     # So is the GELU after each intermediate LoRA node (input 9; input 8 left empty).
     assert not any(n.op_type in ("Gelu", "Erf") and set(n.input) & lora_outputs for n in nodes)
-    gelus = [n for n in nodes if n.domain == "adapterserve" and len(n.input) == 10]
+    gelus = [n for n in single if len(n.input) == 10]
     assert len(gelus) == (2 if fused else 0) and all(n.input[8] == "" for n in gelus)
     # And the LayerNorm after each folded residual (inputs 10-12): only the embeddings' stays a node.
     assert not any(n.op_type == "LayerNormalization" and set(n.input) & lora_outputs for n in nodes)
-    norms = [n for n in nodes if n.domain == "adapterserve" and len(n.input) == 13]
+    norms = [n for n in single if len(n.input) == 13]
     assert len(norms) == (2 * 2 if fused else 0) and all(n.input[8] and n.input[9] == "" for n in norms)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
