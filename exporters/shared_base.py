@@ -313,6 +313,7 @@ def _fold_into_lora_ops(path: str, out: str) -> str:
     _fold_residual_adds(model.graph)
     _fold_gelus(model.graph)
     _fold_layer_norms(model.graph)
+    _in_place_lora_ops(model.graph)
     onnx.save(model, out)
     return out
 
@@ -365,6 +366,13 @@ def _fuse_qkv(graph) -> None:
         removed += parts
     for node in removed:
         graph.node.remove(node)
+    # The y_offset constants only the removed nodes read (ORT warns about unused initializers at load).
+    still_read = {i for n in graph.node for i in n.input}
+    orphans = {p.input[7] for p in removed} - still_read
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in orphans]:
+        graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name in orphans]:
+        graph.initializer.remove(init)
 
 
 def _lora_output_folds(graph):
@@ -453,6 +461,32 @@ def _fold_layer_norms(graph) -> None:
         removed.append(ln)
     for ln in removed:
         graph.node.remove(ln)
+
+
+IN_PLACE = "InPlace"  # op type suffix: the node writes into y's buffer (runtime/ort_lora_op.c, y_is_output)
+
+
+def _in_place_lora_ops(graph) -> None:
+    """Each LoRA node that is the only reader of its base projection y and starts at its column 0
+    renamed to its *InPlace variant, which ORT runs in y's buffer: no copy of y into a fresh output
+    per node (ORT never took up the ops' may-inplace hint: their outputs have no static shape)."""
+    import onnx
+
+    from runtime.ort_lora_op import DOMAIN, OP_TYPE, PACKED_OP_TYPE
+
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    zero_offsets = {i.name for i in graph.initializer if list(onnx.numpy_helper.to_array(i).reshape(-1)) == [0]}
+    zero_offsets |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
+                     and list(onnx.numpy_helper.to_array(n.attribute[0].t).reshape(-1)) == [0]}
+    fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
+    singles = {t + b for t in (OP_TYPE, PACKED_OP_TYPE) for b in ("", "BF16")}
+    for node in graph.node:
+        if (node.domain == DOMAIN and node.op_type in singles and consumers[node.input[0]] == 1
+                and node.input[0] not in fixed and node.input[7] in zero_offsets):
+            node.op_type += IN_PLACE
 
 
 def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:

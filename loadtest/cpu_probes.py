@@ -554,11 +554,51 @@ def onnx_nodes() -> None:
         print(f"  {us / batches / 1e3:6.2f} ms  {node}")
 
 
+def onnx_folds() -> None:
+    """Interleaved A/B of the shared int8 graph with and without each rewrite that folds nodes into
+    our LoRA ops (exporters/shared_base._fuse_qkv, _fold_*): graph variants built from the export's
+    pre-fold file, one engine whose session is swapped per variant, SST-2 dev passes as onnx-host,
+    six rounds each; prints each variant's texts/s and median."""
+    import threading
+
+    import onnx
+    import onnxruntime as ort
+
+    from exporters import shared_base
+    from runtime.onnx_engine import open_session
+    from runtime.ort_lora_op import library_path
+
+    rt, one_pass = _mixed_int8_pass()
+    before = [f for f in ("model_int8_bf16lora.onnx", "model_int8.onnx") if os.path.exists(os.path.join(rt.engine.model_dir, f))]
+    everything = ["_fuse_qkv", "_fold_residual_adds", "_fold_gelus", "_fold_layer_norms", "_in_place_lora_ops"]
+    variants = {"all folds": everything, "no folds": []}
+    for fold in everything:
+        variants[f"all but {fold}"] = [f for f in everything if f != fold]
+    sessions, rates, scratch = {}, {}, tempfile.mkdtemp()
+    for name, folds in variants.items():
+        model = onnx.load(os.path.join(rt.engine.model_dir, before[0]))
+        for fold in folds:
+            getattr(shared_base, fold)(model.graph)
+        path = os.path.join(scratch, f"{len(sessions)}.onnx")
+        onnx.save(model, path)
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(library_path())
+        sessions[name], rates[name] = open_session(path, options), []
+    for _ in range(6):
+        for name, session in sessions.items():
+            rt.engine.session, rt.engine._bindings = session, threading.local()
+            one_pass()
+            t = time.perf_counter()
+            rates[name].append(one_pass() / (time.perf_counter() - t))
+    for name, r in rates.items():
+        print(f"{name:<32} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
+
+
 PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
           "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
           "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
           "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
-          "onnx-host": onnx_host, "onnx-nodes": onnx_nodes}
+          "onnx-host": onnx_host, "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 
 def main(argv=None) -> int:

@@ -26,9 +26,10 @@ from runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 8  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
+GRAPH_FORMAT = 9  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
 # 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies; 5: bf16 LoRA slots (int8);
-# 6: residual Adds folded into the LoRA op; 7: Gelus and LayerNorms folded into it too; 8: q/k/v LoRA as one node
+# 6: residual Adds folded into the LoRA op; 7: Gelus and LayerNorms folded into it too; 8: q/k/v LoRA as one node;
+# 9: LoRA nodes that alone read their projection run in its buffer (*InPlace)
 
 
 # ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it

@@ -4,6 +4,9 @@
      of lengths; y/x are [1, N, .]), for the packed graph layout;
    - SlotLoRABF16, SlotLoRAPackedBF16: the same with bf16 slots on AMX tiles (lora_amx.c), in the
      int8 graph only;
+   - each of those four with the suffix InPlace: the same, writing into y's buffer (nothing else
+     reads y; see y_is_output);
+   - SlotLoRAQKVPacked(BF16): one self-attention's q, k and v nodes as one, in place (compute_qkv);
    - VarlenAttention: softmax(q k^T / sqrt(d)) v per (sequence, head) over token-packed q/k/v
      (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention.
 
@@ -103,7 +106,7 @@ enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 13 };  /* 8-12
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 8; }
+int adapterserve_ort_abi(void) { return 9; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -289,7 +292,7 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
                      a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual,
                     activation && *activation == 1, ln_scale, ln_bias, ln_epsilon ? *ln_epsilon : 0};
     if (out == y) {
-        /* ORT reused y's buffer (GetMayInplace). Same layout: nothing to copy. A packed y: compact its
+        /* ORT handed over y's buffer (an *InPlace op: y_is_output). Same layout: nothing to copy. A packed y: compact its
            columns to the front in order, on this thread (rows overlap while they move). */
         if (y_width != dout || y_offset != 0)
             for (int64_t row = 0; row < rows; row++)
@@ -310,7 +313,7 @@ static void compute_packed_bf16(void *kernel, OrtKernelContext *ctx) { (void)ker
    nothing is copied out into three tensors (VarlenAttention reads the packed tensor) and the rows go
    to the pool once, not three times. Inputs: 0 y, 1 x [1, N, din], 2-4 A, B, slot_r8 of q, 5-7 of k,
    8-10 of v (fp32, or the bf16 pair layouts), 11 slot_per_row [rows], 12 row offsets [rows + 1].
-   Output: y's shape (ORT may hand over y's buffer: GetMayInplace). */
+   Output: y's shape, in y's buffer (declared as an alias: y_is_output). */
 enum { QKV_INPUTS = 13 };
 
 typedef struct {
@@ -445,6 +448,10 @@ static const char *packed_op_name(const CustomOp *op) { (void)op; return "SlotLo
 static const char *attention_op_name(const CustomOp *op) { (void)op; return "VarlenAttention"; }
 static const char *bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16"; }
 static const char *packed_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16"; }
+static const char *in_place_op_name(const CustomOp *op) { (void)op; return "SlotLoRAInPlace"; }
+static const char *packed_in_place_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedInPlace"; }
+static const char *bf16_in_place_op_name(const CustomOp *op) { (void)op; return "SlotLoRABF16InPlace"; }
+static const char *packed_bf16_in_place_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16InPlace"; }
 static const char *qkv_op_name(const CustomOp *op) { (void)op; return "SlotLoRAQKVPacked"; }
 static const char *qkv_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAQKVPackedBF16"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -478,7 +485,12 @@ static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; ret
 static int one(const CustomOp *op) { (void)op; return 1; }
 static int start_version(const CustomOp *op) { (void)op; return 1; }
 static int end_version(const CustomOp *op) { (void)op; return 2147483647; }
-static size_t may_inplace(int **input_index, int **output_index)
+/* Output 0 and input 0 (y) as one pair: as GetMayInplace, ORT 1.31.1 never took it up (our output has
+   no static shape for its planner to compare), so the *InPlace ops and SlotLoRAQKVPacked declare it
+   as GetAliasMap: ORT then hands them y's buffer as the output, always. Safe only where nothing else
+   reads y: the exporter names a node *InPlace only then (exporters/shared_base._in_place_lora_ops)
+   and fuses q/k/v only when their three nodes are y's only readers. */
+static size_t y_is_output(int **input_index, int **output_index)
 {
     *input_index = malloc(sizeof(int));
     *output_index = malloc(sizeof(int));
@@ -489,26 +501,35 @@ static size_t may_inplace(int **input_index, int **output_index)
 }
 static void release_pairs(int *input_index, int *output_index) { free(input_index); free(output_index); }
 static size_t no_aliases(int **input_index, int **output_index) { *input_index = NULL; *output_index = NULL; return 0; }
+static size_t no_inplace(int **input_index, int **output_index) { return no_aliases(input_index, output_index); }
 
 /* The four LoRA ops differ in name, input types (fp32 or bf16-pair slots) and compute function. */
-#define LORA_OP(name_fn, input_type_fn, compute_fn) {                                                     \
+#define LORA_OP(name_fn, input_type_fn, compute_fn, inplace_fn, alias_fn) {                              \
     21, create_kernel, name_fn, op_provider, input_type_fn, input_count, output_type, output_count,        \
     compute_fn, destroy_kernel, epilogue_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,                   \
+    start_version, end_version, inplace_fn, release_pairs, alias_fn, release_pairs,                      \
 }
-static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded);
-static CustomOp slot_lora_packed_op = LORA_OP(packed_op_name, input_type, compute_packed);
-static CustomOp slot_lora_bf16_op = LORA_OP(bf16_op_name, bf16_input_type, compute_padded_bf16);
-static CustomOp slot_lora_packed_bf16_op = LORA_OP(packed_bf16_op_name, bf16_input_type, compute_packed_bf16);
+static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded, y_is_output, no_aliases);
+static CustomOp slot_lora_packed_op = LORA_OP(packed_op_name, input_type, compute_packed, y_is_output, no_aliases);
+static CustomOp slot_lora_bf16_op = LORA_OP(bf16_op_name, bf16_input_type, compute_padded_bf16, y_is_output, no_aliases);
+static CustomOp slot_lora_packed_bf16_op = LORA_OP(packed_bf16_op_name, bf16_input_type, compute_packed_bf16, y_is_output,
+                                                   no_aliases);
+static CustomOp slot_lora_in_place_op = LORA_OP(in_place_op_name, input_type, compute_padded, no_inplace, y_is_output);
+static CustomOp slot_lora_packed_in_place_op = LORA_OP(packed_in_place_op_name, input_type, compute_packed, no_inplace,
+                                                       y_is_output);
+static CustomOp slot_lora_bf16_in_place_op = LORA_OP(bf16_in_place_op_name, bf16_input_type, compute_padded_bf16,
+                                                     no_inplace, y_is_output);
+static CustomOp slot_lora_packed_bf16_in_place_op = LORA_OP(packed_bf16_in_place_op_name, bf16_input_type,
+                                                            compute_packed_bf16, no_inplace, y_is_output);
 static CustomOp slot_lora_qkv_op = {
     21, create_kernel, qkv_op_name, op_provider, qkv_input_type, qkv_input_count, output_type, output_count,
     compute_qkv_fp32, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+    start_version, end_version, no_inplace, release_pairs, y_is_output, release_pairs,
 };
 static CustomOp slot_lora_qkv_bf16_op = {
     21, create_kernel, qkv_bf16_op_name, op_provider, qkv_bf16_input_type, qkv_input_count, output_type, output_count,
     compute_qkv_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, may_inplace, release_pairs, no_aliases, release_pairs,
+    start_version, end_version, no_inplace, release_pairs, y_is_output, release_pairs,
 };
 static CustomOp varlen_attention_op = {
     21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
@@ -533,7 +554,9 @@ OrtStatus *RegisterCustomOps(void *options, const ApiBase *base)
     const char *amx = getenv("ADAPTERSERVE_LORA_AMX");  /* "off": the bf16 ops take their portable loop */
     amx_disabled = amx && strcmp(amx, "off") == 0;
     CustomOp *ops[] = {&slot_lora_op, &slot_lora_packed_op, &slot_lora_bf16_op, &slot_lora_packed_bf16_op,
-                       &slot_lora_qkv_op, &slot_lora_qkv_bf16_op, &varlen_attention_op};
+                       &slot_lora_in_place_op, &slot_lora_packed_in_place_op, &slot_lora_bf16_in_place_op,
+                       &slot_lora_packed_bf16_in_place_op, &slot_lora_qkv_op, &slot_lora_qkv_bf16_op,
+                       &varlen_attention_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++) {
         s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, ops[i]);
         if (s) return s;

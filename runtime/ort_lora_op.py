@@ -22,7 +22,7 @@ OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
 QKV_OP_TYPE = "SlotLoRAQKVPacked"  # one self-attention's q, k, v LoRA nodes over their packed projection
 ATTENTION_OP_TYPE = "VarlenAttention"
-ABI = 8
+ABI = 9
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 

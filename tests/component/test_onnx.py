@@ -1,6 +1,8 @@
 """ONNX paths on tiny random models: the shared-base graph (slots as inputs) equals torch within 1e-4
 with mixed tasks in one run, sees registry changes without re-export, and refuses a graph made for
 another base; the per-task merged export matches torch."""
+import collections
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,8 @@ def lora_op_nodes(path, bf16: bool = False) -> int:
 
     suffix = "BF16" if bf16 else ""
     layers = {f"SlotLoRA{suffix}": 1, f"SlotLoRAPacked{suffix}": 1, f"SlotLoRAQKVPacked{suffix}": 3}
-    return sum(layers.get(n.op_type, 0) for n in onnx.load(str(path)).graph.node if n.domain == "adapterserve")
+    return sum(layers.get(n.op_type.removesuffix("InPlace"), 0)
+               for n in onnx.load(str(path)).graph.node if n.domain == "adapterserve")
 
 
 def op_count(path, op_type) -> int:
@@ -64,13 +67,19 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     encoder_layers = sum("pooler" not in name for name in onnx_rt.engine.layers)  # the pooler sees [B, d] rows
     # Each layer's q, k and v LoRA nodes are one node over the packed projection (the attention reads it).
     assert op_count(model, "SlotLoRAQKVPacked") == (2 if packed else 0)
-    assert op_count(model, "SlotLoRAPacked") == (encoder_layers - 3 * 2 if packed else 0)
+    assert op_count(model, "SlotLoRAPacked") + op_count(model, "SlotLoRAPackedInPlace") == (
+        encoder_layers - 3 * 2 if packed else 0)
     assert op_count(model, "MultiHeadAttention") == (0 if family == "distilbert" or packed else 2)
     # The residual Adds after attention.output / output LoRA nodes are folded into them (input 8).
     nodes = onnx.load(str(model)).graph.node
     lora_outputs = {n.output[0] for n in nodes if n.domain == "adapterserve" and n.op_type.startswith("SlotLoRA")}
     assert not any(n.op_type == "Add" and set(n.input) & lora_outputs for n in nodes)
-    single = [n for n in nodes if n.domain == "adapterserve" and n.op_type in ("SlotLoRA", "SlotLoRAPacked")]
+    single = [n for n in nodes if n.domain == "adapterserve" and n.op_type.removesuffix("InPlace") in ("SlotLoRA", "SlotLoRAPacked")]
+    # A node runs in its base projection's buffer (*InPlace) exactly when nothing else reads it (here
+    # all of them: DistilBERT's q/k/v have a projection each; a padded BERT graph's read one packed).
+    readers = collections.Counter(i for n in nodes for i in n.input)
+    assert all(n.op_type.endswith("InPlace") == (readers[n.input[0]] == 1) for n in single)
+    assert sum(n.op_type.endswith("InPlace") for n in single) == (len(single) if fused else 0)
     folded = sum(len(n.input) > 8 and n.input[8] != "" for n in single)
     assert folded == (2 * 2 if fused else 0)  # 2 encoder layers x (attention output, output)
     # So is the GELU after each intermediate LoRA node (input 9; input 8 left empty).
@@ -122,6 +131,33 @@ def test_shared_base_int8_graph_is_quantized_and_serves(tiny_bases, tmp_path):
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
     # The LoRA nodes survive quantization as our op (bf16 slots where AMX runs, else fp32).
     assert lora_op_nodes(tmp_path / "onnx8" / "model.onnx", bf16=int8_rt.engine.bf16_lora) == len(int8_rt.engine.layers)
+
+
+def test_padded_bert_graph_keeps_shared_projection_nodes_out_of_place(tiny_bases, tmp_path):
+    """BERT exported padded (packed=False) with the fused op: q, k and v read columns of one packed
+    projection, so they must not run in its buffer (*InPlace aliases it); every other LoRA node does.
+    Served, it still equals torch within 1e-4 on mixed tasks."""
+    import onnx
+
+    from exporters.shared_base import export_shared_base
+
+    base = tiny_bases["bert"]
+    adapters = [make_peft_adapter(base, str(tmp_path / f"a{i}"), num_labels=2 + i, r=4 + 4 * i,
+                                  targets=FAMILY_TARGETS["bert"], seed=i, scale=0.5) for i in range(2)]
+    exporter = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    export_shared_base(exporter.engine, exporter.base.tokenizer, str(tmp_path / "padded"), packed=False)
+    nodes = [n for n in onnx.load(str(tmp_path / "padded" / "model.onnx")).graph.node if n.domain == "adapterserve"]
+    shared = [n for n in nodes if "attention/self" in n.name]
+    assert len(shared) == 3 * 2 and not any(n.op_type.endswith("InPlace") for n in shared)
+    assert all(n.op_type == "SlotLoRAInPlace" for n in nodes if n not in shared)
+    torch_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "padded")))
+    assert not onnx_rt.engine.packed
+    for i, a in enumerate(adapters):
+        torch_rt.add_adapter(f"t{i}", a)
+        onnx_rt.add_adapter(f"t{i}", a)
+    items = [(f"t{j % 2}", SAMPLE_TEXTS[j]) for j in range(10)]
+    assert max_diff(logits(torch_rt, items), logits(onnx_rt, items)) <= TOL
 
 
 def test_fused_lora_op_refused_where_it_cannot_apply(tiny_bases, tmp_path):
