@@ -16,6 +16,7 @@ attention mask and ORT's MultiHeadAttention where it applies.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -329,14 +330,7 @@ def _fuse_qkv(graph) -> None:
     from runtime.ort_lora_op import ATTENTION_OP_TYPE, DOMAIN, PACKED_OP_TYPE, QKV_OP_TYPE
 
     produced_by = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            constants[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    consumers, constants = _readers(graph), _constant_values(graph)
     widths = {}  # slot B inputs' last dim (d_out), static in the exported graph
     for graph_input in graph.input:
         dims = graph_input.type.tensor_type.shape.dim
@@ -350,7 +344,7 @@ def _fuse_qkv(graph) -> None:
         if any(p is None or p.domain != DOMAIN or not p.op_type.startswith(PACKED_OP_TYPE) or len(p.input) != 8
                or consumers[p.output[0]] != 1 for p in parts):
             continue
-        q, k, v = parts
+        q, k, _ = parts
         if (len({p.op_type for p in parts}) != 1 or len({tuple(p.input[i] for i in (0, 1, 5, 6)) for p in parts}) != 1
                 or consumers[q.input[0]] != 3 or any(p.input[3] not in widths or p.input[7] not in constants for p in parts)):
             continue
@@ -375,24 +369,36 @@ def _fuse_qkv(graph) -> None:
         graph.initializer.remove(init)
 
 
+def _readers(graph) -> collections.Counter:
+    """How many nodes read each tensor."""
+    return collections.Counter(i for n in graph.node for i in n.input)
+
+
+def _constant_values(graph) -> dict:
+    """Initializers and Constant nodes' outputs by name, as numpy arrays."""
+    import onnx
+
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            values[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
 def _lora_output_folds(graph):
     """(LoRA op producing each tensor, how many nodes read each tensor, graph outputs), for folding a
     node into the op that feeds it: allowed only when the op's output has no other reader."""
     from runtime.ort_lora_op import DOMAIN
 
     lora_by_output = {n.output[0]: n for n in graph.node if n.domain == DOMAIN and n.op_type.startswith("SlotLoRA")}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    return lora_by_output, consumers, {o.name for o in graph.output}
+    return lora_by_output, _readers(graph), {o.name for o in graph.output}
 
 
 def _fold_residual_adds(graph) -> None:
     """Each residual Add that takes a LoRA op's output (attention.output.dense and output.dense in BERT
     layers) folded into that op as its optional input 8. Same sum, same order: (y + delta) + residual."""
     lora_by_output, consumers, outputs = _lora_output_folds(graph)
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = set(_constant_values(graph))
     removed = []
     for add in graph.node:
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
@@ -470,17 +476,10 @@ def _in_place_lora_ops(graph) -> None:
     """Each LoRA node that is the only reader of its base projection y and starts at its column 0
     renamed to its *InPlace variant, which ORT runs in y's buffer: no copy of y into a fresh output
     per node (ORT never took up the ops' may-inplace hint: their outputs have no static shape)."""
-    import onnx
-
     from runtime.ort_lora_op import DOMAIN, OP_TYPE, PACKED_OP_TYPE
 
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    zero_offsets = {i.name for i in graph.initializer if list(onnx.numpy_helper.to_array(i).reshape(-1)) == [0]}
-    zero_offsets |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
-                     and list(onnx.numpy_helper.to_array(n.attribute[0].t).reshape(-1)) == [0]}
+    consumers = _readers(graph)
+    zero_offsets = {name for name, value in _constant_values(graph).items() if value.reshape(-1).tolist() == [0]}
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
     singles = {t + b for t in (OP_TYPE, PACKED_OP_TYPE) for b in ("", "BF16")}
     for node in graph.node:

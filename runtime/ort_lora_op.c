@@ -500,41 +500,42 @@ static size_t y_is_output(int **input_index, int **output_index)
     return 1;
 }
 static void release_pairs(int *input_index, int *output_index) { free(input_index); free(output_index); }
-static size_t no_aliases(int **input_index, int **output_index) { *input_index = NULL; *output_index = NULL; return 0; }
-static size_t no_inplace(int **input_index, int **output_index) { return no_aliases(input_index, output_index); }
+static size_t no_pairs(int **input_index, int **output_index) { *input_index = NULL; *output_index = NULL; return 0; }
 
-/* The four LoRA ops differ in name, input types (fp32 or bf16-pair slots) and compute function. */
+/* The eight LoRA ops differ in name, input types (fp32 or bf16-pair slots), compute function and
+   whether y is their output's buffer (*InPlace: the alias pair; the others offer it as may-inplace,
+   which ORT 1.31.1 does not take up). */
 #define LORA_OP(name_fn, input_type_fn, compute_fn, inplace_fn, alias_fn) {                              \
     21, create_kernel, name_fn, op_provider, input_type_fn, input_count, output_type, output_count,        \
     compute_fn, destroy_kernel, epilogue_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL, \
     start_version, end_version, inplace_fn, release_pairs, alias_fn, release_pairs,                      \
 }
-static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded, y_is_output, no_aliases);
-static CustomOp slot_lora_packed_op = LORA_OP(packed_op_name, input_type, compute_packed, y_is_output, no_aliases);
-static CustomOp slot_lora_bf16_op = LORA_OP(bf16_op_name, bf16_input_type, compute_padded_bf16, y_is_output, no_aliases);
+static CustomOp slot_lora_op = LORA_OP(op_name, input_type, compute_padded, y_is_output, no_pairs);
+static CustomOp slot_lora_packed_op = LORA_OP(packed_op_name, input_type, compute_packed, y_is_output, no_pairs);
+static CustomOp slot_lora_bf16_op = LORA_OP(bf16_op_name, bf16_input_type, compute_padded_bf16, y_is_output, no_pairs);
 static CustomOp slot_lora_packed_bf16_op = LORA_OP(packed_bf16_op_name, bf16_input_type, compute_packed_bf16, y_is_output,
-                                                   no_aliases);
-static CustomOp slot_lora_in_place_op = LORA_OP(in_place_op_name, input_type, compute_padded, no_inplace, y_is_output);
-static CustomOp slot_lora_packed_in_place_op = LORA_OP(packed_in_place_op_name, input_type, compute_packed, no_inplace,
+                                                   no_pairs);
+static CustomOp slot_lora_in_place_op = LORA_OP(in_place_op_name, input_type, compute_padded, no_pairs, y_is_output);
+static CustomOp slot_lora_packed_in_place_op = LORA_OP(packed_in_place_op_name, input_type, compute_packed, no_pairs,
                                                        y_is_output);
 static CustomOp slot_lora_bf16_in_place_op = LORA_OP(bf16_in_place_op_name, bf16_input_type, compute_padded_bf16,
-                                                     no_inplace, y_is_output);
+                                                     no_pairs, y_is_output);
 static CustomOp slot_lora_packed_bf16_in_place_op = LORA_OP(packed_bf16_in_place_op_name, bf16_input_type,
-                                                            compute_packed_bf16, no_inplace, y_is_output);
+                                                            compute_packed_bf16, no_pairs, y_is_output);
 static CustomOp slot_lora_qkv_op = {
     21, create_kernel, qkv_op_name, op_provider, qkv_input_type, qkv_input_count, output_type, output_count,
     compute_qkv_fp32, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, no_inplace, release_pairs, y_is_output, release_pairs,
+    start_version, end_version, no_pairs, release_pairs, y_is_output, release_pairs,
 };
 static CustomOp slot_lora_qkv_bf16_op = {
     21, create_kernel, qkv_bf16_op_name, op_provider, qkv_bf16_input_type, qkv_input_count, output_type, output_count,
     compute_qkv_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
-    start_version, end_version, no_inplace, release_pairs, y_is_output, release_pairs,
+    start_version, end_version, no_pairs, release_pairs, y_is_output, release_pairs,
 };
 static CustomOp varlen_attention_op = {
     21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
     output_count, compute_attention, destroy_kernel, kv_optional, required, default_memory, one, one, one, one, NULL,
-    NULL, NULL, start_version, end_version, no_aliases, release_pairs, no_aliases, release_pairs,
+    NULL, NULL, start_version, end_version, no_pairs, release_pairs, no_pairs, release_pairs,
 };
 
 typedef OrtStatus *(*create_domain_fn)(const char *, void **);
