@@ -232,6 +232,19 @@ static void row_task(void *args, size_t row)
     }
 }
 
+/* Whether a node's slot tensors A [slots, ...] and B [slots, ..., dout] (3-d; an, bn their ranks) fit
+   x's din: fp32 [slots, r_max, din] and [slots, r_max, dout], or the bf16 pair layouts of lora_amx.c,
+   whose shape goes to *sh. Shared by the single and the q/k/v ops. */
+static int slots_fit(int bf16, const int64_t *adims, size_t an, const int64_t *bdims, size_t bn, int64_t din,
+                     Bf16Shape *sh)
+{
+    if (an != 3 || bn != 3 || adims[1] > MAX_R || bdims[2] % 16)
+        return 0;
+    *sh = (Bf16Shape){adims[1], 2 * adims[2], 2 * bdims[1]};
+    return bf16 ? sh->din_pad == ((din + 31) & ~(int64_t)31) && sh->r16 % 16 == 0 && sh->rb % 2 == 0
+                : adims[2] == din;
+}
+
 /* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
    [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
    bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
@@ -251,11 +264,9 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
     const int64_t y_offset = *(const int64_t *)input(ctx, 7, NULL, NULL);
     int64_t rows = packed ? sdims[0] : ydims[0], T = yn == 3 ? ydims[1] : 1;
     int64_t din = xdims[xn - 1], y_width = ydims[yn - 1], dout = bdims[2];
-    Bf16Shape sh = {adims[1], 2 * adims[2], 2 * bdims[1]};
-    int a_ok = bf16 ? sh.din_pad == ((din + 31) & ~(int64_t)31) && sh.r16 % 16 == 0 && sh.rb % 2 == 0
-                    : adims[2] == din;
-    if (xn != yn || an != 3 || bn != 3 || !a_ok || adims[1] > MAX_R || y_offset < 0
-        || y_offset + dout > y_width || xdims[0] != ydims[0] || (yn == 3 && xdims[1] != T) || din % 16 || dout % 16
+    Bf16Shape sh;
+    if (xn != yn || !slots_fit(bf16, adims, an, bdims, bn, din, &sh) || y_offset < 0
+        || y_offset + dout > y_width || xdims[0] != ydims[0] || (yn == 3 && xdims[1] != T) || din % 16
         || (packed && (yn != 3 || ydims[0] != 1 || len[rows] != T)) || (!packed && xdims[0] != rows)) {
         fprintf(stderr, "adapterserve.SlotLoRA: inconsistent shapes (x %zu-d, A %zu-d)\n", xn, an);
         abort();
@@ -292,11 +303,12 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
                      a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual,
                     activation && *activation == 1, ln_scale, ln_bias, ln_epsilon ? *ln_epsilon : 0};
     if (out == y) {
-        /* ORT handed over y's buffer (an *InPlace op: y_is_output). Same layout: nothing to copy. A packed y: compact its
-           columns to the front in order, on this thread (rows overlap while they move). */
-        if (y_width != dout || y_offset != 0)
-            for (int64_t row = 0; row < rows; row++)
-                copy_row(&task, row);
+        /* ORT handed over y's buffer (an *InPlace op: y_is_output): nothing to copy. The exporter
+           names a node *InPlace only when y is its own projection, so this node's columns are all of y. */
+        if (y_width != dout || y_offset != 0) {
+            fprintf(stderr, "adapterserve.SlotLoRA: run in y's buffer, but y is wider than this node's output\n");
+            abort();
+        }
         task.y = out;
     }
     run_items(ctx, row_task, (size_t)rows, (size_t)rows, &task);
@@ -357,9 +369,8 @@ static void compute_qkv(OrtKernelContext *ctx, int bf16)
         ab[i][0] = input(ctx, 2 + 3 * (size_t)i, adims[i], &an);
         ab[i][1] = input(ctx, 3 + 3 * (size_t)i, bdims[i], &bn);
         r8[i] = input(ctx, 4 + 3 * (size_t)i, NULL, NULL);
-        Bf16Shape sh = {adims[i][1], 2 * adims[i][2], 2 * bdims[i][1]};
-        ok = an == 3 && bn == 3 && adims[i][1] <= MAX_R && bdims[i][2] % 16 == 0
-             && (bf16 ? sh.din_pad == ((din + 31) & ~(int64_t)31) && sh.r16 % 16 == 0 && sh.rb % 2 == 0 : adims[i][2] == din);
+        Bf16Shape sh;
+        ok = slots_fit(bf16, adims[i], an, bdims[i], bn, din, &sh);
         task.part[i] = (RowTask){{x, 0, din, NULL, 0, width, n, din, bdims[i][2], ab[i][0], ab[i][1], adims[i][1], r8[i],
                                   slot, NULL, offsets}, NULL, width, col, bf16, sh, NULL, 0, NULL, NULL, 0};
         col += bdims[i][2];
