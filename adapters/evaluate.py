@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 
-from adapters.tabular import DataError, label_kind, read_examples
-from runtime.config import RuntimeConfig
-from runtime.errors import AdapterServeError
-from runtime.runtime import ClassifyItem, Runtime
+from adapterserve.adapters.tabular import DataError, label_kind, read_examples
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import AdapterServeError
+from adapterserve.runtime.runtime import ClassifyItem, Runtime
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m adapters.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="adapterserve evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="PEFT LoRA directory")
     p.add_argument("--data", required=True)
     p.add_argument("--text-col", required=True, help="text column; join several with '+'")

@@ -17,14 +17,14 @@ from typing import Optional
 import torch
 from safetensors.torch import load as load_safetensors
 
-from adapters.spec import AdapterSpec, LoraModule
-from runtime.errors import (
+from adapterserve.adapters.spec import AdapterSpec, LoraModule
+from adapterserve.runtime.errors import (
     BaseMismatchError,
     InvalidAdapterError,
     PermissionDeniedError,
     UnsupportedAdapterTypeError,
 )
-from runtime.families import Family
+from adapterserve.runtime.families import Family
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from adapters.spec import AdapterSpec
-from runtime.errors import TaskExistsError, UnknownTaskError
+from adapterserve.adapters.spec import AdapterSpec
+from adapterserve.runtime.errors import TaskExistsError, UnknownTaskError
 
 _ids = itertools.count(1)
 

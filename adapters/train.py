@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adapters.tabular import DataError, read_examples, label_kind
-from runtime.config import packaged_base_model_dir
-from runtime.families import family_for
+from adapterserve.adapters.tabular import DataError, read_examples, label_kind
+from adapterserve.runtime.config import packaged_base_model_dir
+from adapterserve.runtime.families import family_for
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="adapterserve train", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-model", default=None, help="HF encoder dir (default: packaged MiniLM-L6)")
     p.add_argument("--data", required=True, help="CSV or TSV training file with a header row")
     p.add_argument("--text-col", required=True, help="text column; join several with '+' (title+description)")

@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 
-from adapters.tabular import read_examples
+from adapterserve.adapters.tabular import read_examples
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m exporters")
+    p = argparse.ArgumentParser(prog="adapterserve export")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("task", help="export base + one adapter, merged")
     t.add_argument("--adapter", required=True)
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     if args.command == "task":
-        from exporters.parity import print_report, task_model_parity
-        from exporters.per_task import export_task
+        from adapterserve.exporters.parity import print_report, task_model_parity
+        from adapterserve.exporters.per_task import export_task
 
         path = export_task(args.adapter, args.out, args.base_model, args.quantize, args.fp16, not args.no_optimize)
         print(f"wrote {path}")
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         print_report("parity vs torch fp32", task_model_parity(args.out, args.adapter, texts, args.base_model))
         return 0
 
-    from runtime.config import RuntimeConfig
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig(base_model=args.base_model, slots=args.slots, r_max=args.r_max, engine="onnx",
                                precision="int8" if args.quantize else "fp32", onnx_dir=args.out,

@@ -10,9 +10,9 @@ import numpy as np
 
 def task_model_parity(export_dir: str, adapter_dir: str, texts: list[str], base_model: Optional[str] = None,
                       batch_size: int = 32) -> dict:
-    from runtime.config import RuntimeConfig
-    from runtime.onnx_engine import open_session
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.engine.onnx.engine import open_session
+    from adapterserve.runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig(base_model=base_model, slots=2, r_max=512))
     rt.add_adapter("t", adapter_dir)

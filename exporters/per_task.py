@@ -16,9 +16,9 @@ from typing import Optional
 
 from transformers import AutoTokenizer
 
-from adapters.peft_lora import read_adapter_dir
-from runtime.config import RuntimeConfig
-from runtime.reference import reference_model
+from adapterserve.adapters.peft_lora import read_adapter_dir
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.reference import reference_model
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ def export_task(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
                 fp16: bool = False, optimize: bool = True) -> str:
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from runtime.onnx_engine import CPU_DISABLED_OPTIMIZERS
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.engine.onnx.engine import CPU_DISABLED_OPTIMIZERS
+    from adapterserve.runtime.runtime import Runtime
 
     config = RuntimeConfig(base_model=base_model, slots=2, r_max=512)
     rt = Runtime(config)  # parses and validates the adapter against this base exactly as the server does
@@ -44,7 +44,7 @@ def export_task(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
         if optimize or fp16:
             path = _optimize(path, model, os.path.join(tmp, "model_opt.onnx"), fp16)
         if quantize == "int8":
-            from exporters.shared_base import quantize_int8
+            from adapterserve.runtime.engine.onnx.export import quantize_int8
 
             path = quantize_int8(path, os.path.join(tmp, "model_int8.onnx"))
         shutil.copyfile(path, os.path.join(out_dir, "model.onnx"))

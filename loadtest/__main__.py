@@ -4,9 +4,11 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest")
+    p = argparse.ArgumentParser(prog="adapterserve loadtest")
     sub = p.add_subparsers(dest="command", required=True)
-    from loadtest import bench, compare, run
+    from adapterserve.loadtest import bench
+    from adapterserve.loadtest import compare
+    from adapterserve.loadtest import run
 
     run.add_args(sub.add_parser("run", help="load a server, report throughput and latency"))
     compare.add_args(sub.add_parser("compare", help="tables and plots from several run results"))

@@ -21,8 +21,8 @@ import time
 
 import grpc
 
-from loadtest import run as lt
-from loadtest.server_proc import ROOT, ServerProcess
+from adapterserve.loadtest import run as lt
+from adapterserve.loadtest.server_proc import ROOT, ServerProcess
 
 
 # The open-loop runs last this many times a closed-loop run: at half saturation the default server
@@ -41,9 +41,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _register(address: str, n: int, start: int = 0) -> list[float]:
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import packaged_base_model_dir
-    from runtime.rpc_stubs import pb, pb_grpc
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.server.stubs import pb, pb_grpc
 
     base = packaged_base_model_dir()
     seconds = []
@@ -82,8 +82,8 @@ def _ceiling(texts: list[str], batch: int, seconds: float, planned: bool) -> flo
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from runtime.config import packaged_base_model_dir
-    from runtime.planning import CPU_OVERHEAD_TOKENS, plan_groups
+    from adapterserve.runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.planning import CPU_OVERHEAD_TOKENS, plan_groups
 
     path = packaged_base_model_dir()
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -186,8 +186,8 @@ def main(args) -> int:
         unmerged.stop()
 
     print(f"naive PEFT server ({peft_n} adapters, set_adapter per request)", flush=True)
-    from loadtest.synthetic import synthetic_adapter, write_adapter
-    from runtime.config import packaged_base_model_dir
+    from adapterserve.loadtest.synthetic import synthetic_adapter, write_adapter
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     peft_dir = tempfile.mkdtemp(prefix="peft-adapters-")
     for i in range(peft_n):
@@ -205,7 +205,7 @@ def main(args) -> int:
             proc.wait(30)
 
     report = _report(results, ceiling, padded, register_s, args, duration, time.time() - t_start, ns, peft_n)
-    from loadtest import compare
+    from adapterserve.loadtest import compare
 
     runs = compare.load([os.path.join(runs_dir, f) for f in sorted(os.listdir(runs_dir))])
     plots = compare.plots(runs, out_dir)
@@ -222,7 +222,7 @@ def main(args) -> int:
 
 
 def _start_peft(adapter_dir: str, precision: str):
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest.baselines.peft_server", "--port", "0", "--adapters",
+    proc = subprocess.Popen([sys.executable, "-m", "adapterserve.loadtest.baselines.peft_server", "--port", "0", "--adapters",
                              adapter_dir, "--precision", precision],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))

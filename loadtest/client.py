@@ -39,7 +39,7 @@ def _channel(plan: WorkerPlan):
 
 
 async def _run(plan: WorkerPlan, progress) -> dict:
-    from runtime.rpc_stubs import pb, pb_grpc
+    from adapterserve.runtime.server.stubs import pb, pb_grpc
 
     rng = random.Random(plan.seed)
     records = []  # (start offset s, latency s, code name, texts, server timings or None)

@@ -25,8 +25,8 @@ import traceback
 
 import torch
 
-from loadtest.precision_bench import ROOT, accuracy, load_eval_sets, param_bytes
-from runtime.planning import plan_groups
+from adapterserve.loadtest.precision_bench import ROOT, accuracy, load_eval_sets, param_bytes
+from adapterserve.runtime.planning import plan_groups
 
 TASKS = 32
 
@@ -100,7 +100,7 @@ def _graphed_ceiling(backbone, forwards: list[dict]):
 def peft_base_kwargs(precision: str) -> dict:
     """from_pretrained arguments for PEFT's base on CUDA at `precision`: the same dtype and the same
     bitsandbytes settings as our own CUDA base (runtime/base_model.py), so the two compare like for like."""
-    from runtime.base_model import _DTYPES, _bnb_config
+    from adapterserve.runtime.engine.base_model import _DTYPES, _bnb_config
 
     kwargs = {"dtype": _DTYPES.get(precision, torch.float16), "device_map": {"": 0}}  # int8/NF4: fp16 activations
     if precision in ("int8", "nf4"):
@@ -130,7 +130,7 @@ def _peft_models(base_dir: str, precision: str, adapter_dirs: list[str]):
 def _mixed_workload(rt, files, texts: list[str]):
     """Register the synthetic tasks on `rt` and encode `texts` once; returns workload(batch) ->
     (infer calls, run): every call holds `batch` texts, row j of a call going to task j % TASKS."""
-    from runtime.runtime import Row
+    from adapterserve.runtime.runtime import Row
 
     for i, f in enumerate(files):
         rt.add_adapter(f"s{i}", dict(f), replace=True)
@@ -149,9 +149,9 @@ def _mixed_workload(rt, files, texts: list[str]):
 
 
 def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
-    from runtime.base_model import load_base_model
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.engine.base_model import load_base_model
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Runtime
 
     (sst_x, sst_y), (ag_x, ag_y) = evals
     row: dict = {"precision": precision}
@@ -231,8 +231,8 @@ def _profile(args, evals, files) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from runtime.config import RuntimeConfig
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.runtime import Runtime
 
     precision, batch = args.profile.split(":")
     batch = int(batch)
@@ -272,10 +272,10 @@ def bench_ort_cuda(args, evals, files) -> list[dict]:
     """ONNX Runtime's CUDA provider: the shared-base graph (fp32, stock LoRA ops) with 32 tasks mixed,
     beside the same-run bare torch fp32 base, and per-task merged exports (fp32, fp16) serving one task.
     Memory is device-wide (mem_get_info): ORT allocates outside torch's allocator."""
-    from exporters.per_task import export_task
-    from runtime.base_model import load_base_model
-    from runtime.config import RuntimeConfig
-    from runtime.runtime import Runtime
+    from adapterserve.exporters.per_task import export_task
+    from adapterserve.runtime.engine.base_model import load_base_model
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.runtime import Runtime
 
     (sst_x, sst_y), (ag_x, ag_y) = evals
     examples = os.path.join(ROOT, "adapters", "examples")
@@ -334,7 +334,7 @@ def _bench_merged_task(model_dir: str, name: str, plans: dict, ceilings: dict, n
     arena with it) is gone when this returns, so the next reading starts clean."""
     import numpy as np
 
-    from runtime.onnx_engine import open_session, providers_for
+    from adapterserve.runtime.engine.onnx.engine import open_session, providers_for
 
     before = _device_used_bytes()
     session = open_session(os.path.join(model_dir, "model.onnx"), providers=providers_for(torch.device("cuda")))
@@ -386,8 +386,8 @@ def main(argv=None) -> int:
         print("gpu_bench needs a CUDA device; torch sees none")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the parity tests
-    from loadtest.synthetic import synthetic_adapter, write_adapter
-    from runtime.config import packaged_base_model_dir
+    from adapterserve.loadtest.synthetic import synthetic_adapter, write_adapter
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     os.environ.setdefault("ADAPTERSERVE_CACHE", tempfile.mkdtemp(prefix="gpu-bench-"))
     device = torch.cuda.get_device_name(0)

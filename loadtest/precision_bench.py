@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from runtime.planning import CPU_OVERHEAD_TOKENS, plan_groups
+from adapterserve.runtime.planning import CPU_OVERHEAD_TOKENS, plan_groups
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def accuracy(rt, task, texts, gold) -> float:
 
 
 def load_eval_sets(ag_limit: int):
-    from adapters.tabular import read_examples
+    from adapterserve.adapters.tabular import read_examples
 
     sst = read_examples(os.path.join(ROOT, "data/sst2/dev.tsv"), "sentence", "label")
     ag = read_examples(os.path.join(ROOT, "data/ag_news/test.csv"), "title+description", "class_index", limit=ag_limit)
@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
 
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Row, Runtime
 
     cache = tempfile.mkdtemp(prefix="precision-bench-")
     os.environ["ADAPTERSERVE_CACHE"] = cache
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     # Per-task merged int8 ONNX (one task, no adapter cost), same texts and batches.
     import onnxruntime as ort
 
-    from exporters.per_task import export_task
-    from runtime.onnx_engine import open_session
+    from adapterserve.exporters.per_task import export_task
+    from adapterserve.runtime.engine.onnx.engine import open_session
 
     task_dir = os.path.join(cache, "sst2-int8")
     export_task(os.path.join(examples, "sst2"), task_dir, quantize="int8")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from loadtest.client import WorkerPlan, run_worker
+from adapterserve.loadtest.client import WorkerPlan, run_worker
 
 DEFAULT_TEXTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sst2", "dev.tsv")
 
@@ -69,7 +69,7 @@ def task_weights(tasks: list[str], mix: str) -> list[float]:
 def list_tasks(address: str, token: Optional[str], tls_ca: Optional[str]) -> list[str]:
     import grpc
 
-    from runtime.rpc_stubs import pb, pb_grpc
+    from adapterserve.runtime.server.stubs import pb, pb_grpc
 
     if tls_ca:
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(open(tls_ca, "rb").read()))

@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Row, Runtime
 
     base_dir = packaged_base_model_dir()
     texts = sst2_dev_texts(args.data)

@@ -25,8 +25,8 @@ class InProcess:
     """The same runtime, called directly in this process (on this thread)."""
 
     def __init__(self, task_dir: str, batch: int) -> None:
-        from runtime.config import RuntimeConfig
-        from runtime.runtime import Runtime
+        from adapterserve.runtime.config import RuntimeConfig
+        from adapterserve.runtime.runtime import Runtime
 
         self.rt = Runtime(RuntimeConfig(max_batch_size=batch))
         self.rt.add_adapter("sst2", task_dir)
@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from loadtest.server_proc import ServerProcess
+    from adapterserve.loadtest.server_proc import ServerProcess
 
-    from loadtest import run as lt
-    from loadtest.runtime_bench import sst2_dev_texts
+    from adapterserve.loadtest import run as lt
+    from adapterserve.loadtest.runtime_bench import sst2_dev_texts
 
     texts = sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))
     task_dir = os.path.join(ROOT, "adapters", "examples", "sst2")

@@ -1,7 +1,8 @@
 """Typed runtime configuration: one object, bounds and cross-field checks in one place.
 
-The server fills it from flags and ADAPTERSERVE_* environment variables; library users build it
-directly.
+`adapterserve serve` fills it from flags, ADAPTERSERVE_* environment variables and an optional config
+file (runtime/server/settings.py; every field with help is a flag); library users build it directly.
+docs/configuration.md is generated from these fields.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from runtime.errors import ConfigError
+from adapterserve.runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 LORA_KERNELS = ("auto", "fused", "torch")
@@ -33,45 +34,45 @@ def packaged_base_model_dir() -> str:
 @dataclass
 class RuntimeConfig:
     # Hugging Face encoder directory (or hub id when a hub is reachable); None = packaged MiniLM.
-    base_model: Optional[str] = None
-    device: str = "auto"
-    precision: str = "fp32"
+    base_model: Optional[str] = field(default=None, metadata={"help": "HF encoder directory (default: the packaged MiniLM-L6)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | nf4 (onnx engine: fp32 | int8; bf16 on a CPU: bf16 weights, fp32 activations)"})
     # Device slot count including the reserved slot 0 ("no adapter").
-    slots: int = 64
+    slots: int = field(default=64, metadata={"help": "device adapter slots, slot 0 reserved"})
     # Largest LoRA rank a slot holds; smaller ranks are zero-padded.
-    r_max: int = 16
+    r_max: int = field(default=16, metadata={"help": "largest LoRA rank a slot holds"})
     # Padded tokens (rows x longest row) one forward may hold.
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 64
+    max_batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward"})
+    max_batch_size: int = field(default=64, metadata={"help": "rows per forward"})
     # What one more forward costs, in padded tokens: the batch planner splits a pool of rows into
     # length bands when that saves more padding than this (runtime/planning.py). None = by device
     # (CPU 32, measured; CUDA 4096, which keeps pools together).
-    forward_overhead_tokens: Optional[int] = None
+    forward_overhead_tokens: Optional[int] = field(default=None, metadata={"help": "batch planner: one more forward costs this many padded tokens (default: CPU 32, CUDA 4096)"})
     # None = the smaller of the tokenizer's model_max_length and the position table.
     max_length: Optional[int] = None
     # Host-memory tier bound for adapter tensors + files; past it, LRU adapters go to the disk tier
     # (needs the server's data dir to re-read them). None = unbounded.
-    max_host_adapter_bytes: Optional[int] = None
+    max_host_adapter_bytes: Optional[int] = field(default=None, metadata={"help": "host memory for adapters; past it LRU adapters go to the disk tier (needs --data-dir)"})
     # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
     lora_targets: Optional[list[str]] = None
-    torch_threads: Optional[int] = None
+    torch_threads: Optional[int] = field(default=None, metadata={"help": "intra-op threads"})
     # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/lora_kernel.c,
     # no gather copy, skips padded tokens), "torch" (gather + bmm), or "auto" (fused when it can be
     # built here, else torch). Other devices and precisions always use the torch path. For engine=onnx
     # it picks the shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
     # (runtime/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
-    lora_kernel: str = "auto"
+    lora_kernel: str = field(default="auto", metadata={"help": "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"})
     # The torch engine's forward over token-packed rows (runtime/packing.py): "auto" = on CPU fp32
     # BERT/RoBERTa bases with the fused kernel (a pool is then one forward with no padding and our
     # varlen attention), "off" = padded forwards cut by the batch planner.
-    token_packing: str = "auto"
+    token_packing: str = field(default="auto", metadata={"help": "auto | off: CPU fp32/bf16 BERT/RoBERTa forwards over token-packed rows (no padding, one forward per batch)"})
     # The torch engine's padded forwards on CUDA replayed as captured CUDA graphs, one per (rows, width)
     # bucket (runtime/cuda_graphs.py): "auto" = on for fp32/fp16/bf16 CUDA bases, "off" = eager.
-    cuda_graphs: str = "auto"
+    cuda_graphs: str = field(default="auto", metadata={"help": "auto | off: replay CUDA fp32/fp16/bf16 forwards as captured CUDA graphs (one per rows x width bucket)"})
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
-    engine: str = "torch"
+    engine: str = field(default="torch", metadata={"help": "torch | onnx (shared-base ONNX graph on ONNX Runtime)"})
     # Exported shared-base directory for engine=onnx; None = export at start into the cache directory.
-    onnx_dir: Optional[str] = None
+    onnx_dir: Optional[str] = field(default=None, metadata={"help": "exported shared-base directory (default: export once into the cache)"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,37 +113,42 @@ class RuntimeConfig:
 
 @dataclass
 class ServerConfig:
-    """Everything `server.py` takes. Flags win over ADAPTERSERVE_* variables, which win over defaults."""
+    """Everything `adapterserve serve` takes. Flags win over ADAPTERSERVE_* variables, which win over a
+    --config file, which wins over these defaults (runtime/server/settings.py builds the flags from
+    the fields that carry help)."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 8002  # 0 disables the /metrics endpoint
-    metrics_max_task_labels: int = 64  # past this many tasks, per-task series report as _other
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one, printed at start)"})
+    metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0 disables)"})
+    metrics_max_task_labels: int = field(default=64, metadata={"help": "per-task series before _other"})
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Extra wait for more requests after a batch's first one. 0 = take what is queued: under load the
     # queue fills while the model runs, so batches grow anyway, and an idle server adds no latency.
-    max_wait_ms: float = 0.0
-    max_queue: int = 2048  # texts waiting for the model; more is RESOURCE_EXHAUSTED
-    max_texts_per_request: int = 256
-    max_adapter_bytes: int = 64 * 1024 * 1024
-    data_dir: Optional[str] = ".adapterserve-data"
-    adapter_root: Optional[str] = None  # None: registering by path is refused
-    admin_token: Optional[str] = None
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    grace: float = 10.0
-    register_examples: bool = True  # register the bundled sst2 / ag_news adapters at start
-    merged_task: Optional[str] = None  # merge this task into the base at start
+    max_wait_ms: float = field(default=0.0, metadata={"help": "how long a batch waits for more requests"})
+    max_queue: int = field(default=2048, metadata={"help": "texts waiting for the model before RESOURCE_EXHAUSTED"})
+    max_texts_per_request: int = field(default=256, metadata={"help": "texts in one Classify"})
+    max_adapter_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "largest adapter upload"})
+    data_dir: Optional[str] = field(default=".adapterserve-data", metadata={"help": "where registered adapters persist ('' = memory only)"})
+    adapter_root: Optional[str] = field(default=None, metadata={"help": "directory RegisterAdapter(path) may read from"})
+    admin_token: Optional[str] = field(default=None, metadata={"help": "bearer token registry calls need"})
+    tls_cert: Optional[str] = field(default=None, metadata={"help": "PEM certificate (with --tls-key)"})
+    tls_key: Optional[str] = field(default=None, metadata={"help": "PEM private key"})
+    grace: float = field(default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
+    register_examples: bool = field(default=True, metadata={"help": "register the bundled sst2 / ag_news adapters at start"})
+    # Adapters registered at start (TASK=DIR), beside the bundled examples; a task already in the data
+    # dir at another version is replaced by the directory's.
+    adapters: list[str] = field(default_factory=list, metadata={"help": "TASK=DIR: register this adapter directory at start (repeatable)"})
+    merged_task: Optional[str] = field(default=None, metadata={"help": "merge this task into the base weights at start (single-task fast path; a batch that needs another task unmerges)"})
     tokenizer_threads: int = 2
     # Model workers each run whole forwards on their own thread, with the intra-op threads split
     # between them. 1 (default) gives the lowest latency for one request at a time; on a small CPU,
     # 2 workers x 1 thread serve 4-15% more texts/s than 1 x 2 in-process (less OpenMP fork/join per
     # op; `python -m loadtest.cpu_probes workers`), about 5% more behind gRPC. GPUs want 1.
-    model_workers: int = 1
+    model_workers: int = field(default=1, metadata={"help": "forwards run at once, intra-op threads split between them"})
     # Requests with at most this many characters (texts + pairs) are tokenized on the event loop: a
     # short text tokenizes in ~25 us, while the hand-off to the pool and back costs ~300 us of
     # latency on this 2-core machine. Longer requests go to the pool so the loop never stalls on them.
-    inline_tokenize_chars: int = 256
+    inline_tokenize_chars: int = field(default=256, metadata={"help": "requests up to this many characters are tokenized on the event loop (0 = always in the pool)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -166,3 +172,11 @@ class ServerConfig:
             raise ConfigError("inline_tokenize_chars must be >= 0 (0 = always tokenize in the pool)")
         if self.grace < 0:
             raise ConfigError("grace must be >= 0 seconds")
+        for item in self.adapters:
+            task, _, path = item.partition("=")
+            if not task or not path:
+                raise ConfigError(f"--adapter {item!r}: expected TASK=DIR (e.g. --adapter sst2=adapters/examples/sst2)")
+
+    def preload(self) -> list[tuple[str, str]]:
+        """(task, directory) of each --adapter TASK=DIR, in order."""
+        return [tuple(item.split("=", 1)) for item in self.adapters]

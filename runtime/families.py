@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from runtime.errors import BaseMismatchError
+from adapterserve.runtime.errors import BaseMismatchError
 
 HeadFn = Callable[[dict, torch.Tensor], torch.Tensor]
 

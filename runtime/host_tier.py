@@ -12,8 +12,8 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from adapters.registry import AdapterEntry
-from adapters.spec import AdapterSpec
+from adapterserve.adapters.registry import AdapterEntry
+from adapterserve.adapters.spec import AdapterSpec
 
 log = logging.getLogger(__name__)
 

@@ -5,94 +5,40 @@
     rt.classify([("sst2", "a charming film"), ("ag_news", "Stocks fell today")])
 
 Request path inside: tokenize -> sort rows by length -> cut into length bands that save padding,
-within the token budget, row count and free slots (runtime/planning.py) -> make each batch's adapters
+within the token budget, row count and free slots (planning.py) -> make each batch's adapters
 resident (pinned) -> one backbone forward -> each task's head on its rows -> softmax, labels sorted
 by score.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from adapters.peft_lora import parse_adapter, read_adapter_dir
-from adapters.registry import AdapterEntry, Registry, device_head
-from adapters.spec import AdapterSpec
-from runtime.base_model import load_base_model
-from runtime.config import RuntimeConfig
-from runtime.engine import TorchEngine
-from runtime.errors import ConfigError, InvalidInputError, NotSupportedError
-from runtime.host_tier import HostTier
-from runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, PACKED_OVERHEAD_TOKENS, plan_groups
-from runtime.slots import SlotTable
-from runtime.tokenization import Encoded, TextEncoder
+from adapterserve.adapters.peft_lora import parse_adapter, read_adapter_dir
+from adapterserve.adapters.registry import AdapterEntry, Registry, device_head
+from adapterserve.adapters.spec import AdapterSpec
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.base_model import load_base_model
+from adapterserve.runtime.engine.select import base_precision, build_engine
+from adapterserve.runtime.errors import InvalidInputError, NotSupportedError
+from adapterserve.runtime.heads import apply_heads, stacked_head
+from adapterserve.runtime.host_tier import HostTier
+from adapterserve.runtime.native.hardware import probe
+from adapterserve.runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, PACKED_OVERHEAD_TOKENS, plan_groups
+from adapterserve.runtime.slots import SlotTable
+from adapterserve.runtime.tokenization import TextEncoder
+from adapterserve.runtime.types import AdapterInfo, ClassifyItem, LabelScore, Prediction, Row, check_task_name
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Runtime", "AdapterInfo", "ClassifyItem", "LabelScore", "Prediction", "Row", "check_task_name"]
+
 AdapterSource = Union[str, dict, AdapterSpec]
 REMERGE_AFTER_BATCHES = 8  # batches in a row that need only the merge goal before it is merged back
-
-
-@dataclass
-class ClassifyItem:
-    task: str
-    text: str
-    text_pair: Optional[str] = None
-
-
-@dataclass
-class LabelScore:
-    label: str
-    index: int
-    score: float
-
-
-@dataclass
-class Prediction:
-    task: str
-    adapter_version: str
-    scores: list[LabelScore]  # sorted by score, highest first
-    logits: list[float]  # in label-index order
-    input_tokens: int
-    truncated: bool
-
-    @property
-    def label(self) -> str:
-        return self.scores[0].label
-
-
-@dataclass
-class Row:
-    """One text on its way through a batch: the adapter version it was admitted with, its tokens."""
-
-    entry: AdapterEntry
-    encoded: Encoded
-    prediction: Optional[Prediction] = field(default=None)
-
-
-@dataclass
-class AdapterInfo:
-    task: str
-    version: str
-    peft_type: str
-    rank: int
-    target_modules: list[str]
-    labels: list[str]
-    size_bytes: int
-    residency: str  # DEVICE, HOST or DISK
-    registered_at: float
-    metadata: dict
-
-
-def check_task_name(task: str) -> None:
-    if not task or len(task) > 128 or not all(c.isalnum() or c in "-_." for c in task):
-        raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
 
 
 class Runtime:
@@ -101,20 +47,13 @@ class Runtime:
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         torch.manual_seed(self.config.seed)
-        onnx = self.config.engine == "onnx"
-        # The ONNX engine exports from an fp32 torch base; int8 then means ORT int8, not bitsandbytes.
-        self.base = load_base_model(replace(self.config, precision="fp32") if onnx else self.config)
-        self.engine = TorchEngine(self.base, self.config.slots, self.config.r_max, self.config.lora_targets,
-                                  lora_kernel="torch" if onnx else self.config.lora_kernel,
-                                  token_packing=self.config.token_packing,
-                                  cuda_graphs="off" if onnx else self.config.cuda_graphs)
-        if onnx:
-            self.engine = self._onnx_engine(self.engine)
+        self.base = load_base_model(replace(self.config, precision=base_precision(self.config)))
+        self.engine = build_engine(self.config, self.base)
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
         self.forward_overhead_tokens = self.config.forward_overhead_tokens
         if self.forward_overhead_tokens is None:
             self.forward_overhead_tokens = GPU_OVERHEAD_TOKENS if self.base.device.type == "cuda" else CPU_OVERHEAD_TOKENS
-            if getattr(self.engine, "packed", False):
+            if self.engine.packed:
                 # Packed rows compute no padding: splitting a pool saves nothing, so keep it whole.
                 self.forward_overhead_tokens = PACKED_OVERHEAD_TOKENS
         self._entries_by_key: dict[int, AdapterEntry] = {}
@@ -135,32 +74,26 @@ class Runtime:
         self.merged_task: Optional[AdapterEntry] = None
         self._merge_goal: Optional[str] = None  # the task merge() was asked for; merged back after mixed traffic
         self._solo_batches = 0
+        log.info("hardware: %s", probe().summary())
+        log.info("serving paths: %s", ", ".join(f"{k}={v}" for k, v in self.serving_paths().items()))
 
-    def _onnx_engine(self, torch_engine: TorchEngine):
-        from exporters.shared_base import MODEL_FILE, bf16_lora_default, export_shared_base
-        from runtime.onnx_engine import OnnxEngine, default_onnx_dir, providers_for
+    @property
+    def precision(self) -> str:
+        """What the served weights really are: the ONNX engine's int8 is ONNX Runtime int8 over an
+        fp32 torch base, so the base's own precision would say fp32."""
+        return self.config.precision if self.engine.name == "onnx" else self.base.precision
 
-        quantize = "int8" if self.config.precision == "int8" else None
-        # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
-        lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[self.config.lora_kernel]
-        providers = providers_for(self.base.device)  # refuses a CUDA base where ORT has no CUDA provider
-        if quantize and self.base.device.type == "cuda":
-            raise ConfigError("the ONNX int8 graph (dynamic quantization) runs on ONNX Runtime's CPU provider only; "
-                              "on CUDA serve --engine onnx --precision fp32, or the torch engine's int8/nf4")
-        if lora_op == "auto" and self.base.device.type == "cuda":
-            lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
-        # The int8 graph's LoRA ops read bf16 slots where they run on AMX tiles (runtime/lora_amx.c).
-        bf16_lora = bf16_lora_default(quantize, lora_op)
-        model_dir = self.config.onnx_dir or default_onnx_dir(torch_engine, self.config.base_model_path, quantize,
-                                                             lora_op, bf16_lora)
-        if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
-            log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
-            try:
-                export_shared_base(torch_engine, self.base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op,
-                                   bf16_lora=bf16_lora)
-            except ValueError as e:
-                raise ConfigError(str(e)) from e
-        return OnnxEngine(torch_engine, model_dir, providers, threads=self.config.torch_threads)
+    def serving_paths(self) -> dict[str, str]:
+        """The paths the engine took on this machine (logged at start; GetInfo and build_info report them)."""
+        return {
+            "engine": self.engine.name,
+            "precision": self.precision,
+            "device": str(self.base.device),
+            "lora_path": self.engine.kernel_name,
+            "token_packing": "on" if self.engine.packed else "off",
+            "cuda_graphs": "on" if getattr(self.engine, "graphs", None) is not None else "off",
+            "bf16_lora_ops": "on" if getattr(self.engine, "bf16_lora", False) else "off",
+        }
 
     # -- adapters --------------------------------------------------------------------------------
     def load_spec(self, source: AdapterSource, labels: Optional[list[str]] = None,
@@ -176,7 +109,8 @@ class Runtime:
         check_task_name(task)
         spec = self.load_spec(source, labels, metadata)
         head = device_head(spec, self.base.device, self.base.dtype)
-        entry = AdapterEntry(task=task, spec=spec, head=head, stacked_head=self._stacked_head(head))
+        entry = AdapterEntry(task=task, spec=spec, head=head,
+                             stacked_head=stacked_head(self.base.family, self.base.device, head))
         self._entries_by_key[entry.key] = entry
         try:
             self.registry.add(entry, replace=replace)
@@ -374,7 +308,7 @@ class Runtime:
                                           [r.encoded.length for r in batch])
         finally:
             self._release(pinned, forward=True)
-        self._apply_heads(batch, entries, features)
+        apply_heads(self.base.family, batch, entries, features)
 
     def _release(self, pinned: list, forward: bool) -> None:
         with self._device_lock:
@@ -383,110 +317,3 @@ class Runtime:
             if forward:
                 self._forwards -= 1
                 self._released.notify_all()
-
-    def _stacked_head(self, head: dict) -> Optional[tuple]:
-        """AdapterEntry.stacked_head, where the head is one linear (Family.linear_head). On a GPU each
-        task's own head costs a few kernel launches (~50 ms of host time per pass over 32 tasks on the
-        H100 VM); on the CPU a torch op, a softmax and a sort per task cost ~0.4 ms more per batch of
-        32 mixed tasks than one numpy pass (shared int8 ONNX engine, docs/benchmarks.md session 11)."""
-        names = self.base.family.linear_head
-        if names is None:
-            return None
-        weight, bias = head[names[0]], head[names[1]]
-        n, hidden = weight.shape
-        padded = max(8, 1 << (n - 1).bit_length())
-        w = weight.new_zeros(padded, hidden)
-        w[:n] = weight
-        b = bias.new_zeros(padded)
-        b[:n] = bias
-        if self.base.device.type == "cpu":  # the CPU path is numpy (_stacked_logits)
-            return w.float().numpy(), b.float().numpy()
-        return w, b
-
-    def _stacked_logits(self, batch: list[Row], entries: list[AdapterEntry], features: torch.Tensor) -> np.ndarray:
-        """Every row's logits [rows, P] (host) from one gather of its task's padded head and one batched
-        product, instead of a slice, a linear and a cast per task; row i's first n_labels columns are
-        its logits. In numpy on the CPU: no torch op (each opens an OpenMP region; right after an ONNX
-        Runtime run, whose threads still spin, that is what made packing slow, runtime/packing.py)."""
-        width = max(e.stacked_head[0].shape[0] for e in entries)
-        position = {e.key: k for k, e in enumerate(entries)}
-        if features.device.type == "cpu":
-            ws = np.zeros((len(entries), width, features.shape[1]), dtype=np.float32)
-            bs = np.zeros((len(entries), width), dtype=np.float32)
-            for k, e in enumerate(entries):
-                w, b = e.stacked_head
-                ws[k, :w.shape[0]], bs[k, :b.shape[0]] = w, b
-            idx = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
-            f = features.float().numpy()
-            return np.einsum("rh,rph->rp", f, ws[idx]) + bs[idx]
-        ws, bs = [], []
-        for e in entries:
-            w, b = e.stacked_head
-            ws.append(w if w.shape[0] == width else F.pad(w, (0, 0, 0, width - w.shape[0])))
-            bs.append(b if b.shape[0] == width else F.pad(b, (0, width - b.shape[0])))
-        idx = torch.tensor([position[r.entry.key] for r in batch], device=features.device)
-        weight = torch.stack(ws).index_select(0, idx)  # [rows, P, H]
-        bias = torch.stack(bs).index_select(0, idx).unsqueeze(1)  # [rows, 1, P]
-        logits = torch.baddbmm(bias, features.unsqueeze(1).to(weight.dtype), weight.transpose(1, 2))
-        return logits.squeeze(1).float().cpu().numpy()
-
-    def _per_task_logits(self, entries: list[AdapterEntry], rows_of: dict[int, list[int]],
-                         features: torch.Tensor) -> list[np.ndarray]:
-        """Each task's head on its own rows; returns each task's logits [its rows, labels] on the host."""
-        if len(entries) > 1:
-            # One gather puts each task's rows next to each other; its head then reads a slice.
-            perm = [i for e in entries for i in rows_of[e.key]]
-            features = features.index_select(0, torch.tensor(perm, device=features.device))
-        sizes = [len(rows_of[e.key]) for e in entries]
-        logits = [self.base.family.apply_head(e.head, f).float() for e, f in zip(entries, features.split(sizes))]
-        if features.device.type != "cpu":
-            # One device->host copy (one sync) for every task's logits, not three per task:
-            # with 32 tasks in a GPU batch the per-task copies cost more than the forward.
-            width = max(lg.shape[1] for lg in logits)
-            host = torch.cat([F.pad(lg, (0, width - lg.shape[1])) for lg in logits]).cpu()
-            logits = [h[:, :lg.shape[1]] for h, lg in zip(host.split(sizes), logits)]
-        return [lg.numpy() for lg in logits]
-
-    def _apply_heads(self, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
-        entries = list(entries)
-        with torch.inference_mode():
-            if len(entries) > 1 and all(e.stacked_head is not None for e in entries):
-                self._predict_stacked(batch, self._stacked_logits(batch, entries, features))
-                return
-            rows_of: dict[int, list[int]] = {}
-            for i, r in enumerate(batch):
-                rows_of.setdefault(r.entry.key, []).append(i)
-            logits = self._per_task_logits(entries, rows_of, features)
-        # Softmax and order on the host in numpy: no device sync per task, and no torch CPU op
-        # per task either (each opens a parallel region: 0.5 ms apiece on a 16-core GPU host).
-        for e, x in zip(entries, logits):
-            probs, order = _softmax_order(x)
-            # One array -> list conversion per task group, not three per row.
-            all_p, all_o, all_lg = probs.tolist(), order.tolist(), x.tolist()
-            for j, i in enumerate(rows_of[e.key]):
-                batch[i].prediction = _prediction(e, batch[i], all_p[j], all_o[j], all_lg[j])
-
-    @staticmethod
-    def _predict_stacked(batch: list[Row], logits: np.ndarray) -> None:
-        """Predictions from the padded logits [rows, P] of _stacked_logits: one softmax and one sort
-        over the batch, each row's columns past its task's labels masked out (they sort last)."""
-        n_labels = np.fromiter((len(r.entry.spec.labels) for r in batch), dtype=np.int64, count=len(batch))
-        masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
-        probs, order = _softmax_order(masked)
-        all_p, all_o, all_lg = probs.tolist(), order.tolist(), logits.tolist()
-        for i, r in enumerate(batch):
-            n = n_labels[i]
-            r.prediction = _prediction(r.entry, r, all_p[i], all_o[i][:n], all_lg[i][:n])
-
-
-def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise softmax and label order (most probable first, ties by index)."""
-    ex = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = ex / ex.sum(axis=1, keepdims=True)
-    return probs, np.argsort(-probs, axis=1, kind="stable")
-
-
-def _prediction(entry: AdapterEntry, row: Row, probs: list, order: list, logits: list) -> Prediction:
-    return Prediction(task=entry.task, adapter_version=entry.version,
-                      scores=[LabelScore(entry.spec.labels[k], k, probs[k]) for k in order],
-                      logits=logits, input_tokens=row.encoded.length, truncated=row.encoded.truncated)

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional
 
-from runtime.errors import ResourceExhaustedError
+from adapterserve.runtime.errors import ResourceExhaustedError
 
 
 class SlotTable:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from runtime.errors import InvalidInputError
+from adapterserve.runtime.errors import InvalidInputError
 
 
 @dataclass

@@ -20,6 +20,6 @@ def tiny_bases(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     return packaged_base_model_dir()

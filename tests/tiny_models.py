@@ -24,7 +24,7 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-from runtime.config import packaged_base_model_dir
+from adapterserve.runtime.config import packaged_base_model_dir
 
 SAMPLE_TEXTS = [
     "it 's a charming and often affecting journey .",

@@ -36,7 +36,7 @@ class PeftServicer:
             if n not in self.models:
                 base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=n)
                 if precision == "bf16":  # the same bf16 base our --precision bf16 serves on a CPU
-                    from runtime.base_model import bf16_weights_fp32_activations
+                    from adapterserve.runtime.engine.base_model import bf16_weights_fp32_activations
 
                     bf16_weights_fp32_activations(base.base_model)
                 self.models[n] = PeftModel.from_pretrained(base, path, adapter_name=task).eval()
@@ -54,8 +54,8 @@ class PeftServicer:
 
 
 async def serve(args) -> None:
-    from runtime.config import packaged_base_model_dir
-    from runtime.rpc_stubs import pb, pb_grpc
+    from adapterserve.runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.server.stubs import pb, pb_grpc
 
     servicer = PeftServicer(args.base_model or packaged_base_model_dir(), args.adapters, args.precision)
     loop = asyncio.get_running_loop()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.config import RuntimeConfig
-from runtime.errors import (BaseMismatchError, InvalidAdapterError, PermissionDeniedError,
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError, PermissionDeniedError,
                             UnsupportedAdapterTypeError)
-from runtime.runtime import Runtime
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS, make_peft_adapter
 
 W = "adapter_model.safetensors"
@@ -123,7 +123,7 @@ def test_path_escaping_the_allowed_root_is_refused(setup, tmp_path):
 
 
 def test_existing_task_needs_replace(setup):
-    from runtime.errors import TaskExistsError
+    from adapterserve.runtime.errors import TaskExistsError
 
     rt, good, _, _ = setup
     with pytest.raises(TaskExistsError, match="replace"):

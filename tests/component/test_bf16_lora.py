@@ -6,18 +6,19 @@ import json
 import numpy as np
 import pytest
 
-from exporters.shared_base import export_shared_base
-from runtime import ort_lora_op
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.runtime.engine.onnx.export import export_shared_base
+from adapterserve.runtime.engine.onnx.ops import single_op_model
+from adapterserve.runtime.native import ort_ops
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 
-pytestmark = pytest.mark.skipif(ort_lora_op.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
+pytestmark = pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
 
 # bf16 keeps 8 significant bits: x, A, B and xA each rounded once move a LoRA delta of size d by ~4e-3 d.
 # The adapters here (scale 0.5 on a 32-wide model) move the logits by ~1; 2e-2 leaves room for that.
 BF16_TOL = 2e-2
-AMX = ort_lora_op.amx_bf16_available()
+AMX = ort_ops.amx_bf16_available()
 
 
 def logits(rt, items):
@@ -80,16 +81,16 @@ def test_bf16_op_matches_a_float64_reference(tmp_path, monkeypatch):
     n = int(offsets[-1])
     x = rng.normal(0, 1, (1, n, d_in)).astype(np.float32)
     y = rng.normal(0, 1, (1, n, d_out)).astype(np.float32)
-    packed_a = ort_lora_op.pack_bf16_a(torch.from_numpy(a)).numpy()
-    packed_b = ort_lora_op.pack_bf16_b(torch.from_numpy(b)).numpy()
+    packed_a = ort_ops.pack_bf16_a(torch.from_numpy(a)).numpy()
+    packed_b = ort_ops.pack_bf16_b(torch.from_numpy(b)).numpy()
     feed = dict(zip(["y", "x", "a", "b", "r8", "slot", "offsets", "y_offset"],
                     [y, x, packed_a, packed_b, r8, slot_per_row, offsets, np.zeros(1, np.int64)]))
-    onnx.save(ort_lora_op.single_op_model("SlotLoRAPackedBF16", feed), str(tmp_path / "op.onnx"))
+    onnx.save(single_op_model("SlotLoRAPackedBF16", feed), str(tmp_path / "op.onnx"))
 
     def run(amx: str) -> np.ndarray:
         monkeypatch.setenv("ADAPTERSERVE_LORA_AMX", amx)
         options = ort.SessionOptions()
-        options.register_custom_ops_library(ort_lora_op.library_path())
+        options.register_custom_ops_library(ort_ops.library_path())
         return ort.InferenceSession(str(tmp_path / "op.onnx"), options).run(None, feed)[0]
 
     outputs = {"off": run("off")}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_models import SAMPLE_TEXTS
 
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,7 +30,7 @@ def peft_logits(base_dir, adapter_dir, precision, num_labels, texts):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from loadtest.gpu_bench import peft_base_kwargs
+    from adapterserve.loadtest.gpu_bench import peft_base_kwargs
 
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels,
                                                                **peft_base_kwargs(precision))

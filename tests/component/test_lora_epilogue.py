@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import ort_lora_op
+from adapterserve.runtime.engine.onnx.ops import single_op_model
+from adapterserve.runtime.native import ort_ops
 
-pytestmark = pytest.mark.skipif(ort_lora_op.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
+pytestmark = pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
 
 
 def in_place(fn_name: str, x: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(x, dtype=np.float32).copy()
-    getattr(ctypes.CDLL(ort_lora_op.library_path()), fn_name)(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
+    getattr(ctypes.CDLL(ort_ops.library_path()), fn_name)(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
     return out
 
 
@@ -58,8 +59,8 @@ def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool):
     n = int(offsets[-1])
     x = rng.normal(0, 1, (1, n, d_in)).astype(np.float32)
     y = rng.normal(0, 1, (1, n, d_out)).astype(np.float32)
-    a_in = ort_lora_op.pack_bf16_a(torch.from_numpy(a)).numpy() if bf16 else a
-    b_in = ort_lora_op.pack_bf16_b(torch.from_numpy(b)).numpy() if bf16 else b
+    a_in = ort_ops.pack_bf16_a(torch.from_numpy(a)).numpy() if bf16 else a
+    b_in = ort_ops.pack_bf16_b(torch.from_numpy(b)).numpy() if bf16 else b
     feed = {"y": y, "x": x, "a": a_in, "b": b_in, "r8": r8, "slot": np.array([1, 2, 0], np.int64), "offsets": offsets,
             "y_offset": np.zeros(1, np.int64),
             "residual": rng.normal(0, 1, (1, n, d_out)).astype(np.float32) if residual else None,
@@ -92,10 +93,10 @@ def test_op_applies_its_residual_gelu_and_layer_norm(tmp_path, bf16, residual, a
     import onnxruntime as ort
 
     feed, want = packed_op_feed(np.random.default_rng(3), bf16, residual, activation, norm)
-    op = ort_lora_op.PACKED_OP_TYPE + ("BF16" if bf16 else "")
-    onnx.save(ort_lora_op.single_op_model(op, feed), str(tmp_path / "op.onnx"))
+    op = ort_ops.PACKED_OP_TYPE + ("BF16" if bf16 else "")
+    onnx.save(single_op_model(op, feed), str(tmp_path / "op.onnx"))
     options = ort.SessionOptions()
-    options.register_custom_ops_library(ort_lora_op.library_path())
+    options.register_custom_ops_library(ort_ops.library_path())
     session = ort.InferenceSession(str(tmp_path / "op.onnx"), options)
     got = session.run(None, {k: v for k, v in feed.items() if v is not None})[0][0]
     scale = np.abs(want).max()

@@ -4,10 +4,10 @@ hand it (3-D activations, the pooler's strided 2-D view, rows without an adapter
 import pytest
 import torch
 
-from runtime import lora_kernel
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError
-from runtime.runtime import Runtime
+from adapterserve.runtime.native import lora_kernel
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import ConfigError
+from adapterserve.runtime.runtime import Runtime
 
 TOL = 1e-5
 

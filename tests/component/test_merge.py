@@ -2,8 +2,8 @@
 1,000 merge/unmerge cycles."""
 import torch
 
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 
 
@@ -56,7 +56,7 @@ def test_removing_a_merged_task_unmerges(tiny_bases, tmp_path):
 
 
 def test_merged_task_is_merged_back_after_a_run_of_its_own_batches(tiny_bases, tmp_path):
-    from runtime.runtime import REMERGE_AFTER_BATCHES
+    from adapterserve.runtime.runtime import REMERGE_AFTER_BATCHES
 
     base = tiny_bases["bert"]
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))

@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from adapters.peft_lora import read_adapter_dir
-from runtime.config import RuntimeConfig
-from runtime.reference import reference_logits
-from runtime.runtime import Runtime
+from adapterserve.adapters.peft_lora import read_adapter_dir
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.reference import reference_logits
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, peft_logits
 
 TOL = 1e-4
@@ -192,7 +192,7 @@ def test_remove_and_replace(tiny_bases, tmp_path):
     rt.remove_adapter("t")
     assert rt.list_adapters() == []
     assert len(rt.slot_table.resident()) == 0  # the slot was freed, not leaked
-    from runtime.errors import UnknownTaskError
+    from adapterserve.runtime.errors import UnknownTaskError
 
     with pytest.raises(UnknownTaskError):
         rt.classify([("t", "hello")])

@@ -6,9 +6,9 @@ import collections
 import numpy as np
 import pytest
 
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError, NotSupportedError
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, make_tiny_base
 
 TOL = 1e-4
@@ -139,7 +139,7 @@ def test_padded_bert_graph_keeps_shared_projection_nodes_out_of_place(tiny_bases
     Served, it still equals torch within 1e-4 on mixed tasks."""
     import onnx
 
-    from exporters.shared_base import export_shared_base
+    from adapterserve.runtime.engine.onnx.export import export_shared_base
 
     base = tiny_bases["bert"]
     adapters = [make_peft_adapter(base, str(tmp_path / f"a{i}"), num_labels=2 + i, r=4 + 4 * i,
@@ -185,8 +185,8 @@ def test_graph_for_another_base_is_refused(tiny_bases, tmp_path):
 
 
 def test_per_task_export_matches_torch(tiny_bases, tmp_path):
-    from exporters.parity import task_model_parity
-    from exporters.per_task import export_task
+    from adapterserve.exporters.parity import task_model_parity
+    from adapterserve.exporters.per_task import export_task
 
     base = tiny_bases["distilbert"]
     a = make_peft_adapter(base, str(tmp_path / "a"), num_labels=4, r=4, targets=FAMILY_TARGETS["distilbert"], seed=2,
@@ -223,7 +223,7 @@ def test_cuda_base_without_the_onnxruntime_cuda_provider_is_refused():
     import onnxruntime as ort
     import torch
 
-    from runtime.onnx_engine import providers_for
+    from adapterserve.runtime.engine.onnx.engine import providers_for
 
     assert providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -241,8 +241,8 @@ def test_cpu_sessions_keep_layernorm_and_residual_add_unfused(tiny_bases, tmp_pa
     import onnx
     import onnxruntime as ort
 
-    from exporters.per_task import export_task
-    from runtime.onnx_engine import CPU_DISABLED_OPTIMIZERS, open_session
+    from adapterserve.exporters.per_task import export_task
+    from adapterserve.runtime.engine.onnx.engine import CPU_DISABLED_OPTIMIZERS, open_session
 
     base = tiny_bases["bert"]
     a = make_peft_adapter(base, str(tmp_path / "a"), num_labels=2, r=4, targets=FAMILY_TARGETS["bert"], seed=4)

@@ -1,9 +1,9 @@
 """Tiers: device slots <- host memory (bounded bytes) <- disk. Adapters past the host bound keep their
 name and version, report DISK, and are re-read on use with the same results; pinned ones stay."""
 
-from adapters.peft_lora import read_adapter_dir
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.adapters.peft_lora import read_adapter_dir
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 
 

@@ -3,7 +3,7 @@ tokenizer call (single texts, batches, pairs, over-long texts), for every family
 import pytest
 from transformers import AutoTokenizer
 
-from runtime.tokenization import TextEncoder
+from adapterserve.runtime.tokenization import TextEncoder
 from tiny_models import SAMPLE_TEXTS
 
 TEXTS = SAMPLE_TEXTS[:4] + ["Ünïcødé ça marche — 東京 🙂", "   spaces   and\ttabs\n", "x"]

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from adapters.evaluate import main as evaluate_main
-from adapters.train import main as train_main
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.adapters.evaluate import main as evaluate_main
+from adapterserve.adapters.train import main as train_main
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS, peft_logits
 
 
@@ -89,7 +89,7 @@ def test_bad_training_input(tiny_bases, tmp_path, rows, args, words):
         path.write_text("")
     else:
         write_csv(path, rows)
-    cmd = [sys.executable, "-m", "adapters.train", "--base-model", tiny_bases["bert"], "--data", str(path),
+    cmd = [sys.executable, "-m", "adapterserve.adapters.train", "--base-model", tiny_bases["bert"], "--data", str(path),
            "--text-col", "text", "--label-col", "label", "--out", str(tmp_path / "o"), "--quiet"]
     if args:
         cmd[cmd.index("--label-col"):cmd.index("--label-col") + 2] = args

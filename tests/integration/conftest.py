@@ -3,8 +3,8 @@ import os
 import grpc
 import pytest
 
-from runtime.rpc_stubs import pb, pb_grpc
-from loadtest.server_proc import ServerProcess
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from adapterserve.loadtest.server_proc import ServerProcess
 from tiny_models import make_peft_adapter
 
 TOKEN = "s3cret-token"

@@ -8,9 +8,9 @@ import time
 import grpc
 
 from conftest import AUTH
-from runtime.config import RuntimeConfig
-from runtime.rpc_stubs import pb, pb_grpc
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from adapterserve.runtime.runtime import Runtime
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés",
          "Oil prices rise as OPEC cuts output", "The Yankees beat the Red Sox 5-3 in extra innings",

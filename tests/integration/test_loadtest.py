@@ -8,7 +8,7 @@ import sys
 import grpc
 
 from conftest import AUTH
-from runtime.rpc_stubs import pb, pb_grpc
+from adapterserve.runtime.server.stubs import pb, pb_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.rpc_stubs import pb, pb_grpc
-from loadtest.server_proc import ServerProcess
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from adapterserve.loadtest.server_proc import ServerProcess
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from runtime.config import RuntimeConfig
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS, make_peft_adapter, peft_logits
 
 T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"]
@@ -47,7 +47,7 @@ def test_minilm_mixed_batch_matches_peft(minilm_runtime, minilm_dir):
 
 
 def test_minilm_truncation_policy(minilm_runtime):
-    from runtime.errors import InvalidInputError
+    from adapterserve.runtime.errors import InvalidInputError
 
     rt, _ = minilm_runtime
     long_text = "word " * 2000

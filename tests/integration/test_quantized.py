@@ -3,9 +3,9 @@ the slot engine equals PEFT on the same quantized base, and merging is refused."
 import pytest
 import torch
 
-from runtime.config import RuntimeConfig
-from runtime.errors import NotSupportedError
-from runtime.runtime import Runtime
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import NotSupportedError
+from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS
 
 T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -54,7 +54,7 @@ def test_quantized_base_matches_peft_and_refuses_merge(minilm_dir, adapter, prec
 
 
 def test_fp16_on_cpu_is_refused_clearly():
-    from runtime.errors import ConfigError
+    from adapterserve.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         Runtime(RuntimeConfig(precision="fp16", device="cpu"))
@@ -66,7 +66,7 @@ def test_bf16_on_cpu_matches_peft_on_the_same_bf16_base(minilm_dir, adapter):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from runtime.base_model import Bf16Linear, bf16_weights_fp32_activations
+    from adapterserve.runtime.engine.base_model import Bf16Linear, bf16_weights_fp32_activations
 
     rt = Runtime(RuntimeConfig(precision="bf16", slots=4, r_max=8))
     query = rt.engine.layers["encoder.layer.0.attention.self.query"].base

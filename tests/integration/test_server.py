@@ -9,10 +9,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import AUTH, read_files
-from runtime.config import RuntimeConfig
-from runtime.rpc_stubs import pb, pb_grpc
-from runtime.runtime import Runtime
-from loadtest.server_proc import ServerProcess
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from adapterserve.runtime.runtime import Runtime
+from adapterserve.loadtest.server_proc import ServerProcess
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "adapters", "examples")
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés",

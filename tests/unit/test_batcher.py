@@ -5,7 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from runtime.batcher import Batcher
+from adapterserve.runtime.server.batcher import Batcher
 
 
 class RecordingModel:

@@ -1,8 +1,8 @@
 import pytest
 
-from adapters.tabular import DataError, label_kind, read_examples
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError
+from adapterserve.adapters.tabular import DataError, label_kind, read_examples
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import ConfigError
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -40,7 +40,7 @@ def test_read_examples_errors(tmp_path):
 
 
 def test_merged_task_needs_one_model_worker():
-    from runtime.config import ServerConfig
+    from adapterserve.runtime.config import ServerConfig
 
     with pytest.raises(ConfigError, match="one model worker"):
         ServerConfig(model_workers=2, merged_task="sst2")

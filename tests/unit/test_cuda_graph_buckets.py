@@ -2,9 +2,9 @@
 tests/component/test_cuda.py on a CUDA machine)."""
 import pytest
 
-from runtime.config import RuntimeConfig
-from runtime.cuda_graphs import rows_bucket, width_bucket
-from runtime.errors import ConfigError
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.cuda_graphs import rows_bucket, width_bucket
+from adapterserve.runtime.errors import ConfigError
 
 
 def test_rows_round_up_to_a_power_of_two():

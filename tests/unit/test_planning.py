@@ -1,7 +1,7 @@
 """The batch planner (runtime/planning.py): a pure function of lengths, keys and caps."""
 import random
 
-from runtime.planning import plan_groups
+from adapterserve.runtime.planning import plan_groups
 
 
 def padded(groups, lengths):

@@ -1,7 +1,7 @@
 import pytest
 
-from runtime.errors import ResourceExhaustedError
-from runtime.slots import SlotTable
+from adapterserve.runtime.errors import ResourceExhaustedError
+from adapterserve.runtime.slots import SlotTable
 
 
 def make(slots):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError, NotSupportedError
-from runtime.families import Family, family_for
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.families import Family, family_for
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,19 @@ def _device_map_target(device: torch.device):
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _encoder_config(path: str):
+    """The base's Hugging Face config, or a ConfigError that says what the path lacks."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"base model {path!r} is not a Hugging Face encoder directory (it has no config.json); "
+                          "point --base-model at one, or leave it out for the packaged MiniLM")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = "directory" if os.path.isdir(path) else "directory (no such path here, and no model hub is reachable)"
+        raise ConfigError(f"base model {path!r} could not be read as a Hugging Face encoder {where}: "
+                          f"{str(e).splitlines()[0]}") from e
+
+
 def load_base_model(config: RuntimeConfig) -> BaseModel:
     path = config.base_model_path
     device = resolve_device(config.device)
@@ -114,7 +128,7 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     else:
         dtype = _DTYPES[config.precision]
 
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = _encoder_config(path)
     family = family_for(hf_config.model_type)
     kwargs = {}
     if hf_config.model_type in ("bert", "roberta", "xlm-roberta", "camembert"):

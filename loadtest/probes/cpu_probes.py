@@ -36,7 +36,7 @@ SHORT = "a charming film ."
 
 
 def _texts(n: int) -> list[str]:
-    from loadtest.runtime_bench import sst2_dev_texts
+    from adapterserve.loadtest.runtime_bench import sst2_dev_texts
 
     return sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))[:n]
 
@@ -57,7 +57,7 @@ def workers() -> None:
     running forwards with one intra-op thread (what --model-workers 2 does)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     path = packaged_base_model_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
@@ -91,8 +91,8 @@ def workers() -> None:
 def idle_gap() -> None:
     """A short request in-process: back to back, and after 1.5 ms busy or asleep before each call
     (a server's model thread idles like that between requests at concurrency 1)."""
-    from runtime.config import RuntimeConfig
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig())
     rt.add_adapter("sst2", os.path.join(ROOT, "adapters", "examples", "sst2"))
@@ -120,8 +120,8 @@ def idle_gap() -> None:
 def tokenize() -> None:
     from transformers import AutoTokenizer
 
-    from runtime.config import packaged_base_model_dir
-    from runtime.tokenization import TextEncoder
+    from adapterserve.runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.tokenization import TextEncoder
 
     tok = AutoTokenizer.from_pretrained(packaged_base_model_dir())
     enc = TextEncoder(tok, 512)
@@ -134,7 +134,7 @@ def tokenize() -> None:
 def lora_layer() -> None:
     """One slot layer's adapter branch on [32, 26, d] activations, rank 8 of r_max 16, 64 slots; the
     fused kernel both over every position and with real lengths spread from 6 to 26 tokens (38% padding)."""
-    from runtime import lora_kernel
+    from adapterserve.runtime.native import lora_kernel
 
     kernel = lora_kernel.load()
     slots, r_max, r, b, t = 64, 16, 8, 32, 26
@@ -191,7 +191,7 @@ def _profiled_session(model_path: str, op_library: Optional[str] = None, threads
         options.intra_op_num_threads = threads
     if op_library:  # the shared graph's adapterserve.SlotLoRA nodes
         options.register_custom_ops_library(op_library)
-    from runtime.onnx_engine import open_session
+    from adapterserve.runtime.engine.onnx.engine import open_session
 
     return open_session(model_path, options)  # what the engine and the per-task sessions run
 
@@ -229,12 +229,12 @@ def onnx_profile() -> None:
     import numpy as np
     import torch
 
-    from exporters.per_task import export_task
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.exporters.per_task import export_task
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
 
     os.environ.setdefault("ADAPTERSERVE_CACHE", tempfile.mkdtemp(prefix="cpu-probes-"))
-    from runtime.runtime import Runtime
+    from adapterserve.runtime.runtime import Runtime
 
     rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8"))
     for i in range(32):
@@ -246,7 +246,7 @@ def onnx_profile() -> None:
                                 sorted(rt.engine.slot_ranks)[:32], [26] * 32)
     feed.update(rt.engine.slot_feed)
     feed = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}  # session.run takes numpy
-    from runtime.ort_lora_op import library_path
+    from adapterserve.runtime.native.ort_ops import library_path
 
     _profile(os.path.join(rt.engine.model_dir, "model.onnx"), feed, f"shared-base int8 ({rt.engine.kernel_name}), "
              "32 adapters", library_path() if rt.engine.fused_op else None)
@@ -260,7 +260,7 @@ def forward_cost() -> None:
     padded token, which sets runtime.planning.CPU_OVERHEAD_TOKENS."""
     from transformers import AutoModel
 
-    from runtime.config import packaged_base_model_dir
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     model = AutoModel.from_pretrained(packaged_base_model_dir()).eval()
     for rows, tokens in ((1, 8), (1, 16), (1, 32), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (32, 32),
@@ -275,9 +275,9 @@ def forward_cost() -> None:
 def onnx_rows() -> None:
     """One runtime per engine (torch fp32, shared ONNX int8), 1 and 8 rows of one synthetic adapter at
     3 lengths: the shared graph's cost per row against its cost per token."""
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Row, Runtime
 
     for kw in (dict(), dict(engine="onnx", precision="int8")):
         rt = Runtime(RuntimeConfig(slots=40, r_max=16, **kw))
@@ -293,9 +293,9 @@ def onnx_rows() -> None:
 def _mixed_int8_pass():
     """The shared int8 engine with 32 synthetic adapters, and a function that runs SST-2 dev through
     it once in batches of 32 with the tasks mixed (rows tokenized up front); returns (runtime, pass)."""
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Row, Runtime
 
     texts = _texts(10_000)
     rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8"))
@@ -316,7 +316,7 @@ def onnx_threads() -> None:
     """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
     own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
     speedup from the second thread."""
-    from runtime.ort_lora_op import library_path
+    from adapterserve.runtime.native.ort_ops import library_path
 
     rt, one_pass = _mixed_int8_pass()
     by_threads = {}
@@ -343,9 +343,9 @@ def _pool_run(tuned: bool) -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    from loadtest.synthetic import synthetic_adapter
-    from runtime.config import RuntimeConfig, packaged_base_model_dir
-    from runtime.runtime import Row, Runtime
+    from adapterserve.loadtest.synthetic import synthetic_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Row, Runtime
 
     texts = _texts(10_000)
     rt = Runtime(RuntimeConfig(slots=64, r_max=16))
@@ -375,7 +375,7 @@ def page_faults() -> None:
     import sys
 
     for tuned in (False, True, False, True):
-        subprocess.run([sys.executable, "-c", f"from loadtest.cpu_probes import _pool_run; _pool_run({tuned})"],
+        subprocess.run([sys.executable, "-c", f"from adapterserve.loadtest.probes.cpu_probes import _pool_run; _pool_run({tuned})"],
                        cwd=ROOT, check=True)
 
 
@@ -384,8 +384,8 @@ def open_loop() -> None:
     (the bench runs one; this shows how far single readings of p99/p50 spread)."""
     import argparse as _argparse
 
-    from loadtest import bench
-    from loadtest.server_proc import ServerProcess
+    from adapterserve.loadtest import bench
+    from adapterserve.loadtest.server_proc import ServerProcess
 
     args = _argparse.Namespace(concurrency=32, texts_per_request=4, quick=False)
     server = ServerProcess("--data-dir", "", "--no-examples", "--slots", "64", "--max-queue", "8192", ready_timeout=900)
@@ -409,7 +409,7 @@ def varlen_attention() -> None:
     longest sequence with a key mask (what a padded batch pays)."""
     import ctypes
 
-    from runtime.ort_lora_op import library_path
+    from adapterserve.runtime.native.ort_ops import library_path
 
     path = library_path()
     if path is None:
@@ -440,7 +440,7 @@ def varlen_attention() -> None:
 def bf16_matmul() -> None:
     """MiniLM's largest linear (384 -> 1,536) over 1,600 packed tokens, the machine's threads: fp32,
     the CPU bf16 base's Bf16Linear (casts in and out included), and the bf16 matmul alone."""
-    from runtime.base_model import Bf16Linear
+    from adapterserve.runtime.engine.base_model import Bf16Linear
 
     torch.manual_seed(0)
     x = torch.randn(1600, 384)
@@ -466,14 +466,15 @@ def lora_op() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from runtime import ort_lora_op
+    from adapterserve.runtime.engine.onnx.ops import single_op_model
+    from adapterserve.runtime.native import ort_ops
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(6, 27, 32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     slot_per_row = np.arange(1, 33, dtype=np.int64)
     r8 = np.array([0] + [(4, 8, 16)[i % 3] for i in range(32)], np.int64)
-    print(f"32 rows, {int(offsets[-1])} tokens; AMX here: {ort_lora_op.amx_bf16_available()}")
+    print(f"32 rows, {int(offsets[-1])} tokens; AMX here: {ort_ops.amx_bf16_available()}")
     for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):
         a = np.zeros((33, 16, d_in), np.float32)
         b = np.zeros((33, 16, d_out), np.float32)
@@ -485,8 +486,8 @@ def lora_op() -> None:
                   "x": rng.normal(0, 1, (1, n, d_in)).astype(np.float32)}
         tail = {"r8": r8, "slot": slot_per_row, "offsets": offsets, "y_offset": np.zeros(1, np.int64)}
         fp32 = {**common, "a": a, "b": b, **tail}
-        bf16 = {**common, "a": ort_lora_op.pack_bf16_a(torch.from_numpy(a)).numpy(),
-                "b": ort_lora_op.pack_bf16_b(torch.from_numpy(b)).numpy(), **tail}
+        bf16 = {**common, "a": ort_ops.pack_bf16_a(torch.from_numpy(a)).numpy(),
+                "b": ort_ops.pack_bf16_b(torch.from_numpy(b)).numpy(), **tail}
         timings = []
         for label, op_type, feed, amx in (("fp32", "SlotLoRAPacked", fp32, "on"),
                                           ("bf16 AMX", "SlotLoRAPackedBF16", bf16, "on"),
@@ -494,8 +495,8 @@ def lora_op() -> None:
             os.environ["ADAPTERSERVE_LORA_AMX"] = amx  # read when the session registers the ops
             options = ort.SessionOptions()
             options.intra_op_num_threads = 2
-            options.register_custom_ops_library(ort_lora_op.library_path())
-            session = ort.InferenceSession(ort_lora_op.single_op_model(op_type, feed).SerializeToString(), options)
+            options.register_custom_ops_library(ort_ops.library_path())
+            session = ort.InferenceSession(single_op_model(op_type, feed).SerializeToString(), options)
             us = _median_us(lambda s=session, f=feed: s.run(None, f), n=20 if amx == "off" else 200, warm=3)
             timings.append(f"{label} {us:.0f} us")
         os.environ.pop("ADAPTERSERVE_LORA_AMX")
@@ -535,7 +536,7 @@ def onnx_nodes() -> None:
     import re
     import threading
 
-    from runtime.ort_lora_op import library_path
+    from adapterserve.runtime.native.ort_ops import library_path
 
     rt, one_pass = _mixed_int8_pass()
     rt.engine.session = _profiled_session(os.path.join(rt.engine.model_dir, "model.onnx"),
@@ -564,9 +565,9 @@ def onnx_folds() -> None:
     import onnx
     import onnxruntime as ort
 
-    from exporters import shared_base
-    from runtime.onnx_engine import open_session
-    from runtime.ort_lora_op import library_path
+    from adapterserve.runtime.engine.onnx import export as shared_base
+    from adapterserve.runtime.engine.onnx.engine import open_session
+    from adapterserve.runtime.native.ort_ops import library_path
 
     rt, one_pass = _mixed_int8_pass()
     before = [f for f in ("model_int8_bf16lora.onnx", "model_int8.onnx") if os.path.exists(os.path.join(rt.engine.model_dir, f))]

@@ -143,11 +143,14 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def register_build_info(registry: CollectorRegistry, version: str, base_model: str, precision: str,
-                        engine: str, device: str, lora_path: str) -> None:
-    g = Gauge(f"{PREFIX}_build_info", "Always 1; labels describe the build and the served base",
-              ["version", "base_model", "precision", "engine", "device", "lora_path"], registry=registry)
-    g.labels(version, base_model, precision, engine, device, lora_path).set(1)
+def register_build_info(registry: CollectorRegistry, version: str, base_model: str, paths: dict[str, str],
+                        hardware: dict[str, str]) -> None:
+    """paths: Runtime.serving_paths() (engine, precision, device, lora_path, ...); hardware: the probe's
+    facts (cpu, its flags, compiler, native switch, CUDA device)."""
+    labels = {"version": version, "base_model": base_model, **paths, **hardware}
+    g = Gauge(f"{PREFIX}_build_info", "Always 1; labels describe the build, the served base, the paths the engine "
+              "took and the hardware they were chosen for", list(labels), registry=registry)
+    g.labels(*labels.values()).set(1)
 
 
 def start_http(registry: CollectorRegistry, host: str, port: int) -> Optional[int]:

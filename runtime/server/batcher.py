@@ -14,10 +14,10 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-from runtime.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
-from runtime.runtime import Row, Runtime
+from adapterserve.runtime.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from adapterserve.runtime.runtime import Row, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class BatcherMetrics:
     def __init__(self, registry, batcher: "Batcher") -> None:
         from prometheus_client import Gauge, Histogram
 
-        from runtime.metrics import LATENCY_BUCKETS, PREFIX, SIZE_BUCKETS, TOKEN_BUCKETS
+        from adapterserve.runtime.server.metrics import LATENCY_BUCKETS, PREFIX, SIZE_BUCKETS, TOKEN_BUCKETS
 
         self.queue_seconds = Histogram(f"{PREFIX}_queue_duration_seconds", "Time a request waited for its batch",
                                        buckets=LATENCY_BUCKETS, registry=registry)
@@ -69,7 +69,8 @@ def _resolve(works: list) -> None:
 
 class Batcher:
     def __init__(self, runtime: Runtime, executor: Executor, max_batch_tokens: int, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int, workers: int = 1) -> None:
+                 max_wait_ms: float, max_queue: int, workers: int = 1,
+                 metrics_factory: Optional[Callable[["Batcher"], BatcherMetrics]] = None) -> None:
         self.runtime = runtime
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
@@ -81,7 +82,7 @@ class Batcher:
         self.closed = False
         self.workers = workers  # batch loops, one per model worker: each forms a batch and waits for its forward
         self._tasks: list[asyncio.Task] = []
-        self.metrics: Optional[BatcherMetrics] = None
+        self.metrics: Optional[BatcherMetrics] = metrics_factory(self) if metrics_factory is not None else None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

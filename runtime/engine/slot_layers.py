@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from runtime.batch import SlotContext
-from runtime.lora_kernel import FusedLoRA
+from adapterserve.runtime.engine.batch import SlotContext
+from adapterserve.runtime.native.lora_kernel import FusedLoRA
 
 
 def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class SlotLoRALinear(nn.Module):
         a_all, b_all = traced.tensors[self.name]
         idx = traced.slot_per_row
         if traced.fused_op:
-            from runtime.ort_lora_op import SlotLoRAFunction, SlotLoRAPackedFunction
+            from adapterserve.runtime.engine.onnx.ops import SlotLoRAFunction, SlotLoRAPackedFunction
 
             if traced.offsets is not None and x.dim() == 3:
                 return SlotLoRAPackedFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.offsets,

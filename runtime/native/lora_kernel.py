@@ -8,36 +8,19 @@ and is cached per source, compiler flags and CPU under the adapterserve cache di
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from typing import Optional
 
 import torch
 
-from runtime.config import cache_root
+from adapterserve.runtime.native.build import build, load_once, source
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_kernel.c")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+SOURCE = source("lora_kernel.c")
 ABI = 3
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
-
-
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
 
 
 class FusedLoRA:
@@ -104,62 +87,13 @@ class FusedLoRA:
         return out
 
 
-_lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable
-
-
-def build(directory: Optional[str] = None, source_path: str = SOURCE, lib_name: str = "liblora_kernel.so") -> str:
-    """Compile the kernel (or reuse a cached build); returns the shared library's path. source_path
-    may #include the other C files beside it (the ONNX Runtime ops include them all), so the cache
-    key covers every .c file in runtime/."""
-    source = b""
-    here = os.path.dirname(SOURCE)
-    for p in dict.fromkeys([source_path, *sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".c"))]):
-        with open(p, "rb") as fh:
-            source += fh.read()
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise OSError("no C compiler (gcc/cc) on PATH")
-    key = hashlib.sha256(source + " ".join([compiler] + CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    directory = directory or os.path.join(cache_root(), "kernels", key)
-    path = os.path.join(directory, lib_name)
-    if os.path.exists(path):
-        return path
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, source_path], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
-        os.replace(tmp, path)  # atomic: concurrent builders (test workers, servers) never see half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_once(state: dict, make, fallback: str):
-    """Run make() (build + load a native library) once per process; its result, or None after a
-    failure, whose reason is kept in state["error"] and logged once with what the caller falls back to."""
-    with _lock:
-        if "value" in state or "error" in state:
-            return state.get("value")
-        try:
-            if platform.machine() not in ("x86_64", "AMD64"):
-                raise OSError(f"the kernel is written for x86-64 AVX-512, not {platform.machine()}")
-            state["value"] = make()
-            return state["value"]
-        except (OSError, subprocess.SubprocessError) as e:
-            state["error"] = str(e)
-            log.warning("%s: %s", fallback, e)
-            return None
 
 
 def load() -> Optional[FusedLoRA]:
     """The kernel, or None when it cannot run here (the reason is logged once; see `unavailable_reason`)."""
     def make() -> FusedLoRA:
-        kernel = FusedLoRA(build())
+        kernel = FusedLoRA(build(SOURCE, "liblora_kernel.so"))
         log.info("fused LoRA kernel loaded from %s", kernel.path)
         return kernel
 

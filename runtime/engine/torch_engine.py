@@ -9,15 +9,16 @@ from typing import Optional
 
 import torch
 
-from adapters.peft_lora import BaseShape
-from adapters.spec import AdapterSpec
-from runtime.base_model import BaseModel
-from runtime.batch import SlotBatch, SlotContext
-from runtime.cuda_graphs import GraphedForward
-from runtime import lora_kernel, packing
-from runtime.errors import ConfigError, NotSupportedError
-from runtime.lora_kernel import FusedLoRA
-from runtime.slot_layers import SlotLoRALinear
+from adapterserve.adapters.peft_lora import BaseShape
+from adapterserve.adapters.spec import AdapterSpec
+from adapterserve.runtime.engine.base_model import BaseModel
+from adapterserve.runtime.engine.batch import SlotBatch, SlotContext
+from adapterserve.runtime.engine.cuda_graphs import GraphedForward
+from adapterserve.runtime.native import lora_kernel
+from adapterserve.runtime.engine import packing
+from adapterserve.runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.native.lora_kernel import FusedLoRA
+from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 
-from runtime.errors import AdapterServeError
+from adapterserve.runtime.errors import AdapterServeError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class RequestMetrics:
     def __init__(self, registry) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        from runtime.metrics import LATENCY_BUCKETS, PREFIX
+        from adapterserve.runtime.server.metrics import LATENCY_BUCKETS, PREFIX
 
         self.requests = Counter(f"{PREFIX}_requests_total", "RPCs by method and final gRPC status code",
                                 ["rpc", "code"], registry=registry)

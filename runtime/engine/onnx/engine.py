@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from runtime import packing
-from runtime.config import cache_root
-from runtime.engine import TorchEngine
-from runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.engine import packing
+from adapterserve.runtime.config import cache_root
+from adapterserve.runtime.engine.torch_engine import TorchEngine
+from adapterserve.runtime.errors import ConfigError, NotSupportedError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class OnnxEngine:
                  threads: Optional[int] = None) -> None:
         import onnxruntime as ort
 
-        from exporters.shared_base import FUSED_OP, META_FILE, MODEL_FILE, input_names
+        from adapterserve.runtime.engine.onnx.export import FUSED_OP, META_FILE, MODEL_FILE, input_names
 
         self.torch_engine = slots_from
         self.base = slots_from.base
@@ -102,16 +102,16 @@ class OnnxEngine:
             options.intra_op_num_threads = threads
         self.fused_op = meta.get("lora_op") == FUSED_OP
         if self.fused_op:
-            from runtime import ort_lora_op
+            from adapterserve.runtime.native import ort_ops
 
-            path = ort_lora_op.library_path()
-            if path is not None and meta.get("lora_op_abi") != ort_lora_op.ABI:
+            path = ort_ops.library_path()
+            if path is not None and meta.get("lora_op_abi") != ort_ops.ABI:
                 raise ConfigError(f"the ONNX model in {model_dir} was exported for {FUSED_OP} ABI "
-                                  f"{meta.get('lora_op_abi')}, this build has {ort_lora_op.ABI}; re-export it "
+                                  f"{meta.get('lora_op_abi')}, this build has {ort_ops.ABI}; re-export it "
                                   "(delete the directory, or `python -m exporters shared`)")
             if path is None:
                 raise ConfigError(f"the ONNX model in {model_dir} uses the {FUSED_OP} op, which cannot be built here "
-                                  f"({ort_lora_op.unavailable_reason()}); re-export it with stock ops "
+                                  f"({ort_ops.unavailable_reason()}); re-export it with stock ops "
                                   "(`python -m exporters shared --lora-op stock`, or serve with --lora-kernel torch)")
             options.register_custom_ops_library(path)
         self.device = slots_from.base.device
@@ -145,13 +145,13 @@ class OnnxEngine:
         self.bf16_lora = meta.get("lora_precision") == "bf16"
         self._bf16_slots: list[tuple] = []  # (slot layer, its packed A^T, its packed B)
         if self.bf16_lora:
-            from runtime import ort_lora_op
+            from adapterserve.runtime.native import ort_ops
 
-            if not ort_lora_op.amx_bf16_available():
+            if not ort_ops.amx_bf16_available():
                 log.warning("the ONNX graph in %s has bf16 LoRA ops but AMX does not run here: they take their "
                             "portable loop, 10-18x slower than the fp32 op; re-export it on this machine", model_dir)
             for i, layer in enumerate(slots_from.layers.values()):
-                at, bp = ort_lora_op.pack_bf16_a(layer.lora_a), ort_lora_op.pack_bf16_b(layer.lora_b)
+                at, bp = ort_ops.pack_bf16_a(layer.lora_a), ort_ops.pack_bf16_b(layer.lora_b)
                 self._bf16_slots.append((layer, at, bp))
                 self.slot_feed[f"lora_a_{i}"], self.slot_feed[f"lora_b_{i}"] = at, bp
         self.slot_feed = {k: v for k, v in self.slot_feed.items() if k in self.graph_inputs}
@@ -189,7 +189,7 @@ class OnnxEngine:
     def load_slot(self, slot, spec) -> None:
         self.torch_engine.load_slot(slot, spec)
         if self._bf16_slots:
-            from runtime.ort_lora_op import pack_bf16_a, pack_bf16_b
+            from adapterserve.runtime.native.ort_ops import pack_bf16_a, pack_bf16_b
 
             with torch.inference_mode():
                 for layer, at, bp in self._bf16_slots:

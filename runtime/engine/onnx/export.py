@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from runtime.batch import TracedSlots
-from runtime.engine import TorchEngine
-from runtime import packing
-from runtime.ort_lora_op import ABI as OP_ABI
-from runtime.slot_layers import SlotLoRALinear
+from adapterserve.runtime.engine.batch import TracedSlots
+from adapterserve.runtime.engine.torch_engine import TorchEngine
+from adapterserve.runtime.engine import packing
+from adapterserve.runtime.native.ort_ops import ABI as OP_ABI
+from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class _FusedAttention:
         self.offsets = offsets
 
     def __enter__(self):
-        from runtime.ort_lora_op import VarlenAttentionFunction
+        from adapterserve.runtime.engine.onnx.ops import VarlenAttentionFunction
 
         for m in self.modules:
             def forward(hidden_states, *args, _m=m, **kwargs):
@@ -183,8 +183,8 @@ def input_names(engine: TorchEngine, fused_op: bool, packed: bool = False) -> li
 
 def fused_op_applies(engine: TorchEngine) -> Optional[str]:
     """None when every slot layer can use the ONNX Runtime LoRA op, else why not."""
-    from runtime.lora_kernel import FusedLoRA
-    from runtime.ort_lora_op import library_path, unavailable_reason
+    from adapterserve.runtime.native.lora_kernel import FusedLoRA
+    from adapterserve.runtime.native.ort_ops import library_path, unavailable_reason
 
     if library_path() is None:
         return f"the op library cannot be built: {unavailable_reason()}"
@@ -197,7 +197,7 @@ def fused_op_applies(engine: TorchEngine) -> Optional[str]:
 
 def bf16_lora_default(quantize: Optional[str], lora_op: str) -> bool:
     """Whether an int8 graph gets the bf16 LoRA ops by default: where they run on AMX tiles here."""
-    from runtime.ort_lora_op import amx_bf16_available
+    from adapterserve.runtime.native.ort_ops import amx_bf16_available
 
     return quantize == "int8" and lora_op != "stock" and amx_bf16_available()
 
@@ -278,7 +278,7 @@ def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
     lora_b_i) become int32 [slots, ...] in the pair layouts of runtime/lora_amx.c."""
     import onnx
 
-    from runtime.ort_lora_op import DOMAIN, OP_TYPE, PACKED_OP_TYPE, bf16_a_shape, bf16_b_shape
+    from adapterserve.runtime.native.ort_ops import DOMAIN, OP_TYPE, PACKED_OP_TYPE, bf16_a_shape, bf16_b_shape
 
     model = onnx.load(path)
     graph = model.graph
@@ -327,7 +327,7 @@ def _fuse_qkv(graph) -> None:
     and two of three trips to the thread pool per layer (runtime/ort_lora_op.c, compute_qkv)."""
     import onnx
 
-    from runtime.ort_lora_op import ATTENTION_OP_TYPE, DOMAIN, PACKED_OP_TYPE, QKV_OP_TYPE
+    from adapterserve.runtime.native.ort_ops import ATTENTION_OP_TYPE, DOMAIN, PACKED_OP_TYPE, QKV_OP_TYPE
 
     produced_by = {o: n for n in graph.node for o in n.output}
     consumers, constants = _readers(graph), _constant_values(graph)
@@ -388,7 +388,7 @@ def _constant_values(graph) -> dict:
 def _lora_output_folds(graph):
     """(LoRA op producing each tensor, how many nodes read each tensor, graph outputs), for folding a
     node into the op that feeds it: allowed only when the op's output has no other reader."""
-    from runtime.ort_lora_op import DOMAIN
+    from adapterserve.runtime.native.ort_ops import DOMAIN
 
     lora_by_output = {n.output[0]: n for n in graph.node if n.domain == DOMAIN and n.op_type.startswith("SlotLoRA")}
     return lora_by_output, _readers(graph), {o.name for o in graph.output}
@@ -476,7 +476,7 @@ def _in_place_lora_ops(graph) -> None:
     """Each LoRA node that is the only reader of its base projection y and starts at its column 0
     renamed to its *InPlace variant, which ORT runs in y's buffer: no copy of y into a fresh output
     per node (ORT never took up the ops' may-inplace hint: their outputs have no static shape)."""
-    from runtime.ort_lora_op import DOMAIN, OP_TYPE, PACKED_OP_TYPE
+    from adapterserve.runtime.native.ort_ops import DOMAIN, OP_TYPE, PACKED_OP_TYPE
 
     consumers = _readers(graph)
     zero_offsets = {name for name, value in _constant_values(graph).items() if value.reshape(-1).tolist() == [0]}

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from adapters.spec import AdapterSpec
+from adapterserve.adapters.spec import AdapterSpec
 
 
 def reference_model(base_dir: str, spec: AdapterSpec) -> torch.nn.Module:

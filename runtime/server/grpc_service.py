@@ -14,20 +14,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 
-from adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
-from adapters.store import AdapterStore
-from runtime.batcher import Batcher
-from runtime.config import ServerConfig
-from runtime.errors import (DeadlineExceededError, InvalidInputError, PermissionDeniedError,
+from adapterserve import __version__
+from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
+from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
+from adapterserve.adapters.store import AdapterStore
+from adapterserve.runtime.server.batcher import Batcher
+from adapterserve.runtime.config import ServerConfig
+from adapterserve.runtime.errors import (ConfigError, DeadlineExceededError, InvalidInputError, PermissionDeniedError,
                             ResourceExhaustedError, TaskExistsError, UnauthenticatedError, UnavailableError)
-from runtime.rpc_stubs import pb, pb_grpc
-from runtime.runtime import AdapterInfo, Runtime, check_task_name
+from adapterserve.runtime.native.hardware import probe
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from adapterserve.runtime.runtime import AdapterInfo, Runtime, check_task_name
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters", "examples")
-EXAMPLE_TASKS = ("sst2", "ag_news")
 
 
 def adapter_message(info: AdapterInfo) -> pb.Adapter:
@@ -76,6 +76,20 @@ class AdapterService:
                 self.runtime.add_adapter(task, spec)
             if self.store is not None:
                 self.store.set_flag("examples_registered")
+        for task, path in self.config.preload():
+            self._preload(task, path)
+
+    def _preload(self, task: str, path: str) -> None:
+        """--adapter TASK=DIR: registered (and persisted) at start; a stored version of the task that
+        differs from the directory's is replaced by it, the same one is left as it is."""
+        check_task_name(task)
+        if not os.path.isdir(path):
+            raise ConfigError(f"--adapter {task}={path}: no such directory")
+        spec = self.runtime.load_spec(path)
+        if task in self.runtime.registry and self.runtime.registry.get(task).version == spec.version:
+            return
+        self._persist(task, spec)
+        self.runtime.add_adapter(task, spec, replace=task in self.runtime.registry)
 
     def _persist(self, task, spec) -> None:
         if self.store is not None:
@@ -139,7 +153,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if registry is not None:
             from prometheus_client import Histogram
 
-            from runtime.metrics import LATENCY_BUCKETS, PREFIX, TaskMetrics
+            from adapterserve.runtime.server.metrics import LATENCY_BUCKETS, PREFIX, TaskMetrics
 
             self.tokenize_seconds = Histogram(f"{PREFIX}_tokenize_duration_seconds", "Tokenization time per request",
                                               buckets=LATENCY_BUCKETS, registry=registry)
@@ -237,11 +251,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         base = self.runtime.base
         cfg = self.runtime.config
         return pb.ServerInfo(
-            base_model=base.model_id, precision=base.precision, engine=self.runtime.engine.name,
+            base_model=base.model_id, precision=self.runtime.precision, engine=self.runtime.engine.name,
             device=str(base.device), max_input_length=base.max_length,
             max_texts_per_request=self.config.max_texts_per_request, max_batch_tokens=cfg.max_batch_tokens,
-            slots=cfg.slots, r_max=cfg.r_max, max_adapter_bytes=self.config.max_adapter_bytes, version=VERSION,
-            registered_adapters=len(self.runtime.registry),
+            slots=cfg.slots, r_max=cfg.r_max, max_adapter_bytes=self.config.max_adapter_bytes, version=__version__,
+            registered_adapters=len(self.runtime.registry), paths=self.runtime.serving_paths(),
+            hardware=probe().summary(),
         )
 
 
