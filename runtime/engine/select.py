@@ -1,0 +1,55 @@
+"""Engine choice: builds the engine a RuntimeConfig asks for over a loaded base (exporting the
+shared-base ONNX graph into the cache on first use)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.base import Engine
+from adapterserve.runtime.engine.base_model import BaseModel
+from adapterserve.runtime.engine.torch_engine import TorchEngine
+from adapterserve.runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def base_precision(config: RuntimeConfig) -> str:
+    """The precision the torch base loads in: the ONNX engine exports from an fp32 torch base, and its
+    int8 then means ONNX Runtime int8, not bitsandbytes."""
+    return "fp32" if config.engine == "onnx" else config.precision
+
+
+def build_engine(config: RuntimeConfig, base: BaseModel) -> Engine:
+    onnx = config.engine == "onnx"
+    engine = TorchEngine(base, config.slots, config.r_max, config.lora_targets,
+                         lora_kernel="torch" if onnx else config.lora_kernel, token_packing=config.token_packing,
+                         cuda_graphs="off" if onnx else config.cuda_graphs)
+    return _onnx_engine(config, engine) if onnx else engine
+
+
+def _onnx_engine(config: RuntimeConfig, torch_engine: TorchEngine) -> Engine:
+    from adapterserve.runtime.engine.onnx.engine import OnnxEngine, default_onnx_dir, providers_for
+    from adapterserve.runtime.engine.onnx.export import MODEL_FILE, bf16_lora_default, export_shared_base
+
+    base = torch_engine.base
+    quantize = "int8" if config.precision == "int8" else None
+    # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
+    lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[config.lora_kernel]
+    providers = providers_for(base.device)  # refuses a CUDA base where ORT has no CUDA provider
+    if quantize and base.device.type == "cuda":
+        raise ConfigError("the ONNX int8 graph (dynamic quantization) runs on ONNX Runtime's CPU provider only; "
+                          "on CUDA serve --engine onnx --precision fp32, or the torch engine's int8/nf4")
+    if lora_op == "auto" and base.device.type == "cuda":
+        lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
+    # The int8 graph's LoRA ops read bf16 slots where they run on AMX tiles (runtime/native/csrc/lora_amx.c).
+    bf16_lora = bf16_lora_default(quantize, lora_op)
+    model_dir = config.onnx_dir or default_onnx_dir(torch_engine, config.base_model_path, quantize, lora_op, bf16_lora)
+    if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
+        log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
+        try:
+            export_shared_base(torch_engine, base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op,
+                               bf16_lora=bf16_lora)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return OnnxEngine(torch_engine, model_dir, providers, threads=config.torch_threads)

@@ -1,0 +1,124 @@
+"""Per-task heads over the features of one mixed batch: stacked where every head is one linear (one
+gather and one batched product for the batch), else each task on its own rows; then softmax, label
+order and the Prediction of every row, computed on the host in numpy.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapterserve.adapters.registry import AdapterEntry
+from adapterserve.runtime.families import Family
+from adapterserve.runtime.types import LabelScore, Prediction, Row
+
+
+def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[tuple]:
+    """AdapterEntry.stacked_head, where the head is one linear (Family.linear_head). On a GPU each
+    task's own head costs a few kernel launches (~50 ms of host time per pass over 32 tasks on the
+    H100 VM); on the CPU a torch op, a softmax and a sort per task cost ~0.4 ms more per batch of
+    32 mixed tasks than one numpy pass (shared int8 ONNX engine, docs/benchmarks.md)."""
+    names = family.linear_head
+    if names is None:
+        return None
+    weight, bias = head[names[0]], head[names[1]]
+    n, hidden = weight.shape
+    padded = max(8, 1 << (n - 1).bit_length())
+    w = weight.new_zeros(padded, hidden)
+    w[:n] = weight
+    b = bias.new_zeros(padded)
+    b[:n] = bias
+    if device.type == "cpu":  # the CPU path is numpy (_stacked_logits)
+        return w.float().numpy(), b.float().numpy()
+    return w, b
+
+
+def _stacked_logits(batch: list[Row], entries: list[AdapterEntry], features: torch.Tensor) -> np.ndarray:
+    """Every row's logits [rows, P] (host) from one gather of its task's padded head and one batched
+    product, instead of a slice, a linear and a cast per task; row i's first n_labels columns are
+    its logits. In numpy on the CPU: no torch op (each opens an OpenMP region; right after an ONNX
+    Runtime run, whose threads still spin, that is what made packing slow, runtime/engine/packing.py)."""
+    width = max(e.stacked_head[0].shape[0] for e in entries)
+    position = {e.key: k for k, e in enumerate(entries)}
+    if features.device.type == "cpu":
+        ws = np.zeros((len(entries), width, features.shape[1]), dtype=np.float32)
+        bs = np.zeros((len(entries), width), dtype=np.float32)
+        for k, e in enumerate(entries):
+            w, b = e.stacked_head
+            ws[k, :w.shape[0]], bs[k, :b.shape[0]] = w, b
+        idx = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
+        f = features.float().numpy()
+        return np.einsum("rh,rph->rp", f, ws[idx]) + bs[idx]
+    ws, bs = [], []
+    for e in entries:
+        w, b = e.stacked_head
+        ws.append(w if w.shape[0] == width else F.pad(w, (0, 0, 0, width - w.shape[0])))
+        bs.append(b if b.shape[0] == width else F.pad(b, (0, width - b.shape[0])))
+    idx = torch.tensor([position[r.entry.key] for r in batch], device=features.device)
+    weight = torch.stack(ws).index_select(0, idx)  # [rows, P, H]
+    bias = torch.stack(bs).index_select(0, idx).unsqueeze(1)  # [rows, 1, P]
+    logits = torch.baddbmm(bias, features.unsqueeze(1).to(weight.dtype), weight.transpose(1, 2))
+    return logits.squeeze(1).float().cpu().numpy()
+
+
+def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[int, list[int]],
+                     features: torch.Tensor) -> list[np.ndarray]:
+    """Each task's head on its own rows; returns each task's logits [its rows, labels] on the host."""
+    if len(entries) > 1:
+        # One gather puts each task's rows next to each other; its head then reads a slice.
+        perm = [i for e in entries for i in rows_of[e.key]]
+        features = features.index_select(0, torch.tensor(perm, device=features.device))
+    sizes = [len(rows_of[e.key]) for e in entries]
+    logits = [family.apply_head(e.head, f).float() for e, f in zip(entries, features.split(sizes))]
+    if features.device.type != "cpu":
+        # One device->host copy (one sync) for every task's logits, not three per task:
+        # with 32 tasks in a GPU batch the per-task copies cost more than the forward.
+        width = max(lg.shape[1] for lg in logits)
+        host = torch.cat([F.pad(lg, (0, width - lg.shape[1])) for lg in logits]).cpu()
+        logits = [h[:, :lg.shape[1]] for h, lg in zip(host.split(sizes), logits)]
+    return [lg.numpy() for lg in logits]
+
+def apply_heads(family: Family, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
+    entries = list(entries)
+    with torch.inference_mode():
+        if len(entries) > 1 and all(e.stacked_head is not None for e in entries):
+            _predict_stacked(batch, _stacked_logits(batch, entries, features))
+            return
+        rows_of: dict[int, list[int]] = {}
+        for i, r in enumerate(batch):
+            rows_of.setdefault(r.entry.key, []).append(i)
+        logits = _per_task_logits(family, entries, rows_of, features)
+    # Softmax and order on the host in numpy: no device sync per task, and no torch CPU op
+    # per task either (each opens a parallel region: 0.5 ms apiece on a 16-core GPU host).
+    for e, x in zip(entries, logits):
+        probs, order = _softmax_order(x)
+        # One array -> list conversion per task group, not three per row.
+        all_p, all_o, all_lg = probs.tolist(), order.tolist(), x.tolist()
+        for j, i in enumerate(rows_of[e.key]):
+            batch[i].prediction = _prediction(e, batch[i], all_p[j], all_o[j], all_lg[j])
+
+def _predict_stacked(batch: list[Row], logits: np.ndarray) -> None:
+    """Predictions from the padded logits [rows, P] of _stacked_logits: one softmax and one sort
+    over the batch, each row's columns past its task's labels masked out (they sort last)."""
+    n_labels = np.fromiter((len(r.entry.spec.labels) for r in batch), dtype=np.int64, count=len(batch))
+    masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
+    probs, order = _softmax_order(masked)
+    all_p, all_o, all_lg = probs.tolist(), order.tolist(), logits.tolist()
+    for i, r in enumerate(batch):
+        n = n_labels[i]
+        r.prediction = _prediction(r.entry, r, all_p[i], all_o[i][:n], all_lg[i][:n])
+
+
+def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise softmax and label order (most probable first, ties by index)."""
+    ex = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = ex / ex.sum(axis=1, keepdims=True)
+    return probs, np.argsort(-probs, axis=1, kind="stable")
+
+
+def _prediction(entry: AdapterEntry, row: Row, probs: list, order: list, logits: list) -> Prediction:
+    return Prediction(task=entry.task, adapter_version=entry.version,
+                      scores=[LabelScore(entry.spec.labels[k], k, probs[k]) for k in order],
+                      logits=logits, input_tokens=row.encoded.length, truncated=row.encoded.truncated)

@@ -1,0 +1,196 @@
+"""`adapterserve serve`: bind the ports, build the runtime, register adapters, serve gRPC, drain on SIGTERM.
+
+Start-up order is chosen so that a mistake costs seconds, not a model load: ports are bound (gRPC
+and /metrics) before the base loads, and every start error is one ConfigError line (exit 2).
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapterserve import __version__
+from adapterserve.runtime.config import ServerConfig
+from adapterserve.runtime.errors import AdapterServeError, ConfigError
+from adapterserve.runtime.native.hardware import probe
+from adapterserve.runtime.runtime import Runtime
+from adapterserve.runtime.server import metrics
+from adapterserve.runtime.server.batcher import Batcher, BatcherMetrics
+from adapterserve.runtime.server.grpc_errors import ErrorMappingInterceptor, RequestMetrics
+from adapterserve.runtime.server.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
+from adapterserve.runtime.server.settings import parse_config
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+
+log = logging.getLogger("adapterserve")
+
+SERVICES = ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry")
+
+
+def _bind(server, config: ServerConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    try:
+        if config.tls_cert:
+            try:
+                with open(config.tls_key, "rb") as k, open(config.tls_cert, "rb") as c:
+                    credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            except OSError as e:
+                raise ConfigError(f"cannot read the TLS key/certificate: {e.filename}: {e.strerror}") from None
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+        raise ConfigError(f"cannot listen on {address} (gRPC): the port is in use or the address is not this "
+                          f"machine's; pick another with --port (0 = any free port)") from e
+
+
+def _start_metrics(registry, config: ServerConfig):
+    try:
+        return metrics.start_http(registry, config.host, config.metrics_port)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {config.host}:{config.metrics_port} (/metrics): {e.strerror}; "
+                          "pick another with --metrics-port (0 disables it)") from None
+
+
+async def serve(config: ServerConfig) -> int:
+    import torch
+
+    # Room above the adapter limit so an oversize upload gets our message (which names the limit)
+    # rather than gRPC's generic one; far larger messages are still cut off by gRPC itself.
+    message_limit = 2 * config.max_adapter_bytes + (1 << 20)
+    metrics_registry = metrics.new_registry()
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(RequestMetrics(metrics_registry))],
+        options=[("grpc.max_receive_message_length", message_limit),
+                 ("grpc.max_send_message_length", 64 << 20),
+                 ("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in SERVICES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # grpc.aio takes handlers only before start; they answer UNAVAILABLE until the model is warm.
+    classifier = ClassifierServicer(config, metrics_registry)
+    registry_servicer = RegistryServicer(config.admin_token)
+    pb_grpc.add_ClassifierServicer_to_server(classifier, server)
+    pb_grpc.add_AdapterRegistryServicer_to_server(registry_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
+         pb.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = _bind(server, config)
+    metrics_port = _start_metrics(metrics_registry, config)
+    await server.start()
+
+    try:
+        loop = asyncio.get_running_loop()
+        # One executor owns the device; with several workers each thread gets its share of the cores.
+        workers = config.model_workers
+        per_worker = max(1, (config.runtime.torch_threads or torch.get_num_threads()) // workers)
+        model_executor = ThreadPoolExecutor(workers, thread_name_prefix="model", initializer=torch.set_num_threads,
+                                            initargs=(per_worker,))
+        runtime_config = replace(config.runtime, torch_threads=per_worker) if workers > 1 else config.runtime
+        tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        runtime = await loop.run_in_executor(model_executor, Runtime, runtime_config)
+        # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
+        # slot; a new adapter is copied into a slot by the model executor on its first batch.
+        admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
+        service = AdapterService(runtime, config, admin_executor)
+        await loop.run_in_executor(model_executor, service.restore)
+        if config.merged_task:
+            await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
+        # Each worker thread warms once (lazy init, OpenMP team); the barrier puts one warm-up on each.
+        barrier = threading.Barrier(workers)
+        await asyncio.gather(*[loop.run_in_executor(model_executor, _warm_up, runtime, barrier) for _ in range(workers)])
+        # Everything built so far (model, tokenizer, modules) lives as long as the process: move it out
+        # of the cyclic GC's generations so collections while serving only walk request garbage.
+        gc.collect()
+        gc.freeze()
+
+        batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
+                          config.max_wait_ms, config.max_queue, workers=workers,
+                          metrics_factory=lambda b: BatcherMetrics(metrics_registry, b))
+        batcher.start()
+        _register_runtime_metrics(metrics_registry, runtime)
+        service.on_unregistered = classifier.task_metrics.labels.forget
+        if metrics_port:
+            print(f"adapterserve metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
+        classifier.attach(runtime, batcher, tokenize_pool)
+        registry_servicer.attach(service)
+        for name in SERVICES:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await server.stop(0)  # a failed start must not leave a half-open port behind
+        raise
+    tasks = ", ".join(a.task for a in runtime.list_adapters()) or "none"
+    log.info("serving on %s:%d (base %s, %s, %s); tasks: %s", config.host, port, runtime.base.model_id,
+             runtime.precision, runtime.base.device, tasks)
+    print(f"adapterserve listening on {config.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: finishing in-flight work within %.1fs", config.grace)
+    await health_servicer.enter_graceful_shutdown()  # every service reports NOT_SERVING
+    await server.stop(config.grace)  # refuse new RPCs, let running ones finish
+    await batcher.close()
+    model_executor.shutdown(wait=True)
+    admin_executor.shutdown(wait=True)
+    tokenize_pool.shutdown(wait=True)
+    log.info("stopped")
+    return 0
+
+
+def _register_runtime_metrics(registry, runtime: Runtime) -> None:
+    from prometheus_client import Histogram
+
+    hw = probe()
+    hardware = {"cpu": hw.cpu_model or hw.machine, "cpu_flags": ",".join(
+        n for n, on in (("avx512f", hw.avx512f), ("avx512_bf16", hw.avx512_bf16), ("amx_bf16", hw.amx_bf16)) if on),
+        "native": "off" if hw.native_unavailable else "on", "cuda_device": hw.cuda_device or ""}
+    metrics.register_build_info(registry, __version__, runtime.base.model_id, runtime.serving_paths(), hardware)
+    registry.register(metrics.MemoryCollector(runtime))
+    registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
+    load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds", "Time to copy an adapter into a device slot",
+                             buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    runtime.slot_table.load_observer = load_seconds.observe
+
+
+def _warm_up(runtime: Runtime, barrier: threading.Barrier) -> None:
+    """One forward per registered task so the first real request does not pay for lazy init."""
+    barrier.wait(timeout=600)
+    tasks = [a.task for a in runtime.list_adapters()]
+    if runtime.merged_task is not None:
+        tasks = [runtime.merged_task.task]  # warming others would unmerge
+    runtime.engine.encode(runtime.encoder.collate(runtime.encoder.encode(["warm up"]), runtime.base.device), [0])
+    if tasks:
+        runtime.classify([(t, "warm up") for t in tasks])
+
+
+def run(config: ServerConfig) -> int:
+    try:
+        return asyncio.run(serve(config))
+    except AdapterServeError as e:
+        print(f"adapterserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    """Parse flags (exit 2 on a bad one), set up logging, serve."""
+    try:
+        config, log_level = parse_config(argv)
+    except AdapterServeError as e:
+        print(f"adapterserve serve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(config)
