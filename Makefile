@@ -27,7 +27,7 @@ test-all: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m ''
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.runtime_bench
+	HF_HUB_OFFLINE=1 $(BIN)/python -m adapterserve.loadtest.runtime_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """Evaluate a task adapter through the same runtime code path the server uses.
 
-    python -m adapters.evaluate --adapter adapters/examples/sst2 --data data/sst2/dev.tsv \
+    adapterserve evaluate --adapter adapters/examples/sst2 --data data/sst2/dev.tsv \
         --text-col sentence --label-col label
 
 Prints (and with --out writes) JSON: accuracy, macro-F1, ROC-AUC and PR-AUC (binary tasks), the

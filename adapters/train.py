@@ -1,6 +1,6 @@
 """Train a LoRA task adapter on the base encoder and write a standard PEFT directory.
 
-    python -m adapters.train --data data/sst2/train.tsv --text-col sentence --label-col label \
+    adapterserve train --data data/sst2/train.tsv --text-col sentence --label-col label \
         --label-names negative,positive --out adapters/examples/sst2
 
 The output (adapter_config.json, adapter_model.safetensors with the classifier head, labels.json)

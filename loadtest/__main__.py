@@ -1,4 +1,4 @@
-"""python -m loadtest {run,compare,bench} ... (see each subcommand's --help)."""
+"""adapterserve loadtest {run,compare,bench} ... (see each subcommand's --help)."""
 import argparse
 import sys
 

@@ -1,12 +1,12 @@
-"""`python -m loadtest bench`: the benchmark matrix of DESIGN.md in one run.
+"""`adapterserve loadtest bench`: the benchmark matrix of DESIGN.md in one run.
 
 Starts the servers itself on loopback ports, registers N synthetic adapters (random LoRA weights,
 ranks 4/8/16, 2..6 labels) by upload, runs every scenario with the same load generator, stops
 everything, and writes JSON, a Markdown report and PNG plots. Peers in the same run: the bare base
 model forward in-process (the ceiling), a naive PEFT gRPC server, and our merged single-task mode.
 
-    python -m loadtest bench --quick          # < 5 minutes on a 2-core machine
-    python -m loadtest bench                  # N up to 1,024, longer runs
+    adapterserve loadtest bench --quick          # < 5 minutes on a 2-core machine
+    adapterserve loadtest bench                  # N up to 1,024, longer runs
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from adapterserve.loadtest.server_proc import ROOT, ServerProcess
 
 # The open-loop runs last this many times a closed-loop run: at half saturation the default server
 # answers ~33 requests/s, so a 20 s run puts its p99 on ~7 requests and single readings of p99 / p50
-# spread from 2.74 to 3.67 on this VM (session 5: 11 runs of 25 s); 60 s puts it on ~20.
+# spread from 2.74 to 3.67 on a 2-core VM (11 runs of 25 s); 60 s puts it on ~20.
 OPEN_LOOP_LENGTH = 3
 
 

@@ -1,4 +1,4 @@
-"""`python -m loadtest compare A.json B.json ... --out-dir DIR`: one Markdown table of several runs
+"""`adapterserve loadtest compare A.json B.json ... --out-dir DIR`: one Markdown table of several runs
 and PNG plots (latency CDF; throughput vs concurrency; throughput vs number of tasks)."""
 from __future__ import annotations
 

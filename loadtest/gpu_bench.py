@@ -1,6 +1,6 @@
 """GPU figures for the quantized-bases issue: the torch engine on CUDA at every precision, and ONNX Runtime's CUDA provider.
 
-    python -m loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--cuda-graphs auto|off]
+    python -m adapterserve.loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--cuda-graphs auto|off]
                                  [--ort] [--json F]
 
 Per precision, in one process on one GPU: base weight bytes and CUDA memory after load; accuracy of
@@ -8,7 +8,7 @@ the bundled adapters (SST-2 dev, AG News test); throughput on SST-2 dev texts wi
 mixed in every batch, beside the same-run ceiling (the bare base at the same precision, same
 forwards, no adapters) and the naive peer (PEFT at the same precision: one forward per task present
 in the batch, `set_adapter` before each); peak CUDA memory while serving. `--cuda-graphs off` serves
-eagerly (the A/B for runtime/cuda_graphs.py). `--ort` adds ONNX Runtime's CUDA provider (needs
+eagerly (the A/B for runtime/engine/cuda_graphs.py). `--ort` adds ONNX Runtime's CUDA provider (needs
 onnxruntime-gpu): the shared-base graph with 32 tasks mixed, and per-task merged fp32/fp16 exports.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _forwards(rt, texts: list[str], batch: int) -> list[dict]:
 def _graphed_ceiling(backbone, forwards: list[dict]):
     """The bare base's forwards replayed as CUDA graphs, one per exact forward shape (no bucket padding:
     the best case for the bare model). The mask goes in as [rows, 1, width] for the reason
-    runtime/cuda_graphs.py gives. Returns run(), or None where capture fails (bitsandbytes)."""
+    runtime/engine/cuda_graphs.py gives. Returns run(), or None where capture fails (bitsandbytes)."""
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
     try:
@@ -99,7 +99,7 @@ def _graphed_ceiling(backbone, forwards: list[dict]):
 
 def peft_base_kwargs(precision: str) -> dict:
     """from_pretrained arguments for PEFT's base on CUDA at `precision`: the same dtype and the same
-    bitsandbytes settings as our own CUDA base (runtime/base_model.py), so the two compare like for like."""
+    bitsandbytes settings as our own CUDA base (runtime/engine/base_model.py), so the two compare like for like."""
     from adapterserve.runtime.engine.base_model import _DTYPES, _bnb_config
 
     kwargs = {"dtype": _DTYPES.get(precision, torch.float16), "device_map": {"": 0}}  # int8/NF4: fp16 activations

@@ -1,6 +1,6 @@
 """Precision and engine benchmark (quantized/ONNX issue), packaged MiniLM on this machine's CPU.
 
-    python -m loadtest.precision_bench [--ag-news-limit 7600] [--throughput-only] [--workers 2]
+    python -m adapterserve.loadtest.precision_bench [--ag-news-limit 7600] [--throughput-only] [--workers 2]
 
 1. Base memory per precision: parameter bytes, process RSS growth, and for ONNX the file size.
 2. Accuracy of the bundled adapters (SST-2 dev, AG News test) per precision/engine.
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             int8_rt = rt
         else:
             del rt
-    print("\nfp16: needs CUDA (refused on CPU with a clear message); no GPU in this session.\n")
+    print("\nfp16: needs CUDA (refused on CPU with a clear message); no GPU here.\n")
     if args.throughput_only or threads:
         fp32_rt = Runtime(RuntimeConfig(slots=40, r_max=16, torch_threads=threads))
         int8_rt = Runtime(RuntimeConfig(slots=40, r_max=16, engine="onnx", precision="int8", torch_threads=threads))

@@ -1,4 +1,4 @@
-"""`python -m loadtest run`: load an adapterserve server and report throughput and latency.
+"""`adapterserve loadtest run`: load an adapterserve server and report throughput and latency.
 
 Several client processes (--processes) share the load so the client is never the bottleneck; their
 own CPU use is reported beside the results. Closed loop with --concurrency, or open loop (Poisson

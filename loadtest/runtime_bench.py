@@ -1,7 +1,7 @@
 """In-process runtime benchmark (runtime-core issue): packaged MiniLM, fp32 torch, real SST-2 dev
 sentences in batches of 32.
 
-    python -m loadtest.runtime_bench [--rounds 3] [--json out/runtime_bench.json]
+    python -m adapterserve.loadtest.runtime_bench [--rounds 3] [--json out/runtime_bench.json]
 
 Variants, each on the same batches (same rows, same padding):
   (a) bare      the unwrapped base model forward (the ceiling)

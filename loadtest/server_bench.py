@@ -1,6 +1,6 @@
 """Server overhead benchmark (gRPC issue): the same runtime in-process vs behind gRPC.
 
-    python -m loadtest.server_bench [--duration 15]
+    python -m adapterserve.loadtest.server_bench [--duration 15]
 
 1. Concurrency 1, one short text: server p50 - in-process p50 (target <= 2 ms).
 2. Saturation on SST-2 dev texts: server texts/s vs in-process batched texts/s with the same batch

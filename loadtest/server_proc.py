@@ -17,12 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository
 
 class ServerProcess:
     def __init__(self, *args: str, metrics_port: int = 0, env: dict | None = None, ready_timeout: float = 120.0,
-                 tls_ca: str | None = None, cwd: str | None = None) -> None:
+                 tls_ca: str | None = None, cwd: str | None = None, command: list[str] | None = None) -> None:
+        """command: how to start `serve` (default: this interpreter's `-m adapterserve serve`)."""
         self.tls_ca = tls_ca
         self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), *args]
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
-        cmd = [sys.executable, "-m", "adapterserve", "serve", *self.args]
-        full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+        cmd = [*(command or [sys.executable, "-m", "adapterserve", "serve"]), *self.args]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.port: int | None = None

@@ -56,18 +56,18 @@ class RuntimeConfig:
     # Linear layers (by name suffix) that get slot buffers; None = every linear of the encoder.
     lora_targets: Optional[list[str]] = None
     torch_threads: Optional[int] = field(default=None, metadata={"help": "intra-op threads"})
-    # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/lora_kernel.c,
+    # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/native/csrc/lora_kernel.c,
     # no gather copy, skips padded tokens), "torch" (gather + bmm), or "auto" (fused when it can be
     # built here, else torch). Other devices and precisions always use the torch path. For engine=onnx
     # it picks the shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
-    # (runtime/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
+    # (runtime/native/csrc/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
     lora_kernel: str = field(default="auto", metadata={"help": "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"})
-    # The torch engine's forward over token-packed rows (runtime/packing.py): "auto" = on CPU fp32
+    # The torch engine's forward over token-packed rows (runtime/engine/packing.py): "auto" = on CPU fp32
     # BERT/RoBERTa bases with the fused kernel (a pool is then one forward with no padding and our
     # varlen attention), "off" = padded forwards cut by the batch planner.
     token_packing: str = field(default="auto", metadata={"help": "auto | off: CPU fp32/bf16 BERT/RoBERTa forwards over token-packed rows (no padding, one forward per batch)"})
     # The torch engine's padded forwards on CUDA replayed as captured CUDA graphs, one per (rows, width)
-    # bucket (runtime/cuda_graphs.py): "auto" = on for fp32/fp16/bf16 CUDA bases, "off" = eager.
+    # bucket (runtime/engine/cuda_graphs.py): "auto" = on for fp32/fp16/bf16 CUDA bases, "off" = eager.
     cuda_graphs: str = field(default="auto", metadata={"help": "auto | off: replay CUDA fp32/fp16/bf16 forwards as captured CUDA graphs (one per rows x width bucket)"})
     # "torch" (eager, any precision) or "onnx" (shared-base ONNX graph on ONNX Runtime; precision fp32 or int8).
     engine: str = field(default="torch", metadata={"help": "torch | onnx (shared-base ONNX graph on ONNX Runtime)"})
@@ -143,7 +143,7 @@ class ServerConfig:
     # Model workers each run whole forwards on their own thread, with the intra-op threads split
     # between them. 1 (default) gives the lowest latency for one request at a time; on a small CPU,
     # 2 workers x 1 thread serve 4-15% more texts/s than 1 x 2 in-process (less OpenMP fork/join per
-    # op; `python -m loadtest.cpu_probes workers`), about 5% more behind gRPC. GPUs want 1.
+    # op; `python -m adapterserve.loadtest.probes.cpu_probes workers`), about 5% more behind gRPC. GPUs want 1.
     model_workers: int = field(default=1, metadata={"help": "forwards run at once, intra-op threads split between them"})
     # Requests with at most this many characters (texts + pairs) are tokenized on the event loop: a
     # short text tokenizes in ~25 us, while the hand-off to the pool and back costs ~300 us of

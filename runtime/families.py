@@ -47,7 +47,7 @@ class Family:
     # Linear layer suffixes a training run targets by default (attention + feed-forward).
     default_targets: tuple[str, ...]
     # (weight, bias) names where the whole head is one linear layer (logits = W x + b); None otherwise.
-    # Such heads of a mixed GPU batch run as one batched matmul (Runtime._stacked_logits).
+    # Such heads of a mixed GPU batch run as one batched matmul (heads._stacked_logits).
     linear_head: Optional[tuple[str, str]] = None
 
 

@@ -4,7 +4,7 @@ All adapters loaded into PeftModels (one model per label count, since a PEFT cla
 one size), `set_adapter(task)` per request, one request per forward, same wire contract as
 adapterserve's Classifier.Classify so the same load generator drives both.
 
-    python -m loadtest.baselines.peft_server --port 50061 --adapters DIR   # DIR/<task>/ PEFT dirs
+    python -m adapterserve.loadtest.baselines.peft_server --port 50061 --adapters DIR   # DIR/<task>/ PEFT dirs
 """
 from __future__ import annotations
 

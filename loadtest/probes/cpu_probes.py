@@ -1,19 +1,19 @@
 """Small CPU measurements behind design choices and figures in docs/benchmarks.md.
 
-    python -m loadtest.cpu_probes workers       # 1 thread x 2 intra-op threads vs 2 threads x 1
-    python -m loadtest.cpu_probes idle-gap      # the same call back to back vs after an idle gap
-    python -m loadtest.cpu_probes tokenize      # HF tokenizer call vs the encoder's direct Rust call
-    python -m loadtest.cpu_probes lora-layer    # one slot layer's adapter branch, ways of computing it
-    python -m loadtest.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
-    python -m loadtest.cpu_probes forward-cost  # bare forward time by rows x tokens (the planner's cost model)
-    python -m loadtest.cpu_probes onnx-rows     # per-row cost of the shared ONNX int8 graph vs torch
-    python -m loadtest.cpu_probes onnx-threads  # the shared int8 graph's time by op type, 1 vs 2 threads
-    python -m loadtest.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
-    python -m loadtest.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
-    python -m loadtest.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
-    python -m loadtest.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
-    python -m loadtest.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
-    python -m loadtest.cpu_probes onnx-host     # shared int8 engine: wall time per batch vs time inside ORT
+    python -m adapterserve.loadtest.probes.cpu_probes workers       # 1 thread x 2 intra-op threads vs 2 threads x 1
+    python -m adapterserve.loadtest.probes.cpu_probes idle-gap      # the same call back to back vs after an idle gap
+    python -m adapterserve.loadtest.probes.cpu_probes tokenize      # HF tokenizer call vs the encoder's direct Rust call
+    python -m adapterserve.loadtest.probes.cpu_probes lora-layer    # one slot layer's adapter branch, ways of computing it
+    python -m adapterserve.loadtest.probes.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
+    python -m adapterserve.loadtest.probes.cpu_probes forward-cost  # bare forward time by rows x tokens (the planner's cost model)
+    python -m adapterserve.loadtest.probes.cpu_probes onnx-rows     # per-row cost of the shared ONNX int8 graph vs torch
+    python -m adapterserve.loadtest.probes.cpu_probes onnx-threads  # the shared int8 graph's time by op type, 1 vs 2 threads
+    python -m adapterserve.loadtest.probes.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
+    python -m adapterserve.loadtest.probes.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
+    python -m adapterserve.loadtest.probes.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
+    python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
+    python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
+    python -m adapterserve.loadtest.probes.cpu_probes onnx-host     # shared int8 engine: wall time per batch vs time inside ORT
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -462,7 +462,7 @@ def bf16_matmul() -> None:
 def lora_op() -> None:
     """One LoRA op node on ORT's CPU provider, 2 threads: 32 token-packed rows of 6-26 tokens, each on
     its own slot (ranks 4/8/16, r_max 16): the fp32 op, the bf16 op on AMX tiles and on its portable
-    loop (runtime/lora_amx.c), for the shapes of one MiniLM layer."""
+    loop (runtime/native/csrc/lora_amx.c), for the shapes of one MiniLM layer."""
     import numpy as np
     import onnxruntime as ort
 
@@ -557,7 +557,7 @@ def onnx_nodes() -> None:
 
 def onnx_folds() -> None:
     """Interleaved A/B of the shared int8 graph with and without each rewrite that folds nodes into
-    our LoRA ops (exporters/shared_base._fuse_qkv, _fold_*): graph variants built from the export's
+    our LoRA ops (runtime/engine/onnx/export._fuse_qkv, _fold_*): graph variants built from the export's
     pre-fold file, one engine whose session is swapped per variant, SST-2 dev passes as onnx-host,
     six rounds each; prints each variant's texts/s and median."""
     import threading

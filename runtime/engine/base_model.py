@@ -40,7 +40,7 @@ class Bf16Linear(nn.Linear):
     """A linear that stores its weight (and bias) in bf16 and takes and returns fp32: the matmul runs
     in bf16, everything around it (LayerNorm, softmax, residuals, the LoRA delta, the heads) in fp32.
     On CPUs with AMX or AVX512-BF16, oneDNN runs these matmuls ~6x faster than fp32 and this linear,
-    casts included, ~4.7x (`python -m loadtest.cpu_probes bf16-matmul`, docs/benchmarks.md)."""
+    casts included, ~4.7x (`python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul`, docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).float()

@@ -22,7 +22,7 @@ class SlotBatch:
     # run; row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [B + 1]). 3-D activations are then
     # [1, N, d]; the pooler's [B, d] stays one row per entry. None = rows padded to a common length.
     offsets: Optional[torch.Tensor] = None
-    # A captured CUDA graph's forward (runtime/cuda_graphs.py): every slot layer runs its branch at
+    # A captured CUDA graph's forward (runtime/engine/cuda_graphs.py): every slot layer runs its branch at
     # `rank` over every row, whatever the slots hold now, since the graph is replayed as slots change.
     every_layer: bool = False
 

@@ -1,9 +1,9 @@
 """Token packing: every row's real tokens back to back as one [1, N] run, with row offsets, so an
 encoder forward computes no padded position and a whole pool of rows of any lengths is one forward.
 
-Used by the torch engine's packed forward (runtime/engine.py, CPU fp32 with the fused kernel) and
-the token-packed shared ONNX graph (exporters/shared_base.py, runtime/onnx_engine.py). Attention is
-then ours (runtime/varlen_attention.c) and stays within each row; everything else in an encoder
+Used by the torch engine's packed forward (runtime/engine/torch_engine.py, CPU fp32 with the fused kernel) and
+the token-packed shared ONNX graph (runtime/engine/onnx/export.py, runtime/engine/onnx/engine.py). Attention is
+then ours (runtime/native/csrc/varlen_attention.c) and stays within each row; everything else in an encoder
 layer works per token already.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def pack(inputs: dict[str, torch.Tensor], first_position: int) -> dict[str, torc
     In numpy, not torch: a torch CPU op opens an OpenMP region, and right after an ONNX Runtime run
     (whose pool threads still spin) one repeat_interleave of ~800 ids took ~0.9 ms (cProfile of the
     shared int8 engine) and slowed the next run too; these few index ops take microseconds
-    (docs/benchmarks.md, session 11)."""
+    (docs/architecture.md, "The CPU int8 path")."""
     mask = inputs["attention_mask"].numpy().astype(bool)
     counts = mask.sum(axis=1)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)

@@ -1,6 +1,6 @@
 """The slot-wrapped linear: y = base(x) + (x @ A[idx]) @ B[idx] for each row's slot idx.
 
-On the CPU in fp32 the fused kernel (runtime/lora_kernel.c) adds each row's delta reading its slot in
+On the CPU in fp32 the fused kernel (runtime/native/csrc/lora_kernel.c) adds each row's delta reading its slot in
 place and only over real tokens; elsewhere it is one gather and two bmm per layer in torch.
 
 Buffers are fixed-shape: A [slots, r_max, d_in] and B [slots, r_max, d_out] with the LoRA scaling
@@ -38,7 +38,7 @@ class SlotLoRALinear(nn.Module):
         # Slots whose adapter changes this layer: lets a batch skip layers none of its adapters target.
         self.active_slots: set[int] = set()
         self._unmerged_weight: Optional[torch.Tensor] = None
-        # Set by the engine when the fused CPU kernel serves this layer (see runtime/lora_kernel.c).
+        # Set by the engine when the fused CPU kernel serves this layer (see runtime/native/csrc/lora_kernel.c).
         self.kernel: Optional[FusedLoRA] = None
         # Each slot's rank in this layer rounded up to the kernel's 8-wide blocks, 0 = not targeted:
         # in a mixed batch every row then pays for its own adapter's rank, not the batch's largest.
@@ -93,7 +93,7 @@ class SlotLoRALinear(nn.Module):
 
     def _traced_forward(self, x: torch.Tensor, y: torch.Tensor, y_offset: int = 0) -> torch.Tensor:
         """Export path: full r_max, slot tensors from graph inputs, no Python-side shortcuts. With
-        the ONNX Runtime op the graph gets one adapterserve.SlotLoRA node (runtime/ort_lora_op.c);
+        the ONNX Runtime op the graph gets one adapterserve.SlotLoRA node (runtime/native/csrc/ort_lora_op.c);
         without it, stock ops: a per-row Gather of the slot tensors and two batched MatMuls. y may be a
         packed projection (q/k/v in one MatMul) whose columns for this layer start at y_offset."""
         traced = self.context.traced

@@ -73,7 +73,7 @@ class TorchEngine:
         """Give the fused CPU kernel to every layer it can serve; returns "fused" or "torch"."""
         if choice == "torch":
             return "torch"
-        # fp32 bases, and bf16 ones on the CPU (fp32 activations, runtime/base_model.py). Not bitsandbytes
+        # fp32 bases, and bf16 ones on the CPU (fp32 activations, runtime/engine/base_model.py). Not bitsandbytes
         # int8: LLM.int8 rounds every layer's activations to int8, which turns the kernel's different
         # fp32 summation order (~1e-7) into ~4e-3 logit differences from PEFT; int8/NF4 keep the torch
         # path, which matches PEFT's matmuls.

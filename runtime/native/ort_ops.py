@@ -80,7 +80,7 @@ def pack_bf16_b(b: torch.Tensor) -> torch.Tensor:
 
 def amx_bf16_available() -> bool:
     """Whether the bf16 LoRA ops run on AMX tiles here (the int8 graph then uses them). Without AMX
-    their portable loop is 10-18x slower than the fp32 op (python -m loadtest.cpu_probes lora-op), so the
+    their portable loop is 10-18x slower than the fp32 op (python -m adapterserve.loadtest.probes.cpu_probes lora-op), so the
     exporter keeps fp32 there."""
     path = library_path()
     if path is None or os.environ.get("ADAPTERSERVE_LORA_AMX") == "off":

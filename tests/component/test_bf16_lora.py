@@ -1,4 +1,4 @@
-"""The int8 shared graph's bf16 LoRA ops (runtime/lora_amx.c) on tiny random models: the same logits
+"""The int8 shared graph's bf16 LoRA ops (runtime/native/csrc/lora_amx.c) on tiny random models: the same logits
 as the fp32 op in the same int8 graph to bf16 rounding, the portable loop equal to the AMX tiles,
 registrations after the session exists reach the packed bf16 slots, and the fp32 graph refuses them."""
 import json

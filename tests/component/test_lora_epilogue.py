@@ -1,4 +1,4 @@
-"""The nodes folded into the LoRA ops (runtime/row_epilogue.c, exporters/shared_base._fold_*): the
+"""The nodes folded into the LoRA ops (runtime/native/csrc/row_epilogue.c, runtime/engine/onnx/export._fold_*): the
 vectorized erf and GELU against float64, and one op node with its residual, GELU and LayerNorm
 inputs against layer_norm(gelu((y + delta) + residual)) computed in float64. Whole graphs with the folds are checked against
 torch in test_onnx.py (1e-4) and test_bf16_lora.py."""

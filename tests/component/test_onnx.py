@@ -233,7 +233,7 @@ def test_cuda_base_without_the_onnxruntime_cuda_provider_is_refused():
 
 
 def test_cpu_sessions_keep_layernorm_and_residual_add_unfused(tiny_bases, tmp_path):
-    """ORT's CPU SkipLayerNormalization is slower than the LayerNorm + Add it fuses (runtime/onnx_engine.py):
+    """ORT's CPU SkipLayerNormalization is slower than the LayerNorm + Add it fuses (runtime/engine/onnx/engine.py):
     a per-task CPU export leaves the pair unfused, says how to load it, and our sessions keep it so.
     The control (a default session on the same file) shows ORT would fuse it otherwise."""
     import json

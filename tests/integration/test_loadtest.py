@@ -1,4 +1,4 @@
-"""`python -m loadtest run` for 5 s against a real server: the counts add up, the JSON has every field,
+"""`adapterserve loadtest run` for 5 s against a real server: the counts add up, the JSON has every field,
 `compare` writes its plots. No speed assertions."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""ONNX Runtime engine over the shared-base graph (exporters/shared_base.py).
+"""ONNX Runtime engine over the shared-base graph (runtime/engine/onnx/export.py).
 
 Slot storage stays with the torch engine's slot layers (same validation, same copy_ into a slot);
 this engine hands those buffers to ONNX Runtime as inputs (torch CPU tensors share memory with numpy,
@@ -26,14 +26,13 @@ from adapterserve.runtime.errors import ConfigError, NotSupportedError
 log = logging.getLogger(__name__)
 
 
-GRAPH_FORMAT = 9  # 2: row_lengths input and the optional adapterserve.SlotLoRA op; 3: its y_offset input;
-# 4: the token-packed layout (SlotLoRAPacked, VarlenAttention) where it applies; 5: bf16 LoRA slots (int8);
-# 6: residual Adds folded into the LoRA op; 7: Gelus and LayerNorms folded into it too; 8: q/k/v LoRA as one node;
-# 9: LoRA nodes that alone read their projection run in its buffer (*InPlace)
+# Part of the export cache key: bump it whenever the exported graph's inputs, ops or rewrites change, so a
+# cached graph from another build is re-exported rather than fed the wrong inputs.
+GRAPH_FORMAT = 9
 
 
 # ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it
-# replaces: ~0.9 ms against ~0.2 ms per BERT-layer norm at 832 tokens x 384 (python -m loadtest.cpu_probes
+# replaces: ~0.9 ms against ~0.2 ms per BERT-layer norm at 832 tokens x 384 (python -m adapterserve.loadtest.probes.cpu_probes
 # onnx-profile; docs/benchmarks.md). CPU sessions therefore keep the pair unfused: a per-task merged int8
 # export runs 35.1 -> 23.5 ms per run; the shared int8 graph, where ORT fused one pair, 28.7 -> 27.4 ms.
 CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
@@ -85,7 +84,7 @@ class OnnxEngine:
         self.base = slots_from.base
         meta_path = os.path.join(model_dir, META_FILE)
         if not os.path.exists(meta_path):
-            raise ConfigError(f"{model_dir} has no {META_FILE}; export it with `python -m exporters shared`")
+            raise ConfigError(f"{model_dir} has no {META_FILE}; export it with `adapterserve export shared`")
         with open(meta_path) as fh:
             meta = json.load(fh)
         want = [{"name": n, "d_in": l.d_in, "d_out": l.d_out} for n, l in slots_from.layers.items()]
@@ -108,11 +107,11 @@ class OnnxEngine:
             if path is not None and meta.get("lora_op_abi") != ort_ops.ABI:
                 raise ConfigError(f"the ONNX model in {model_dir} was exported for {FUSED_OP} ABI "
                                   f"{meta.get('lora_op_abi')}, this build has {ort_ops.ABI}; re-export it "
-                                  "(delete the directory, or `python -m exporters shared`)")
+                                  "(delete the directory, or `adapterserve export shared`)")
             if path is None:
                 raise ConfigError(f"the ONNX model in {model_dir} uses the {FUSED_OP} op, which cannot be built here "
                                   f"({ort_ops.unavailable_reason()}); re-export it with stock ops "
-                                  "(`python -m exporters shared --lora-op stock`, or serve with --lora-kernel torch)")
+                                  "(`adapterserve export shared --lora-op stock`, or serve with --lora-kernel torch)")
             options.register_custom_ops_library(path)
         self.device = slots_from.base.device
         providers = providers or providers_for(self.device)
@@ -125,7 +124,7 @@ class OnnxEngine:
                               f"{self.device}; they must match")
         if self.on_cuda and self.fused_op:
             raise ConfigError(f"the ONNX model in {model_dir} uses {FUSED_OP}, a CPU kernel; export the CUDA "
-                              "graph with stock ops (`python -m exporters shared --lora-op stock`)")
+                              "graph with stock ops (`adapterserve export shared --lora-op stock`)")
         # "packed": each forward is one run of the rows' real tokens back to back (no padding).
         self.packed = meta.get("layout") == "packed"
         self.position_offset = int(meta.get("position_offset", 0))

@@ -5,7 +5,7 @@ task, mixed in one run; registering a task changes inputs, never the graph.
 Exported with torch.onnx.export (TorchScript exporter, dynamo=False) with dynamic batch and
 sequence axes; optimum's exporter only knows stock architectures, not graphs with extra inputs.
 Each slot layer becomes one `adapterserve.SlotLoRA` node (the fused kernel as an ONNX Runtime custom
-op, runtime/ort_lora_op.c; graph inputs add each layer's rank table and the rows' real lengths)
+op, runtime/native/csrc/ort_lora_op.c; graph inputs add each layer's rank table and the rows' real lengths)
 where that op can be built, else stock Gather/MatMul/Add nodes (`lora_op` in shared_base.json).
 
 Two layouts (`layout` in shared_base.json). "packed" (BERT/RoBERTa with the fused op): every row's
@@ -208,7 +208,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     """Write model.onnx (+ shared_base.json and the tokenizer) to out_dir; returns the model path.
     lora_op: "auto" (the fused op where it applies), "fused" (refuse if it does not), "stock".
     packed: token-packed rows (None: wherever the fused op and the attention swap apply).
-    bf16_lora: the int8 graph's LoRA ops take bf16 slots (runtime/lora_amx.c); None: where AMX runs."""
+    bf16_lora: the int8 graph's LoRA ops take bf16 slots (runtime/native/csrc/lora_amx.c); None: where AMX runs."""
     if engine.base.precision not in ("fp32",):
         raise ValueError(f"export the shared base from an fp32 base, not {engine.base.precision}; "
                          "use --quantize int8 for an int8 graph")
@@ -275,7 +275,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
 
 def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
     """The graph with SlotLoRA(Packed) nodes as their BF16 variants, whose A/B inputs (lora_a_i,
-    lora_b_i) become int32 [slots, ...] in the pair layouts of runtime/lora_amx.c."""
+    lora_b_i) become int32 [slots, ...] in the pair layouts of runtime/native/csrc/lora_amx.c."""
     import onnx
 
     from adapterserve.runtime.native.ort_ops import DOMAIN, OP_TYPE, PACKED_OP_TYPE, bf16_a_shape, bf16_b_shape
@@ -305,7 +305,7 @@ def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
 
 
 def _fold_into_lora_ops(path: str, out: str) -> str:
-    """The nodes right after the LoRA ops folded into them (runtime/row_epilogue.c): each saves a
+    """The nodes right after the LoRA ops folded into them (runtime/native/csrc/row_epilogue.c): each saves a
     pass over [tokens, width] and one node, as the op applies it while the row is in cache."""
     import onnx
 
@@ -324,7 +324,7 @@ def _fuse_qkv(graph) -> None:
     [N, dq + dk + dv] base projection at column offsets 0, dq, dq + dk, replaced by one
     SlotLoRAQKVPacked(BF16) node that adds the three deltas in place; its VarlenAttention then reads
     the packed output (k and v inputs left empty). Saves copying q, k and v out of the packed tensor
-    and two of three trips to the thread pool per layer (runtime/ort_lora_op.c, compute_qkv)."""
+    and two of three trips to the thread pool per layer (runtime/native/csrc/ort_lora_op.c, compute_qkv)."""
     import onnx
 
     from adapterserve.runtime.native.ort_ops import ATTENTION_OP_TYPE, DOMAIN, PACKED_OP_TYPE, QKV_OP_TYPE
@@ -469,7 +469,7 @@ def _fold_layer_norms(graph) -> None:
         graph.node.remove(ln)
 
 
-IN_PLACE = "InPlace"  # op type suffix: the node writes into y's buffer (runtime/ort_lora_op.c, y_is_output)
+IN_PLACE = "InPlace"  # op type suffix: the node writes into y's buffer (runtime/native/csrc/ort_lora_op.c, y_is_output)
 
 
 def _in_place_lora_ops(graph) -> None:

@@ -45,7 +45,7 @@ class SlotLoRAPackedFunction(torch.autograd.Function):
 
 class VarlenAttentionFunction(torch.autograd.Function):
     """Export-time only: adapterserve.VarlenAttention, softmax(q k^T / sqrt(d)) v within each of the
-    token-packed sequences of q, k, v [1, N, H] (runtime/varlen_attention.c)."""
+    token-packed sequences of q, k, v [1, N, H] (runtime/native/csrc/varlen_attention.c)."""
 
     @staticmethod
     def forward(ctx, q, k, v, offsets, num_heads):  # noqa: ARG004 - ctx unused

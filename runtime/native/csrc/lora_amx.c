@@ -10,7 +10,7 @@
    accuracy is tested against the bundled adapters' fp32 accuracy. The fp32 graph keeps the fp32 op.
 
    Slot layouts (uint32 = a pair of bf16, the lower half the even index), written once per
-   registration by runtime/ort_lora_op.py (pack_bf16_a / pack_bf16_b), so a forward converts only x:
+   registration by runtime/native/ort_ops.py (pack_bf16_a / pack_bf16_b), so a forward converts only x:
      A^T: [slots][R16 / 16][din_pad / 32][16 pairs kk][16 ranks n] = A[16 c + n][32 kc + 2 kk (+1)];
           R16 = r_max rounded up to 16, din_pad = din rounded up to 32 (zeros past them);
      B:   [slots][RB / 2][dout] = (B[2 j][o], B[2 j + 1][o]); RB = r_max, or rounded up to 32 above 32.

@@ -5,7 +5,7 @@
    Why not gather + bmm in torch: that copies every row's A/B out of the slot buffers (43 MB per
    batch of 32 on MiniLM) and runs over padded tokens too (about half the tokens of an SST-2 batch).
    Here each row reads its slot in place, only its real tokens, and x/y are touched while hot.
-   Built at run time by runtime/lora_kernel.py (gcc -O3 -march=native -fopenmp); it shares torch's
+   Built at run time by runtime/native/lora_kernel.py (gcc -O3 -march=native -fopenmp); it shares torch's
    OpenMP runtime (same soname), so it uses the same threads as the base matmuls. */
 #include <stdint.h>
 #include <immintrin.h>

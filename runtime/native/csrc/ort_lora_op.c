@@ -22,7 +22,7 @@
    8 residual (the output's shape; a residual Add folded in), optional 9 activation int64 [1] (1: exact
    GELU of the sum; a Gelu node folded in; 0 or absent: none), optional 10-12 LayerNorm scale [dout],
    bias [dout] and epsilon [1] (a LayerNormalization over the last dim folded in, applied last). The *BF16 ops take 2 and 3 as int32 bf16
-   pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/onnx_engine.py); the version-1
+   pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/engine/onnx/engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
    The pip wheel of onnxruntime ships no C headers, so the few OrtApi entries used are declared below
@@ -194,7 +194,7 @@ static void copy_row(const RowTask *task, int64_t row)
         copy_tokens(task, row * p->T, (row + 1) * p->T);
 }
 
-/* The nodes that followed this one in the graph, folded in (exporters/shared_base._fold_*), over
+/* The nodes that followed this one in the graph, folded in (runtime/engine/onnx/export._fold_*), over
    output tokens [t0, t1) while the row is in cache: the residual Add, the GELU, the LayerNorm
    (row_epilogue.c). */
 static void epilogue(const RowTask *task, int64_t t0, int64_t t1)
@@ -321,7 +321,7 @@ static void compute_packed_bf16(void *kernel, OrtKernelContext *ctx) { (void)ker
 
 /* adapterserve.SlotLoRAQKVPacked(BF16): the q, k and v LoRA nodes of one self-attention as one node
    over their packed base projection y [1, N, dq + dk + dv] (one int8 GEMM's output,
-   exporters/shared_base._fuse_qkv): each row adds its three deltas to its columns in place, so
+   runtime/engine/onnx/export._fuse_qkv): each row adds its three deltas to its columns in place, so
    nothing is copied out into three tensors (VarlenAttention reads the packed tensor) and the rows go
    to the pool once, not three times. Inputs: 0 y, 1 x [1, N, din], 2-4 A, B, slot_r8 of q, 5-7 of k,
    8-10 of v (fp32, or the bf16 pair layouts), 11 slot_per_row [rows], 12 row offsets [rows + 1].
@@ -499,7 +499,7 @@ static int end_version(const CustomOp *op) { (void)op; return 2147483647; }
 /* Output 0 and input 0 (y) as one pair: as GetMayInplace, ORT 1.31.1 never took it up (our output has
    no static shape for its planner to compare), so the *InPlace ops and SlotLoRAQKVPacked declare it
    as GetAliasMap: ORT then hands them y's buffer as the output, always. Safe only where nothing else
-   reads y: the exporter names a node *InPlace only then (exporters/shared_base._in_place_lora_ops)
+   reads y: the exporter names a node *InPlace only then (runtime/engine/onnx/export._in_place_lora_ops)
    and fuses q/k/v only when their three nodes are y's only readers. */
 static size_t y_is_output(int **input_index, int **output_index)
 {

@@ -1,5 +1,5 @@
 /* What the shared graph did to a LoRA op's output right after it, done by the op while each row is
-   still in cache (exporters/shared_base._fold_*): the residual Add of attention.output / output and
+   still in cache (runtime/engine/onnx/export._fold_*): the residual Add of attention.output / output and
    the LayerNorm after it, and the exact GELU of intermediate. Each saves a pass over [tokens, width]
    in memory and one node.
 
