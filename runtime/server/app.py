@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,30 @@ log = logging.getLogger("adapterserve")
 SERVICES = ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry")
 
 
+def _check_free(host: str, port: int, what: str, flag: str) -> None:
+    """Refuse a port in use with our one line before gRPC or the HTTP server try it (gRPC's own failure
+    is a C-core log line and a RuntimeError)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({what}): {e.strerror}; check --host") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+        # As the servers themselves bind: a listener is refused, connections left in TIME_WAIT are not.
+        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe_socket.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({what}): {e.strerror}; pick another with {flag} "
+                              f"(0 = {'any free port' if flag == '--port' else 'off'})") from None
+
+
 def _bind(server, config: ServerConfig) -> int:
     address = f"{config.host}:{config.port}"
+    _check_free(config.host, config.port, "gRPC", "--port")
+    _check_free(config.host, config.metrics_port, "/metrics", "--metrics-port")
     try:
         if config.tls_cert:
             try:
