@@ -3,31 +3,39 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup serve test test-all bench clean
+.PHONY: setup serve test test-native-off test-all bench wheel clean
 
-$(STAMP): pyproject.toml
+# The editable install also generates the gRPC stubs from proto/ (setup.py), so it reruns when they change.
+$(STAMP): pyproject.toml setup.py $(wildcard proto/*/*/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU wheel first and pinned, so nothing pulls the multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -m runtime.rpc_stubs
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 serve: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python server.py $(ARGS)
+	$(OFFLINE) $(BIN)/adapterserve serve $(ARGS)
 
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+# The tests that exercise native kernels, again with every portable path forced.
+test-native-off: setup
+	$(OFFLINE) ADAPTERSERVE_NATIVE=off $(BIN)/python -m pytest -q -m native
 
 test-all: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m ''
+	$(OFFLINE) $(BIN)/python -m pytest -q -m ''
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m adapterserve.loadtest.runtime_bench
+	$(OFFLINE) $(BIN)/python -m adapterserve.loadtest.runtime_bench
+
+wheel: setup
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
 from adapterserve import __version__
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 # Tools with their own argument parsers: everything after the subcommand is theirs.
 _TOOLS = {
@@ -24,7 +27,8 @@ _TOOLS = {
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT")
+    p.add_argument("--address", default=os.environ.get("ADAPTERSERVE_ADDRESS", DEFAULT_ADDRESS),
+                   help=f"server HOST:PORT [env ADAPTERSERVE_ADDRESS] (default: {DEFAULT_ADDRESS})")
     p.add_argument("--token", default=None, help="admin token for registry calls (the server's --admin-token)")
     p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate: connect with TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
@@ -121,8 +125,6 @@ def _client_command(args) -> int:
 
 
 def _build_kernels(args) -> int:
-    import os
-
     if args.kernel_dir:
         os.environ["ADAPTERSERVE_KERNEL_DIR"] = os.path.abspath(args.kernel_dir)
     from adapterserve.runtime.native import lora_kernel, ort_ops

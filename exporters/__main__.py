@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     t.add_argument("--quantize", choices=["int8"], default=None)
     t.add_argument("--fp16", action="store_true", help="fp16 weights for the CUDA execution provider")
     t.add_argument("--no-optimize", action="store_true")
-    t.add_argument("--parity-data", default="data/sst2/dev.tsv")
+    t.add_argument("--parity-data", default=None,
+                   help="CSV/TSV of texts for the parity check (default: a built-in sample of sentences)")
     t.add_argument("--parity-text-col", default="sentence")
     t.add_argument("--parity-label-col", default="label")
     t.add_argument("--parity-limit", type=int, default=256)
@@ -47,8 +48,11 @@ def main(argv=None) -> int:
         if args.fp16:
             print("parity: skipped (fp16 graphs target the CUDA execution provider; none here)")
             return 0
-        texts = [e.text for e in read_examples(args.parity_data, args.parity_text_col, args.parity_label_col,
-                                               limit=args.parity_limit)]
+        if args.parity_data:
+            texts = [e.text for e in read_examples(args.parity_data, args.parity_text_col, args.parity_label_col,
+                                                   limit=args.parity_limit)]
+        else:
+            from adapterserve.exporters.parity import SAMPLE_TEXTS as texts
         print_report("parity vs torch fp32", task_model_parity(args.out, args.adapter, texts, args.base_model))
         return 0
 

@@ -8,6 +8,19 @@ from typing import Optional
 import numpy as np
 
 
+# The parity check's texts where none are given: short and long, several domains, a pair of
+# near-duplicates, non-ASCII, so padding, truncation-free lengths and tokenization all get exercised.
+SAMPLE_TEXTS = [
+    "a charming and often affecting journey", "unflinchingly bleak and desperate", "it's a lovely film with lovely performances",
+    "the plot is nothing but boilerplate cliches from start to finish", "an utterly incompetent conclusion",
+    "Stocks fell sharply on Wall Street as oil prices climbed to a record high.",
+    "The home team scored twice in extra time to win the championship final.",
+    "Researchers unveiled a chip that trains neural networks at a fraction of the power.",
+    "Leaders met in Geneva to discuss the ceasefire and humanitarian corridors.",
+    "ok", "not bad at all", "not good at all", "Crème brûlée, naïve café — déjà vu!",
+    "A " + "very " * 40 + "long sentence that keeps going to test longer sequences in the batch.",
+]
+
 def task_model_parity(export_dir: str, adapter_dir: str, texts: list[str], base_model: Optional[str] = None,
                       batch_size: int = 32) -> dict:
     from adapterserve.runtime.config import RuntimeConfig

@@ -47,6 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_texts(path: str, column: str) -> list[str]:
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no texts file {path} (the default, SST-2 dev, ships with the repository's data/, "
+                         "not the wheel); pass --texts FILE --text-col COLUMN")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") else csv.DictReader(fh)
         if column not in (reader.fieldnames or []):

@@ -1,19 +1,12 @@
-"""Small CPU measurements behind design choices and figures in docs/benchmarks.md.
+"""Small CPU measurements behind design choices recorded in docs/architecture.md (kept to re-check them
+on a new CPU; not part of the wheel).
 
     python -m adapterserve.loadtest.probes.cpu_probes workers       # 1 thread x 2 intra-op threads vs 2 threads x 1
-    python -m adapterserve.loadtest.probes.cpu_probes idle-gap      # the same call back to back vs after an idle gap
-    python -m adapterserve.loadtest.probes.cpu_probes tokenize      # HF tokenizer call vs the encoder's direct Rust call
-    python -m adapterserve.loadtest.probes.cpu_probes lora-layer    # one slot layer's adapter branch, ways of computing it
     python -m adapterserve.loadtest.probes.cpu_probes onnx-profile  # ORT profiler: time by op type, shared int8 graph
     python -m adapterserve.loadtest.probes.cpu_probes forward-cost  # bare forward time by rows x tokens (the planner's cost model)
-    python -m adapterserve.loadtest.probes.cpu_probes onnx-rows     # per-row cost of the shared ONNX int8 graph vs torch
-    python -m adapterserve.loadtest.probes.cpu_probes onnx-threads  # the shared int8 graph's time by op type, 1 vs 2 threads
-    python -m adapterserve.loadtest.probes.cpu_probes page-faults   # 64-text pools with and without a glibc mallopt (not kept)
-    python -m adapterserve.loadtest.probes.cpu_probes open-loop     # a server's saturation, then 3 open loops at half of it
     python -m adapterserve.loadtest.probes.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
     python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
-    python -m adapterserve.loadtest.probes.cpu_probes onnx-host     # shared int8 engine: wall time per batch vs time inside ORT
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -86,98 +79,6 @@ def workers() -> None:
         print(f"batch {bs:>2}: 1 worker x {threads} threads {one:6.1f} texts/s; "
               f"2 workers x {max(1, threads // 2)} thread {two:6.1f} texts/s ({two / one:.2f} x)")
         torch.set_num_threads(threads)
-
-
-def idle_gap() -> None:
-    """A short request in-process: back to back, and after 1.5 ms busy or asleep before each call
-    (a server's model thread idles like that between requests at concurrency 1)."""
-    from adapterserve.runtime.config import RuntimeConfig
-    from adapterserve.runtime.runtime import Runtime
-
-    rt = Runtime(RuntimeConfig())
-    rt.add_adapter("sst2", os.path.join(ROOT, "adapters", "examples", "sst2"))
-    call = lambda: rt.classify([("sst2", SHORT)])  # noqa: E731
-
-    def busy():
-        end = time.perf_counter() + 0.0015
-        while time.perf_counter() < end:
-            pass
-
-    def paced(wait):
-        lat = []
-        for _ in range(300):
-            wait()
-            t = time.perf_counter()
-            call()
-            lat.append(time.perf_counter() - t)
-        return statistics.median(lat) * 1e3
-
-    for _ in range(2):
-        print(f"back to back {_median_us(call) / 1e3:.2f} ms; 1.5 ms busy gap {paced(busy):.2f} ms; "
-              f"1.5 ms sleep gap {paced(lambda: time.sleep(0.0015)):.2f} ms")
-
-
-def tokenize() -> None:
-    from transformers import AutoTokenizer
-
-    from adapterserve.runtime.config import packaged_base_model_dir
-    from adapterserve.runtime.tokenization import TextEncoder
-
-    tok = AutoTokenizer.from_pretrained(packaged_base_model_dir())
-    enc = TextEncoder(tok, 512)
-    hf = lambda: tok([SHORT], padding=False, return_attention_mask=False, return_token_type_ids=True,  # noqa: E731
-                     verbose=False, truncation=False)
-    print(f"one short text: HF tokenizer call {_median_us(hf, 3000):.1f} us; "
-          f"encoder (direct Rust call) {_median_us(lambda: enc.encode([SHORT]), 3000):.1f} us")
-
-
-def lora_layer() -> None:
-    """One slot layer's adapter branch on [32, 26, d] activations, rank 8 of r_max 16, 64 slots; the
-    fused kernel both over every position and with real lengths spread from 6 to 26 tokens (38% padding)."""
-    from adapterserve.runtime.native import lora_kernel
-
-    kernel = lora_kernel.load()
-    slots, r_max, r, b, t = 64, 16, 8, 32, 26
-    lengths = torch.linspace(t // 4, t, b).long()
-    slot_r8 = torch.full((slots,), r, dtype=torch.long)  # every slot rank 8 in this layer
-    for d_in, d_out in ((384, 384), (384, 1536), (1536, 384)):
-        a_buf, b_buf = torch.randn(slots, r_max, d_in), torch.randn(slots, r_max, d_out)
-        x, y = torch.randn(b, t, d_in), torch.randn(b, t, d_out)
-        weight, bias = torch.randn(d_out, d_in), torch.randn(d_out)
-        row = {"base linear": lambda: torch.nn.functional.linear(x, weight, bias)}
-        for distinct in (32, 8, 2):
-            idx = torch.sort(torch.arange(b) * distinct // b + 1).values  # rows grouped by slot
-            uniq, counts = torch.unique_consecutive(idx, return_counts=True)
-            offs = (torch.cumsum(counts, 0) * t).to(torch.int32)
-            segs, start = [], 0
-            for s, c in zip(uniq.tolist(), counts.tolist()):
-                segs.append((s, start * t, (start + c) * t))
-                start += c
-            x2, y2 = x.view(-1, d_in), y.view(-1, d_out)
-
-            def gather_bmm(idx=idx):  # what SlotLoRALinear does
-                y.baddbmm_(torch.bmm(x, a_buf[:, :r].index_select(0, idx).transpose(1, 2)),
-                           b_buf[:, :r].index_select(0, idx))
-
-            def grouped(uniq=uniq, offs=offs):
-                xa = torch._grouped_mm(x2, a_buf[:, :r].index_select(0, uniq).transpose(1, 2), offs=offs)
-                y2.add_(torch._grouped_mm(xa, b_buf[:, :r].index_select(0, uniq), offs=offs))
-
-            def segment_loop(segs=segs):
-                for s, lo, hi in segs:
-                    y2[lo:hi].addmm_(x2[lo:hi] @ a_buf[s, :r].t(), b_buf[s, :r])
-
-            row[f"{distinct} adapters: gather+bmm"] = gather_bmm
-            if kernel is not None:
-                row[f"{distinct} adapters: fused kernel"] = lambda idx=idx: kernel(x, y, a_buf, b_buf, slot_r8, idx, None)
-                row[f"{distinct} adapters: fused kernel, real lengths"] = (
-                    lambda idx=idx: kernel(x, y, a_buf, b_buf, slot_r8, idx, lengths))
-            row[f"{distinct} adapters: segment loop"] = segment_loop
-            if hasattr(torch, "_grouped_mm"):
-                row[f"{distinct} adapters: _grouped_mm"] = grouped
-        row["1 adapter: addmm (no gather)"] = lambda: y.view(-1, d_out).addmm_(x.reshape(-1, d_in) @ a_buf[1, :r].t(),
-                                                                               b_buf[1, :r])
-        print(f"{d_in}->{d_out}: " + "; ".join(f"{k} {_median_us(f, 200, 10):.0f} us" for k, f in row.items()))
 
 
 def _profiled_session(model_path: str, op_library: Optional[str] = None, threads: Optional[int] = None):
@@ -272,24 +173,6 @@ def forward_cost() -> None:
         print(f"{rows:3d} rows x {tokens:3d} tokens: {us / 1000:7.2f} ms, {us / (rows * tokens):6.1f} us per token")
 
 
-def onnx_rows() -> None:
-    """One runtime per engine (torch fp32, shared ONNX int8), 1 and 8 rows of one synthetic adapter at
-    3 lengths: the shared graph's cost per row against its cost per token."""
-    from adapterserve.loadtest.synthetic import synthetic_adapter
-    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
-    from adapterserve.runtime.runtime import Row, Runtime
-
-    for kw in (dict(), dict(engine="onnx", precision="int8")):
-        rt = Runtime(RuntimeConfig(slots=40, r_max=16, **kw))
-        rt.add_adapter("s0", synthetic_adapter(packaged_base_model_dir(), seed=0))
-        entry = rt.registry.get("s0")
-        for tokens in (4, 16, 48):
-            enc = rt.encoder.encode([" ".join(["word"] * (tokens - 2))])[0]
-            for rows in (1, 8):
-                us = _median_us(lambda: rt.infer([Row(entry, enc) for _ in range(rows)]), n=20, warm=2)
-                print(f"{rt.engine.name:5s} {rows} rows x {enc.length:2d} tokens: {us / 1000:.2f} ms")
-
-
 def _mixed_int8_pass():
     """The shared int8 engine with 32 synthetic adapters, and a function that runs SST-2 dev through
     it once in batches of 32 with the tasks mixed (rows tokenized up front); returns (runtime, pass)."""
@@ -310,97 +193,6 @@ def _mixed_int8_pass():
         return len(texts)
 
     return rt, one_pass
-
-
-def onnx_threads() -> None:
-    """The shared int8 graph (32 synthetic adapters, SST-2 dev in batches of 32 mixed, the runtime's
-    own forwards) under ORT sessions of 1 and 2 intra-op threads: time by op type and each op type's
-    speedup from the second thread."""
-    from adapterserve.runtime.native.ort_ops import library_path
-
-    rt, one_pass = _mixed_int8_pass()
-    by_threads = {}
-    for threads in (1, 2):
-        rt.engine.session = _profiled_session(os.path.join(rt.engine.model_dir, "model.onnx"),
-                                              library_path() if rt.engine.fused_op else None, threads)
-        one_pass()
-        t = time.perf_counter()
-        n = one_pass()
-        print(f"{threads} thread(s): {n / (time.perf_counter() - t):.1f} texts/s")
-        by_threads[threads] = _time_by_op(rt.engine.session)
-    for op, us in by_threads[1].most_common(10):  # profiled: two passes per session
-        two = by_threads[2][op]
-        print(f"  {op:<28} 1 thread {us / 2000:7.1f} ms/pass  2 threads {two / 2000:7.1f}  × {us / max(two, 1):.2f}")
-
-
-def _pool_run(tuned: bool) -> None:
-    import resource
-    import sys
-
-    if tuned:  # glibc: heap (not fresh mmap pages) up to 32 MB allocations, never trim
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    from adapterserve.loadtest.synthetic import synthetic_adapter
-    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
-    from adapterserve.runtime.runtime import Row, Runtime
-
-    texts = _texts(10_000)
-    rt = Runtime(RuntimeConfig(slots=64, r_max=16))
-    for i in range(32):
-        rt.add_adapter(f"t{i}", synthetic_adapter(packaged_base_model_dir(), seed=i))
-    entries = [rt.registry.get(f"t{i}") for i in range(32)]
-    enc = rt.encoder.encode(texts)
-    pools = [list(range(i, min(i + 64, len(texts)))) for i in range(0, len(texts), 64)]
-
-    def run():
-        for b in pools:
-            rt.infer([Row(entries[j % 32], enc[i]) for j, i in enumerate(b)])
-
-    run()
-    out = []
-    for _ in range(4):
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t = time.perf_counter()
-        run()
-        out.append(f"{time.perf_counter() - t:.2f} s / {(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // len(pools)} faults per pool")
-    print(("mallopt  " if tuned else "default  ") + "; ".join(out), file=sys.stdout, flush=True)
-
-
-def page_faults() -> None:
-    """Each setting in its own process (the allocator's history matters), twice, interleaved."""
-    import subprocess
-    import sys
-
-    for tuned in (False, True, False, True):
-        subprocess.run([sys.executable, "-c", f"from adapterserve.loadtest.probes.cpu_probes import _pool_run; _pool_run({tuned})"],
-                       cwd=ROOT, check=True)
-
-
-def open_loop() -> None:
-    """Default server, 128 Zipf adapters: closed-loop saturation, then 3 open loops at half its rate
-    (the bench runs one; this shows how far single readings of p99/p50 spread)."""
-    import argparse as _argparse
-
-    from adapterserve.loadtest import bench
-    from adapterserve.loadtest.server_proc import ServerProcess
-
-    args = _argparse.Namespace(concurrency=32, texts_per_request=4, quick=False)
-    server = ServerProcess("--data-dir", "", "--no-examples", "--slots", "64", "--max-queue", "8192", ready_timeout=900)
-    try:
-        bench._register(server.address, 128)
-        tasks = [f"t{i}" for i in range(128)]
-        sat = bench._load(server.address, "saturation", tasks, "zipf:1.0", args, 20.0)["throughput_texts_per_s"]
-        for k in range(3):
-            result = bench._load(server.address, f"open loop {k + 1}", tasks, "zipf:1.0", args, 20.0,
-                                 rate=round(sat / args.texts_per_request / 2, 1))
-            lat = result["latency_ms"]
-            print(f"open loop {k + 1}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p99/p50 {lat['p99'] / lat['p50']:.2f}; "
-                  f"{bench.server_split(result)}")
-    finally:
-        server.stop()
 
 
 def varlen_attention() -> None:
@@ -503,32 +295,6 @@ def lora_op() -> None:
         print(f"  {d_in:4d} -> {d_out:4d}: " + ", ".join(timings))
 
 
-def onnx_host() -> None:
-    """The shared int8 engine over SST-2 dev in batches of 32 (32 synthetic tasks mixed, rows tokenized
-    up front): wall time per batch of Runtime.infer against the time inside ORT's run; the difference
-    is the runtime's host work (planning, packing, binding, heads, predictions)."""
-    rt, one_pass = _mixed_int8_pass()
-    session, inside = rt.engine.session, [0.0]
-    run = session.run_with_iobinding
-
-    def timed_run(binding, *args):
-        t = time.perf_counter()
-        try:
-            return run(binding, *args)
-        finally:
-            inside[0] += time.perf_counter() - t
-
-    session.run_with_iobinding = timed_run
-    for rnd in range(4):  # the first is a warm-up
-        inside[0] = 0.0
-        t = time.perf_counter()
-        n = one_pass()
-        wall, batches = time.perf_counter() - t, -(-n // 32)
-        if rnd:
-            print(f"{n / wall:7.1f} texts/s: {wall / batches * 1e3:.2f} ms per batch, ORT run "
-                  f"{inside[0] / batches * 1e3:.2f} ms, host {(wall - inside[0]) / batches * 1e3:.2f} ms")
-
-
 def onnx_nodes() -> None:
     """The shared int8 engine's SST-2 loop (as onnx-host) under a profiled session: milliseconds per
     batch of 32 by node, the six encoder layers' nodes of one name summed (which part of a layer costs
@@ -595,11 +361,8 @@ def onnx_folds() -> None:
         print(f"{name:<32} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
 
 
-PROBES = {"workers": workers, "idle-gap": idle_gap, "tokenize": tokenize, "lora-layer": lora_layer,
-          "onnx-profile": onnx_profile, "forward-cost": forward_cost, "onnx-rows": onnx_rows,
-          "page-faults": page_faults, "open-loop": open_loop, "onnx-threads": onnx_threads,
-          "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
-          "onnx-host": onnx_host, "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
+PROBES = {"workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+          "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ import os
 import subprocess
 import tempfile
 import threading
-from typing import Optional
 
 from adapterserve.runtime.config import cache_root
 from adapterserve.runtime.native.hardware import cpu_flags_key, probe

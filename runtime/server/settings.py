@@ -158,3 +158,41 @@ def parse_config(argv=None, environ: Optional[dict] = None) -> tuple[ServerConfi
     add_serve_args(p)
     args = p.parse_args(argv)
     return config_from_args(args, environ), args.log_level
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, generated from the config dataclasses (tests/unit/test_settings.py keeps
+    the file current): `python -m adapterserve.runtime.server.settings > docs/configuration.md`."""
+    rows = ["# Configuration", "",
+            "Generated from `runtime/config.py` by `python -m adapterserve.runtime.server.settings`; do not edit.",
+            "",
+            "Every setting is a flag of `adapterserve serve`, an environment variable, and a key of the optional",
+            "`--config FILE` (JSON, or TOML on Python 3.11+; keys as the flag names without `--`). A flag wins over",
+            "the environment, which wins over the file, which wins over the default. A value that does not parse",
+            "stops the server with one line naming its source (exit code 2).", "",
+            "| flag | environment | default | what |", "|---|---|---|---|"]
+    for s in settings():
+        flag = f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.kind is bool else (
+            f"`{s.flag.rstrip('s')} VALUE` (repeatable)" if s.kind is list else f"`{s.flag} {s.kind.__name__.upper()}`")
+        if isinstance(s.default, bool):
+            default = "on" if s.default else "off"
+        elif isinstance(s.default, list):
+            default = ", ".join(s.default) or "—"
+        else:
+            default = "—" if s.default is None else s.default
+        rows.append(f"| {flag} | `{s.env}` | {default} | {s.help.replace('|', '/')} |")
+    rows += ["| `--config FILE` | — | — | JSON or TOML file of settings |",
+             f"| `--log-level LEVEL` | `{ENV_PREFIX}LOG_LEVEL` | INFO | logging level |", "",
+             "Outside the flags:", "",
+             "| environment | what |", "|---|---|",
+             f"| `{ENV_PREFIX}CACHE` | cache root for exported ONNX graphs and built kernels (default `~/.cache/adapterserve`) |",
+             f"| `{ENV_PREFIX}KERNEL_DIR` | where native kernels are built and looked up (default `$ADAPTERSERVE_CACHE/kernels`); "
+             "`adapterserve build-kernels --kernel-dir` fills it |",
+             f"| `{ENV_PREFIX}NATIVE` | `off` forces every portable path (no C kernel, no ONNX Runtime custom op) |",
+             f"| `{ENV_PREFIX}LORA_AMX` | `off`: the int8 graph's bf16 LoRA ops take their portable loop instead of AMX tiles |",
+             f"| `{ENV_PREFIX}ADDRESS` | default `--address` of the client commands (`classify`, `register`, ...) |", ""]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

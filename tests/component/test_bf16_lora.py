@@ -13,7 +13,8 @@ from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 
-pytestmark = pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
+pytestmark = [pytest.mark.native,
+              pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")]
 
 # bf16 keeps 8 significant bits: x, A, B and xA each rounded once move a LoRA delta of size d by ~4e-3 d.
 # The adapters here (scale 0.5 on a 32-wide model) move the logits by ~1; 2e-2 leaves room for that.

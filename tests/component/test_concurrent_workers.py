@@ -12,6 +12,8 @@ from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
 
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
 TOL = 1e-5
 
 

@@ -12,7 +12,8 @@ import torch
 from adapterserve.runtime.engine.onnx.ops import single_op_model
 from adapterserve.runtime.native import ort_ops
 
-pytestmark = pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")
+pytestmark = [pytest.mark.native,
+              pytest.mark.skipif(ort_ops.library_path() is None, reason="the ONNX Runtime op library cannot be built here")]
 
 
 def in_place(fn_name: str, x: np.ndarray) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Merged mode: equals slot mode within 1e-4; unmerge restores the base bit for bit, even after
 1,000 merge/unmerge cycles."""
+import pytest
 import torch
 
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
+
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
 
 
 def _weights(rt):

@@ -11,6 +11,8 @@ from adapterserve.runtime.engine.reference import reference_logits
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, peft_logits
 
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
 TOL = 1e-4
 
 

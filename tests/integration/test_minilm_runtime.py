@@ -8,6 +8,8 @@ from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS, make_peft_adapter, peft_logits
 
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
 T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"]
 TASKS = [
     dict(num_labels=2, r=4, alpha=8, targets=T[:2]),

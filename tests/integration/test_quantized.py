@@ -8,6 +8,8 @@ from adapterserve.runtime.errors import NotSupportedError
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS
 
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
 T = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
