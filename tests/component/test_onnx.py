@@ -8,10 +8,15 @@ import pytest
 
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.native import ort_ops
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, make_tiny_base
 
 pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
+# Our ONNX Runtime ops are built where native code runs (docs/architecture.md); elsewhere every graph is
+# the stock-op one, and the same answers are expected of it.
+OP = ort_ops.library_path() is not None
 
 TOL = 1e-4
 
@@ -55,7 +60,7 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
                                     lora_kernel=lora_kernel))
     assert onnx_rt.engine.name == "onnx"
-    fused = lora_kernel == "auto"
+    fused = lora_kernel == "auto" and OP
     assert onnx_rt.engine.kernel_name == ("onnx-op" if fused else "onnx-graph")
     n_ops = lora_op_nodes(tmp_path / "onnx" / "model.onnx")
     assert n_ops == (len(onnx_rt.engine.layers) if fused else 0)
@@ -132,9 +137,11 @@ def test_shared_base_int8_graph_is_quantized_and_serves(tiny_bases, tmp_path):
     graph = onnx.load(str(tmp_path / "onnx8" / "model.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
     # The LoRA nodes survive quantization as our op (bf16 slots where AMX runs, else fp32).
-    assert lora_op_nodes(tmp_path / "onnx8" / "model.onnx", bf16=int8_rt.engine.bf16_lora) == len(int8_rt.engine.layers)
+    n_ops = lora_op_nodes(tmp_path / "onnx8" / "model.onnx", bf16=int8_rt.engine.bf16_lora)
+    assert n_ops == (len(int8_rt.engine.layers) if OP else 0)
 
 
+@pytest.mark.skipif(not OP, reason="our ONNX Runtime ops cannot be built here")
 def test_padded_bert_graph_keeps_shared_projection_nodes_out_of_place(tiny_bases, tmp_path):
     """BERT exported padded (packed=False) with the fused op: q, k and v read columns of one packed
     projection, so they must not run in its buffer (*InPlace aliases it); every other LoRA node does.
@@ -165,7 +172,7 @@ def test_padded_bert_graph_keeps_shared_projection_nodes_out_of_place(tiny_bases
 def test_fused_lora_op_refused_where_it_cannot_apply(tiny_bases, tmp_path):
     # r_max 6 is not a multiple of the kernel's 8-wide rank blocks: "fused" must say so, "auto" falls back.
     base = tiny_bases["bert"]
-    with pytest.raises(ConfigError, match="does not fit the kernel"):
+    with pytest.raises(ConfigError, match="does not fit the kernel" if OP else "cannot be built"):
         Runtime(RuntimeConfig(base_model=base, slots=4, r_max=6, engine="onnx", lora_kernel="fused",
                               onnx_dir=str(tmp_path / "f")))
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=6, engine="onnx", onnx_dir=str(tmp_path / "a")))

@@ -5,6 +5,7 @@ import torch
 
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.errors import NotSupportedError
+from adapterserve.runtime.native import lora_kernel
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS
 
@@ -74,7 +75,8 @@ def test_bf16_on_cpu_matches_peft_on_the_same_bf16_base(minilm_dir, adapter):
     query = rt.engine.layers["encoder.layer.0.attention.self.query"].base
     assert type(query) is Bf16Linear and query.weight.dtype == torch.bfloat16
     assert rt.base.backbone.embeddings.word_embeddings.weight.dtype == torch.bfloat16
-    assert rt.engine.kernel_name == "fused" and rt.engine.packed
+    native = lora_kernel.load() is not None  # where native code is off, the torch path serves it padded
+    assert (rt.engine.kernel_name, rt.engine.packed) == (("fused", True) if native else ("torch", False))
     rt.add_adapter("t", adapter)
     got = torch.tensor([p.logits for p in rt.classify([("t", t) for t in SAMPLE_TEXTS])])
     single = torch.tensor([rt.classify([("t", t)])[0].logits for t in SAMPLE_TEXTS])
