@@ -40,11 +40,12 @@ class AdapterEntry:
 
 
 class Registry:
-    def __init__(self, on_retired: Callable[[AdapterEntry], None]) -> None:
+    def __init__(self, on_retired: Callable[[AdapterEntry], None],
+                 on_idle: Optional[Callable[[], None]] = None) -> None:
         self._lock = threading.Lock()
         self._by_task: dict[str, AdapterEntry] = {}
         self._on_retired = on_retired  # called (outside the lock) once a retired entry has no users
-        self.on_idle: Optional[Callable[[], None]] = None  # called when any entry loses its last user
+        self.on_idle = on_idle  # called when any entry loses its last user
 
     def add(self, entry: AdapterEntry, replace: bool = False) -> Optional[AdapterEntry]:
         with self._lock:

@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class HostTier:
-    def __init__(self, max_bytes: Optional[int]) -> None:
+    def __init__(self, max_bytes: Optional[int], reload: Optional[Callable[[AdapterEntry], AdapterSpec]] = None,
+                 can_reload: Optional[Callable[[AdapterEntry], bool]] = None) -> None:
+        """reload(entry) -> its AdapterSpec read back from disk; can_reload(entry): whether the disk holds
+        that version. Without them (no disk) nothing is evicted."""
         self.max_bytes = max_bytes
-        # reload(entry) -> AdapterSpec from disk; can_reload(entry) -> bool. Set by whoever owns the disk.
-        self.reload: Optional[Callable[[AdapterEntry], AdapterSpec]] = None
-        self.can_reload: Callable[[AdapterEntry], bool] = lambda e: False
+        self.reload = reload
+        self.can_reload = can_reload or (lambda e: False)
         self._lru: "OrderedDict[int, AdapterEntry]" = OrderedDict()  # in host memory, oldest first
         self._lock = threading.Lock()
         self.bytes = 0

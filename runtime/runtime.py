@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -41,8 +41,19 @@ AdapterSource = Union[str, dict, AdapterSpec]
 REMERGE_AFTER_BATCHES = 8  # batches in a row that need only the merge goal before it is merged back
 
 
+class DiskTier(Protocol):
+    """Where adapters evicted from host memory are read back from (the server's AdapterStore)."""
+
+    def load_files(self, task: str) -> dict[str, bytes]: ...
+
+    def version_of(self, task: str) -> Optional[str]: ...
+
+
 class Runtime:
-    def __init__(self, config: Optional[RuntimeConfig] = None) -> None:
+    def __init__(self, config: Optional[RuntimeConfig] = None, disk: Optional[DiskTier] = None,
+                 on_slot_load: Optional[Callable[[float], None]] = None) -> None:
+        """disk: the tier below host memory (None: adapters stay in host memory); on_slot_load hears
+        the seconds each copy into a device slot takes (metrics)."""
         self.config = config or RuntimeConfig()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
@@ -61,10 +72,16 @@ class Runtime:
             self.config.slots,
             on_load=lambda slot, key: self.engine.load_slot(slot, self._entries_by_key[key].spec),
             on_evict=lambda slot, key: self.engine.clear_slot(slot),
+            load_observer=on_slot_load,
         )
-        self.registry = Registry(on_retired=self._free_entry)
-        self.host_tier = HostTier(self.config.max_host_adapter_bytes)
-        self.registry.on_idle = self.host_tier.shrink
+        if disk is None:
+            self.host_tier = HostTier(self.config.max_host_adapter_bytes)
+        else:
+            self.host_tier = HostTier(
+                self.config.max_host_adapter_bytes,
+                reload=lambda e: self.load_spec(disk.load_files(e.task), labels=e.spec.labels, metadata=e.spec.metadata),
+                can_reload=lambda e: disk.version_of(e.task) == e.version)
+        self.registry = Registry(on_retired=self._free_entry, on_idle=self.host_tier.shrink)
         # Slot table, slot writes and merges change under this lock. Forwards run outside it (several
         # model workers may run at once) with their slots pinned, so no slot they read is rewritten;
         # merge/unmerge change the base weights every forward reads, so they wait for running forwards.

@@ -15,7 +15,8 @@ from adapterserve.runtime.errors import ResourceExhaustedError
 
 class SlotTable:
     def __init__(self, slots: int, on_load: Callable[[int, Hashable], None],
-                 on_evict: Callable[[int, Hashable], None]) -> None:
+                 on_evict: Callable[[int, Hashable], None],
+                 load_observer: Optional[Callable[[float], None]] = None) -> None:
         self.capacity = slots - 1
         self._free = list(range(slots - 1, 0, -1))
         self._lru: "OrderedDict[Hashable, int]" = OrderedDict()  # key -> slot, oldest first
@@ -26,7 +27,7 @@ class SlotTable:
         self.evictions = 0
         self.hits = 0
         self.misses = 0
-        self.load_observer: Optional[Callable[[float], None]] = None  # seconds per slot load (metrics)
+        self.load_observer = load_observer  # hears the seconds of each slot load (metrics)
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._lru.get(key)

@@ -8,6 +8,7 @@ import os
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.base import Engine
 from adapterserve.runtime.engine.base_model import BaseModel
+from adapterserve.runtime.engine.slot_pool import SlotPool
 from adapterserve.runtime.engine.torch_engine import TorchEngine
 from adapterserve.runtime.errors import ConfigError
 
@@ -21,18 +22,18 @@ def base_precision(config: RuntimeConfig) -> str:
 
 
 def build_engine(config: RuntimeConfig, base: BaseModel) -> Engine:
-    onnx = config.engine == "onnx"
-    engine = TorchEngine(base, config.slots, config.r_max, config.lora_targets,
-                         lora_kernel="torch" if onnx else config.lora_kernel, token_packing=config.token_packing,
-                         cuda_graphs="off" if onnx else config.cuda_graphs)
-    return _onnx_engine(config, engine) if onnx else engine
+    pool = SlotPool(base, config.slots, config.r_max, config.lora_targets)
+    if config.engine == "onnx":
+        return _onnx_engine(config, pool)
+    return TorchEngine(base, pool, lora_kernel=config.lora_kernel, token_packing=config.token_packing,
+                       cuda_graphs=config.cuda_graphs)
 
 
-def _onnx_engine(config: RuntimeConfig, torch_engine: TorchEngine) -> Engine:
+def _onnx_engine(config: RuntimeConfig, pool: SlotPool) -> Engine:
     from adapterserve.runtime.engine.onnx.engine import OnnxEngine, default_onnx_dir, providers_for
     from adapterserve.runtime.engine.onnx.export import MODEL_FILE, bf16_lora_default, export_shared_base
 
-    base = torch_engine.base
+    base = pool.base
     quantize = "int8" if config.precision == "int8" else None
     # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
     lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[config.lora_kernel]
@@ -44,12 +45,14 @@ def _onnx_engine(config: RuntimeConfig, torch_engine: TorchEngine) -> Engine:
         lora_op = "stock"  # our op is a CPU kernel: on the CUDA provider it would copy every layer to host
     # The int8 graph's LoRA ops read bf16 slots where they run on AMX tiles (runtime/native/csrc/lora_amx.c).
     bf16_lora = bf16_lora_default(quantize, lora_op)
-    model_dir = config.onnx_dir or default_onnx_dir(torch_engine, config.base_model_path, quantize, lora_op, bf16_lora)
+    model_dir = config.onnx_dir or default_onnx_dir(pool, config.base_model_path, quantize, lora_op, bf16_lora)
     if not os.path.exists(os.path.join(model_dir, MODEL_FILE)):
         log.info("exporting the shared-base ONNX graph to %s (once per base and slot shape)", model_dir)
+        # The exporter traces the wrapped backbone through a torch engine over the same pool, used once.
+        exporter = TorchEngine(base, pool, lora_kernel="torch", token_packing=config.token_packing, cuda_graphs="off")
         try:
-            export_shared_base(torch_engine, base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op,
+            export_shared_base(exporter, base.tokenizer, model_dir, quantize=quantize, lora_op=lora_op,
                                bf16_lora=bf16_lora)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    return OnnxEngine(torch_engine, model_dir, providers, threads=config.torch_threads)
+    return OnnxEngine(pool, model_dir, providers, threads=config.torch_threads)

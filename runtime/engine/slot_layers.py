@@ -28,8 +28,9 @@ def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, id
 
 class SlotLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, d_in: int, d_out: int, slots: int, r_max: int,
-                 context: SlotContext, dtype: torch.dtype, device: torch.device) -> None:
+                 context: SlotContext, dtype: torch.dtype, device: torch.device, name: str = "") -> None:
         super().__init__()
+        self.name = name  # the base's module name (export node names, error messages)
         self.base = base
         self.d_in, self.d_out = d_in, d_out
         self.context = context

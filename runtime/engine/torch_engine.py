@@ -9,58 +9,33 @@ from typing import Optional
 
 import torch
 
-from adapterserve.adapters.peft_lora import BaseShape
 from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.engine.base_model import BaseModel
-from adapterserve.runtime.engine.batch import SlotBatch, SlotContext
+from adapterserve.runtime.engine.batch import SlotBatch
 from adapterserve.runtime.engine.cuda_graphs import GraphedForward
 from adapterserve.runtime.native import lora_kernel
 from adapterserve.runtime.engine import packing
-from adapterserve.runtime.errors import ConfigError, NotSupportedError
+from adapterserve.runtime.errors import ConfigError
 from adapterserve.runtime.native.lora_kernel import FusedLoRA
-from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
+from adapterserve.runtime.engine.slot_pool import SlotPool
 
 log = logging.getLogger(__name__)
-
-
-def _matches(name: str, suffixes: Optional[list[str]]) -> bool:
-    return suffixes is None or any(name == s or name.endswith("." + s) for s in suffixes)
 
 
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None,
-                 lora_kernel: str = "auto", token_packing: str = "auto", cuda_graphs: str = "auto") -> None:
+    def __init__(self, base: BaseModel, pool: SlotPool, lora_kernel: str = "auto", token_packing: str = "auto",
+                 cuda_graphs: str = "auto") -> None:
         self.base = base
-        self.slots = slots
-        self.r_max = r_max
-        self.context = SlotContext()
-        self.layers: dict[str, SlotLoRALinear] = {}
-        self.slot_ranks: dict[int, int] = {}
-        for name, linear in base.linear_layers().items():
-            if not _matches(name, targets):
-                continue
-            wrapped = SlotLoRALinear(linear, linear.in_features, linear.out_features, slots, r_max,
-                                     self.context, base.dtype, base.device)
-            parent_name, _, child = name.rpartition(".")
-            parent = base.backbone.get_submodule(parent_name) if parent_name else base.backbone
-            setattr(parent, child, wrapped)
-            wrapped.name = name
-            self.layers[name] = wrapped
-        if not self.layers:
-            raise ValueError(f"no linear layer of the base matches lora targets {targets}")
+        self.pool = pool
+        # The pool's, read on every forward: kept here as plain attributes, not looked up through it.
+        self.layers, self.context, self.slots, self.r_max = pool.layers, pool.context, pool.slots, pool.r_max
+        self.slot_ranks, self.shape = pool.slot_ranks, pool.shape
         self.kernel_name = self._attach_kernel(lora_kernel)
         self.packed = token_packing == "auto" and self._packing_applies()
         self.position_offset = packing.position_offset(base.backbone, base.family.name)
-        self.shape = BaseShape(
-            family=base.family,
-            hidden_size=base.hidden_size,
-            linear_dims={n: (l.d_in, l.d_out) for n, l in self.layers.items()},
-            r_max=r_max,
-        )
         self.merged_slot: Optional[int] = None
-        self.weights_released = False  # set when an ONNX session took over the base weights
         self.graphs: Optional[GraphedForward] = None
         # bitsandbytes int8/NF4 are left eager: LLM.int8 picks outlier columns by value on the host. BERT
         # only so far: the graph feeds a [rows, 1, width] mask, a path checked for BERT's forward alone.
@@ -103,42 +78,15 @@ class TorchEngine:
             return False
         return packing.packed_applies(self.base.backbone, self.base.family.name) is None
 
-    # -- slots -----------------------------------------------------------------------------------
+    # -- slots (the pool's) -----------------------------------------------------------------------
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
-        """Overwrite `slot` with the adapter in every layer, whatever was there before. The writes
-        of all layers go out as one foreach zero and one foreach copy: per-layer ops made a load
-        cost ~0.9 ms of dispatch on MiniLM, which adds up when 1,024 adapters share 64 slots."""
-        assert 0 < slot < self.slots
-        dst: list = []
-        src: list = []
-        zero: list = []
-        dtype = self.base.dtype
-        for name, layer in self.layers.items():
-            module = spec.modules.get(name)
-            if module is None:
-                layer.queue_clear(slot, zero)
-            elif module.a.dtype == dtype and module.b.dtype == dtype:
-                layer.queue_write(slot, module.a, module.b, dst, src, zero)
-            else:
-                layer.queue_write(slot, module.a.to(dtype), module.b.to(dtype), dst, src, zero)
-        with torch.inference_mode():
-            if zero:
-                torch._foreach_zero_(zero)
-            if self.base.device.type == "cpu":
-                torch._foreach_copy_(dst, src)
-            else:  # host tensors into device slots: plain copies (not measured on a GPU here)
-                for d, s in zip(dst, src):
-                    d.copy_(s)
-        self.slot_ranks[slot] = spec.rank
+        self.pool.load_slot(slot, spec)
 
     def clear_slot(self, slot: int) -> None:
-        """The slot was freed. No batch reads a free slot and the next load overwrites it completely
-        (load_slot), so its weights are left in place rather than zeroed."""
-        self.slot_ranks.pop(slot, None)
+        self.pool.clear_slot(slot)
 
     def slot_bytes(self) -> int:
-        """Device bytes one slot takes across all wrapped layers."""
-        return sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
+        return self.pool.slot_bytes()
 
     # -- merged mode -----------------------------------------------------------------------------
     def merge(self, slot: int) -> None:
@@ -160,8 +108,6 @@ class TorchEngine:
         """Run the backbone once for a mixed batch; returns the features heads read: [B, H]
         (BERT: pooler output; DistilBERT/RoBERTa: the first token's hidden state). lengths: each
         row's real token count (inputs padded on the right), so adapter work skips the padding."""
-        if self.weights_released:
-            raise NotSupportedError("this runtime serves the base through ONNX Runtime; its torch weights were released")
         if self.packed:
             return self._encode_packed(inputs, slots)
         if self.graphs is not None:

@@ -14,12 +14,15 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 
 import grpc
+from prometheus_client import Histogram
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapterserve import __version__
+from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import AdapterServeError, ConfigError
 from adapterserve.runtime.native.hardware import probe
@@ -122,11 +125,16 @@ async def serve(config: ServerConfig) -> int:
                                             initargs=(per_worker,))
         runtime_config = replace(config.runtime, torch_threads=per_worker) if workers > 1 else config.runtime
         tokenize_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
-        runtime = await loop.run_in_executor(model_executor, Runtime, runtime_config)
+        store = AdapterStore(config.data_dir) if config.data_dir else None  # also the disk tier
+        load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds",
+                                 "Time to copy an adapter into a device slot", buckets=metrics.LATENCY_BUCKETS,
+                                 registry=metrics_registry)
+        runtime = await loop.run_in_executor(model_executor, partial(Runtime, runtime_config, store, load_seconds.observe))
         # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
         # slot; a new adapter is copied into a slot by the model executor on its first batch.
         admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
-        service = AdapterService(runtime, config, admin_executor)
+        service = AdapterService(runtime, config, admin_executor, store,
+                                 on_unregistered=classifier.task_metrics.labels.forget)
         await loop.run_in_executor(model_executor, service.restore)
         if config.merged_task:
             await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
@@ -143,7 +151,6 @@ async def serve(config: ServerConfig) -> int:
                           metrics_factory=lambda b: BatcherMetrics(metrics_registry, b))
         batcher.start()
         _register_runtime_metrics(metrics_registry, runtime)
-        service.on_unregistered = classifier.task_metrics.labels.forget
         if metrics_port:
             print(f"adapterserve metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
         classifier.attach(runtime, batcher, tokenize_pool)
@@ -175,8 +182,6 @@ async def serve(config: ServerConfig) -> int:
 
 
 def _register_runtime_metrics(registry, runtime: Runtime) -> None:
-    from prometheus_client import Histogram
-
     hw = probe()
     hardware = {"cpu": hw.cpu_model or hw.machine, "cpu_flags": ",".join(
         n for n, on in (("avx512f", hw.avx512f), ("avx512_bf16", hw.avx512_bf16), ("amx_bf16", hw.amx_bf16)) if on),
@@ -184,9 +189,6 @@ def _register_runtime_metrics(registry, runtime: Runtime) -> None:
     metrics.register_build_info(registry, __version__, runtime.base.model_id, runtime.serving_paths(), hardware)
     registry.register(metrics.MemoryCollector(runtime))
     registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
-    load_seconds = Histogram(f"{metrics.PREFIX}_adapter_load_duration_seconds", "Time to copy an adapter into a device slot",
-                             buckets=metrics.LATENCY_BUCKETS, registry=registry)
-    runtime.slot_table.load_observer = load_seconds.observe
 
 
 def _warm_up(runtime: Runtime, barrier: threading.Barrier) -> None:

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 
 from adapterserve import __version__
@@ -42,19 +42,16 @@ def adapter_message(info: AdapterInfo) -> pb.Adapter:
 class AdapterService:
     """Registration logic shared by the RPCs and start-up: validate, persist, then register."""
 
-    def __init__(self, runtime: Runtime, config: ServerConfig, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, runtime: Runtime, config: ServerConfig, executor: ThreadPoolExecutor,
+                 store: Optional[AdapterStore], on_unregistered: Optional[Callable[[str], None]] = None) -> None:
+        """store: the data dir (None: memory only); the runtime reads its disk tier from the same store.
+        on_unregistered(task) drops the task's metric series."""
         self.runtime = runtime
         self.config = config
         self.executor = executor
-        self.store = AdapterStore(config.data_dir) if config.data_dir else None
-        if self.store is not None:
-            # The disk tier: adapters evicted from host memory are re-read from the data dir.
-            store = self.store
-            runtime.host_tier.reload = lambda e: runtime.load_spec(store.load_files(e.task), labels=e.spec.labels,
-                                                                   metadata=e.spec.metadata)
-            runtime.host_tier.can_reload = lambda e: store.version_of(e.task) == e.version
+        self.store = store
         self._lock = asyncio.Lock()  # one registry mutation at a time; classify is never blocked by it
-        self.on_unregistered = None  # callback(task): drops the task's metric series
+        self.on_unregistered = on_unregistered
 
     def restore(self) -> None:
         """Start-up: every task in the data dir with its stored version; then the bundled examples,

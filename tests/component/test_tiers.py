@@ -1,7 +1,21 @@
 """Tiers: device slots <- host memory (bounded bytes) <- disk. Adapters past the host bound keep their
 name and version, report DISK, and are re-read on use with the same results; pinned ones stay."""
 
-from adapterserve.adapters.peft_lora import read_adapter_dir
+
+class DirTier:
+    """The disk tier over adapter directories (the server's is its AdapterStore)."""
+
+    def __init__(self, paths: dict) -> None:
+        self.paths, self.reads = paths, []
+
+    def load_files(self, task):
+        self.reads.append(task)
+        return read_adapter_dir(self.paths[task])
+
+    def version_of(self, task):
+        return adapter_version(read_adapter_dir(self.paths[task]))
+
+from adapterserve.adapters.peft_lora import adapter_version, read_adapter_dir
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.runtime import Runtime
 from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter
@@ -19,10 +33,8 @@ def test_host_bound_moves_adapters_to_disk_and_back(tiny_bases, tmp_path):
     entry = reference.registry.get("t0")
     assert entry.spec.files == {} and one == entry.spec.tensor_bytes() > 0
     assert entry.spec.size_bytes > 0  # the file size is still reported (GetAdapter / ListAdapters)
-    rt = Runtime(RuntimeConfig(base_model=base, slots=3, r_max=8, max_host_adapter_bytes=int(2.5 * one)))
-    reads = []
-    rt.host_tier.reload = lambda e: (reads.append(e.task), rt.load_spec(read_adapter_dir(paths[e.task])))[1]
-    rt.host_tier.can_reload = lambda e: True
+    disk = DirTier(paths)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=3, r_max=8, max_host_adapter_bytes=int(2.5 * one)), disk=disk)
     for t, p in paths.items():
         rt.add_adapter(t, p)
     residency = {a.task: a.residency for a in rt.list_adapters()}
@@ -34,7 +46,7 @@ def test_host_bound_moves_adapters_to_disk_and_back(tiny_bases, tmp_path):
     for g, w in zip(got, want):
         assert g.adapter_version == w.adapter_version
         assert max(abs(a - b) for a, b in zip(g.logits, w.logits)) <= 1e-5
-    assert reads, "adapters on disk were re-read"
+    assert disk.reads, "adapters on disk were re-read"
     assert {a.version for a in rt.list_adapters()} == {a.version for a in reference.list_adapters()}
     assert rt.host_tier.bytes <= 2.5 * one
 
@@ -43,9 +55,7 @@ def test_pinned_adapters_are_never_evicted_from_host(tiny_bases, tmp_path):
     base = tiny_bases["bert"]
     a = make_peft_adapter(base, str(tmp_path / "a"), num_labels=2, seed=1)
     b = make_peft_adapter(base, str(tmp_path / "b"), num_labels=2, seed=2)
-    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, max_host_adapter_bytes=1))
-    rt.host_tier.reload = lambda e: rt.load_spec(read_adapter_dir({"a": a, "b": b}[e.task]))
-    rt.host_tier.can_reload = lambda e: True
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, max_host_adapter_bytes=1), disk=DirTier({"a": a, "b": b}))
     rt.add_adapter("a", a)
     pinned = rt.registry.acquire("a")
     rt.add_adapter("b", b)  # over the bound, but "a" is pinned by a request

@@ -1,7 +1,7 @@
 """ONNX Runtime engine over the shared-base graph (runtime/engine/onnx/export.py).
 
-Slot storage stays with the torch engine's slot layers (same validation, same copy_ into a slot);
-this engine hands those buffers to ONNX Runtime as inputs (torch CPU tensors share memory with numpy,
+Slot storage is the slot pool's (runtime/engine/slot_pool.py: same validation, same copy_ into a
+slot as the torch engine); this engine hands those buffers to ONNX Runtime as inputs (torch CPU tensors share memory with numpy,
 so no copy on our side; whether ORT copies inputs was not measured). Registering, replacing or evicting an adapter therefore reaches the graph on
 its next run, with no re-export. An int8 graph with bf16 LoRA ops (AMX) reads packed bf16 copies of
 those buffers instead, which load_slot rewrites after the torch engine's write.
@@ -20,7 +20,8 @@ import torch
 
 from adapterserve.runtime.engine import packing
 from adapterserve.runtime.config import cache_root
-from adapterserve.runtime.engine.torch_engine import TorchEngine
+from adapterserve.runtime.engine.base_model import BaseModel
+from adapterserve.runtime.engine.slot_pool import SlotPool
 from adapterserve.runtime.errors import ConfigError, NotSupportedError
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,9 @@ def providers_for(device: torch.device) -> list:
     return [("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}), "CPUExecutionProvider"]
 
 
-def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str], lora_op: str = "auto",
+def default_onnx_dir(pool: SlotPool, base_path: str, quantize: Optional[str], lora_op: str = "auto",
                      bf16_lora: bool = False) -> str:
-    key = json.dumps([os.path.realpath(base_path), engine.slots, engine.r_max, sorted(engine.layers), quantize,
+    key = json.dumps([os.path.realpath(base_path), pool.slots, pool.r_max, sorted(pool.layers), quantize,
                       lora_op, GRAPH_FORMAT] + (["bf16-lora"] if bf16_lora else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "onnx", digest)
@@ -74,14 +75,15 @@ def default_onnx_dir(engine: TorchEngine, base_path: str, quantize: Optional[str
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, slots_from: TorchEngine, model_dir: str, providers: Optional[list] = None,
+    def __init__(self, pool: SlotPool, model_dir: str, providers: Optional[list] = None,
                  threads: Optional[int] = None) -> None:
         import onnxruntime as ort
 
         from adapterserve.runtime.engine.onnx.export import FUSED_OP, META_FILE, MODEL_FILE, input_names
 
-        self.torch_engine = slots_from
-        self.base = slots_from.base
+        self.pool = pool
+        self.base = pool.base
+        slots_from = pool
         meta_path = os.path.join(model_dir, META_FILE)
         if not os.path.exists(meta_path):
             raise ConfigError(f"{model_dir} has no {META_FILE}; export it with `adapterserve export shared`")
@@ -160,33 +162,33 @@ class OnnxEngine:
         self._bindings = threading.local()
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
-        self.released_bytes = _release_backbone_weights(slots_from)
+        self.released_bytes = _release_backbone_weights(pool.base)
         log.info("ONNX engine on %s (%s); released %.1f MB of torch backbone weights", self.session.get_providers()[0],
                  self.quantize or "fp32", self.released_bytes / 1e6)
 
-    # Slot management is the torch engine's (it validates and owns the buffers).
+    # The pool validates and owns the slot buffers; the graph reads them in place.
     @property
     def layers(self):
-        return self.torch_engine.layers
+        return self.pool.layers
 
     @property
     def shape(self):
-        return self.torch_engine.shape
+        return self.pool.shape
 
     @property
     def slots(self):
-        return self.torch_engine.slots
+        return self.pool.slots
 
     @property
     def slot_ranks(self):
-        return self.torch_engine.slot_ranks
+        return self.pool.slot_ranks
 
     @property
     def merged_slot(self):
         return None
 
     def load_slot(self, slot, spec) -> None:
-        self.torch_engine.load_slot(slot, spec)
+        self.pool.load_slot(slot, spec)
         if self._bf16_slots:
             from adapterserve.runtime.native.ort_ops import pack_bf16_a, pack_bf16_b
 
@@ -199,10 +201,10 @@ class OnnxEngine:
             torch.cuda.synchronize(self.device)  # ORT reads the slot buffers on its own stream
 
     def clear_slot(self, slot) -> None:
-        self.torch_engine.clear_slot(slot)
+        self.pool.clear_slot(slot)
 
     def slot_bytes(self) -> int:
-        return self.torch_engine.slot_bytes()
+        return self.pool.slot_bytes()
 
     def merge(self, slot) -> None:
         raise NotSupportedError("merged mode is served by the torch engine; the ONNX engine applies adapters through slots")
@@ -280,16 +282,15 @@ class OnnxEngine:
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 
 
-def _release_backbone_weights(engine: TorchEngine) -> int:
+def _release_backbone_weights(base: BaseModel) -> int:
     """The session holds the base weights now; the torch backbone was needed only to export. Drop its
     parameters (keeping the slot buffers, which feed the graph) so the base is not resident twice."""
     released = 0
-    for module in engine.base.backbone.modules():
+    for module in base.backbone.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
                 released += param.numel() * param.element_size()
                 module._parameters[name] = None
-    engine.weights_released = True
-    if engine.base.device.type == "cuda":
+    if base.device.type == "cuda":
         torch.cuda.empty_cache()  # hand the freed weights back to the device, where ORT allocates its own
     return released

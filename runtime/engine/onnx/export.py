@@ -173,7 +173,8 @@ class _PackedSharedBaseGraph(nn.Module):
 PACKED_INPUTS = ["input_ids", "position_ids", "token_type_ids", "row_offsets", "slot_per_row"]
 
 
-def input_names(engine: TorchEngine, fused_op: bool, packed: bool = False) -> list[str]:
+def input_names(engine, fused_op: bool, packed: bool = False) -> list[str]:
+    """engine: anything with the slot layers (a TorchEngine or the SlotPool it serves from)."""
     names = list(PACKED_INPUTS) if packed else ["input_ids", "attention_mask", "token_type_ids", "slot_per_row",
                                                  "row_lengths"]
     for i in range(len(engine.layers)):

@@ -1,0 +1,82 @@
+"""The slot pool: every target linear of the base wrapped once by a slot layer that owns fixed-shape
+slot buffers, and the writes that load or clear a slot. Both engines serve from one pool: the torch
+engine runs the wrapped backbone, the ONNX engine feeds the same buffers to ONNX Runtime as inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from adapterserve.adapters.peft_lora import BaseShape
+from adapterserve.adapters.spec import AdapterSpec
+from adapterserve.runtime.engine.base_model import BaseModel
+from adapterserve.runtime.engine.batch import SlotContext
+from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
+
+
+def _matches(name: str, suffixes: Optional[list[str]]) -> bool:
+    return suffixes is None or any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+class SlotPool:
+    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None) -> None:
+        self.base = base
+        self.slots = slots
+        self.r_max = r_max
+        self.context = SlotContext()  # the batch being run, read by every slot layer
+        self.layers: dict[str, SlotLoRALinear] = {}
+        self.slot_ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
+        for name, linear in base.linear_layers().items():
+            if not _matches(name, targets):
+                continue
+            wrapped = SlotLoRALinear(linear, linear.in_features, linear.out_features, slots, r_max,
+                                     self.context, base.dtype, base.device, name=name)
+            parent_name, _, child = name.rpartition(".")
+            parent = base.backbone.get_submodule(parent_name) if parent_name else base.backbone
+            setattr(parent, child, wrapped)
+            self.layers[name] = wrapped
+        if not self.layers:
+            raise ValueError(f"no linear layer of the base matches lora targets {targets}")
+        self.shape = BaseShape(
+            family=base.family,
+            hidden_size=base.hidden_size,
+            linear_dims={n: (l.d_in, l.d_out) for n, l in self.layers.items()},
+            r_max=r_max,
+        )
+
+    def load_slot(self, slot: int, spec: AdapterSpec) -> None:
+        """Overwrite `slot` with the adapter in every layer, whatever was there before. The writes
+        of all layers go out as one foreach zero and one foreach copy: per-layer ops made a load
+        cost ~0.9 ms of dispatch on MiniLM, which adds up when 1,024 adapters share 64 slots."""
+        assert 0 < slot < self.slots
+        dst: list = []
+        src: list = []
+        zero: list = []
+        dtype = self.base.dtype
+        for name, layer in self.layers.items():
+            module = spec.modules.get(name)
+            if module is None:
+                layer.queue_clear(slot, zero)
+            elif module.a.dtype == dtype and module.b.dtype == dtype:
+                layer.queue_write(slot, module.a, module.b, dst, src, zero)
+            else:
+                layer.queue_write(slot, module.a.to(dtype), module.b.to(dtype), dst, src, zero)
+        with torch.inference_mode():
+            if zero:
+                torch._foreach_zero_(zero)
+            if self.base.device.type == "cpu":
+                torch._foreach_copy_(dst, src)
+            else:  # host tensors into device slots: plain copies (not measured on a GPU here)
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+        self.slot_ranks[slot] = spec.rank
+
+    def clear_slot(self, slot: int) -> None:
+        """The slot was freed. No batch reads a free slot and the next load overwrites it completely
+        (load_slot), so its weights are left in place rather than zeroed."""
+        self.slot_ranks.pop(slot, None)
+
+    def slot_bytes(self) -> int:
+        """Device bytes one slot takes across all wrapped layers."""
+        return sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
