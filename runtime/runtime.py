@@ -12,7 +12,6 @@ by score.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import replace
 from typing import Callable, Optional, Protocol, Sequence, Union
 
@@ -24,12 +23,12 @@ from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.base_model import load_base_model
 from adapterserve.runtime.engine.select import base_precision, build_engine
-from adapterserve.runtime.errors import InvalidInputError, NotSupportedError
+from adapterserve.runtime.errors import InvalidInputError
 from adapterserve.runtime.heads import apply_heads, stacked_head
 from adapterserve.runtime.host_tier import HostTier
 from adapterserve.runtime.native.hardware import probe
 from adapterserve.runtime.planning import CPU_OVERHEAD_TOKENS, GPU_OVERHEAD_TOKENS, PACKED_OVERHEAD_TOKENS, plan_groups
-from adapterserve.runtime.slots import SlotTable
+from adapterserve.runtime.residency import Residency
 from adapterserve.runtime.tokenization import TextEncoder
 from adapterserve.runtime.types import AdapterInfo, ClassifyItem, LabelScore, Prediction, Row, check_task_name
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Runtime", "AdapterInfo", "ClassifyItem", "LabelScore", "Prediction", "Row", "check_task_name"]
 
 AdapterSource = Union[str, dict, AdapterSpec]
-REMERGE_AFTER_BATCHES = 8  # batches in a row that need only the merge goal before it is merged back
 
 
 class DiskTier(Protocol):
@@ -67,30 +65,17 @@ class Runtime:
             if self.engine.packed:
                 # Packed rows compute no padding: splitting a pool saves nothing, so keep it whole.
                 self.forward_overhead_tokens = PACKED_OVERHEAD_TOKENS
-        self._entries_by_key: dict[int, AdapterEntry] = {}
-        self.slot_table = SlotTable(
-            self.config.slots,
-            on_load=lambda slot, key: self.engine.load_slot(slot, self._entries_by_key[key].spec),
-            on_evict=lambda slot, key: self.engine.clear_slot(slot),
-            load_observer=on_slot_load,
-        )
         if disk is None:
-            self.host_tier = HostTier(self.config.max_host_adapter_bytes)
+            host_tier = HostTier(self.config.max_host_adapter_bytes)
         else:
-            self.host_tier = HostTier(
+            host_tier = HostTier(
                 self.config.max_host_adapter_bytes,
                 reload=lambda e: self.load_spec(disk.load_files(e.task), labels=e.spec.labels, metadata=e.spec.metadata),
                 can_reload=lambda e: disk.version_of(e.task) == e.version)
-        self.registry = Registry(on_retired=self._free_entry, on_idle=self.host_tier.shrink)
-        # Slot table, slot writes and merges change under this lock. Forwards run outside it (several
-        # model workers may run at once) with their slots pinned, so no slot they read is rewritten;
-        # merge/unmerge change the base weights every forward reads, so they wait for running forwards.
-        self._device_lock = threading.RLock()
-        self._released = threading.Condition(self._device_lock)  # a forward finished and unpinned its slots
-        self._forwards = 0
-        self.merged_task: Optional[AdapterEntry] = None
-        self._merge_goal: Optional[str] = None  # the task merge() was asked for; merged back after mixed traffic
-        self._solo_batches = 0
+        # A retired version is freed (slot, host memory, merge) once its last request lets go of it.
+        self.registry = Registry(on_retired=lambda entry: self.residency.forget(entry), on_idle=host_tier.shrink)
+        self.residency = Residency(self.engine, self.registry, host_tier, self.config.slots, self.base.precision,
+                                   on_slot_load)
         log.info("hardware: %s", probe().summary())
         log.info("serving paths: %s", ", ".join(f"{k}={v}" for k, v in self.serving_paths().items()))
 
@@ -128,16 +113,16 @@ class Runtime:
         head = device_head(spec, self.base.device, self.base.dtype)
         entry = AdapterEntry(task=task, spec=spec, head=head,
                              stacked_head=stacked_head(self.base.family, self.base.device, head))
-        self._entries_by_key[entry.key] = entry
+        self.residency.track(entry)
         try:
             self.registry.add(entry, replace=replace)
         except Exception:
-            del self._entries_by_key[entry.key]
+            self.residency.untrack(entry)
             raise
         # The parsed tensors are what serving needs; the raw files were hashed (version) and, in the
         # server, persisted before this call. Holding both would double host memory per adapter.
         spec.files = {}
-        self.host_tier.admit(entry)
+        self.residency.admit(entry)
         log.info("registered task %s version %s (rank %d, %d modules, %d labels)", task, spec.version[:12],
                  spec.rank, len(spec.modules), spec.num_labels)
         return self.info(entry)
@@ -159,83 +144,30 @@ class Runtime:
         return AdapterInfo(
             task=entry.task, version=spec.version, peft_type=spec.peft_type, rank=spec.rank,
             target_modules=spec.target_modules, labels=spec.labels, size_bytes=spec.size_bytes,
-            residency=("DEVICE" if self.slot_table.slot_of(entry.key) is not None
-                       else "HOST" if self.host_tier.in_memory(entry) else "DISK"),
+            residency=self.residency.tier_of(entry),
             registered_at=entry.registered_at, metadata=spec.metadata,
         )
 
-    def _free_entry(self, entry: AdapterEntry) -> None:
-        with self._device_lock:
-            if self.merged_task is entry:
-                self.unmerge()
-            self.slot_table.drop(entry.key)
-            self.host_tier.forget(entry)
-            self._entries_by_key.pop(entry.key, None)
-
-    # -- merged mode -----------------------------------------------------------------------------
+    # -- merged mode (residency.py) ----------------------------------------------------------------
     def merge(self, task: str) -> None:
         """Fold one task's LoRA into the base weights: its rows then run at bare-model cost."""
-        if self.base.precision not in ("fp32", "fp16", "bf16"):
-            raise NotSupportedError(
-                f"cannot merge into a {self.base.precision} base: quantized weights cannot absorb the LoRA delta "
-                "and be restored exactly; serve it through slots instead"
-            )
-        entry = self.registry.acquire(task)
-        with self._device_lock:
-            self._wait_for_forwards()
-            if self.merged_task is not None:
-                self._unmerge()
-            try:
-                if self.slot_table.slot_of(entry.key) is None:
-                    self.host_tier.ensure_loaded(entry)
-                slot = self.slot_table.acquire(entry.key)  # stays pinned while merged
-                try:
-                    self.engine.merge(slot)
-                except BaseException:
-                    self.slot_table.release(entry.key)
-                    raise
-            except BaseException:
-                self.registry.release(entry)
-                raise
-            self.merged_task = entry
-            self._merge_goal, self._solo_batches = task, 0
+        self.residency.merge(task)
 
     def unmerge(self) -> None:
         """Back to slot mode until merge() is called again."""
-        self._merge_goal = None
-        self._unmerge()
+        self.residency.unmerge()
 
-    def _unmerge(self) -> None:
-        """Unmerge, keeping the goal: a run of batches that need only that task merges it back."""
-        with self._device_lock:
-            entry = self.merged_task
-            if entry is None:
-                return
-            self._wait_for_forwards()
-            self.engine.unmerge()
-            self.merged_task = None
-            self.slot_table.release(entry.key)
-        self.registry.release(entry)
+    @property
+    def merged_task(self) -> Optional[AdapterEntry]:
+        return self.residency.merged_task
 
-    def _maybe_remerge(self, entries: list[AdapterEntry]) -> None:
-        """Caller holds the device lock. Hysteresis: a few batches in a row of only the merged task
-        before merging it back, so mixed traffic does not make every batch pay a merge."""
-        if any(e.task != self._merge_goal for e in entries):
-            self._solo_batches = 0
-            return
-        self._solo_batches += 1
-        if self._solo_batches >= REMERGE_AFTER_BATCHES:
-            log.info("merging task %s back: %d batches in a row needed only it", self._merge_goal, self._solo_batches)
-            try:
-                self.merge(self._merge_goal)
-            except Exception as e:  # noqa: BLE001 - e.g. the task was unregistered meanwhile: stay in slot mode
-                log.warning("could not merge task %s back (%s); serving it through slots", self._merge_goal, e)
-                self._merge_goal = None
+    @property
+    def slot_table(self):
+        return self.residency.slot_table
 
-    def _wait_for_forwards(self) -> None:
-        """Caller holds the device lock; returns once no forward is running (new ones need the lock)."""
-        while self._forwards:
-            self._released.wait()
+    @property
+    def host_tier(self) -> HostTier:
+        return self.residency.host_tier
 
     # -- inference -------------------------------------------------------------------------------
     def classify(self, items: Sequence[Union[ClassifyItem, tuple]], truncate: bool = True) -> list[Prediction]:
@@ -286,51 +218,11 @@ class Runtime:
 
     def _run_batch(self, batch: list[Row]) -> None:
         entries = list({r.entry.key: r.entry for r in batch}.values())
-        pinned = []
-        counted = False  # a batch counts once towards merging back, however long it waits for slots
-        with self._device_lock:
-            while True:
-                if self.merged_task is not None and any(e is not self.merged_task for e in entries):
-                    log.info("unmerging task %s: a batch needs other tasks", self.merged_task.task)
-                    self._unmerge()
-                    self._solo_batches = 0
-                elif self.merged_task is None and self._merge_goal is not None and not counted:
-                    counted = True
-                    self._maybe_remerge(entries)
-                merged = self.merged_task
-                # Batches running on other workers may hold so many slots that this one does not fit
-                # yet: wait for them to unpin (one batch alone always fits: plan_batches caps its
-                # adapters), then look again, merged state included, since both may have changed.
-                wanted = {e.key for e in entries if e is not merged}
-                if not self._forwards or self.slot_table.can_fit(wanted):
-                    break
-                self._released.wait()
-            try:
-                slot_of = {}
-                for e in entries:
-                    if e is merged:
-                        slot_of[e.key] = 0  # its delta lives in the base weights
-                        continue
-                    if self.slot_table.slot_of(e.key) is None:
-                        self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
-                    slot_of[e.key] = self.slot_table.acquire(e.key)
-                    pinned.append(e.key)
-            except BaseException:
-                self._release(pinned, forward=False)
-                raise
-            self._forwards += 1
+        slot_of, pinned = self.residency.pin(entries)
         try:
             inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
             features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch],
                                           [r.encoded.length for r in batch])
         finally:
-            self._release(pinned, forward=True)
+            self.residency.unpin(pinned)
         apply_heads(self.base.family, batch, entries, features)
-
-    def _release(self, pinned: list, forward: bool) -> None:
-        with self._device_lock:
-            for key in pinned:
-                self.slot_table.release(key)
-            if forward:
-                self._forwards -= 1
-                self._released.notify_all()

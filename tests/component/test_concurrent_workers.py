@@ -58,7 +58,7 @@ def test_concurrent_forwards_with_slot_churn_equal_sequential(tiny_bases, tmp_pa
         list(pool.map(worker, [range(0, 60, 2), range(1, 60, 2)]))
     assert not errors, f"requests answered differently under concurrency: {errors[:5]}"
     assert rt.slot_table.loads > loads_before, "the test must exercise slot loads between concurrent forwards"
-    assert rt._forwards == 0
+    assert rt.residency.running_forwards == 0
 
 
 def test_merge_waits_for_running_forwards(tiny_bases, tmp_path):

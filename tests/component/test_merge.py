@@ -59,7 +59,7 @@ def test_removing_a_merged_task_unmerges(tiny_bases, tmp_path):
 
 
 def test_merged_task_is_merged_back_after_a_run_of_its_own_batches(tiny_bases, tmp_path):
-    from adapterserve.runtime.runtime import REMERGE_AFTER_BATCHES
+    from adapterserve.runtime.residency import REMERGE_AFTER_BATCHES
 
     base = tiny_bases["bert"]
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
