@@ -12,7 +12,7 @@ from typing import Optional
 
 from adapterserve.runtime.errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "auto")
 LORA_KERNELS = ("auto", "fused", "torch")
 TOKEN_PACKING = ("auto", "off")
 CUDA_GRAPHS = ("auto", "off")
@@ -36,7 +36,7 @@ class RuntimeConfig:
     # Hugging Face encoder directory (or hub id when a hub is reachable); None = packaged MiniLM.
     base_model: Optional[str] = field(default=None, metadata={"help": "HF encoder directory (default: the packaged MiniLM-L6)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | nf4 (onnx engine: fp32 | int8; bf16 on a CPU: bf16 weights, fp32 activations)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | nf4 | auto (onnx engine: fp32 | int8 | auto; bf16 on a CPU: bf16 weights, fp32 activations; auto: fp16 on CUDA, bf16 on CPUs that multiply bf16 natively, else fp32)"})
     # Device slot count including the reserved slot 0 ("no adapter").
     slots: int = field(default=64, metadata={"help": "device adapter slots, slot 0 reserved"})
     # Largest LoRA rank a slot holds; smaller ranks are zero-padded.
@@ -101,7 +101,7 @@ class RuntimeConfig:
             raise ConfigError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}; got {self.lora_kernel!r}")
         if self.engine not in ("torch", "onnx"):
             raise ConfigError(f"engine must be torch or onnx; got {self.engine!r}")
-        if self.engine == "onnx" and self.precision not in ("fp32", "int8"):
+        if self.engine == "onnx" and self.precision not in ("fp32", "int8", "auto"):
             raise ConfigError(f"the onnx engine serves fp32 or int8 (ONNX Runtime dynamic quantization); got {self.precision}")
         if self.max_length is not None and not 4 <= self.max_length <= 8192:
             raise ConfigError(f"max_length must be in 4..8192; got {self.max_length}")

@@ -21,8 +21,8 @@ from adapterserve.adapters.peft_lora import parse_adapter, read_adapter_dir
 from adapterserve.adapters.registry import AdapterEntry, Registry, device_head
 from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.config import RuntimeConfig
-from adapterserve.runtime.engine.base_model import load_base_model
-from adapterserve.runtime.engine.select import base_precision, build_engine
+from adapterserve.runtime.engine.base_model import load_base_model, resolve_device
+from adapterserve.runtime.engine.select import base_precision, build_engine, resolve_precision
 from adapterserve.runtime.errors import InvalidInputError
 from adapterserve.runtime.heads import apply_heads, stacked_head
 from adapterserve.runtime.host_tier import HostTier
@@ -52,7 +52,9 @@ class Runtime:
                  on_slot_load: Optional[Callable[[float], None]] = None) -> None:
         """disk: the tier below host memory (None: adapters stay in host memory); on_slot_load hears
         the seconds each copy into a device slot takes (metrics)."""
-        self.config = config or RuntimeConfig()
+        config = config or RuntimeConfig()
+        # "auto" precision becomes a concrete one here, once, from the device and the hardware probe.
+        self.config = replace(config, precision=resolve_precision(config, resolve_device(config.device)))
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         torch.manual_seed(self.config.seed)

@@ -5,14 +5,31 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.base import Engine
 from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.slot_pool import SlotPool
 from adapterserve.runtime.engine.torch_engine import TorchEngine
 from adapterserve.runtime.errors import ConfigError
+from adapterserve.runtime.native.hardware import probe
 
 log = logging.getLogger(__name__)
+
+
+def resolve_precision(config: RuntimeConfig, device: torch.device) -> str:
+    """precision "auto": the fastest whose answers stay with fp32's (docs/benchmarks.md) on this machine:
+    fp16 on CUDA; on a CPU, bf16 weights with fp32 activations where it multiplies bf16 natively (AMX or
+    AVX512-BF16; elsewhere oneDNN emulates bf16 and it is slower than fp32), else fp32. The ONNX engine's
+    auto is fp32 (its int8 moves accuracy by up to a quarter point)."""
+    if config.precision != "auto":
+        return config.precision
+    if config.engine == "onnx":
+        return "fp32"
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if probe().bf16_native else "fp32"
 
 
 def base_precision(config: RuntimeConfig) -> str:

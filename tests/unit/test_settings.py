@@ -56,3 +56,24 @@ def test_abbreviations_are_refused():
     with pytest.raises(SystemExit) as e:
         parse_config(["--max-wait", "5"], environ={})
     assert e.value.code == 2
+
+
+def test_precision_auto_follows_the_hardware_decision(monkeypatch):
+    """auto: fp16 on CUDA; bf16 where the CPU multiplies bf16 natively; fp32 elsewhere and for ONNX."""
+    import dataclasses
+
+    import torch
+
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.engine import select
+    from adapterserve.runtime.native.hardware import probe
+
+    hw = probe()
+    auto = RuntimeConfig(precision="auto")
+    for native_bf16, want in ((True, "bf16"), (False, "fp32")):
+        fake = dataclasses.replace(hw, amx_bf16=native_bf16, avx512_bf16=native_bf16)
+        monkeypatch.setattr(select, "probe", lambda fake=fake: fake)
+        assert select.resolve_precision(auto, torch.device("cpu")) == want
+    assert select.resolve_precision(auto, torch.device("cuda")) == "fp16"
+    assert select.resolve_precision(RuntimeConfig(precision="auto", engine="onnx"), torch.device("cpu")) == "fp32"
+    assert select.resolve_precision(RuntimeConfig(precision="int8"), torch.device("cpu")) == "int8"
