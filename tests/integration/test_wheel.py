@@ -116,3 +116,25 @@ def test_installed_wheel_serves_classifies_and_registers(installed, tmp_path):
     finally:
         assert server.stop() == 0, server.log()[-3000:]
     assert snapshot(site) == before, "the server wrote into site-packages"
+
+
+@pytest.mark.skipif(probe().native_unavailable is not None or probe().compiler is None,
+                    reason="native kernels cannot be built here")
+def test_prebuilt_kernels_serve_without_a_compiler(installed, tmp_path):
+    """`adapterserve build-kernels --kernel-dir DIR` on a machine with gcc; then a server whose PATH has
+    no compiler at all loads the fused kernel from DIR (ADAPTERSERVE_KERNEL_DIR), as an image would."""
+    bin_ = installed["bin"]
+    kernels = tmp_path / "kernels"
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "ADAPTERSERVE_KERNEL_DIR")}
+    env.update(PYTHONPATH="", HF_HUB_OFFLINE="1", ADAPTERSERVE_CACHE=str(tmp_path / "cache"))
+    built = subprocess.run([str(bin_ / "adapterserve"), "build-kernels", "--kernel-dir", str(kernels)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0 and "fused LoRA kernel: " + str(kernels) in built.stdout, built.stdout + built.stderr
+    bare = dict(env, PATH=str(bin_), ADAPTERSERVE_KERNEL_DIR=str(kernels))  # no gcc, no cc
+    server = ServerProcess("--data-dir", "", "--no-examples", env=bare, cwd=str(tmp_path),
+                           command=[str(bin_ / "adapterserve"), "serve"])
+    try:
+        assert "fused LoRA kernel loaded from " + str(kernels) in server.log()
+        assert "compiler none" in server.log(), "the probe must see no compiler on this PATH"
+    finally:
+        server.stop()
