@@ -1,7 +1,7 @@
 """Thin entry point: `python server.py [flags]` is `adapterserve serve [flags]` (see --help)."""
 import sys
 
-from adapterserve.runtime.server.app import main
+from adapterserve.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -101,15 +101,16 @@ def _device_map_target(device: torch.device):
 
 def _encoder_config(path: str):
     """The base's Hugging Face config, or a ConfigError that says what the path lacks."""
+    hint = "point --base-model at one, or leave it out for the packaged MiniLM"
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"base model {path!r} is not a Hugging Face encoder directory (it has no config.json); "
-                          "point --base-model at one, or leave it out for the packaged MiniLM")
+        raise ConfigError(f"base model {path!r} is not a Hugging Face encoder directory (it has no config.json); {hint}")
+    if not os.path.exists(path) and (os.sep in path and path.startswith((os.sep, ".")) or os.path.isabs(path)):
+        raise ConfigError(f"base model {path!r}: no such directory; {hint}")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        where = "directory" if os.path.isdir(path) else "directory (no such path here, and no model hub is reachable)"
-        raise ConfigError(f"base model {path!r} could not be read as a Hugging Face encoder {where}: "
-                          f"{str(e).splitlines()[0]}") from e
+        raise ConfigError(f"base model {path!r} is neither a local encoder directory nor reachable on a model hub "
+                          f"({str(e).splitlines()[0][:160]}); {hint}") from e
 
 
 def load_base_model(config: RuntimeConfig) -> BaseModel:

@@ -31,7 +31,6 @@ from adapterserve.runtime.server import metrics
 from adapterserve.runtime.server.batcher import Batcher, BatcherMetrics
 from adapterserve.runtime.server.grpc_errors import ErrorMappingInterceptor, RequestMetrics
 from adapterserve.runtime.server.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
-from adapterserve.runtime.server.settings import parse_config
 from adapterserve.runtime.server.stubs import pb, pb_grpc
 
 log = logging.getLogger("adapterserve")
@@ -209,13 +208,3 @@ def run(config: ServerConfig) -> int:
         print(f"adapterserve: error: {e}", file=sys.stderr)
         return 2
 
-
-def main(argv=None) -> int:
-    """Parse flags (exit 2 on a bad one), set up logging, serve."""
-    try:
-        config, log_level = parse_config(argv)
-    except AdapterServeError as e:
-        print(f"adapterserve serve: error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(config)

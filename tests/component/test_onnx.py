@@ -124,6 +124,9 @@ def test_shared_base_int8_graph_is_quantized_and_serves(tiny_bases, tmp_path):
     torch_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     int8_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", precision="int8",
                                     onnx_dir=str(tmp_path / "onnx8")))
+    # GetInfo and build_info report what is served: ONNX Runtime int8, not the fp32 torch base it came from.
+    assert int8_rt.base.precision == "fp32" and int8_rt.precision == "int8"
+    assert int8_rt.serving_paths()["precision"] == "int8" and int8_rt.serving_paths()["engine"] == "onnx"
     torch_rt.add_adapter("t", a)
     int8_rt.add_adapter("t", a)
     items = [("t", s) for s in SAMPLE_TEXTS]
