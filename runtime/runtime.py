@@ -2,12 +2,13 @@
 
     rt = Runtime(RuntimeConfig())
     rt.add_adapter("sst2", "adapters/examples/sst2")
+    rt.add_adapter("ag_news", "adapters/examples/ag_news")
     rt.classify([("sst2", "a charming film"), ("ag_news", "Stocks fell today")])
 
-Request path inside: tokenize -> sort rows by length -> cut into length bands that save padding,
-within the token budget, row count and free slots (planning.py) -> make each batch's adapters
-resident (pinned) -> one backbone forward -> each task's head on its rows -> softmax, labels sorted
-by score.
+Request path inside: admit (pin each task's current version, registry) -> tokenize -> plan (length
+bands that save padding, within the token budget, row count and free slots: planning.py) -> make each
+batch's adapters resident and pin them (residency.py) -> one engine forward -> each task's head on its
+rows, softmax, labels sorted by score (heads.py).
 """
 from __future__ import annotations
 
