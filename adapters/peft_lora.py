@@ -21,7 +21,9 @@ from adapterserve.adapters.spec import AdapterSpec, LoraModule
 from adapterserve.runtime.errors import (
     BaseMismatchError,
     InvalidAdapterError,
+    InvalidInputError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnsupportedAdapterTypeError,
 )
 from adapterserve.runtime.families import Family
@@ -55,9 +57,12 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
-def read_adapter_dir(path: str, allowed_root: Optional[str] = None) -> dict[str, bytes]:
+def read_adapter_dir(path: str, allowed_root: Optional[str] = None, max_bytes: Optional[int] = None) -> dict[str, bytes]:
     """Read the files of a PEFT adapter directory. With allowed_root, refuse anything that resolves
-    (symlinks included) outside it."""
+    (symlinks included) outside it; with max_bytes, refuse a directory whose files add up to more,
+    from their sizes before anything is read, and never read more than that (a file that grows meanwhile)."""
+    if "\0" in path:
+        raise InvalidInputError("adapter path contains a NUL character")
     real = os.path.realpath(path)
     if allowed_root is not None:
         if not _inside(allowed_root, path):
@@ -67,14 +72,29 @@ def read_adapter_dir(path: str, allowed_root: Optional[str] = None) -> dict[str,
             )
     if not os.path.isdir(real):
         raise InvalidAdapterError(f"adapter path {path!r} is not a directory")
-    files: dict[str, bytes] = {}
+    present = []
     for name in _KNOWN_FILES:
         p = os.path.join(real, name)
         if allowed_root is not None and os.path.lexists(p) and not _inside(allowed_root, p):
             raise PermissionDeniedError(f"{name} in {path!r} is a link that leaves the allowed adapter root")
         if os.path.isfile(p):
-            with open(p, "rb") as fh:
-                files[name] = fh.read()
+            present.append((name, p))
+    if max_bytes is not None:
+        total = sum(os.path.getsize(p) for _, p in present)
+        if total > max_bytes:
+            raise ResourceExhaustedError(f"adapter files in {path!r} are {total} bytes, above the limit of {max_bytes}; "
+                                         "shrink the adapter or raise --max-adapter-bytes", reason="adapter_too_large")
+    files: dict[str, bytes] = {}
+    budget = max_bytes
+    for name, p in present:
+        with open(p, "rb") as fh:
+            data = fh.read() if budget is None else fh.read(budget + 1)
+        if budget is not None:
+            budget -= len(data)
+            if budget < 0:
+                raise ResourceExhaustedError(f"adapter files in {path!r} grew past the limit of {max_bytes} bytes "
+                                             "while being read", reason="adapter_too_large")
+        files[name] = data
     if WEIGHTS_FILE not in files:
         pickles = [n for n in PICKLE_FILES if os.path.exists(os.path.join(real, n))]
         if pickles:
@@ -94,14 +114,59 @@ def adapter_version(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+# Limits on what an adapter carries beside its tensors (docs/reliability.md): metadata is echoed in every
+# ListAdapters answer, so one task must not be able to push that answer past a client's receive limit.
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_VALUE_CHARS = 1024
+MAX_LABELS = 4096
+MAX_LABEL_CHARS = 256
+MAX_SCALING = 1000.0  # lora_alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
+
+
+def _json(raw: bytes, name: str):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapterError(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidAdapterError(f"{name} nests JSON too deeply to be an adapter file") from None
+
+
+def _rank(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidAdapterError(f"{where} must be a positive integer rank; got {value!r}")
+    return value
+
+
+def _alpha(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidAdapterError(f"{where} must be a finite positive number; got {value!r}")
+    return float(value)
+
+
+def check_metadata(metadata: Optional[dict]) -> dict:
+    """Metadata is a small map of strings: at most MAX_METADATA_ENTRIES keys of MAX_METADATA_KEY_CHARS,
+    values of MAX_METADATA_VALUE_CHARS."""
+    metadata = dict(metadata or {})
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidAdapterError(f"metadata has {len(metadata)} entries; at most {MAX_METADATA_ENTRIES} are kept per task")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidAdapterError("metadata keys and values must be strings")
+        if not key or len(key) > MAX_METADATA_KEY_CHARS:
+            raise InvalidAdapterError(f"metadata key {key[:32]!r}... must be 1-{MAX_METADATA_KEY_CHARS} characters")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidAdapterError(f"metadata value of {key[:32]!r} is {len(value)} characters; the limit is "
+                                      f"{MAX_METADATA_VALUE_CHARS}")
+    return metadata
+
+
 def _parse_config(files: dict[str, bytes]) -> dict:
     raw = files.get(CONFIG_FILE)
     if raw is None:
         raise InvalidAdapterError(f"{CONFIG_FILE} is missing; a PEFT adapter needs it (save with PeftModel.save_pretrained)")
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    config = _json(raw, CONFIG_FILE)
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
     return config
@@ -157,11 +222,7 @@ def _labels(files: dict[str, bytes], num_labels: int, override: Optional[list[st
         labels, source = list(override), "the request's labels"
     elif LABELS_FILE in files:
         source = LABELS_FILE
-        try:
-            data = json.loads(files[LABELS_FILE].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidAdapterError(f"{LABELS_FILE} is not valid JSON: {e}") from None
-        labels = _labels_from_json(data)
+        labels = _labels_from_json(_json(files[LABELS_FILE], LABELS_FILE))
         if labels is None:
             raise InvalidAdapterError(
                 f"{LABELS_FILE} must be a list of label names or an id2label object like {{\"0\": \"negative\"}}"
@@ -169,7 +230,7 @@ def _labels(files: dict[str, bytes], num_labels: int, override: Optional[list[st
     elif MODEL_CONFIG_FILE in files:
         try:
             id2label = json.loads(files[MODEL_CONFIG_FILE].decode("utf-8")).get("id2label")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
             id2label = None
         if id2label:
             labels, source = _labels_from_json(id2label), f"{MODEL_CONFIG_FILE} id2label"
@@ -180,19 +241,22 @@ def _labels(files: dict[str, bytes], num_labels: int, override: Optional[list[st
             f"{source} names {len(labels)} labels but the classification head has {num_labels} outputs; "
             "make them agree"
         )
-    if len(set(labels)) != len(labels) or any(not isinstance(x, str) or not x for x in labels):
-        raise InvalidAdapterError(f"{source}: label names must be distinct non-empty strings")
+    if any(not isinstance(x, str) or not x or len(x) > MAX_LABEL_CHARS for x in labels) or len(set(labels)) != len(labels):
+        raise InvalidAdapterError(f"{source}: label names must be distinct non-empty strings of at most "
+                                  f"{MAX_LABEL_CHARS} characters")
     return labels
 
 
-def _labels_from_json(data) -> Optional[list[str]]:
+def _labels_from_json(data) -> Optional[list]:
+    """A list of names, {"labels": [...]}, or an id2label object; names are checked by the caller
+    (strings, not numbers or nulls turned into strings)."""
     if isinstance(data, list):
-        return [str(x) for x in data]
+        return data[:MAX_LABELS + 1]
     if isinstance(data, dict):
         if "labels" in data and isinstance(data["labels"], list):
-            return [str(x) for x in data["labels"]]
+            return data["labels"][:MAX_LABELS + 1]
         try:
-            items = sorted((int(k), str(v)) for k, v in data.items())
+            items = sorted((int(k), v) for k, v in data.items())
         except (TypeError, ValueError):
             return None
         if [i for i, _ in items] != list(range(len(items))):
@@ -249,9 +313,14 @@ def parse_adapter(
     if not lora_parts:
         raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight keys)")
 
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", 8))
-    use_rslora = bool(config.get("use_rslora", False))
+    r_default = _rank(config.get("r", 8), f"{CONFIG_FILE} r")
+    alpha_default = _alpha(config.get("lora_alpha", 8), f"{CONFIG_FILE} lora_alpha")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise InvalidAdapterError(f"{CONFIG_FILE} use_rslora must be true or false; got {use_rslora!r}")
+    for pattern_key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(pattern_key) or {}, dict):
+            raise InvalidAdapterError(f"{CONFIG_FILE} {pattern_key} must be an object of module patterns")
     modules: dict[str, LoraModule] = {}
     for name, parts in sorted(lora_parts.items()):
         if set(parts) != {"A", "B"}:
@@ -275,7 +344,8 @@ def parse_adapter(
                 f"({d_in} -> {d_out}); the adapter was trained on a base with other dimensions"
             )
         peft_key = backbone + name
-        expected_r = int(_pattern_value(config.get("rank_pattern"), peft_key, r_default))
+        expected_r = _rank(_pattern_value(config.get("rank_pattern"), peft_key, r_default),
+                           f"{CONFIG_FILE} rank_pattern for {name}")
         if r > base.r_max:
             raise InvalidAdapterError(
                 f"module {name} has rank {r}, above this server's r_max {base.r_max}; retrain with r <= {base.r_max} "
@@ -285,8 +355,12 @@ def parse_adapter(
             raise InvalidAdapterError(
                 f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected_r}"
             )
-        alpha = float(_pattern_value(config.get("alpha_pattern"), peft_key, alpha_default))
+        alpha = _alpha(_pattern_value(config.get("alpha_pattern"), peft_key, alpha_default),
+                       f"{CONFIG_FILE} alpha_pattern for {name}")
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if scaling > MAX_SCALING:
+            raise InvalidAdapterError(f"module {name}: lora_alpha {alpha:g} over rank {r} scales the update by "
+                                      f"{scaling:g}, above {MAX_SCALING:g}; check lora_alpha")
         modules[name] = LoraModule(
             module=name,
             a=a.float().t().contiguous(),
@@ -321,5 +395,5 @@ def parse_adapter(
         version=adapter_version(files),
         lora_alpha=alpha_default,
         use_rslora=use_rslora,
-        metadata=dict(metadata or {}),
+        metadata=check_metadata(metadata),
     )

@@ -62,7 +62,7 @@ class Registry:
         with self._lock:
             entry = self._by_task.pop(task, None)
             if entry is None:
-                raise UnknownTaskError(f"task {task!r} is not registered")
+                raise UnknownTaskError(f"task {task[:64]!r} is not registered")
             free_now = self._retire(entry)
         if free_now:
             self._on_retired(entry)
@@ -72,8 +72,9 @@ class Registry:
         with self._lock:
             entry = self._by_task.get(task)
             if entry is None:
-                known = ", ".join(sorted(self._by_task)[:10]) or "none"
-                raise UnknownTaskError(f"unknown task {task!r}; registered tasks: {known}")
+                # Other tasks' names are not disclosed here: ListAdapters (behind the admin token) lists them.
+                raise UnknownTaskError(f"unknown task {task[:64]!r}; register it first (ListAdapters shows the "
+                                       "registered tasks)")
             entry.refs += 1
             return entry
 
@@ -91,7 +92,7 @@ class Registry:
         with self._lock:
             entry = self._by_task.get(task)
         if entry is None:
-            raise UnknownTaskError(f"task {task!r} is not registered")
+            raise UnknownTaskError(f"task {task[:64]!r} is not registered")
         return entry
 
     def entries(self) -> list[AdapterEntry]:

@@ -3,14 +3,25 @@
 Layout under --data-dir:
     blobs/<sha256>         content-addressed adapter files (written once, never modified)
     manifest.json          {"tasks": {task: {"files": {name: sha256}, "labels": [...], "metadata": {...},
-                                              "version": ..., "registered_at": ...}}}
+                                              "version": ..., "registered_at": ...}}, "flags": {...}}
+    manifest.json.prev     the manifest before the last change
 
-The manifest is replaced atomically (temp file, fsync, rename, fsync of the directory), so a crash
-mid-register leaves either the old manifest or the new one, never a broken one. Blobs are written
-before the manifest that names them.
+Contract:
+- A change is staged, persisted, then committed: new blobs are written and fsynced, then a new
+  manifest is written beside the old one (temp file, fsync, rename, fsync of the directory), and only
+  then does the in-memory manifest change. A change that fails to persist (a full disk, a read-only
+  mount) leaves memory and disk as they were and raises StoreFullError / StoreUnavailableError, which
+  say why. A crash at any point leaves either the old manifest or the new one.
+- Blobs no manifest version names are deleted after each change and at start; temp files of killed
+  writes are swept at start.
+- At start every task's blobs are checked against their sha256. A task with a missing or damaged blob
+  is quarantined (`damaged`: task -> why), not served, and does not stop the healthy ones; registering
+  it again replaces it. A manifest that cannot be read falls back to manifest.json.prev.
 """
 from __future__ import annotations
 
+import copy
+import errno
 import hashlib
 import json
 import logging
@@ -19,7 +30,12 @@ import tempfile
 import threading
 from typing import Optional
 
+from adapterserve.runtime.errors import StoreFullError, StoreUnavailableError
+
 log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fsync_dir(path: str) -> None:
@@ -32,7 +48,7 @@ def _fsync_dir(path: str) -> None:
 
 def _atomic_write(path: str, data: bytes) -> None:
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -51,25 +67,76 @@ class AdapterStore:
         self.root = os.path.abspath(data_dir)
         self.blobs = os.path.join(self.root, "blobs")
         self.manifest_path = os.path.join(self.root, "manifest.json")
-        os.makedirs(self.blobs, exist_ok=True)
+        self.previous_path = self.manifest_path + ".prev"
+        try:
+            os.makedirs(self.blobs, exist_ok=True)
+        except OSError as e:
+            raise self._error(e, "create") from None
         self._lock = threading.Lock()
+        self._sweep_temp_files()
         self._manifest = self._read_manifest()
+        self.damaged: dict[str, str] = self._verify()
+        self._collect_garbage(self._manifest)
 
+    # -- reading ---------------------------------------------------------------------------------
     def _read_manifest(self) -> dict:
-        if not os.path.exists(self.manifest_path):
-            return {"tasks": {}}
-        with open(self.manifest_path, "rb") as fh:
-            manifest = json.loads(fh.read())
-        manifest.setdefault("tasks", {})
-        return manifest
+        for path in (self.manifest_path, self.previous_path):
+            if not os.path.exists(path):
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    manifest = json.loads(fh.read())
+                if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks", {}), dict):
+                    raise ValueError("not a manifest object")
+            except (OSError, ValueError, RecursionError) as e:
+                log.error("data dir %s: %s is unreadable (%s)%s", self.root, os.path.basename(path), e,
+                          "; trying the previous one" if path == self.manifest_path else "")
+                continue
+            if path == self.previous_path:
+                log.error("data dir %s: restored from %s: the last change before the damage is lost", self.root,
+                          os.path.basename(path))
+            manifest.setdefault("tasks", {})
+            return manifest
+        if os.path.exists(self.manifest_path):
+            log.error("data dir %s: no readable manifest; starting empty (the damaged file stays for inspection)",
+                      self.root)
+        return {"tasks": {}}
+
+    def _verify(self) -> dict[str, str]:
+        damaged = {}
+        for task, entry in self._manifest["tasks"].items():
+            try:
+                for name, digest in entry["files"].items():
+                    path = os.path.join(self.blobs, digest)
+                    if not os.path.exists(path):
+                        raise ValueError(f"its {name} (blob {digest[:12]}) is missing")
+                    with open(path, "rb") as fh:
+                        if hashlib.sha256(fh.read()).hexdigest() != digest:
+                            raise ValueError(f"its {name} (blob {digest[:12]}) fails its checksum")
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+                damaged[task] = f"{e}; register it again to replace it" if isinstance(e, ValueError) \
+                    else f"its manifest entry is unreadable ({e!r}); register it again to replace it"
+                log.error("data dir %s: task %s quarantined: %s", self.root, task, damaged[task])
+        return damaged
+
+    def _sweep_temp_files(self) -> None:
+        for directory in (self.root, self.blobs):
+            for name in os.listdir(directory):
+                if name.startswith(TEMP_PREFIX):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                        log.info("data dir %s: removed %s left by an interrupted write", self.root, name)
+                    except OSError:
+                        pass
 
     def tasks(self) -> dict:
+        """Every healthy task's manifest entry (a copy)."""
         with self._lock:
-            return json.loads(json.dumps(self._manifest["tasks"]))
+            return {t: copy.deepcopy(e) for t, e in self._manifest["tasks"].items() if t not in self.damaged}
 
     def version_of(self, task: str) -> Optional[str]:
         entry = self._manifest["tasks"].get(task)
-        return entry["version"] if entry else None
+        return entry["version"] if entry and task not in self.damaged else None
 
     def load_files(self, task: str) -> dict[str, bytes]:
         entry = self._manifest["tasks"][task]
@@ -82,39 +149,78 @@ class AdapterStore:
             files[name] = data
         return files
 
+    def entry(self, task: str) -> Optional[dict]:
+        with self._lock:
+            found = self._manifest["tasks"].get(task)
+            return copy.deepcopy(found) if found is not None else None
+
+    # -- changing --------------------------------------------------------------------------------
     def put(self, task: str, files: dict[str, bytes], version: str, labels: list[str],
             metadata: Optional[dict], registered_at: float) -> None:
         digests = {}
-        for name, data in files.items():
-            digest = hashlib.sha256(data).hexdigest()
-            path = os.path.join(self.blobs, digest)
-            if not os.path.exists(path):
-                _atomic_write(path, data)
-            digests[name] = digest
-        with self._lock:
-            self._manifest["tasks"][task] = {"files": digests, "version": version, "labels": labels,
-                                             "metadata": dict(metadata or {}), "registered_at": registered_at}
-            self._write_manifest()
+        try:
+            for name, data in files.items():
+                digest = hashlib.sha256(data).hexdigest()
+                path = os.path.join(self.blobs, digest)
+                if not os.path.exists(path):
+                    _atomic_write(path, data)
+                digests[name] = digest
+        except OSError as e:
+            self._collect_garbage(self._manifest)  # blobs of this failed change
+            raise self._error(e, f"store task {task}") from None
+        self._change(lambda m: m["tasks"].__setitem__(task, {
+            "files": digests, "version": version, "labels": list(labels), "metadata": dict(metadata or {}),
+            "registered_at": registered_at}), f"store task {task}")
+        self.damaged.pop(task, None)
+
+    def restore_entry(self, task: str, entry: Optional[dict]) -> None:
+        """Put back what entry() returned before a change that could not complete elsewhere."""
+        if entry is None:
+            self.remove(task)
+        else:
+            self._change(lambda m: m["tasks"].__setitem__(task, entry), f"restore task {task}")
 
     def remove(self, task: str) -> None:
-        with self._lock:
-            if self._manifest["tasks"].pop(task, None) is not None:
-                self._write_manifest()
-            self._collect_garbage()
-
-    def _write_manifest(self) -> None:
-        _atomic_write(self.manifest_path, json.dumps(self._manifest, indent=1, sort_keys=True).encode())
-
-    def _collect_garbage(self) -> None:
-        live = {d for t in self._manifest["tasks"].values() for d in t["files"].values()}
-        for name in os.listdir(self.blobs):
-            if name not in live and not name.startswith(".tmp-"):
-                os.unlink(os.path.join(self.blobs, name))
+        self._change(lambda m: m["tasks"].pop(task, None), f"remove task {task}")
+        self.damaged.pop(task, None)
 
     def flag(self, name: str) -> bool:
         return bool(self._manifest.get("flags", {}).get(name))
 
     def set_flag(self, name: str) -> None:
+        self._change(lambda m: m.setdefault("flags", {}).__setitem__(name, True), f"set {name}")
+
+    def _change(self, apply, what: str) -> None:
+        """Apply `apply` to a copy of the manifest, persist the copy, and only then make it current."""
         with self._lock:
-            self._manifest.setdefault("flags", {})[name] = True
-            self._write_manifest()
+            staged = copy.deepcopy(self._manifest)
+            apply(staged)
+            try:
+                if os.path.exists(self.manifest_path):
+                    # The current manifest stays as .prev: what a damaged manifest falls back to.
+                    with open(self.manifest_path, "rb") as fh:
+                        _atomic_write(self.previous_path, fh.read())
+                _atomic_write(self.manifest_path, json.dumps(staged, indent=1, sort_keys=True).encode())
+            except OSError as e:
+                raise self._error(e, what) from None
+            self._manifest = staged
+            self._collect_garbage(staged)
+
+    def _collect_garbage(self, manifest: dict) -> None:
+        """Delete blobs no version in the manifest names (replaced or removed tasks' files). Best
+        effort: a blob that cannot be deleted now is deleted at the next change or start."""
+        live = {d for t in manifest["tasks"].values() if isinstance(t, dict)
+                for d in (t.get("files") or {}).values()}
+        for name in os.listdir(self.blobs):
+            if name not in live and not name.startswith(TEMP_PREFIX):
+                try:
+                    os.unlink(os.path.join(self.blobs, name))
+                except OSError:
+                    pass
+
+    def _error(self, e: OSError, what: str):
+        if e.errno in _FULL:
+            return StoreFullError(f"cannot {what}: no space left on device in --data-dir {self.root}; nothing was "
+                                  "changed; free space there and retry")
+        return StoreUnavailableError(f"cannot {what}: {e.strerror or e} in --data-dir {self.root}; nothing was "
+                                     "changed; fix the directory and retry")

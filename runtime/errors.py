@@ -61,6 +61,25 @@ class UnauthenticatedError(AdapterServeError):
     grpc_code = "UNAUTHENTICATED"
 
 
+class StoreFullError(ResourceExhaustedError):
+    """The data dir's disk is full: the change was not made (nothing half-done)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message, reason="data_dir_full")
+
+
+class StoreUnavailableError(AdapterServeError):
+    """The data dir cannot be written (read-only, I/O error): the change was not made."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class QuarantinedTaskError(AdapterServeError):
+    """A task in the data dir whose files are damaged: not served until registered again."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class DeadlineExceededError(AdapterServeError):
     grpc_code = "DEADLINE_EXCEEDED"
 

@@ -63,4 +63,5 @@ class AdapterInfo:
 
 def check_task_name(task: str) -> None:
     if not task or len(task) > 128 or not all(c.isalnum() or c in "-_." for c in task):
-        raise InvalidInputError(f"task name {task!r} must be 1-128 characters of letters, digits, '-', '_' or '.'")
+        shown = repr(task[:64]) + ("..." if len(task) > 64 else "")
+        raise InvalidInputError(f"task name {shown} must be 1-128 characters of letters, digits, '-', '_' or '.'")

@@ -20,8 +20,9 @@ from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FI
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.server.batcher import Batcher
 from adapterserve.runtime.config import ServerConfig
-from adapterserve.runtime.errors import (ConfigError, DeadlineExceededError, InvalidInputError, PermissionDeniedError,
-                            ResourceExhaustedError, TaskExistsError, UnauthenticatedError, UnavailableError)
+from adapterserve.runtime.errors import (AdapterServeError, ConfigError, DeadlineExceededError, InvalidInputError,
+                                         PermissionDeniedError, QuarantinedTaskError, ResourceExhaustedError,
+                                         TaskExistsError, UnauthenticatedError, UnavailableError)
 from adapterserve.runtime.native.hardware import probe
 from adapterserve.runtime.server.stubs import pb, pb_grpc
 from adapterserve.runtime.runtime import AdapterInfo, Runtime, check_task_name
@@ -58,8 +59,16 @@ class AdapterService:
         once (an operator who unregisters them does not get them back on restart)."""
         if self.store is not None:
             for task, entry in sorted(self.store.tasks().items()):
-                files = self.store.load_files(task)
-                info = self.runtime.add_adapter(task, files, labels=entry.get("labels"), metadata=entry.get("metadata"))
+                try:
+                    files = self.store.load_files(task)
+                    info = self.runtime.add_adapter(task, files, labels=entry.get("labels"),
+                                                    metadata=entry.get("metadata"))
+                except (AdapterServeError, OSError) as e:
+                    # One task that no longer loads (damaged between the check and now, or made for
+                    # another base) must not keep every healthy one from serving.
+                    self.store.damaged[task] = f"it no longer loads ({e}); register it again to replace it"
+                    log.error("task %s quarantined: %s", task, self.store.damaged[task])
+                    continue
                 if info.version != entry["version"]:
                     log.warning("task %s restored with version %s, manifest says %s", task, info.version, entry["version"])
         seeded = self.store is not None and self.store.flag("examples_registered")
@@ -102,7 +111,8 @@ class AdapterService:
             path = request.path
             if not os.path.isabs(path):
                 path = os.path.join(self.config.adapter_root, path)
-            load = lambda: self.runtime.load_spec(path, labels, metadata, allowed_root=self.config.adapter_root)  # noqa: E731
+            load = lambda: self.runtime.load_spec(path, labels, metadata, allowed_root=self.config.adapter_root,  # noqa: E731
+                                                  max_bytes=self.config.max_adapter_bytes)
         elif source == "files":
             files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
             if request.files.labels_json:
@@ -123,14 +133,33 @@ class AdapterService:
                 old = self.runtime.registry.get(request.task)
                 raise TaskExistsError(f"task {request.task!r} is already registered (version {old.version[:12]}); "
                                       "set replace=true to swap it")
+            previous = self.store.entry(request.task) if self.store is not None else None
             await loop.run_in_executor(self.executor, self._persist, request.task, spec)
-            return await loop.run_in_executor(
-                self.executor, lambda: self.runtime.add_adapter(request.task, spec, replace=request.replace))
+            try:
+                return await loop.run_in_executor(
+                    self.executor, lambda: self.runtime.add_adapter(request.task, spec, replace=request.replace))
+            except BaseException:
+                # Registered on disk but not in memory would appear after a restart: undo the disk side.
+                if self.store is not None:
+                    await loop.run_in_executor(self.executor, self.store.restore_entry, request.task, previous)
+                raise
+
+    def quarantined(self, task: str) -> Optional[str]:
+        """Why a task in the data dir is not served, or None."""
+        return self.store.damaged.get(task) if self.store is not None else None
 
     async def unregister(self, task: str) -> AdapterInfo:
         async with self._lock:
-            info = self.runtime.get_adapter(task)  # NOT_FOUND before anything changes
             loop = asyncio.get_running_loop()
+            why = self.quarantined(task)
+            if why is not None and task not in self.runtime.registry:
+                entry = self.store.entry(task) or {}
+                await loop.run_in_executor(self.executor, self.store.remove, task)
+                return AdapterInfo(task=task, version=str(entry.get("version", "")), peft_type="", rank=0,
+                                   target_modules=[], labels=list(entry.get("labels") or []), size_bytes=0,
+                                   residency="DISK", registered_at=float(entry.get("registered_at") or 0.0),
+                                   metadata={"quarantined": why})
+            info = self.runtime.get_adapter(task)  # NOT_FOUND before anything changes
             if self.store is not None:
                 await loop.run_in_executor(self.executor, self.store.remove, task)
             removed = await loop.run_in_executor(self.executor, self.runtime.remove_adapter, info.task)
@@ -293,4 +322,7 @@ class RegistryServicer(pb_grpc.AdapterRegistryServicer):
         self._authorize(context)
         if not request.task:
             raise InvalidInputError("task is empty")
+        why = self.service.quarantined(request.task)
+        if why is not None and request.task not in self.service.runtime.registry:
+            raise QuarantinedTaskError(f"task {request.task!r} is in the data dir but not served: {why}")
         return adapter_message(self.service.runtime.get_adapter(request.task))

@@ -91,6 +91,24 @@ BAD = [
     ("rank_disagrees_config", dict(edit_config=lambda c: c.update(r=2)), InvalidAdapterError, ["rank 4", "says 2"]),
     ("bias_all", dict(edit_config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError, ["bias"]),
     ("integer_weights", dict(edit_weights=_set(f"{PREFIX}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))), InvalidAdapterError, ["floating point"]),
+    # config values by type and range (docs/reliability.md)
+    ("alpha_nan", dict(files={C: b'{"peft_type": "LORA", "r": 4, "lora_alpha": NaN}'}), InvalidAdapterError, ["lora_alpha", "finite positive"]),
+    ("alpha_zero", dict(edit_config=lambda c: c.update(lora_alpha=0)), InvalidAdapterError, ["lora_alpha", "positive"]),
+    ("alpha_negative", dict(edit_config=lambda c: c.update(lora_alpha=-8)), InvalidAdapterError, ["lora_alpha"]),
+    ("alpha_huge", dict(edit_config=lambda c: c.update(lora_alpha=1e9)), InvalidAdapterError, ["scales the update", "lora_alpha"]),
+    ("alpha_null", dict(edit_config=lambda c: c.update(lora_alpha=None)), InvalidAdapterError, ["lora_alpha", "None"]),
+    ("alpha_string", dict(edit_config=lambda c: c.update(lora_alpha="8")), InvalidAdapterError, ["lora_alpha"]),
+    ("r_string", dict(edit_config=lambda c: c.update(r="4")), InvalidAdapterError, ["r must be a positive integer", "'4'"]),
+    ("r_fraction", dict(edit_config=lambda c: c.update(r=4.5)), InvalidAdapterError, ["positive integer"]),
+    ("r_null", dict(edit_config=lambda c: c.update(r=None)), InvalidAdapterError, ["positive integer"]),
+    ("r_bool", dict(edit_config=lambda c: c.update(r=True)), InvalidAdapterError, ["positive integer"]),
+    ("rslora_string", dict(edit_config=lambda c: c.update(use_rslora="yes")), InvalidAdapterError, ["use_rslora"]),
+    ("rank_pattern_list", dict(edit_config=lambda c: c.update(rank_pattern=[1])), InvalidAdapterError, ["rank_pattern"]),
+    ("deep_json", dict(files={C: b"[" * 100000 + b"]" * 100000}), InvalidAdapterError, ["adapter_config.json"]),
+    ("labels_numbers", dict(files={"labels.json": b"[0, 1, 2]"}), InvalidAdapterError, ["distinct non-empty strings"]),
+    ("labels_null_and_list", dict(files={"labels.json": b'[null, ["x"], "c"]'}), InvalidAdapterError, ["strings"]),
+    ("labels_duplicate", dict(files={"labels.json": b'["a", "a", "b"]'}), InvalidAdapterError, ["distinct"]),
+    ("labels_deep", dict(files={"labels.json": b"[" * 100000 + b"]" * 100000}), InvalidAdapterError, ["labels.json"]),
 ]
 
 
@@ -128,3 +146,38 @@ def test_existing_task_needs_replace(setup):
     rt, good, _, _ = setup
     with pytest.raises(TaskExistsError, match="replace"):
         rt.add_adapter("good", good)
+
+
+def test_metadata_is_bounded(setup):
+    rt, good, _, _ = setup
+    with pytest.raises(InvalidAdapterError, match="value of 'note' is 5000 characters"):
+        rt.load_spec(good, metadata={"note": "x" * 5000})
+    with pytest.raises(InvalidAdapterError, match="at most 64"):
+        rt.load_spec(good, metadata={f"k{i}": "v" for i in range(65)})
+    assert rt.load_spec(good, metadata={"owner": "team-a"}).metadata == {"owner": "team-a"}
+
+
+def test_a_directory_over_the_size_limit_is_refused_before_it_is_read(setup, tmp_path):
+    """A 10 GB sparse weights file: refused from its size alone, in well under a second, nothing read."""
+    import time
+
+    from adapterserve.runtime.errors import ResourceExhaustedError
+
+    rt, good, _, _ = setup
+    big = tmp_path / "big"
+    shutil.copytree(good, big)
+    with open(big / W, "r+b") as fh:
+        fh.truncate(10 << 30)
+    start = time.monotonic()
+    with pytest.raises(ResourceExhaustedError, match="above the limit of 65536"):
+        rt.load_spec(str(big), max_bytes=65536)
+    assert time.monotonic() - start < 1.0
+    assert rt.load_spec(good, max_bytes=1 << 20).num_labels == 3
+
+
+def test_nul_in_a_path_is_bad_input(setup):
+    from adapterserve.runtime.errors import InvalidInputError
+
+    rt, _, _, _ = setup
+    with pytest.raises(InvalidInputError, match="NUL"):
+        rt.load_spec("adapters/\0/x")
