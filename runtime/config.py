@@ -130,7 +130,8 @@ class ServerConfig:
     max_adapter_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "largest adapter upload"})
     data_dir: Optional[str] = field(default=".adapterserve-data", metadata={"help": "where registered adapters persist ('' = memory only)"})
     adapter_root: Optional[str] = field(default=None, metadata={"help": "directory RegisterAdapter(path) may read from"})
-    admin_token: Optional[str] = field(default=None, metadata={"help": "bearer token registry calls need"})
+    admin_token: Optional[str] = field(default=None, metadata={"help": "bearer token registry calls need (a flag shows in ps: prefer --admin-token-file or ADAPTERSERVE_ADMIN_TOKEN)"})
+    admin_token_file: Optional[str] = field(default=None, metadata={"help": "file whose first line is the admin token"})
     tls_cert: Optional[str] = field(default=None, metadata={"help": "PEM certificate (with --tls-key)"})
     tls_key: Optional[str] = field(default=None, metadata={"help": "PEM private key"})
     grace: float = field(default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
@@ -161,6 +162,17 @@ class ServerConfig:
             raise ConfigError("max_texts_per_request must be in 1..100000")
         if self.max_adapter_bytes < 1024:
             raise ConfigError("max_adapter_bytes must be at least 1024")
+        if self.admin_token_file:
+            if self.admin_token:
+                raise ConfigError("give the admin token once: --admin-token or --admin-token-file, not both")
+            try:
+                with open(self.admin_token_file, encoding="utf-8") as fh:
+                    token = fh.readline().strip()
+            except OSError as e:
+                raise ConfigError(f"--admin-token-file {self.admin_token_file}: {e.strerror}") from None
+            if not token:
+                raise ConfigError(f"--admin-token-file {self.admin_token_file} is empty")
+            self.admin_token = token
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if not 1 <= self.model_workers <= 64:

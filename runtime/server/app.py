@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -169,15 +170,29 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("draining: finishing in-flight work within %.1fs", config.grace)
-    await health_servicer.enter_graceful_shutdown()  # every service reports NOT_SERVING
-    await server.stop(config.grace)  # refuse new RPCs, let running ones finish
-    await batcher.close()
-    model_executor.shutdown(wait=True)
-    admin_executor.shutdown(wait=True)
-    tokenize_pool.shutdown(wait=True)
+    await _drain(config.grace, loop, server, health_servicer, batcher)
+    # Whatever still runs after the grace (a long forward, a registration's fsync) is not waited for:
+    # run() exits the process without joining these threads.
+    for executor in (model_executor, admin_executor, tokenize_pool):
+        executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
     return 0
+
+
+async def _drain(grace: float, loop, server, health_servicer, batcher: Batcher) -> None:
+    """SIGTERM: health says NOT_SERVING first (probes and load balancers see it while the port is still
+    open), new work is refused with UNAVAILABLE, in-flight work gets the rest of `grace`, then RPCs
+    still running are cancelled."""
+    deadline = loop.time() + grace
+    log.info("draining: health NOT_SERVING, new work refused, in-flight work finishes within %.1fs", grace)
+    await health_servicer.enter_graceful_shutdown()
+    batcher.refuse_new()
+    await asyncio.sleep(min(1.0, grace / 4))  # long enough for a health probe to read NOT_SERVING
+    await server.stop(max(0.0, deadline - loop.time()))
+    try:
+        await asyncio.wait_for(batcher.close(), timeout=max(0.05, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        log.warning("grace of %.1fs is over with %d texts unfinished; exiting", grace, batcher.pending_texts)
 
 
 def _register_runtime_metrics(registry, runtime: Runtime) -> None:
@@ -203,8 +218,16 @@ def _warm_up(runtime: Runtime, barrier: threading.Barrier) -> None:
 
 def run(config: ServerConfig) -> int:
     try:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config))
     except AdapterServeError as e:
         print(f"adapterserve: error: {e}", file=sys.stderr)
         return 2
+    if any(t.name.startswith(("model", "admin", "tokenize")) for t in threading.enumerate()):
+        # A forward or a write still running after the grace would hold the interpreter's exit (it joins
+        # executor threads): leave now, as the grace promised. The store's writes are atomic.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 

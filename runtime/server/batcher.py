@@ -16,7 +16,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from adapterserve.runtime.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from adapterserve.runtime.errors import (DeadlineExceededError, InvalidInputError, ResourceExhaustedError,
+                                         UnavailableError)
 from adapterserve.runtime.runtime import Row, Runtime
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class Batcher:
     async def submit(self, rows: list[Row], deadline: Optional[float]) -> Work:
         if self.closed:
             raise UnavailableError("server is draining; retry on another replica", reason="draining")
+        if len(rows) > self.max_queue:
+            raise InvalidInputError(f"{len(rows)} texts in one request can never fit the queue of {self.max_queue} "
+                                    "texts (--max-queue); split the request", reason="request_above_queue")
         if self.pending_texts + len(rows) > self.max_queue:
             raise ResourceExhaustedError(
                 f"queue is full ({self.pending_texts} texts waiting, limit {self.max_queue}); back off and retry",
@@ -100,6 +104,10 @@ class Batcher:
         self.pending_texts += len(rows)
         self.queue.put_nowait(work)
         return work
+
+    def refuse_new(self) -> None:
+        """Draining: new work is UNAVAILABLE from now on; what is queued still runs."""
+        self.closed = True
 
     async def close(self) -> None:
         """Stop taking work; everything already queued still runs."""

@@ -7,6 +7,7 @@ replace or unregister never pulls weights from under a request: it is served who
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -303,7 +304,8 @@ class RegistryServicer(pb_grpc.AdapterRegistryServicer):
         header = metadata.get("authorization", "")
         if not header:
             raise UnauthenticatedError("registry calls need 'authorization: Bearer <admin token>' metadata")
-        if header != f"Bearer {self.admin_token}":
+        # Constant time: how much of a guess matches must not show in how long the refusal takes.
+        if not hmac.compare_digest(header.encode(), f"Bearer {self.admin_token}".encode()):
             raise UnauthenticatedError("the admin token in 'authorization' metadata is wrong")
 
     async def RegisterAdapter(self, request, context):

@@ -112,3 +112,25 @@ def test_requests_are_answered_when_their_forwards_are_done_not_the_whole_pool()
     assert done == sorted(done)
     assert done[-1] - done[0] > 0.1, "the first request waited for the whole pool"
     assert inference_ns[0] < inference_ns[-1] and inference_ns[-1] >= 0.2e9
+
+
+def test_a_request_that_can_never_fit_is_bad_input_not_retry():
+    import pytest
+
+    from adapterserve.runtime.errors import InvalidInputError, ResourceExhaustedError
+
+    async def run():
+        pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        batcher = Batcher(RecordingModel(per_row=0.01), pool, max_batch_tokens=100_000, max_batch_size=64,
+                          max_wait_ms=0, max_queue=8)
+        with pytest.raises(InvalidInputError, match="can never fit the queue of 8"):
+            await batcher.submit(_rows(9), None)
+        first = await batcher.submit(_rows(6), None)  # not started: the queue holds 6 of 8
+        with pytest.raises(ResourceExhaustedError, match="retry"):
+            await batcher.submit(_rows(3), None)  # fits an empty queue: back off and retry
+        batcher.start()
+        await first.future
+        await batcher.close()
+        pool.shutdown()
+
+    asyncio.run(run())

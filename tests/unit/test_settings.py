@@ -77,3 +77,14 @@ def test_precision_auto_follows_the_hardware_decision(monkeypatch):
     assert select.resolve_precision(auto, torch.device("cuda")) == "fp16"
     assert select.resolve_precision(RuntimeConfig(precision="auto", engine="onnx"), torch.device("cpu")) == "fp32"
     assert select.resolve_precision(RuntimeConfig(precision="int8"), torch.device("cpu")) == "int8"
+
+
+def test_admin_token_from_a_file(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("s3cret\n")
+    config, _ = parse_config(["--admin-token-file", str(f)], environ={})
+    assert config.admin_token == "s3cret"
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config(["--admin-token-file", str(f), "--admin-token", "x"], environ={})
+    with pytest.raises(ConfigError, match="No such file"):
+        parse_config(["--admin-token-file", str(tmp_path / "none")], environ={})
