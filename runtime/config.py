@@ -127,6 +127,10 @@ class ServerConfig:
     max_wait_ms: float = field(default=0.0, metadata={"help": "how long a batch waits for more requests"})
     max_queue: int = field(default=2048, metadata={"help": "texts waiting for the model before RESOURCE_EXHAUSTED"})
     max_texts_per_request: int = field(default=256, metadata={"help": "texts in one Classify"})
+    # One connection's share of --max-queue (runtime/server/admission.py): past it a unary call is
+    # RESOURCE_EXHAUSTED for that client alone and a stream waits.
+    max_client_share: float = field(default=0.5, metadata={"help": "share of --max-queue one client connection may hold in flight"})
+    max_stream_inflight: int = field(default=16, metadata={"help": "requests of one ClassifyStream processed at once (the rest wait)"})
     max_adapter_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "largest adapter upload"})
     data_dir: Optional[str] = field(default=".adapterserve-data", metadata={"help": "where registered adapters persist ('' = memory only)"})
     adapter_root: Optional[str] = field(default=None, metadata={"help": "directory RegisterAdapter(path) may read from"})
@@ -158,6 +162,10 @@ class ServerConfig:
             raise ConfigError(f"max_wait_ms must be in 0..10000; got {self.max_wait_ms}")
         if self.max_queue < 1:
             raise ConfigError("max_queue must be at least 1")
+        if not 0 < self.max_client_share <= 1:
+            raise ConfigError(f"max_client_share must be in (0, 1]; got {self.max_client_share}")
+        if not 1 <= self.max_stream_inflight <= 10_000:
+            raise ConfigError(f"max_stream_inflight must be in 1..10000; got {self.max_stream_inflight}")
         if not 1 <= self.max_texts_per_request <= 100_000:
             raise ConfigError("max_texts_per_request must be in 1..100000")
         if self.max_adapter_bytes < 1024:

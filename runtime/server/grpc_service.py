@@ -19,6 +19,7 @@ from adapterserve import __version__
 from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.adapters.store import AdapterStore
+from adapterserve.runtime.server.admission import ClientShares
 from adapterserve.runtime.server.batcher import Batcher
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import (AdapterServeError, ConfigError, DeadlineExceededError, InvalidInputError,
@@ -172,6 +173,7 @@ class AdapterService:
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, config: ServerConfig, registry=None) -> None:
         self.config = config
+        self.shares = ClientShares(max(config.max_texts_per_request, int(config.max_client_share * config.max_queue)))
         self.runtime: Optional[Runtime] = None
         self.batcher: Optional[Batcher] = None
         self.tokenize_pool: Optional[ThreadPoolExecutor] = None
@@ -204,7 +206,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if request.text_pairs and len(request.text_pairs) != n:
             raise InvalidInputError(f"text_pairs has {len(request.text_pairs)} entries but texts has {n}; send none or one per text")
 
-    async def _classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+    async def _classify(self, request: pb.ClassifyRequest, context, stream: bool = False) -> pb.ClassifyResponse:
         start = time.perf_counter_ns()
         self._ready()
         self._validate(request)
@@ -212,6 +214,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("the request's deadline had already passed on arrival")
         deadline = time.monotonic() + remaining if remaining is not None else None
+        peer, n = (context.peer() if context is not None else "local"), len(request.texts)
+        if stream:
+            await self.shares.wait_and_take(peer, n)
+        else:
+            self.shares.take(peer, n)
+        try:
+            return await self._classify_admitted(request, deadline, start)
+        finally:
+            await self.shares.give_back(peer, n)
+
+    async def _classify_admitted(self, request: pb.ClassifyRequest, deadline, start: int) -> pb.ClassifyResponse:
         entry = self.runtime.registry.acquire(request.task)
         try:
             loop = asyncio.get_running_loop()
@@ -251,12 +264,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return await self._classify(request, context)
 
     async def ClassifyStream(self, request_iterator, context):
-        # Requests are processed concurrently (they batch together) and answered in order.
+        # Requests are processed concurrently (they batch together) and answered in order; at most
+        # --max-stream-inflight at a time, so the client's writes wait rather than pile up here.
         pending: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.config.max_stream_inflight)
 
         async def reader():
             async for request in request_iterator:
-                pending.put_nowait(asyncio.ensure_future(self._classify(request, context)))
+                await slots.acquire()
+                pending.put_nowait(asyncio.ensure_future(self._classify(request, context, stream=True)))
             pending.put_nowait(None)
 
         reader_task = asyncio.ensure_future(reader())
@@ -265,7 +281,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 fut = await pending.get()
                 if fut is None:
                     break
-                yield await fut
+                try:
+                    response = await fut
+                finally:
+                    slots.release()
+                yield response
         finally:
             reader_task.cancel()
             while not pending.empty():
