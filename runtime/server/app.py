@@ -29,6 +29,7 @@ from adapterserve.runtime.errors import AdapterServeError, ConfigError
 from adapterserve.runtime.native.hardware import probe
 from adapterserve.runtime.runtime import Runtime
 from adapterserve.runtime.server import metrics
+from adapterserve.runtime.server.auth import AdminAuthInterceptor
 from adapterserve.runtime.server.batcher import Batcher, BatcherMetrics
 from adapterserve.runtime.server.grpc_errors import ErrorMappingInterceptor, RequestMetrics
 from adapterserve.runtime.server.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
@@ -92,8 +93,9 @@ async def serve(config: ServerConfig) -> int:
     # rather than gRPC's generic one; far larger messages are still cut off by gRPC itself.
     message_limit = 2 * config.max_adapter_bytes + (1 << 20)
     metrics_registry = metrics.new_registry()
+    request_metrics = RequestMetrics(metrics_registry)
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(RequestMetrics(metrics_registry))],
+        interceptors=[AdminAuthInterceptor(config.admin_token, request_metrics), ErrorMappingInterceptor(request_metrics)],
         options=[("grpc.max_receive_message_length", message_limit),
                  ("grpc.max_send_message_length", 64 << 20),
                  ("grpc.so_reuseport", 0)],

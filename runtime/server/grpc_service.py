@@ -7,7 +7,6 @@ replace or unregister never pulls weights from under a request: it is served who
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.server.admission import ClientShares
+from adapterserve.runtime.server.auth import token_problem
 from adapterserve.runtime.server.batcher import Batcher
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import (AdapterServeError, ConfigError, DeadlineExceededError, InvalidInputError,
@@ -320,13 +320,11 @@ class RegistryServicer(pb_grpc.AdapterRegistryServicer):
             raise UnavailableError("the base model is still loading; retry when health reports SERVING")
         if not self.admin_token:
             return
-        metadata = dict(context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
-        if not header:
-            raise UnauthenticatedError("registry calls need 'authorization: Bearer <admin token>' metadata")
-        # Constant time: how much of a guess matches must not show in how long the refusal takes.
-        if not hmac.compare_digest(header.encode(), f"Bearer {self.admin_token}".encode()):
-            raise UnauthenticatedError("the admin token in 'authorization' metadata is wrong")
+        # The interceptor (auth.py) refused bad tokens before the body was read; checked again here so
+        # the servicer is safe on its own.
+        problem = token_problem(context.invocation_metadata(), self.admin_token)
+        if problem is not None:
+            raise UnauthenticatedError(problem)
 
     async def RegisterAdapter(self, request, context):
         self._authorize(context)

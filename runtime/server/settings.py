@@ -174,7 +174,9 @@ def configuration_markdown() -> str:
     for s in settings():
         flag = f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.kind is bool else (
             f"`{s.flag.rstrip('s')} VALUE` (repeatable)" if s.kind is list else f"`{s.flag} {s.kind.__name__.upper()}`")
-        if isinstance(s.default, bool):
+        if s.name == "data_dir":
+            default = "`~/.local/share/adapterserve`"
+        elif isinstance(s.default, bool):
             default = "on" if s.default else "off"
         elif isinstance(s.default, list):
             default = ", ".join(s.default) or "—"
