@@ -153,6 +153,8 @@ async def serve(config: ServerConfig) -> int:
                           metrics_factory=lambda b: BatcherMetrics(metrics_registry, b))
         batcher.start()
         _register_runtime_metrics(metrics_registry, runtime)
+        if store is not None:
+            metrics_registry.register(metrics.QuarantineCollector(store))
         if metrics_port:
             print(f"adapterserve metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
         classifier.attach(runtime, batcher, tokenize_pool)

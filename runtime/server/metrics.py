@@ -96,6 +96,17 @@ class AdapterCacheCollector:
         yield CounterMetricFamily(f"{PREFIX}_adapter_cache_misses_total", "Batches that had to load their adapter into a device slot", value=t.misses)
 
 
+class QuarantineCollector:
+    """Tasks in the data dir that are not served because their files are damaged (adapters/store.py)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        yield GaugeMetricFamily(f"{PREFIX}_adapters_quarantined", "Tasks in the data dir not served because their "
+                                "files are damaged (GetAdapter says why)", value=len(self.store.damaged))
+
+
 class MemoryCollector:
     """Read at scrape time: process RSS always, CUDA allocated/reserved when on CUDA, adapter bytes per tier."""
 

@@ -12,7 +12,9 @@ writes, and replaced versions' blobs (docs/reliability.md).
 """
 import json
 import os
+import socket
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
@@ -24,8 +26,15 @@ from conftest import read_files
 TEXT = ["a gorgeous , witty , seductive movie ."]
 
 
-def start(data_dir, root):
-    return ServerProcess("--data-dir", str(data_dir), "--adapter-root", root, "--no-examples", "--slots", "8")
+def start(data_dir, root, metrics_port=0):
+    return ServerProcess("--data-dir", str(data_dir), "--adapter-root", root, "--no-examples", "--slots", "8",
+                         metrics_port=metrics_port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stubs(server):
@@ -129,8 +138,10 @@ def test_damaged_blob_quarantines_one_task_and_healthy_ones_serve(minilm_adapter
     raw = bytearray(blob.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     blob.write_bytes(bytes(raw))
-    server = start(data, root)
+    server = start(data, root, metrics_port=free_port())
     try:
+        scrape = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        assert "adapterserve_adapters_quarantined 1.0" in scrape
         ch, clf, reg = stubs(server)
         assert listed(reg) == {"alpha": versions["alpha"]} and served(clf, "alpha") and not served(clf, "gamma")
         with pytest.raises(grpc.RpcError) as e:
