@@ -29,7 +29,9 @@ _TOOLS = {
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("ADAPTERSERVE_ADDRESS", DEFAULT_ADDRESS),
                    help=f"server HOST:PORT [env ADAPTERSERVE_ADDRESS] (default: {DEFAULT_ADDRESS})")
-    p.add_argument("--token", default=None, help="admin token for registry calls (the server's --admin-token)")
+    p.add_argument("--token", default=os.environ.get("ADAPTERSERVE_TOKEN"),
+                   help="bearer token: the server's --admin-token for registry calls, --classify-token for classify "
+                        "[env ADAPTERSERVE_TOKEN]")
     p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate: connect with TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
 

@@ -39,10 +39,10 @@ class Client:
 
     def classify(self, task: str, texts: Sequence[str], top_k: int = 0, truncate: bool = True) -> pb.ClassifyResponse:
         return self.classifier.Classify(pb.ClassifyRequest(task=task, texts=list(texts), top_k=top_k, truncate=truncate),
-                                        timeout=self.timeout)
+                                        metadata=self.metadata, timeout=self.timeout)
 
     def info(self) -> pb.ServerInfo:
-        return self.classifier.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
+        return self.classifier.GetInfo(pb.GetInfoRequest(), metadata=self.metadata, timeout=self.timeout)
 
     def register_dir(self, task: str, directory: str, replace: bool = False,
                      labels: Optional[list[str]] = None) -> pb.Adapter:

@@ -142,6 +142,7 @@ class ServerConfig:
     adapter_root: Optional[str] = field(default=None, metadata={"help": "directory RegisterAdapter(path) may read from"})
     admin_token: Optional[str] = field(default=None, metadata={"help": "bearer token registry calls need (a flag shows in ps: prefer --admin-token-file or ADAPTERSERVE_ADMIN_TOKEN)"})
     admin_token_file: Optional[str] = field(default=None, metadata={"help": "file whose first line is the admin token"})
+    classify_token: Optional[str] = field(default=None, metadata={"help": "bearer token Classify calls need (off by default; the admin token is accepted too)"})
     tls_cert: Optional[str] = field(default=None, metadata={"help": "PEM certificate (with --tls-key)"})
     tls_key: Optional[str] = field(default=None, metadata={"help": "PEM private key"})
     grace: float = field(default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})

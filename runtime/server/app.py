@@ -29,7 +29,7 @@ from adapterserve.runtime.errors import AdapterServeError, ConfigError
 from adapterserve.runtime.native.hardware import probe
 from adapterserve.runtime.runtime import Runtime
 from adapterserve.runtime.server import metrics
-from adapterserve.runtime.server.auth import AdminAuthInterceptor
+from adapterserve.runtime.server.auth import AuthInterceptor
 from adapterserve.runtime.server.batcher import Batcher, BatcherMetrics
 from adapterserve.runtime.server.grpc_errors import ErrorMappingInterceptor, RequestMetrics
 from adapterserve.runtime.server.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
@@ -95,7 +95,8 @@ async def serve(config: ServerConfig) -> int:
     metrics_registry = metrics.new_registry()
     request_metrics = RequestMetrics(metrics_registry)
     server = grpc.aio.server(
-        interceptors=[AdminAuthInterceptor(config.admin_token, request_metrics), ErrorMappingInterceptor(request_metrics)],
+        interceptors=[AuthInterceptor(config.admin_token, config.classify_token, request_metrics),
+                      ErrorMappingInterceptor(request_metrics)],
         options=[("grpc.max_receive_message_length", message_limit),
                  ("grpc.max_send_message_length", 64 << 20),
                  ("grpc.so_reuseport", 0)],

@@ -54,3 +54,30 @@ def test_unauthenticated_uploads_do_not_drive_memory(tmp_path):
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
     finally:
         proc.stop()
+
+
+def test_classify_token_guards_the_data_plane_only():
+    proc = ServerProcess("--data-dir", "", "--classify-token", "reader", "--admin-token", "admin")
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(proc.address) as ch:
+            clf = pb_grpc.ClassifierStub(ch)
+            request = pb.ClassifyRequest(task="sst2", texts=["a charming film"])
+            for metadata in (None, (("authorization", "Bearer admin2"),)):
+                try:
+                    clf.Classify(request, metadata=metadata, timeout=30)
+                    raise AssertionError("served without the token")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            for token in ("reader", "admin"):
+                assert clf.Classify(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30).predictions
+            # the unknown-task answer does not list other tasks to anyone
+            try:
+                clf.Classify(pb.ClassifyRequest(task="nope", texts=["x"]), metadata=(("authorization", "Bearer reader"),))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND and "sst2" not in e.details()
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.stop()
