@@ -267,7 +267,12 @@ def _labels_from_json(data) -> Optional[list]:
 
 def _pattern_value(patterns: dict, key: str, default):
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):  # PEFT's get_pattern_key rule
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", key)  # PEFT's get_pattern_key rule
+        except re.error as e:
+            raise InvalidAdapterError(f"{CONFIG_FILE}: pattern {pattern[:64]!r} is not a valid regular expression "
+                                      f"({e})") from None
+        if matched:
             return value
     return default
 

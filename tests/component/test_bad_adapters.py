@@ -103,6 +103,7 @@ BAD = [
     ("r_null", dict(edit_config=lambda c: c.update(r=None)), InvalidAdapterError, ["positive integer"]),
     ("r_bool", dict(edit_config=lambda c: c.update(r=True)), InvalidAdapterError, ["positive integer"]),
     ("rslora_string", dict(edit_config=lambda c: c.update(use_rslora="yes")), InvalidAdapterError, ["use_rslora"]),
+    ("rank_pattern_regex", dict(edit_config=lambda c: c.update(rank_pattern={")": 4})), InvalidAdapterError, ["regular expression"]),
     ("rank_pattern_list", dict(edit_config=lambda c: c.update(rank_pattern=[1])), InvalidAdapterError, ["rank_pattern"]),
     ("deep_json", dict(files={C: b"[" * 100000 + b"]" * 100000}), InvalidAdapterError, ["adapter_config.json"]),
     ("labels_numbers", dict(files={"labels.json": b"[0, 1, 2]"}), InvalidAdapterError, ["distinct non-empty strings"]),

@@ -17,7 +17,10 @@ from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS, make_peft_adapter
 
 CONFIG, WEIGHTS, LABELS = "adapter_config.json", "adapter_model.safetensors", "labels.json"
-FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI replays the same 1,000 cases per property on every run (a red run is reproducible);
+# explore further with e.g. `pytest --hypothesis-seed=N` after removing derandomize locally.
+FUZZ = settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_fuzzed_uploads_never_internal_and_others_are_served(server, minilm_adap
     channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 32 << 20)])
     registry = pb_grpc.AdapterRegistryStub(channel)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(config_edits=st.dictionaries(st.sampled_from(["r", "lora_alpha", "peft_type", "use_rslora", "rank_pattern"]),
                                         json_values, max_size=3),
            labels=st.none() | json_values, weights=st.none() | st.binary(max_size=64),
