@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 from adapterserve.adapters.spec import AdapterSpec, LoraModule
 from adapterserve.runtime.errors import (
     BaseMismatchError,
+    DeadlineExceededError,
     InvalidAdapterError,
     InvalidInputError,
     PermissionDeniedError,
@@ -57,10 +59,15 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
-def read_adapter_dir(path: str, allowed_root: Optional[str] = None, max_bytes: Optional[int] = None) -> dict[str, bytes]:
+READ_CHUNK = 4 << 20  # bytes read between deadline checks
+
+
+def read_adapter_dir(path: str, allowed_root: Optional[str] = None, max_bytes: Optional[int] = None,
+                     deadline: Optional[float] = None) -> dict[str, bytes]:
     """Read the files of a PEFT adapter directory. With allowed_root, refuse anything that resolves
     (symlinks included) outside it; with max_bytes, refuse a directory whose files add up to more,
-    from their sizes before anything is read, and never read more than that (a file that grows meanwhile)."""
+    from their sizes before anything is read, and never read more than that (a file that grows
+    meanwhile); with deadline (time.monotonic()), stop reading once it has passed."""
     if "\0" in path:
         raise InvalidInputError("adapter path contains a NUL character")
     real = os.path.realpath(path)
@@ -87,8 +94,20 @@ def read_adapter_dir(path: str, allowed_root: Optional[str] = None, max_bytes: O
     files: dict[str, bytes] = {}
     budget = max_bytes
     for name, p in present:
+        chunks = []
         with open(p, "rb") as fh:
-            data = fh.read() if budget is None else fh.read(budget + 1)
+            left = None if budget is None else budget + 1
+            while left is None or left > 0:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlineExceededError(f"the request's deadline passed while reading {name} from {path!r}; "
+                                                "nothing was registered")
+                chunk = fh.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if left is not None:
+                    left -= len(chunk)
+        data = b"".join(chunks)
         if budget is not None:
             budget -= len(data)
             if budget < 0:

@@ -103,12 +103,12 @@ class Runtime:
     # -- adapters --------------------------------------------------------------------------------
     def load_spec(self, source: AdapterSource, labels: Optional[list[str]] = None,
                   metadata: Optional[dict] = None, allowed_root: Optional[str] = None,
-                  max_bytes: Optional[int] = None) -> AdapterSpec:
+                  max_bytes: Optional[int] = None, deadline: Optional[float] = None) -> AdapterSpec:
         """Parse and validate an adapter against this base without touching any slot. A directory is
-        read only under allowed_root (if given) and only up to max_bytes (if given)."""
+        read only under allowed_root, up to max_bytes and until deadline (time.monotonic()), each if given."""
         if isinstance(source, AdapterSpec):
             return source
-        files = read_adapter_dir(source, allowed_root, max_bytes) if isinstance(source, str) else source
+        files = read_adapter_dir(source, allowed_root, max_bytes, deadline) if isinstance(source, str) else source
         return parse_adapter(files, self.engine.shape, labels=labels, metadata=metadata)
 
     def add_adapter(self, task: str, source: AdapterSource, replace: bool = False,

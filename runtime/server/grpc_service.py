@@ -103,7 +103,8 @@ class AdapterService:
         if self.store is not None:
             self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time())
 
-    async def register(self, request: pb.RegisterAdapterRequest) -> AdapterInfo:
+    async def register(self, request: pb.RegisterAdapterRequest, deadline: Optional[float] = None) -> AdapterInfo:
+        """deadline: the caller's, as time.monotonic(); past it nothing more is read and nothing is stored."""
         source = request.WhichOneof("source")
         labels = list(request.labels) or None
         metadata = dict(request.metadata)
@@ -114,7 +115,7 @@ class AdapterService:
             if not os.path.isabs(path):
                 path = os.path.join(self.config.adapter_root, path)
             load = lambda: self.runtime.load_spec(path, labels, metadata, allowed_root=self.config.adapter_root,  # noqa: E731
-                                                  max_bytes=self.config.max_adapter_bytes)
+                                                  max_bytes=self.config.max_adapter_bytes, deadline=deadline)
         elif source == "files":
             files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
             if request.files.labels_json:
@@ -131,6 +132,9 @@ class AdapterService:
         loop = asyncio.get_running_loop()
         spec = await loop.run_in_executor(self.executor, load)  # validation never touches a slot
         async with self._lock:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceededError("the request's deadline passed while the adapter was validated; nothing "
+                                            "was registered (the caller has stopped waiting)")
             if request.task in self.runtime.registry and not request.replace:
                 old = self.runtime.registry.get(request.task)
                 raise TaskExistsError(f"task {request.task!r} is already registered (version {old.version[:12]}); "
@@ -328,7 +332,9 @@ class RegistryServicer(pb_grpc.AdapterRegistryServicer):
 
     async def RegisterAdapter(self, request, context):
         self._authorize(context)
-        return adapter_message(await self.service.register(request))
+        remaining = context.time_remaining()
+        return adapter_message(await self.service.register(
+            request, time.monotonic() + remaining if remaining is not None else None))
 
     async def UnregisterAdapter(self, request, context):
         self._authorize(context)

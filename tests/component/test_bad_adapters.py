@@ -182,3 +182,14 @@ def test_nul_in_a_path_is_bad_input(setup):
     rt, _, _, _ = setup
     with pytest.raises(InvalidInputError, match="NUL"):
         rt.load_spec("adapters/\0/x")
+
+
+def test_a_read_stops_at_the_deadline(setup):
+    import time
+
+    from adapterserve.runtime.errors import DeadlineExceededError
+
+    rt, good, _, _ = setup
+    with pytest.raises(DeadlineExceededError, match="nothing was registered"):
+        rt.load_spec(good, deadline=time.monotonic() - 1)
+    assert rt.load_spec(good, deadline=time.monotonic() + 60).num_labels == 3
