@@ -80,7 +80,7 @@ def _bind(server, config: ServerConfig) -> int:
 
 def _start_metrics(registry, config: ServerConfig):
     try:
-        return metrics.start_http(registry, config.host, config.metrics_port)
+        return metrics.start_http(registry, config.host, config.metrics_port, token=config.admin_token)
     except OSError as e:
         raise ConfigError(f"cannot listen on {config.host}:{config.metrics_port} (/metrics): {e.strerror}; "
                           "pick another with --metrics-port (0 disables it)") from None

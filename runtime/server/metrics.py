@@ -164,9 +164,33 @@ def register_build_info(registry: CollectorRegistry, version: str, base_model: s
     g.labels(*labels.values()).set(1)
 
 
-def start_http(registry: CollectorRegistry, host: str, port: int) -> Optional[int]:
-    """Serve /metrics on `port`; 0 disables it (returns None)."""
+def start_http(registry: CollectorRegistry, host: str, port: int, token: Optional[str] = None) -> Optional[int]:
+    """Serve /metrics on `port`; 0 disables it (returns None). With a token (the admin token), a scrape
+    needs `Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`), so task
+    names in the per-task series are not shown to whoever can reach the port."""
     if port == 0:
         return None
-    server, _thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    if token is None:
+        server, _thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+        return server.server_port
+    import hmac
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    metrics_app = prometheus_client.make_wsgi_app(registry)
+    expected = f"Bearer {token}".encode()
+
+    def app(environ, start_response):
+        if not hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(), expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"/metrics needs 'Authorization: Bearer <admin token>'\n"]
+        return metrics_app(environ, start_response)
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+            pass
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server.server_port

@@ -81,3 +81,26 @@ def test_classify_token_guards_the_data_plane_only():
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         proc.stop()
+
+
+def test_metrics_need_the_admin_token_when_one_is_set():
+    """With auth on, /metrics (per-task series name tasks) answers 401 without the admin token."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = ServerProcess("--data-dir", "", "--admin-token", "admin", metrics_port=port)
+    try:
+        try:
+            urllib.request.urlopen(proc.metrics_url, timeout=10)
+            raise AssertionError("/metrics answered without the token")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+        request = urllib.request.Request(proc.metrics_url, headers={"Authorization": "Bearer admin"})
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+        assert "adapterserve_build_info" in text
+    finally:
+        proc.stop()
