@@ -12,8 +12,9 @@ Contract:
   then does the in-memory manifest change. A change that fails to persist (a full disk, a read-only
   mount) leaves memory and disk as they were and raises StoreFullError / StoreUnavailableError, which
   say why. A crash at any point leaves either the old manifest or the new one.
-- Blobs no manifest version names are deleted after each change and at start; temp files of killed
-  writes are swept at start.
+- Blobs no manifest version names are deleted after each change and at start, except those of a
+  replaced or removed version that requests still use (`retain` / `release`, in memory: after a restart
+  no request is in flight); temp files of killed writes are swept at start.
 - At start every task's blobs are checked against their sha256. A task with a missing or damaged blob
   is quarantined (`damaged`: task -> why), not served, and does not stop the healthy ones; registering
   it again replaces it. A manifest that cannot be read falls back to manifest.json.prev.
@@ -76,6 +77,8 @@ class AdapterStore:
         self._sweep_temp_files()
         self._manifest = self._read_manifest()
         self.damaged: dict[str, str] = self._verify()
+        # (task, version) -> file digests of versions no longer in the manifest but still in use
+        self._retained: dict[tuple[str, str], dict[str, str]] = {}
         self._collect_garbage(self._manifest)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -138,16 +141,40 @@ class AdapterStore:
         entry = self._manifest["tasks"].get(task)
         return entry["version"] if entry and task not in self.damaged else None
 
-    def load_files(self, task: str) -> dict[str, bytes]:
-        entry = self._manifest["tasks"][task]
+    def load_files(self, task: str, version: Optional[str] = None) -> dict[str, bytes]:
+        """The files of the task's current version, or of `version` if it is current or retained."""
+        entry = self._manifest["tasks"].get(task)
+        if version is not None and (entry is None or entry["version"] != version):
+            digests = self._retained.get((task, version))
+            if digests is None:
+                raise IOError(f"version {version[:12]} of task {task} is no longer in the data dir")
+        else:
+            digests = entry["files"]
         files = {}
-        for name, digest in entry["files"].items():
+        for name, digest in digests.items():
             with open(os.path.join(self.blobs, digest), "rb") as fh:
                 data = fh.read()
             if hashlib.sha256(data).hexdigest() != digest:
                 raise IOError(f"blob {digest} of task {task} is corrupt")
             files[name] = data
         return files
+
+    def holds(self, task: str, version: str) -> bool:
+        """Whether the files of this version can be read back (current, or retained while in use)."""
+        return self.version_of(task) == version or (task, version) in self._retained
+
+    def retain(self, task: str) -> None:
+        """Keep the task's current version's blobs past a replace or removal, until release()."""
+        with self._lock:
+            entry = self._manifest["tasks"].get(task)
+            if entry is not None and task not in self.damaged:
+                self._retained[(task, entry["version"])] = dict(entry["files"])
+
+    def release(self, task: str, version: str) -> None:
+        """No request uses this version any more: its blobs may go (unless a manifest version names them)."""
+        with self._lock:
+            if self._retained.pop((task, version), None) is not None:
+                self._collect_garbage(self._manifest)
 
     def entry(self, task: str) -> Optional[dict]:
         with self._lock:
@@ -211,6 +238,7 @@ class AdapterStore:
         effort: a blob that cannot be deleted now is deleted at the next change or start."""
         live = {d for t in manifest["tasks"].values() if isinstance(t, dict)
                 for d in (t.get("files") or {}).values()}
+        live |= {d for files in getattr(self, "_retained", {}).values() for d in files.values()}
         for name in os.listdir(self.blobs):
             if name not in live and not name.startswith(TEMP_PREFIX):
                 try:

@@ -41,11 +41,14 @@ AdapterSource = Union[str, dict, AdapterSpec]
 
 
 class DiskTier(Protocol):
-    """Where adapters evicted from host memory are read back from (the server's AdapterStore)."""
+    """Where adapters evicted from host memory are read back from (the server's AdapterStore). A
+    version replaced or removed while requests still use it stays readable until release()."""
 
-    def load_files(self, task: str) -> dict[str, bytes]: ...
+    def load_files(self, task: str, version: Optional[str] = None) -> dict[str, bytes]: ...
 
-    def version_of(self, task: str) -> Optional[str]: ...
+    def holds(self, task: str, version: str) -> bool: ...
+
+    def release(self, task: str, version: str) -> None: ...
 
 
 class Runtime:
@@ -73,14 +76,21 @@ class Runtime:
         else:
             host_tier = HostTier(
                 self.config.max_host_adapter_bytes,
-                reload=lambda e: self.load_spec(disk.load_files(e.task), labels=e.spec.labels, metadata=e.spec.metadata),
-                can_reload=lambda e: disk.version_of(e.task) == e.version)
-        # A retired version is freed (slot, host memory, merge) once its last request lets go of it.
-        self.registry = Registry(on_retired=lambda entry: self.residency.forget(entry), on_idle=host_tier.shrink)
+                reload=lambda e: self.load_spec(disk.load_files(e.task, e.version), labels=e.spec.labels,
+                                                metadata=e.spec.metadata),
+                can_reload=lambda e: disk.holds(e.task, e.version))
+        self._disk = disk
+        # A retired version is freed (slot, host memory, merge, its blobs) once its last request lets go of it.
+        self.registry = Registry(on_retired=self._retired, on_idle=host_tier.shrink)
         self.residency = Residency(self.engine, self.registry, host_tier, self.config.slots, self.base.precision,
                                    on_slot_load)
         log.info("hardware: %s", probe().summary())
         log.info("serving paths: %s", ", ".join(f"{k}={v}" for k, v in self.serving_paths().items()))
+
+    def _retired(self, entry: AdapterEntry) -> None:
+        self.residency.forget(entry)
+        if self._disk is not None:
+            self._disk.release(entry.task, entry.version)
 
     @property
     def precision(self) -> str:

@@ -101,6 +101,10 @@ class AdapterService:
 
     def _persist(self, task, spec) -> None:
         if self.store is not None:
+            if task in self.runtime.registry:
+                # Requests may still use the version being replaced: its blobs stay readable (disk
+                # tier) until the runtime retires it and releases them.
+                self.store.retain(task)
             self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time())
 
     async def register(self, request: pb.RegisterAdapterRequest, deadline: Optional[float] = None) -> AdapterInfo:
@@ -167,6 +171,7 @@ class AdapterService:
                                    metadata={"quarantined": why})
             info = self.runtime.get_adapter(task)  # NOT_FOUND before anything changes
             if self.store is not None:
+                self.store.retain(task)  # released when the runtime retires the version (last request done)
                 await loop.run_in_executor(self.executor, self.store.remove, task)
             removed = await loop.run_in_executor(self.executor, self.runtime.remove_adapter, info.task)
             if self.on_unregistered is not None:

@@ -8,12 +8,15 @@ class DirTier:
     def __init__(self, paths: dict) -> None:
         self.paths, self.reads = paths, []
 
-    def load_files(self, task):
+    def load_files(self, task, version=None):
         self.reads.append(task)
         return read_adapter_dir(self.paths[task])
 
-    def version_of(self, task):
-        return adapter_version(read_adapter_dir(self.paths[task]))
+    def holds(self, task, version):
+        return adapter_version(read_adapter_dir(self.paths[task])) == version
+
+    def release(self, task, version):
+        pass
 
 from adapterserve.adapters.peft_lora import adapter_version, read_adapter_dir
 from adapterserve.runtime.config import RuntimeConfig
@@ -70,3 +73,46 @@ def test_without_a_disk_nothing_is_evicted(tiny_bases, tmp_path):
     for i in range(3):
         rt.add_adapter(f"t{i}", make_peft_adapter(base, str(tmp_path / f"t{i}"), num_labels=2, seed=i))
     assert {a.residency for a in rt.list_adapters()} == {"HOST"}
+
+
+def test_a_replaced_version_still_in_use_is_read_back_from_disk(tiny_bases, tmp_path):
+    """A request pinned to version 1, evicted to the disk tier, while the task is replaced by version 2:
+    its rows still run version 1 (read back from blobs the store retains), and once the request lets
+    go, version 1's blobs are freed."""
+    import os
+
+    from adapterserve.adapters.store import AdapterStore
+
+    base = tiny_bases["bert"]
+    v1 = make_peft_adapter(base, str(tmp_path / "v1"), num_labels=2, r=4, targets=FAMILY_TARGETS["bert"], seed=1)
+    v2 = make_peft_adapter(base, str(tmp_path / "v2"), num_labels=2, r=4, targets=FAMILY_TARGETS["bert"], seed=2)
+    store = AdapterStore(str(tmp_path / "data"))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=2, r_max=8, max_host_adapter_bytes=1), disk=store)  # one slot
+    reference = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    reference.add_adapter("t", v1)
+
+    def register(path, replace):
+        spec = rt.load_spec(path)
+        if replace:
+            store.retain("t")  # as the server's AdapterService does before a replace
+        store.put("t", spec.files, spec.version, spec.labels, spec.metadata, 0.0)
+        rt.add_adapter("t", spec, replace=replace)
+        return spec.version
+
+    first = register(v1, replace=False)
+    rt.classify([("t", SAMPLE_TEXTS[0])])  # a request came and went: idle, its tensors evicted from host
+    rt.add_adapter("other", v2)
+    rt.classify([("other", SAMPLE_TEXTS[0])])  # takes the one slot
+    assert rt.get_adapter("t").residency == "DISK"
+    pinned = rt.registry.acquire("t")
+    second = register(v2, replace=True)
+    assert second != first and rt.get_adapter("t").version == second
+    rows = rt.encode_rows([pinned], SAMPLE_TEXTS[:3], None, True)
+    rt.infer(rows)  # loads version 1 into a slot: read back from the retained blobs
+    want = reference.classify([("t", t) for t in SAMPLE_TEXTS[:3]])
+    for row, w in zip(rows, want):
+        assert row.prediction.adapter_version == first
+        assert max(abs(a - b) for a, b in zip(row.prediction.logits, w.logits)) <= 1e-5
+    rt.registry.release(pinned)  # the last user: version 1 retires and its blobs go
+    current = set(store.entry("t")["files"].values())
+    assert set(os.listdir(os.path.join(store.root, "blobs"))) == current
