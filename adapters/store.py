@@ -63,6 +63,10 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+def _encode(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
 class AdapterStore:
     def __init__(self, data_dir: str) -> None:
         self.root = os.path.abspath(data_dir)
@@ -223,11 +227,10 @@ class AdapterStore:
             staged = copy.deepcopy(self._manifest)
             apply(staged)
             try:
-                if os.path.exists(self.manifest_path):
-                    # The current manifest stays as .prev: what a damaged manifest falls back to.
-                    with open(self.manifest_path, "rb") as fh:
-                        _atomic_write(self.previous_path, fh.read())
-                _atomic_write(self.manifest_path, json.dumps(staged, indent=1, sort_keys=True).encode())
+                # The current state becomes .prev, what a damaged manifest falls back to. Written from
+                # memory, not copied from the file: after a start from .prev the file is the damaged one.
+                _atomic_write(self.previous_path, _encode(self._manifest))
+                _atomic_write(self.manifest_path, _encode(staged))
             except OSError as e:
                 raise self._error(e, what) from None
             self._manifest = staged
@@ -238,7 +241,7 @@ class AdapterStore:
         effort: a blob that cannot be deleted now is deleted at the next change or start."""
         live = {d for t in manifest["tasks"].values() if isinstance(t, dict)
                 for d in (t.get("files") or {}).values()}
-        live |= {d for files in getattr(self, "_retained", {}).values() for d in files.values()}
+        live |= {d for files in self._retained.values() for d in files.values()}
         for name in os.listdir(self.blobs):
             if name not in live and not name.startswith(TEMP_PREFIX):
                 try:

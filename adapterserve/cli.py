@@ -134,7 +134,7 @@ def _build_kernels(args) -> int:
 
     print(probe().summary())
     ok = True
-    for name, get, why in (("fused LoRA kernel", lambda: lora_kernel.load() and lora_kernel.load().path,
+    for name, get, why in (("fused LoRA kernel", lambda: getattr(lora_kernel.load(), "path", None),
                             lora_kernel.unavailable_reason),
                            ("ONNX Runtime ops", ort_ops.library_path, ort_ops.unavailable_reason)):
         path = get()

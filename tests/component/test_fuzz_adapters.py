@@ -8,7 +8,6 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save
 
 from adapterserve.adapters.peft_lora import read_adapter_dir
 from adapterserve.runtime.config import RuntimeConfig
@@ -109,4 +108,3 @@ def test_fuzzing_reaches_both_outcomes(runtime):
     rt, good, before = runtime
     check(rt, dict(good), before)
     assert rt.get_adapter("fuzzed").labels == ["a", "b", "c"]
-    assert save  # safetensors writer importable: the fixture's files are real safetensors
