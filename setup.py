@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTO_ROOT = os.path.join(ROOT, "proto")
-PROTOS = [os.path.join("adapterserve", "v1", "adapterserve.proto")]
+PROTOS = [os.path.join("adapterserve", "v1", "adapterserve.proto"), os.path.join("adapterserve", "v1", "inference.proto")]
 
 
 def generate_stubs() -> None:

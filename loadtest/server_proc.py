@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,12 +16,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository root (in a checkout)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for flags where 0 means off)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
-    def __init__(self, *args: str, metrics_port: int = 0, env: dict | None = None, ready_timeout: float = 120.0,
-                 tls_ca: str | None = None, cwd: str | None = None, command: list[str] | None = None) -> None:
-        """command: how to start `serve` (default: this interpreter's `-m adapterserve serve`)."""
+    def __init__(self, *args: str, metrics_port: int = 0, http_port: int = 0, env: dict | None = None,
+                 ready_timeout: float = 120.0, tls_ca: str | None = None, cwd: str | None = None,
+                 command: list[str] | None = None) -> None:
+        """command: how to start `serve` (default: this interpreter's `-m adapterserve serve`).
+        http_port: the HTTP/REST front end's port (0: off; free_port() picks one)."""
         self.tls_ca = tls_ca
-        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), *args]
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port),
+                     "--http-port", str(http_port), *args]
+        self.http_url = f"http://127.0.0.1:{http_port}" if http_port else None
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
         cmd = [*(command or [sys.executable, "-m", "adapterserve", "serve"]), *self.args]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

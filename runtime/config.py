@@ -125,6 +125,7 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one, printed at start)"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0 disables)"})
+    http_port: int = field(default=8000, metadata={"help": "Open Inference Protocol (KServe v2) HTTP/REST port (0 disables)"})
     metrics_max_task_labels: int = field(default=64, metadata={"help": "per-task series before _other"})
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Extra wait for more requests after a batch's first one. 0 = take what is queued: under load the
@@ -163,7 +164,7 @@ class ServerConfig:
     inline_tokenize_chars: int = field(default=256, metadata={"help": "requests up to this many characters are tokenized on the event loop (0 = always in the pool)"})
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+        if not all(0 <= p <= 65535 for p in (self.port, self.metrics_port, self.http_port)):
             raise ConfigError("ports must be in 0..65535")
         if self.max_wait_ms < 0 or self.max_wait_ms > 10_000:
             raise ConfigError(f"max_wait_ms must be in 0..10000; got {self.max_wait_ms}")

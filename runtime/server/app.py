@@ -32,12 +32,16 @@ from adapterserve.runtime.server import metrics
 from adapterserve.runtime.server.auth import AuthInterceptor
 from adapterserve.runtime.server.batcher import Batcher, BatcherMetrics
 from adapterserve.runtime.server.grpc_errors import ErrorMappingInterceptor, RequestMetrics
+from adapterserve.runtime.server.classify import ClassifyService
 from adapterserve.runtime.server.grpc_service import AdapterService, ClassifierServicer, RegistryServicer
+from adapterserve.runtime.server.http_api import HttpFrontEnd
+from adapterserve.runtime.server.oip_grpc import SERVICE as OIP_SERVICE
+from adapterserve.runtime.server.oip_grpc import InferenceServicer, ip_grpc
 from adapterserve.runtime.server.stubs import pb, pb_grpc
 
 log = logging.getLogger("adapterserve")
 
-SERVICES = ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry")
+SERVICES = ("", "adapterserve.v1.Classifier", "adapterserve.v1.AdapterRegistry", OIP_SERVICE)
 
 
 def _check_free(host: str, port: int, what: str, flag: str) -> None:
@@ -64,6 +68,7 @@ def _bind(server, config: ServerConfig) -> int:
     address = f"{config.host}:{config.port}"
     _check_free(config.host, config.port, "gRPC", "--port")
     _check_free(config.host, config.metrics_port, "/metrics", "--metrics-port")
+    _check_free(config.host, config.http_port, "HTTP", "--http-port")
     try:
         if config.tls_cert:
             try:
@@ -76,6 +81,16 @@ def _bind(server, config: ServerConfig) -> int:
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
         raise ConfigError(f"cannot listen on {address} (gRPC): the port is in use or the address is not this "
                           f"machine's; pick another with --port (0 = any free port)") from e
+
+
+def _bind_http(http: HttpFrontEnd, config: ServerConfig) -> int:
+    if not config.http_port:
+        return 0
+    try:
+        return http.bind(config.host, config.http_port, config.tls_cert, config.tls_key)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {config.host}:{config.http_port} (HTTP): {e.strerror}; "
+                          "pick another with --http-port (0 disables it)") from None
 
 
 def _start_metrics(registry, config: ServerConfig):
@@ -106,18 +121,26 @@ async def serve(config: ServerConfig) -> int:
     for name in SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # grpc.aio takes handlers only before start; they answer UNAVAILABLE until the model is warm.
-    classifier = ClassifierServicer(config, metrics_registry)
+    classify = ClassifyService(config, metrics_registry)
+    classifier = ClassifierServicer(classify)
     registry_servicer = RegistryServicer(config.admin_token)
+    inference_servicer = InferenceServicer(classify, config.admin_token)
     pb_grpc.add_ClassifierServicer_to_server(classifier, server)
     pb_grpc.add_AdapterRegistryServicer_to_server(registry_servicer, server)
+    ip_grpc.add_GRPCInferenceServiceServicer_to_server(inference_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
-         pb.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name,
+         pb.DESCRIPTOR.services_by_name["AdapterRegistry"].full_name, OIP_SERVICE,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     port = _bind(server, config)
+    http = HttpFrontEnd(classify, config.admin_token, config.classify_token, message_limit, request_metrics)
+    http_port = _bind_http(http, config)
     metrics_port = _start_metrics(metrics_registry, config)
     await server.start()
+    if http_port:
+        # Serving before the model loads: liveness answers at once, readiness says 503 until warm.
+        await http.start()
 
     try:
         loop = asyncio.get_running_loop()
@@ -136,8 +159,7 @@ async def serve(config: ServerConfig) -> int:
         # Registration (parse, validate, fsync) runs beside inference, not queued behind it: it touches no
         # slot; a new adapter is copied into a slot by the model executor on its first batch.
         admin_executor = ThreadPoolExecutor(1, thread_name_prefix="admin")
-        service = AdapterService(runtime, config, admin_executor, store,
-                                 on_unregistered=classifier.task_metrics.labels.forget)
+        service = AdapterService(runtime, config, admin_executor, store, on_unregistered=classify.forget)
         await loop.run_in_executor(model_executor, service.restore)
         if config.merged_task:
             await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
@@ -158,12 +180,17 @@ async def serve(config: ServerConfig) -> int:
             metrics_registry.register(metrics.QuarantineCollector(store))
         if metrics_port:
             print(f"adapterserve metrics on http://{config.host}:{metrics_port}/metrics", flush=True)
-        classifier.attach(runtime, batcher, tokenize_pool)
+        classify.attach(runtime, batcher, tokenize_pool)
         registry_servicer.attach(service)
+        inference_servicer.attach(service)
+        http.attach(service)
+        if http_port:
+            print(f"adapterserve http on http://{config.host}:{http_port}/v2", flush=True)
         for name in SERVICES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await server.stop(0)  # a failed start must not leave a half-open port behind
+        await http.stop(0)
         raise
     tasks = ", ".join(a.task for a in runtime.list_adapters()) or "none"
     log.info("serving on %s:%d (base %s, %s, %s); tasks: %s", config.host, port, runtime.base.model_id,
@@ -175,7 +202,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    await _drain(config.grace, loop, server, health_servicer, batcher)
+    await _drain(config.grace, loop, server, http, health_servicer, batcher)
     # Whatever still runs after the grace (a long forward, a registration's fsync) is not waited for:
     # run() exits the process without joining these threads.
     for executor in (model_executor, admin_executor, tokenize_pool):
@@ -184,16 +211,16 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
-async def _drain(grace: float, loop, server, health_servicer, batcher: Batcher) -> None:
-    """SIGTERM: health says NOT_SERVING first (probes and load balancers see it while the port is still
-    open), new work is refused with UNAVAILABLE, in-flight work gets the rest of `grace`, then RPCs
-    still running are cancelled."""
+async def _drain(grace: float, loop, server, http: HttpFrontEnd, health_servicer, batcher: Batcher) -> None:
+    """SIGTERM: health says NOT_SERVING first (probes and load balancers see it while the ports are
+    still open; /v2/health/ready answers 503), new work is refused with UNAVAILABLE (HTTP 503),
+    in-flight work gets the rest of `grace`, then RPCs and HTTP requests still running are cancelled."""
     deadline = loop.time() + grace
     log.info("draining: health NOT_SERVING, new work refused, in-flight work finishes within %.1fs", grace)
     await health_servicer.enter_graceful_shutdown()
     batcher.refuse_new()
     await asyncio.sleep(min(1.0, grace / 4))  # long enough for a health probe to read NOT_SERVING
-    await server.stop(max(0.0, deadline - loop.time()))
+    await asyncio.gather(server.stop(max(0.0, deadline - loop.time())), http.stop(max(0.0, deadline - loop.time())))
     try:
         await asyncio.wait_for(batcher.close(), timeout=max(0.05, deadline - loop.time()))
     except asyncio.TimeoutError:

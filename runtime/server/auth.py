@@ -3,8 +3,10 @@
 With --admin-token, a call to adapterserve.v1.AdapterRegistry without `authorization: Bearer <admin
 token>` is answered UNAUTHENTICATED by a handler that never reads the request: an unauthenticated
 client cannot make the server receive and parse a 64 MB upload. With --classify-token the same holds
-for adapterserve.v1.Classifier (the admin token is accepted there too). Health and reflection stay
-open. Tokens are compared in constant time.
+for adapterserve.v1.Classifier (the admin token is accepted there too). The Open Inference Protocol
+service follows the same split: its Repository* calls need the admin token, its Model* calls (infer,
+metadata, statistics) the classify token; ServerLive/Ready/Metadata stay open, like health and
+reflection. Tokens are compared in constant time.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from adapterserve.runtime.errors import UnauthenticatedError
 
 REGISTRY_SERVICE = "adapterserve.v1.AdapterRegistry"
 CLASSIFIER_SERVICE = "adapterserve.v1.Classifier"
+OIP_SERVICE = "inference.GRPCInferenceService"
 
 
 def token_problem(metadata, *tokens: Optional[str]) -> Optional[str]:
@@ -34,8 +37,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.accepted = {}
         if admin_token:
             self.accepted[f"/{REGISTRY_SERVICE}/"] = (admin_token,)
+            self.accepted[f"/{OIP_SERVICE}/Repository"] = (admin_token,)
         if classify_token:
             self.accepted[f"/{CLASSIFIER_SERVICE}/"] = (classify_token, admin_token)
+            self.accepted[f"/{OIP_SERVICE}/Model"] = (classify_token, admin_token)
         self.metrics = metrics  # RequestMetrics: refused calls are counted like any other
 
     async def intercept_service(self, continuation, handler_call_details):

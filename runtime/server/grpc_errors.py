@@ -1,4 +1,5 @@
-"""The one place domain errors become gRPC status codes."""
+"""The one place domain errors become status codes: gRPC's (the interceptor) and HTTP's (the Open
+Inference Protocol's REST front end, which answers {"error": message} with http_status_of(error))."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,22 @@ log = logging.getLogger(__name__)
 
 def status_of(error: AdapterServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.grpc_code)
+
+
+# gRPC code -> HTTP status, as the protocol's REST binding and Triton use them. A full queue or a
+# client over its share is 429 (retry later); an upload over the size limit is 413.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501, "CANCELLED": 499, "INTERNAL": 500,
+}
+TOO_LARGE_REASONS = ("adapter_too_large", "body_too_large")
+
+
+def http_status_of(error: AdapterServeError) -> int:
+    if error.reason in TOO_LARGE_REASONS:
+        return 413
+    return HTTP_STATUS.get(error.grpc_code, 500)
 
 
 class RequestMetrics:

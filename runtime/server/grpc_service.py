@@ -1,8 +1,7 @@
-"""gRPC servicers: Classifier and AdapterRegistry over one Runtime.
+"""adapterserve.v1 gRPC servicers (Classifier, AdapterRegistry) and the registration logic that every
+front end shares (AdapterService: validate, persist, register).
 
-Classify: validate -> pin the task's current adapter version -> tokenize (thread pool, off the event
-loop) -> batcher -> model executor -> response. The pin is held until the response is built, so a
-replace or unregister never pulls weights from under a request: it is served wholly by one version.
+Classify translates to and from the shared classify path (classify.py).
 """
 from __future__ import annotations
 
@@ -18,9 +17,8 @@ from adapterserve import __version__
 from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.adapters.store import AdapterStore
-from adapterserve.runtime.server.admission import ClientShares
 from adapterserve.runtime.server.auth import token_problem
-from adapterserve.runtime.server.batcher import Batcher
+from adapterserve.runtime.server.classify import ClassifyService
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import (AdapterServeError, ConfigError, DeadlineExceededError, InvalidInputError,
                                          PermissionDeniedError, QuarantinedTaskError, ResourceExhaustedError,
@@ -180,94 +178,28 @@ class AdapterService:
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, registry=None) -> None:
-        self.config = config
-        self.shares = ClientShares(max(config.max_texts_per_request, int(config.max_client_share * config.max_queue)))
-        self.runtime: Optional[Runtime] = None
-        self.batcher: Optional[Batcher] = None
-        self.tokenize_pool: Optional[ThreadPoolExecutor] = None
-        self.tokenize_seconds = None
-        self.task_metrics = None
-        if registry is not None:
-            from prometheus_client import Histogram
-
-            from adapterserve.runtime.server.metrics import LATENCY_BUCKETS, PREFIX, TaskMetrics
-
-            self.tokenize_seconds = Histogram(f"{PREFIX}_tokenize_duration_seconds", "Tokenization time per request",
-                                              buckets=LATENCY_BUCKETS, registry=registry)
-            self.task_metrics = TaskMetrics(registry, config.metrics_max_task_labels)
-
-    def attach(self, runtime: Runtime, batcher: Batcher, tokenize_pool: ThreadPoolExecutor) -> None:
-        self.runtime, self.batcher, self.tokenize_pool = runtime, batcher, tokenize_pool
-
-    def _ready(self) -> None:
-        if self.runtime is None:
-            raise UnavailableError("the base model is still loading; retry when health reports SERVING")
-
-    def _validate(self, request: pb.ClassifyRequest) -> None:
-        n = len(request.texts)
-        if not request.task:
-            raise InvalidInputError("task is empty; name a registered task (ListAdapters shows them)")
-        if n == 0:
-            raise InvalidInputError("texts is empty; send 1 or more texts")
-        if n > self.config.max_texts_per_request:
-            raise InvalidInputError(f"{n} texts in one request; the limit is {self.config.max_texts_per_request}, split the request")
-        if request.text_pairs and len(request.text_pairs) != n:
-            raise InvalidInputError(f"text_pairs has {len(request.text_pairs)} entries but texts has {n}; send none or one per text")
+    def __init__(self, classify: ClassifyService) -> None:
+        self.service = classify
+        self.config = classify.config
 
     async def _classify(self, request: pb.ClassifyRequest, context, stream: bool = False) -> pb.ClassifyResponse:
-        start = time.perf_counter_ns()
-        self._ready()
-        self._validate(request)
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceededError("the request's deadline had already passed on arrival")
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        peer, n = (context.peer() if context is not None else "local"), len(request.texts)
-        if stream:
-            await self.shares.wait_and_take(peer, n)
-        else:
-            self.shares.take(peer, n)
-        try:
-            return await self._classify_admitted(request, deadline, start)
-        finally:
-            await self.shares.give_back(peer, n)
-
-    async def _classify_admitted(self, request: pb.ClassifyRequest, deadline, start: int) -> pb.ClassifyResponse:
-        entry = self.runtime.registry.acquire(request.task)
-        try:
-            loop = asyncio.get_running_loop()
-            texts = list(request.texts)
-            pairs = list(request.text_pairs) if request.text_pairs else None
-            t0 = time.perf_counter_ns()
-            chars = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs else 0)
-            if chars <= self.config.inline_tokenize_chars:
-                rows = self.runtime.encode_rows([entry] * len(texts), texts, pairs, request.truncate)
-            else:
-                rows = await loop.run_in_executor(
-                    self.tokenize_pool, self.runtime.encode_rows, [entry] * len(texts), texts, pairs, request.truncate)
-            tokenize_ns = time.perf_counter_ns() - t0
-            work = await self.batcher.submit(rows, deadline)
-            await work.future
-            top_k = request.top_k or None
-            predictions = [
-                pb.Prediction(
-                    scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.scores[:top_k]],
-                    input_tokens=r.prediction.input_tokens, truncated=r.prediction.truncated)
-                for r in rows
-            ]
-            total = time.perf_counter_ns() - start
-            if self.tokenize_seconds is not None:
-                self.tokenize_seconds.observe(tokenize_ns / 1e9)
-                self.task_metrics.observe(request.task, len(texts))
-            return pb.ClassifyResponse(
-                request_id=request.request_id, task=request.task, adapter_version=entry.version,
-                predictions=predictions,
-                timings=pb.Timings(queue_ns=work.queue_ns, tokenize_ns=tokenize_ns,
-                                   inference_ns=work.inference_ns, total_ns=total),
-            )
-        finally:
-            self.runtime.registry.release(entry)
+        result = await self.service.classify(
+            request.task, list(request.texts), list(request.text_pairs), request.truncate,
+            peer=context.peer() if context is not None else "local",
+            remaining=context.time_remaining() if context is not None else None, stream=stream)
+        top_k = request.top_k or None
+        predictions = [
+            pb.Prediction(
+                scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.scores[:top_k]],
+                input_tokens=r.prediction.input_tokens, truncated=r.prediction.truncated)
+            for r in result.rows
+        ]
+        return pb.ClassifyResponse(
+            request_id=request.request_id, task=request.task, adapter_version=result.adapter_version,
+            predictions=predictions,
+            timings=pb.Timings(queue_ns=result.queue_ns, tokenize_ns=result.tokenize_ns,
+                               inference_ns=result.inference_ns, total_ns=result.total_ns),
+        )
 
     async def Classify(self, request, context):
         return await self._classify(request, context)
@@ -303,15 +235,16 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     fut.cancel()
 
     async def GetInfo(self, request, context):
-        self._ready()
-        base = self.runtime.base
-        cfg = self.runtime.config
+        self.service.check_ready()
+        runtime = self.service.runtime
+        base = runtime.base
+        cfg = runtime.config
         return pb.ServerInfo(
-            base_model=base.model_id, precision=self.runtime.precision, engine=self.runtime.engine.name,
+            base_model=base.model_id, precision=runtime.precision, engine=runtime.engine.name,
             device=str(base.device), max_input_length=base.max_length,
             max_texts_per_request=self.config.max_texts_per_request, max_batch_tokens=cfg.max_batch_tokens,
             slots=cfg.slots, r_max=cfg.r_max, max_adapter_bytes=self.config.max_adapter_bytes, version=__version__,
-            registered_adapters=len(self.runtime.registry), paths=self.runtime.serving_paths(),
+            registered_adapters=len(runtime.registry), paths=runtime.serving_paths(),
             hardware=probe().summary(),
         )
 
