@@ -24,7 +24,9 @@ DEFAULT_TEXTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--address", default="127.0.0.1:50051", help="gRPC host:port (the HTTP one with --protocol oip-http)")
+    p.add_argument("--protocol", default="native", choices=["native", "oip-grpc", "oip-http"],
+                   help="adapterserve.v1 Classify, or the Open Inference Protocol's ModelInfer over gRPC or HTTP")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 8)")
     mode.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals, requests/s")
@@ -126,6 +128,8 @@ def summarize(records: list, duration: float, cpu_seconds: float, wall_seconds: 
 
 
 def run(args) -> dict:
+    if not args.tasks and args.protocol == "oip-http":
+        raise SystemExit("error: with --protocol oip-http pass --tasks (tasks are listed over gRPC)")
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.address, args.token, args.tls_ca)
     if not tasks:
         raise SystemExit("error: the server has no tasks; register one or pass --tasks")
@@ -139,7 +143,8 @@ def run(args) -> dict:
         plans.append(WorkerPlan(address=args.address, tasks=tasks, weights=weights, texts=texts,
                                 texts_per_request=args.texts_per_request, duration=args.duration, warmup=args.warmup,
                                 concurrency=share_c, rate=(args.rate / processes) if args.rate else 0.0,
-                                deadline_ms=args.deadline_ms, token=args.token, tls_ca=args.tls_ca, seed=args.seed + i))
+                                deadline_ms=args.deadline_ms, token=args.token, tls_ca=args.tls_ca, seed=args.seed + i,
+                                protocol=args.protocol))
     plans = [p for p in plans if p.concurrency > 0 or p.rate > 0]
     ctx = mp.get_context("spawn")
     progress, results = ctx.Queue(), ctx.Queue()
@@ -179,7 +184,8 @@ def run(args) -> dict:
     result["config"] = {"label": args.label, "address": args.address, "mode": "open" if args.rate else "closed",
                         "concurrency": concurrency, "rate": args.rate, "duration": args.duration, "warmup": args.warmup,
                         "tasks": len(tasks), "mix": args.mix, "texts_per_request": args.texts_per_request,
-                        "texts_file": os.path.basename(args.texts), "deadline_ms": args.deadline_ms}
+                        "texts_file": os.path.basename(args.texts), "deadline_ms": args.deadline_ms,
+                        "protocol": args.protocol}
     return result
 
 

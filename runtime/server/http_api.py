@@ -86,6 +86,7 @@ def _infer_call(task: str, version: str, header: dict, binary: bytes) -> tuple[o
             raise InvalidInputError(f"input {name}: shape must be a list of integers")
         if name in tensors:
             raise InvalidInputError(f"input {name} is given twice")
+        oip.check_datatype(name, t.get("datatype", ""))
         size = (t.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             size = oip.int_parameter("binary_data_size", size)
@@ -93,7 +94,7 @@ def _infer_call(task: str, version: str, header: dict, binary: bytes) -> tuple[o
                 raise InvalidInputError(f"input {name}: binary_data_size {size} runs past the body's binary part "
                                         f"({len(binary) - offset} bytes left)")
             chunk, offset = binary[offset:offset + size], offset + size
-            elements = oip.decode_raw_bytes(chunk, name) if t.get("datatype") == oip.BYTES else []
+            elements = oip.decode_raw_bytes(chunk, name)
         else:
             data = t.get("data")
             if not isinstance(data, list):

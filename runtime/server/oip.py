@@ -93,10 +93,14 @@ def decode_raw_bytes(raw: bytes, name: str) -> list[bytes]:
     return out
 
 
-def texts_of(name: str, datatype: str, shape: Sequence[int], elements: Sequence) -> list[str]:
-    """An input tensor's elements as texts, after checking its datatype and shape."""
+def check_datatype(name: str, datatype: str) -> None:
     if datatype != BYTES:
         raise InvalidInputError(f"input {name} has datatype {datatype or '(none)'}; it must be BYTES (UTF-8 text)")
+
+
+def texts_of(name: str, datatype: str, shape: Sequence[int], elements: Sequence) -> list[str]:
+    """An input tensor's elements as texts, after checking its datatype and shape."""
+    check_datatype(name, datatype)
     shape = list(shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name} has shape {shape}; it must be [N] or [N, 1] (one text per row)")

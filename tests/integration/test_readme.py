@@ -1,6 +1,7 @@
-"""The README's five-minute tour runs as written against a real server: every `adapterserve ...` shell
-line and every Python block of that section (the address of the test's server in place of
-127.0.0.1:50051, which the client commands also read from ADAPTERSERVE_ADDRESS)."""
+"""The README's five-minute tour runs as written against a real server: every `adapterserve ...` and
+`curl ...` shell line and every Python block of that section (the addresses of the test's server in
+place of 127.0.0.1:50051 and 127.0.0.1:8000; the client commands also read ADAPTERSERVE_ADDRESS)."""
+import json
 import os
 import pathlib
 import re
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from adapterserve.loadtest.server_proc import ServerProcess
+from adapterserve.loadtest.server_proc import ServerProcess, free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def tour_blocks():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess("--data-dir", str(tmp_path_factory.mktemp("data")))
+    proc = ServerProcess("--data-dir", str(tmp_path_factory.mktemp("data")), http_port=free_port())
     yield proc
     proc.stop()
 
@@ -40,11 +41,17 @@ def test_tour_runs_as_written(server):
         if kind == "bash":
             for line in code.splitlines():
                 command = line.split("  #")[0].strip()
-                if not command.startswith("adapterserve "):
+                if command.startswith("adapterserve "):
+                    command = command.replace("adapterserve ", f"{bin_dir}/adapterserve ", 1)
+                elif command.startswith("curl "):
+                    command = command.replace("127.0.0.1:8000", server.http_url.removeprefix("http://"))
+                else:
                     continue
-                done = subprocess.run(command.replace("adapterserve ", f"{bin_dir}/adapterserve ", 1), shell=True,
-                                      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                done = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True,
+                                      timeout=120)
                 assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+                if "curl " in command:
+                    assert json.loads(done.stdout)["outputs" if "/infer" in command else "inputs"], done.stdout
                 ran += 1
         else:
             done = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:50051", server.address)], cwd=REPO,
@@ -52,4 +59,4 @@ def test_tour_runs_as_written(server):
             assert done.returncode == 0, f"{code}\n{done.stdout}\n{done.stderr}"
             assert done.stdout.strip(), f"the block printed nothing:\n{code}"
             ran += 1
-    assert ran >= 9
+    assert ran >= 12

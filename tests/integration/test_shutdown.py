@@ -1,14 +1,17 @@
-"""SIGTERM under load, against the real server: health reports NOT_SERVING while the port is still open,
-new work is refused with UNAVAILABLE, and the process exits within --grace + 1 s however much work is
-still in flight."""
+"""SIGTERM under load, against the real server: health reports NOT_SERVING (HTTP readiness 503) while the
+ports are still open, new work is refused with UNAVAILABLE (HTTP 503), and the process exits within
+--grace + 1 s however much work is still in flight, on gRPC and HTTP."""
+import json
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapterserve.loadtest.server_proc import ServerProcess
+from adapterserve.loadtest.server_proc import ServerProcess, free_port
 from adapterserve.runtime.server.stubs import pb, pb_grpc
 
 LONG = " ".join(["the film is a long meditation on memory , loss and the stubborn joy of small things"] * 6)
@@ -17,8 +20,24 @@ LONG = " ".join(["the film is a long meditation on memory , loss and the stubbor
 def test_sigterm_under_heavy_load_exits_within_grace_plus_one_second(tmp_path):
     grace = 1.0
     proc = ServerProcess("--data-dir", "", "--grace", str(grace), "--max-queue", "100000",
-                         "--max-texts-per-request", "256")
-    statuses, refused = [], []
+                         "--max-texts-per-request", "256", http_port=free_port())
+    statuses, refused, http_refused = [], [], []
+
+    def post_infer(texts, timeout):
+        body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+        request = urllib.request.Request(proc.http_url + "/v2/models/sst2/infer", data=body.encode(), method="POST")
+        try:
+            return urllib.request.urlopen(request, timeout=timeout).status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    def http_status(path):
+        try:
+            return urllib.request.urlopen(proc.http_url + path, timeout=5).status
+        except urllib.error.HTTPError as e:
+            return e.code
     stop_polling = threading.Event()
 
     def poll_health():
@@ -36,6 +55,8 @@ def test_sigterm_under_heavy_load_exits_within_grace_plus_one_second(tmp_path):
         # ~40 s of forwards on 2 cores: far more than the grace.
         inflight = [clf.Classify.future(pb.ClassifyRequest(task="sst2", texts=[LONG] * 256), timeout=120)
                     for _ in range(16)]
+        http_inflight = threading.Thread(target=post_infer, args=([LONG] * 256, 120), daemon=True)
+        http_inflight.start()
         time.sleep(1.0)
         poller = threading.Thread(target=poll_health, daemon=True)
         poller.start()
@@ -43,6 +64,8 @@ def test_sigterm_under_heavy_load_exits_within_grace_plus_one_second(tmp_path):
         sent = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
+        # Within the drain's first quarter-grace, while both ports still accept connections.
+        http_refused += [http_status("/v2/health/ready"), post_infer(["new work"], 5)]
         try:
             clf.Classify(pb.ClassifyRequest(task="sst2", texts=["new work"]), timeout=5)
         except grpc.RpcError as e:
@@ -57,3 +80,4 @@ def test_sigterm_under_heavy_load_exits_within_grace_plus_one_second(tmp_path):
     assert exited <= grace + 1.0, f"exited {exited:.2f} s after SIGTERM with --grace {grace}"
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses[:50]
     assert refused and refused[0] == grpc.StatusCode.UNAVAILABLE, refused
+    assert http_refused == [503, 503], http_refused

@@ -17,7 +17,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 def serve(*args, env=None, timeout=120):
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "adapterserve", "serve", "--metrics-port", "0", "--no-examples",
+    done = subprocess.run([sys.executable, "-m", "adapterserve", "serve", "--metrics-port", "0", "--http-port", "0",
+                           "--no-examples",
                            "--data-dir", "", *args], env={**ENV, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     return done, time.monotonic() - start
@@ -49,6 +50,12 @@ def test_grpc_port_in_use(busy_port):
 def test_metrics_port_in_use(busy_port):
     done, _ = serve("--port", "0", "--metrics-port", str(busy_port))
     one_clear_line(done, f":{busy_port}", "--metrics-port")
+
+
+def test_http_port_in_use(busy_port):
+    done, seconds = serve("--port", "0", "--http-port", str(busy_port))
+    one_clear_line(done, f":{busy_port}", "--http-port")
+    assert seconds < 30
 
 
 def test_base_model_that_is_not_an_encoder_directory(tmp_path):

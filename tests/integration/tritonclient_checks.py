@@ -47,7 +47,7 @@ def error_of(fn):
 
 def main():
     client = tc.InferenceServerClient(ADDRESS)
-    out = {}
+    out = {"texts": TEXTS}
     out["live"], out["ready"] = client.is_server_live(), client.is_server_ready()
     meta = client.get_server_metadata()
     out["server"] = meta if MODE == "http" else {"name": meta.name, "extensions": list(meta.extensions)}
