@@ -5,8 +5,8 @@ over gRPC and OIP ModelInfer over HTTP/REST.
 
 1. Concurrency 1, one short text: p50 of each protocol in interleaved rounds (this VM's speed drifts by
    more than the difference measured, so the rounds alternate); OIP gRPC p50 − native p50.
-2. Saturation on SST-2 dev texts (concurrency 16 × 8 texts): texts/s of each protocol, as a ratio to
-   native, beside the ceiling: the same runtime in-process, batched (loadtest/server_bench.py's).
+2. Saturation on SST-2 dev texts (concurrency 16 × 8 texts), interleaved rounds: the median texts/s of
+   each protocol, as a ratio to native, beside the ceiling: the same runtime in-process, batched (loadtest/server_bench.py's).
 The load generator shares the machine's cores with the server; its CPU use is printed.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ PROTOCOLS = ("native", "oip-grpc", "oip-http")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=30, help="seconds per protocol, split over the rounds")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved concurrency-1 rounds")
+    p.add_argument("--saturation-rounds", type=int, default=4, help="interleaved saturation rounds")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--texts-per-request", type=int, default=8)
@@ -62,10 +63,11 @@ def main(argv=None) -> int:
                                    "--texts", short_file])
                 c1[proto].append(one["latency_ms"]["p50"])
             print("  c=1 round: " + ", ".join(f"{proto} {c1[proto][-1]:.2f} ms" for proto in PROTOCOLS), flush=True)
-        for _ in range(2):
+        for _ in range(args.saturation_rounds):
             for proto in PROTOCOLS:
                 sat = load(proto, ["--concurrency", str(args.concurrency), "--texts-per-request",
-                                   str(args.texts_per_request), "--duration", str(args.duration / 2), "--warmup", "3"])
+                                   str(args.texts_per_request), "--duration", str(args.duration / args.saturation_rounds),
+                                   "--warmup", "2"])
                 saturation[proto].append(sat)
             print("  saturation round: " + ", ".join(
                 f"{proto} {saturation[proto][-1]['throughput_texts_per_s']:.0f} texts/s" for proto in PROTOCOLS), flush=True)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     print("\n| measurement | native gRPC | OIP gRPC | OIP HTTP | OIP gRPC vs native | target |")
     print("|---|---:|---:|---:|---:|---|")
     print(f"| p50, 1 short text, concurrency 1 | {p50['native']:.2f} ms | {p50['oip-grpc']:.2f} ms | "
-          f"{p50['oip-http']:.2f} ms | +{statistics.median(diffs):.2f} ms (rounds: "
+          f"{p50['oip-http']:.2f} ms | {statistics.median(diffs):+.2f} ms (rounds: "
           f"{', '.join(f'{d:+.2f}' for d in diffs)}) | ≤ +0.3 ms |")
     print(f"| texts/s, concurrency {args.concurrency} × {args.texts_per_request} SST-2 dev texts | {tput['native']:.0f} | "
           f"{tput['oip-grpc']:.0f} | {tput['oip-http']:.0f} | × {tput['oip-grpc'] / tput['native']:.3f} | ≥ 0.95 |")

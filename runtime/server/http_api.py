@@ -358,7 +358,18 @@ class HttpFrontEnd:
     def bind(self, host: str, port: int, ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> int:
         """Bind the port now (a mistake is found before the model loads); serving starts with start()."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.create_server((host, port), family=family, backlog=2048)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+        # without it a keep-alive client waits out delayed ACKs (~40 ms per request).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
         config = uvicorn.Config(self.app, lifespan="off", log_level="warning", access_log=False,
                                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=None)
         self.server = _EmbeddedServer(config)
