@@ -1,16 +1,15 @@
-"""Read a PEFT LoRA adapter (directory or uploaded bytes) and turn it into an AdapterSpec.
+"""Read a PEFT adapter (directory or uploaded bytes) and turn it into an AdapterSpec.
 
 Everything is checked here, before any slot is touched: the PEFT type and options, the safetensors
 container (we never unpickle), every key, every shape against the base, rank against r_max,
-NaN/Inf, the classification head and the label names. Messages say what to change.
+NaN/Inf, the classification head and the label names. Messages say what to change. Which PEFT
+types are served, and how each becomes slot state, is adapters/kinds.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +17,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load as load_safetensors
 
+from adapterserve.adapters.kinds import alpha_value, kind_of
 from adapterserve.adapters.spec import AdapterSpec, LoraModule
 from adapterserve.runtime.errors import (
     BaseMismatchError,
@@ -38,9 +38,6 @@ PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 _KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, MODEL_CONFIG_FILE)
 
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
-
-_SEQUENCE_CHANGING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 
 
 @dataclass(frozen=True)
@@ -140,9 +137,6 @@ MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 1024
 MAX_LABELS = 4096
 MAX_LABEL_CHARS = 256
-MAX_SCALING = 1000.0  # lora_alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
-
-
 def _json(raw: bytes, name: str):
     try:
         return json.loads(raw.decode("utf-8"))
@@ -150,18 +144,6 @@ def _json(raw: bytes, name: str):
         raise InvalidAdapterError(f"{name} is not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidAdapterError(f"{name} nests JSON too deeply to be an adapter file") from None
-
-
-def _rank(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidAdapterError(f"{where} must be a positive integer rank; got {value!r}")
-    return value
-
-
-def _alpha(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InvalidAdapterError(f"{where} must be a finite positive number; got {value!r}")
-    return float(value)
 
 
 def check_metadata(metadata: Optional[dict]) -> dict:
@@ -189,27 +171,6 @@ def _parse_config(files: dict[str, bytes]) -> dict:
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
     return config
-
-
-def _check_peft_type(config: dict) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if not peft_type:
-        raise InvalidAdapterError(f"{CONFIG_FILE} has no peft_type; expected \"LORA\"")
-    if peft_type in _SEQUENCE_CHANGING:
-        raise UnsupportedAdapterTypeError(
-            f"PEFT type {peft_type} changes the input sequence length and is not served yet; use a LoRA adapter"
-        )
-    if peft_type != "LORA":
-        raise UnsupportedAdapterTypeError(f"PEFT type {peft_type} is not supported yet; supported: LORA")
-    if config.get("use_dora"):
-        raise UnsupportedAdapterTypeError("DoRA (use_dora=true) is not supported yet; retrain with use_dora=false")
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapterTypeError(
-            f"bias={config.get('bias')!r} trains the base's biases, which a shared base cannot serve; retrain with bias='none'"
-        )
-    for option in ("lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora"):
-        if config.get(option):
-            raise UnsupportedAdapterTypeError(f"LoRA option {option} is not supported; retrain without it")
 
 
 def _parse_weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
@@ -284,18 +245,6 @@ def _labels_from_json(data) -> Optional[list]:
     return None
 
 
-def _pattern_value(patterns: dict, key: str, default):
-    for pattern, value in (patterns or {}).items():
-        try:
-            matched = re.match(rf"(.*\.)?({pattern})$", key)  # PEFT's get_pattern_key rule
-        except re.error as e:
-            raise InvalidAdapterError(f"{CONFIG_FILE}: pattern {pattern[:64]!r} is not a valid regular expression "
-                                      f"({e})") from None
-        if matched:
-            return value
-    return default
-
-
 def parse_adapter(
     files: dict[str, bytes],
     base: BaseShape,
@@ -303,16 +252,19 @@ def parse_adapter(
     metadata: Optional[dict] = None,
 ) -> AdapterSpec:
     config = _parse_config(files)
-    _check_peft_type(config)
+    kind = kind_of(config)
     tensors = _parse_weights(files)
     family = base.family
     backbone = family.backbone_prefix + "."
 
-    lora_parts: dict[str, dict[str, torch.Tensor]] = {}
+    module_parts: dict[str, dict[str, torch.Tensor]] = {}
+    shared = {key: tensors[key] for key in kind.shared_keys if key in tensors}
     head: dict[str, torch.Tensor] = {}
     head_names = {name for name, _ in family.head_tensors}
     unexpected = []
     for key, tensor in tensors.items():
+        if key in shared:
+            continue
         if not key.startswith(_PEFT_PREFIX):
             unexpected.append(key)
             continue
@@ -321,9 +273,9 @@ def parse_adapter(
             raise UnsupportedAdapterTypeError(f"{key}: LoRA on embedding layers is not supported; target linear layers only")
         if "lora_magnitude_vector" in rest:
             raise UnsupportedAdapterTypeError(f"{key}: DoRA magnitude vectors are not supported")
-        m = _LORA_KEY.match(rest)
+        m = kind.key.match(rest)
         if m and m.group("module").startswith(backbone):
-            lora_parts.setdefault(m.group("module")[len(backbone):], {})[m.group("which")] = tensor
+            module_parts.setdefault(m.group("module")[len(backbone):], {})[m.group("part")] = tensor
         elif rest in head_names:
             head[rest] = tensor
         else:
@@ -332,64 +284,29 @@ def parse_adapter(
         shown = ", ".join(sorted(unexpected)[:5])
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise InvalidAdapterError(
-            f"{WEIGHTS_FILE} has {len(unexpected)} unexpected tensor(s) for a {family.name} LoRA adapter: {shown}{more}"
-        )
-    if not lora_parts:
-        raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight keys)")
+            f"{WEIGHTS_FILE} has {len(unexpected)} unexpected tensor(s) for a {family.name} {kind.name} adapter: "
+            f"{shown}{more}")
+    if not module_parts:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} holds no {kind.name} weights (no keys like "
+                                  f"{kind.key.pattern.replace('^(?P<module>.+)', '*').rstrip('$')})")
 
-    r_default = _rank(config.get("r", 8), f"{CONFIG_FILE} r")
-    alpha_default = _alpha(config.get("lora_alpha", 8), f"{CONFIG_FILE} lora_alpha")
-    use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise InvalidAdapterError(f"{CONFIG_FILE} use_rslora must be true or false; got {use_rslora!r}")
-    for pattern_key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(pattern_key) or {}, dict):
-            raise InvalidAdapterError(f"{CONFIG_FILE} {pattern_key} must be an object of module patterns")
     modules: dict[str, LoraModule] = {}
-    for name, parts in sorted(lora_parts.items()):
-        if set(parts) != {"A", "B"}:
-            missing = ({"A", "B"} - set(parts)).pop()
-            raise InvalidAdapterError(f"module {name} has no lora_{missing}.weight; each target needs both A and B")
+    for name, parts in sorted(module_parts.items()):
+        if set(parts) != kind.parts:
+            missing = ", ".join(sorted(kind.parts - set(parts)))
+            raise InvalidAdapterError(f"module {name} lacks {missing}; each {kind.name} target needs "
+                                      f"{', '.join(sorted(kind.parts))}")
         if name not in base.linear_dims:
             raise BaseMismatchError(
                 f"adapter targets module {name!r}, which the base model does not have (or is not a LoRA-capable "
                 "linear); was it trained on a different base?"
             )
-        d_in, d_out = base.linear_dims[name]
-        a, b = parts["A"], parts["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise InvalidAdapterError(
-                f"module {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a rank-r pair"
-            )
-        r = a.shape[0]
-        if a.shape[1] != d_in or b.shape[0] != d_out:
-            raise BaseMismatchError(
-                f"module {name}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base linear "
-                f"({d_in} -> {d_out}); the adapter was trained on a base with other dimensions"
-            )
-        peft_key = backbone + name
-        expected_r = _rank(_pattern_value(config.get("rank_pattern"), peft_key, r_default),
-                           f"{CONFIG_FILE} rank_pattern for {name}")
+        a, b = kind.to_lora(name, parts, config, shared, base.linear_dims[name], backbone + name)
+        r = a.shape[1]
         if r > base.r_max:
-            raise InvalidAdapterError(
-                f"module {name} has rank {r}, above this server's r_max {base.r_max}; retrain with r <= {base.r_max} "
-                f"or start the server with a larger r_max"
-            )
-        if r != expected_r:
-            raise InvalidAdapterError(
-                f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected_r}"
-            )
-        alpha = _alpha(_pattern_value(config.get("alpha_pattern"), peft_key, alpha_default),
-                       f"{CONFIG_FILE} alpha_pattern for {name}")
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if scaling > MAX_SCALING:
-            raise InvalidAdapterError(f"module {name}: lora_alpha {alpha:g} over rank {r} scales the update by "
-                                      f"{scaling:g}, above {MAX_SCALING:g}; check lora_alpha")
-        modules[name] = LoraModule(
-            module=name,
-            a=a.float().t().contiguous(),
-            b=(b.float() * scaling).t().contiguous(),
-        )
+            raise InvalidAdapterError(f"module {name} has rank {r}, above this server's r_max {base.r_max}; "
+                                      f"{kind.rank_hint(config)}")
+        modules[name] = LoraModule(module=name, a=a, b=b)
 
     missing_head = [n for n in head_names if n not in head]
     if missing_head:
@@ -409,7 +326,7 @@ def parse_adapter(
     head = {k: v.float().contiguous() for k, v in head.items()}
 
     return AdapterSpec(
-        peft_type="LORA",
+        peft_type=kind.peft_type,
         rank=max(m.rank for m in modules.values()),
         target_modules=sorted(modules),
         modules=modules,
@@ -417,7 +334,7 @@ def parse_adapter(
         labels=_labels(files, num_labels, labels),
         files=dict(files),
         version=adapter_version(files),
-        lora_alpha=alpha_default,
-        use_rslora=use_rslora,
+        lora_alpha=alpha_value(config.get("lora_alpha", config.get("alpha", 8)), f"{CONFIG_FILE} lora_alpha"),
+        use_rslora=bool(config.get("use_rslora", False)),
         metadata=check_metadata(metadata),
     )

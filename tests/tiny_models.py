@@ -126,3 +126,35 @@ def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Option
             enc = tok(t, pairs[i] if pairs else None, return_tensors="pt", truncation=True)
             rows.append(model(**enc).logits[0])
     return torch.stack(rows)
+
+
+def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels: int, r: int = 4,
+                           alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
+                           rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                           scale: float = 0.2) -> str:
+    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera") with random weights via PEFT's own
+    save_pretrained: every trainable tensor (and VeRA's shared projections) randomized, so a wrong
+    conversion, scaling or slice shows in the logits."""
+    from peft import LoHaConfig, VeraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    family = model.config.model_type
+    targets = targets or FAMILY_TARGETS[family][:2]
+    if kind == "loha":
+        config = LoHaConfig(task_type="SEQ_CLS", r=r, alpha=alpha, target_modules=targets,
+                            rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+    elif kind == "vera":
+        config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed)
+    else:
+        raise ValueError(kind)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(k in name for k in ("hada_", "vera_lambda", "modules_to_save")):
+                p.copy_(torch.randn_like(p) * scale)
+        for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers
+            if "vera_A" in name or "vera_B" in name:
+                buf.copy_(torch.randn_like(buf) * 0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir

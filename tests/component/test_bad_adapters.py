@@ -74,7 +74,7 @@ BAD = [
      InvalidAdapterError, ["rank 16", "r_max 8"]),
     ("nan", dict(edit_weights=_set(f"{PREFIX}.lora_B.weight", torch.full((32, 4), float("nan")))), InvalidAdapterError, ["NaN"]),
     ("inf", dict(edit_weights=_set("base_model.model.classifier.weight", torch.full((3, 32), float("inf")))), InvalidAdapterError, ["Inf"]),
-    ("unknown_peft_type", dict(edit_config=lambda c: c.update(peft_type="LOHA")), UnsupportedAdapterTypeError, ["LOHA"]),
+    ("unknown_peft_type", dict(edit_config=lambda c: c.update(peft_type="IA3")), UnsupportedAdapterTypeError, ["IA3", "not served yet"]),
     ("prefix_tuning", dict(edit_config=lambda c: c.update(peft_type="PREFIX_TUNING")), UnsupportedAdapterTypeError, ["PREFIX_TUNING", "sequence length"]),
     ("dora", dict(edit_config=lambda c: c.update(use_dora=True)), UnsupportedAdapterTypeError, ["DoRA"]),
     ("only_pickle", dict(files={W: None, "adapter_model.bin": b"\x80\x04pickle"}), InvalidAdapterError, ["pickle", "safetensors"]),

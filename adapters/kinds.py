@@ -1,0 +1,240 @@
+"""Adapter kinds that are low-rank updates of linear weights, each read into the slot state every engine
+path serves: per module, A [d_in, r] and B [r, d_out] with the scaling folded into B (LoRA's form).
+
+A kind is a small unit: which PEFT type it is, which tensor keys it owns, how its config is checked and
+how one module's tensors become (A, B). The conversions are exact (no SVD, unlike PEFT's
+`convert_to_lora`), so a converted adapter answers as its own library does, within float rounding:
+
+- LORA (rsLoRA, rank/alpha patterns): A, B as saved; scaling alpha / r (alpha / sqrt(r) with rsLoRA).
+- LOHA: ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r. The Hadamard product of two rank-r products is one
+  product of rank r1·r2 through row-wise Kronecker factors: ΔW[o, i] = Σ_jk W1a[o,j] W2a[o,k] ·
+  W1b[j,i] W2b[k,i], so A[i, (j,k)] = W1b[j,i] W2b[k,i] and B[(j,k), o] = W1a[o,j] W2a[o,k] · scale.
+- VERA: ΔW = diag(λb) B_s diag(λd) A_s with the shared frozen projections A, B saved in the file
+  (save_projection=True), sliced to the module's dimensions: A = (λd ⊙ A_s)ᵀ, B = (λb ⊙ B_s)ᵀ.
+
+Kinds that are not low-rank weight updates (IA3, bias deltas, DoRA's magnitude, prompts, prefixes,
+bottleneck adapters) need slot state of their own and are refused with a message naming the kind.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
+
+CONFIG_FILE = "adapter_config.json"
+MAX_SCALING = 1000.0  # alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
+
+SEQUENCE_CHANGING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+NOT_YET = {
+    "IA3": "IA3 scales activations by learned vectors (slot state of its own)",
+    "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
+    "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
+    "ADALORA": "AdaLoRA's pruned ranks are stored in rank_pattern masks",
+    "LOKR": "LoKr's Kronecker factors convert to LoRA only at a rank far above r_max",
+}
+
+
+def rank_value(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidAdapterError(f"{where} must be a positive integer rank; got {value!r}")
+    return value
+
+
+def alpha_value(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidAdapterError(f"{where} must be a finite positive number; got {value!r}")
+    return float(value)
+
+
+def pattern_value(patterns: dict, key: str, default):
+    for pattern, value in (patterns or {}).items():
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", key)  # PEFT's get_pattern_key rule
+        except re.error as e:
+            raise InvalidAdapterError(f"{CONFIG_FILE}: pattern {pattern[:64]!r} is not a valid regular expression "
+                                      f"({e})") from None
+        if matched:
+            return value
+    return default
+
+
+def _check_patterns(config: dict) -> None:
+    for pattern_key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(pattern_key) or {}, dict):
+            raise InvalidAdapterError(f"{CONFIG_FILE} {pattern_key} must be an object of module patterns")
+
+
+def _check_scaling(name: str, alpha: float, r: int, scaling: float) -> None:
+    if scaling > MAX_SCALING:
+        raise InvalidAdapterError(f"module {name}: alpha (lora_alpha) {alpha:g} over rank {r} scales the update by "
+                                  f"{scaling:g}, above {MAX_SCALING:g}; check the adapter's alpha")
+
+
+def _matrix(parts: dict, part: str, name: str, shape: tuple, what: str) -> torch.Tensor:
+    t = parts[part]
+    if tuple(t.shape) != shape:
+        raise InvalidAdapterError(f"module {name}: {part} has shape {tuple(t.shape)}, expected {shape} ({what})")
+    return t.float()
+
+
+@dataclass(frozen=True)
+class Kind:
+    peft_type: str
+    name: str  # as users know it, in messages
+    key: re.Pattern  # a module's tensor key after the PEFT prefix: groups module, part
+    parts: frozenset  # the parts every module needs
+    shared_keys: tuple  # tensors outside the model prefix the kind reads (VeRA's projections)
+    check_config: Callable[[dict], None]
+    # (module name, its parts, config, shared tensors, (d_in, d_out), PEFT module key) -> A [d_in, r], B [r, d_out]
+    to_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rank_hint: Callable[[dict], str]  # what to change when the converted rank is above r_max
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+def _lora_config(config: dict) -> None:
+    if config.get("use_dora"):
+        raise UnsupportedAdapterTypeError("DoRA (use_dora=true) is not served yet: its magnitude vector rescales "
+                                          "each output (slot state of its own); retrain with use_dora=false")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapterTypeError(
+            f"bias={config.get('bias')!r} trains the base's biases, which a shared base cannot serve yet; retrain "
+            "with bias='none'")
+    for option in ("lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora"):
+        if config.get(option):
+            raise UnsupportedAdapterTypeError(f"LoRA option {option} is not supported; retrain without it")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise InvalidAdapterError(f"{CONFIG_FILE} use_rslora must be true or false; got {config.get('use_rslora')!r}")
+    _check_patterns(config)
+
+
+def _lora_to_lora(name, parts, config, shared, dims, peft_key):
+    d_in, d_out = dims
+    a, b = parts["lora_A"], parts["lora_B"]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise InvalidAdapterError(f"module {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                                  "form a rank-r pair")
+    r = a.shape[0]
+    if a.shape[1] != d_in or b.shape[0] != d_out:
+        raise BaseMismatchError(f"module {name}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base "
+                            f"linear ({d_in} -> {d_out}); the adapter was trained on a base with other dimensions")
+    expected = rank_value(pattern_value(config.get("rank_pattern"), peft_key, rank_value(config.get("r", 8), f"{CONFIG_FILE} r")),
+                          f"{CONFIG_FILE} rank_pattern for {name}")
+    if r != expected:
+        raise InvalidAdapterError(f"module {name}: weights have rank {r} but {CONFIG_FILE} (r / rank_pattern) says {expected}")
+    alpha = alpha_value(pattern_value(config.get("alpha_pattern"), peft_key,
+                                      alpha_value(config.get("lora_alpha", 8), f"{CONFIG_FILE} lora_alpha")),
+                        f"{CONFIG_FILE} alpha_pattern for {name}")
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    _check_scaling(name, alpha, r, scaling)
+    return a.float().t().contiguous(), (b.float() * scaling).t().contiguous()
+
+
+# ---- LoHa ---------------------------------------------------------------------------------------------
+
+def _loha_config(config: dict) -> None:
+    _check_patterns(config)  # use_effective_conv2d concerns conv layers, which no encoder family targets
+
+
+def _loha_to_lora(name, parts, config, shared, dims, peft_key):
+    d_in, d_out = dims
+    r = rank_value(pattern_value(config.get("rank_pattern"), peft_key, rank_value(config.get("r", 8), f"{CONFIG_FILE} r")),
+                   f"{CONFIG_FILE} rank_pattern for {name}")
+    for part in parts:
+        if parts[part].dim() != 2:
+            raise InvalidAdapterError(f"module {name}: {part} is {parts[part].dim()}-D; LoHa on linear layers saves 2-D factors")
+    if parts["hada_w1_a"].shape[0] != d_out or parts["hada_w1_b"].shape[1] != d_in:
+        raise BaseMismatchError(f"module {name}: LoHa factors {tuple(parts['hada_w1_a'].shape)} x "
+                            f"{tuple(parts['hada_w1_b'].shape)} do not fit the base linear ({d_in} -> {d_out}); the "
+                            "adapter was trained on a base with other dimensions")
+    w1a = _matrix(parts, "hada_w1_a", name, (d_out, r), "[out, r]")
+    w1b = _matrix(parts, "hada_w1_b", name, (r, d_in), "[r, in]")
+    w2a = _matrix(parts, "hada_w2_a", name, (d_out, r), "[out, r]")
+    w2b = _matrix(parts, "hada_w2_b", name, (r, d_in), "[r, in]")
+    alpha = alpha_value(pattern_value(config.get("alpha_pattern"), peft_key,
+                                      alpha_value(config.get("alpha", 8), f"{CONFIG_FILE} alpha")),
+                        f"{CONFIG_FILE} alpha_pattern for {name}")
+    scaling = alpha / r
+    _check_scaling(name, alpha, r, scaling)
+    # A[i, (j,k)] = W1b[j,i] W2b[k,i];  B[(j,k), o] = W1a[o,j] W2a[o,k] * scaling
+    a = (w1b.t()[:, :, None] * w2b.t()[:, None, :]).reshape(d_in, r * r)
+    b = (w1a[:, :, None] * w2a[:, None, :]).reshape(d_out, r * r).t() * scaling
+    return a.contiguous(), b.contiguous()
+
+
+def _loha_hint(config: dict) -> str:
+    return "LoHa of rank r converts exactly to LoRA of rank r²: retrain with a smaller r or raise --r-max"
+
+
+# ---- VeRA ---------------------------------------------------------------------------------------------
+
+VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
+
+
+def _vera_config(config: dict) -> None:
+    if config.get("save_projection") is False:
+        raise UnsupportedAdapterTypeError("this VeRA adapter was saved without its shared projections "
+                                          "(save_projection=false); save it with save_projection=true")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapterTypeError(f"VeRA bias={config.get('bias')!r} trains the base's biases; retrain with bias='none'")
+
+
+def _vera_to_lora(name, parts, config, shared, dims, peft_key):
+    d_in, d_out = dims
+    if VERA_A not in shared or VERA_B not in shared:
+        raise InvalidAdapterError(f"the VeRA adapter has no shared projections ({VERA_A}, {VERA_B}); save it with "
+                                  "save_projection=true")
+    proj_a, proj_b = shared[VERA_A].float(), shared[VERA_B].float()
+    if proj_a.dim() != 2 or proj_b.dim() != 2 or proj_a.shape[0] != proj_b.shape[1]:
+        raise InvalidAdapterError(f"VeRA projections {tuple(proj_a.shape)} and {tuple(proj_b.shape)} do not form a "
+                                  "rank-r pair")
+    r = proj_a.shape[0]
+    if proj_a.shape[1] < d_in or proj_b.shape[0] < d_out:
+        raise BaseMismatchError(f"module {name}: the VeRA projections ({tuple(proj_a.shape)}, {tuple(proj_b.shape)}) are "
+                            f"smaller than the base linear ({d_in} -> {d_out}); trained on another base?")
+    lambda_d = _matrix({"d": parts["vera_lambda_d"]}, "d", name, (r,), "vera_lambda_d [r]")
+    lambda_b = _matrix({"b": parts["vera_lambda_b"]}, "b", name, (d_out,), "vera_lambda_b [out]")
+    a = (proj_a[:, :d_in] * lambda_d[:, None]).t()
+    b = (proj_b[:d_out, :] * lambda_b[:, None]).t()
+    return a.contiguous(), b.contiguous()
+
+
+def _vera_hint(config: dict) -> str:
+    return "VeRA's rank is its shared projections' r: retrain with a smaller r or raise --r-max"
+
+
+KINDS: dict[str, Kind] = {
+    "LORA": Kind("LORA", "LoRA", re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.weight$"),
+                 frozenset({"lora_A", "lora_B"}),
+                 (), _lora_config, _lora_to_lora,
+                 lambda config: "retrain with a smaller r or start the server with a larger --r-max"),
+    "LOHA": Kind("LOHA", "LoHa", re.compile(r"^(?P<module>.+)\.(?P<part>hada_w[12]_[ab])$"),
+                 frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), (), _loha_config, _loha_to_lora,
+                 _loha_hint),
+    "VERA": Kind("VERA", "VeRA", re.compile(r"^(?P<module>.+)\.(?P<part>vera_lambda_[bd])$"),
+                 frozenset({"vera_lambda_b", "vera_lambda_d"}), (VERA_A, VERA_B), _vera_config, _vera_to_lora,
+                 _vera_hint),
+}
+
+
+def kind_of(config: dict) -> Kind:
+    """The kind an adapter_config.json declares, or a message saying why it is not served."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    served = ", ".join(KINDS)
+    if not peft_type:
+        raise InvalidAdapterError(f"{CONFIG_FILE} has no peft_type; expected one of {served}")
+    if peft_type in SEQUENCE_CHANGING:
+        raise UnsupportedAdapterTypeError(
+            f"PEFT type {peft_type} changes the input sequence length and is not served yet; served: {served}")
+    kind: Optional[Kind] = KINDS.get(peft_type)
+    if kind is None:
+        why = NOT_YET.get(peft_type, "")
+        raise UnsupportedAdapterTypeError(f"PEFT type {peft_type} is not served yet{' (' + why + ')' if why else ''}; "
+                                          f"served: {served}")
+    kind.check_config(config)
+    return kind

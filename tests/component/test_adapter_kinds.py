@@ -1,0 +1,194 @@
+"""Adapter kinds beside LoRA (adapters/kinds.py): LoHa and VeRA, converted exactly to slot LoRA, mixed in
+one batch with LoRA tasks and with each other, equal PEFT's own model on each adapter alone (max
+|Δlogit| <= 1e-4 in fp32) on tiny BERT, DistilBERT and RoBERTa and on the packaged MiniLM, on both
+CPU LoRA paths; bad LoHa/VeRA files are refused with their message while serving goes on."""
+import dataclasses
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.reference import reference_logits
+from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
+from adapterserve.runtime.runtime import Runtime
+from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, make_peft_kind_adapter, peft_logits
+
+pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
+
+TOL = 1e-4
+# A change that moves logits by less than this would not show a wrong conversion.
+MIN_EFFECT = 1e-2
+
+
+def kind_matrix(family, loha_scale=0.5):
+    """loha_scale: LoHa's update is a product of four random factors; it must stay visible on a tiny
+    base (hidden 32) without blowing activations up on MiniLM (hidden 384), which would turn float
+    rounding into logit differences above the tolerance."""
+    t = FAMILY_TARGETS[family]
+    return {
+        "lora": ("lora", dict(num_labels=2, r=4, alpha=8, targets=t[:3])),
+        "loha": ("loha", dict(num_labels=3, r=4, alpha=6, targets=t, scale=loha_scale)),  # rank 16 once converted
+        "loha_patterns": ("loha", dict(num_labels=50, r=2, alpha=4, targets=t[1:4], rank_pattern={t[1]: 3},
+                                       alpha_pattern={t[2]: 1}, scale=loha_scale * 1.2)),
+        "vera": ("vera", dict(num_labels=4, r=8, targets=t[:4])),
+        "vera_ffn": ("vera", dict(num_labels=2, r=6, targets=t[-2:])),
+    }
+
+
+def build(base, root, family, **matrix):
+    adapters = {}
+    for i, (task, (kind, kw)) in enumerate(kind_matrix(family, **matrix).items()):
+        out = str(root / task)
+        if kind == "lora":
+            adapters[task] = make_peft_adapter(base, out, seed=200 + i, **kw)
+        else:
+            adapters[task] = make_peft_kind_adapter(base, out, kind, seed=200 + i, **kw)
+    return adapters
+
+
+@pytest.fixture(scope="module", params=["bert", "distilbert", "roberta"])
+def family_adapters(request, tiny_bases, tmp_path_factory):
+    family = request.param
+    base = tiny_bases[family]
+    return family, base, build(base, tmp_path_factory.mktemp(f"kinds_{family}"), family)
+
+
+def check_mixed_batch(rt, base, adapters, label):
+    rng = random.Random(0)
+    items = [(rng.choice(sorted(adapters)), rng.choice(SAMPLE_TEXTS)) for _ in range(48)]
+    preds = rt.classify(items)
+    worst = 0.0
+    for task, path in adapters.items():
+        idx = [i for i, (t, _) in enumerate(items) if t == task]
+        texts = [items[i][1] for i in idx]
+        got = torch.tensor([preds[i].logits for i in idx])
+        want = peft_logits(base, path, texts)
+        worst = max(worst, (got - want).abs().max().item())
+        spec = rt.load_spec(path)
+        # The adapter's modules matter: without them the same head answers differently.
+        bare = reference_logits(base, dataclasses.replace(spec, modules={}), texts)
+        assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
+    assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
+
+
+@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
+def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel):
+    family, base, adapters = family_adapters
+    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, lora_kernel=lora_kernel))
+    for task, path in adapters.items():
+        rt.add_adapter(task, path)
+    assert {a.task: a.peft_type for a in rt.list_adapters()} == {
+        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA"}
+    assert rt.get_adapter("loha").rank == 16
+    check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}")
+
+
+def test_kinds_on_the_packaged_minilm(minilm_dir, tmp_path):
+    adapters = build(minilm_dir, tmp_path, "bert", loha_scale=0.25)
+    rt = Runtime(RuntimeConfig(slots=8, r_max=16))
+    for task, path in adapters.items():
+        rt.add_adapter(task, path)
+    check_mixed_batch(rt, minilm_dir, adapters, "minilm")
+
+
+def test_replacing_lora_by_loha_serves_the_new_kind(tiny_bases, tmp_path):
+    base = tiny_bases["bert"]
+    lora = make_peft_adapter(base, str(tmp_path / "lora"), num_labels=3, r=4, seed=1)
+    loha = make_peft_kind_adapter(base, str(tmp_path / "loha"), "loha", num_labels=3, r=2, seed=2)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=16))
+    rt.add_adapter("t", lora)
+    rt.classify([("t", SAMPLE_TEXTS[0])])
+    rt.add_adapter("t", loha, replace=True)
+    got = torch.tensor([p.logits for p in rt.classify([("t", s) for s in SAMPLE_TEXTS[:4]])])
+    assert (got - peft_logits(base, loha, SAMPLE_TEXTS[:4])).abs().max().item() <= TOL
+    assert rt.get_adapter("t").peft_type == "LOHA"
+
+
+# ---- bad LoHa / VeRA files ------------------------------------------------------------------------------
+
+Q = "base_model.model.bert.encoder.layer.0.attention.self.query"
+
+
+@pytest.fixture(scope="module")
+def bad_setup(tiny_bases, tmp_path_factory):
+    base = tiny_bases["bert"]
+    root = tmp_path_factory.mktemp("bad_kinds")
+    loha = make_peft_kind_adapter(base, str(root / "loha"), "loha", num_labels=3, r=2, seed=3)
+    vera = make_peft_kind_adapter(base, str(root / "vera"), "vera", num_labels=3, r=4, seed=4)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt.add_adapter("loha", loha)
+    before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
+    return rt, {"loha": loha, "vera": vera}, root, before
+
+
+def _edit(weights=None, config=None):
+    def apply(d):
+        if weights:
+            w = load_file(str(d / "adapter_model.safetensors"))
+            weights(w)
+            save_file(w, str(d / "adapter_model.safetensors"))
+        if config:
+            c = json.loads((d / "adapter_config.json").read_text())
+            config(c)
+            (d / "adapter_config.json").write_text(json.dumps(c))
+    return apply
+
+
+BAD = [
+    ("loha_factor_shape", "loha", _edit(weights=lambda w: w.__setitem__(f"{Q}.hada_w1_b", torch.randn(2, 31))),
+     BaseMismatchError, ["LoHa factors", "32"]),
+    ("loha_rank_disagrees", "loha", _edit(weights=lambda w: w.__setitem__(f"{Q}.hada_w2_a", torch.randn(32, 3))),
+     InvalidAdapterError, ["hada_w2_a", "(32, 2)"]),
+    ("loha_missing_factor", "loha", _edit(weights=lambda w: w.pop(f"{Q}.hada_w2_b")), InvalidAdapterError,
+     ["lacks hada_w2_b"]),
+    ("loha_above_r_max", "loha", _edit(config=lambda c: c.update(r=3),
+                                       weights=lambda w: [w.__setitem__(k, torch.randn(*(3 if s == 2 else s for s in v.shape)))
+                                                          for k, v in list(w.items()) if "hada" in k]),
+     InvalidAdapterError, ["rank 9", "r_max 8", "r²"]),
+    ("loha_nan", "loha", _edit(weights=lambda w: w.__setitem__(f"{Q}.hada_w1_a", torch.full((32, 2), float("nan")))),
+     InvalidAdapterError, ["NaN"]),
+    ("loha_alpha_zero", "loha", _edit(config=lambda c: c.update(alpha=0)), InvalidAdapterError, ["alpha", "positive"]),
+    ("vera_no_projection", "vera", _edit(weights=lambda w: w.pop("base_model.vera_A")), InvalidAdapterError,
+     ["shared projections", "save_projection"]),
+    ("vera_saved_without_projection", "vera", _edit(config=lambda c: c.update(save_projection=False)),
+     UnsupportedAdapterTypeError, ["save_projection"]),
+    ("vera_lambda_length", "vera", _edit(weights=lambda w: w.__setitem__(f"{Q}.vera_lambda_d", torch.randn(5))),
+     InvalidAdapterError, ["vera_lambda_d", "(4,)"]),
+    ("vera_projection_too_small", "vera", _edit(weights=lambda w: w.__setitem__("base_model.vera_B", torch.randn(16, 4))),
+     BaseMismatchError, ["projections", "smaller"]),
+    ("ia3", "loha", _edit(config=lambda c: c.update(peft_type="IA3")), UnsupportedAdapterTypeError, ["IA3", "served: LORA"]),
+]
+
+
+@pytest.mark.parametrize("case,source,edit,error,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_kind_is_refused_and_nothing_is_lost(bad_setup, case, source, edit, error, words):
+    rt, good, root, before = bad_setup
+    d = root / case
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(good[source], d)
+    edit(d)
+    with pytest.raises(error) as info:
+        rt.add_adapter(f"bad_{case}", str(d))
+    for w in words:
+        assert w in str(info.value), f"message {info.value!s} lacks {w!r}"
+    assert [a.task for a in rt.list_adapters()] == ["loha"]
+    after = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
+    assert [p.logits for p in after] == [p.logits for p in before]
+
+
+@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
+def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
+    """Converted kinds are slot LoRA, so the shared ONNX graph (its custom op or stock ops) serves them."""
+    base = tiny_bases["bert"]
+    adapters = build(base, tmp_path, "bert")
+    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
+                               lora_kernel=lora_kernel))
+    assert rt.engine.name == "onnx"
+    for task, path in adapters.items():
+        rt.add_adapter(task, path)
+    check_mixed_batch(rt, base, adapters, f"onnx/{rt.engine.kernel_name}")
