@@ -1,19 +1,25 @@
-"""Adapter kinds that are low-rank updates of linear weights, each read into the slot state every engine
-path serves: per module, A [d_in, r] and B [r, d_out] with the scaling folded into B (LoRA's form).
+"""Adapter kinds, each read into slot state: per base linear, a low-rank pair A [d_in, r], B [r, d_out]
+with the scaling folded into B (LoRA's form, which every engine path serves) and/or per-feature
+vectors (spec.VectorState: input scale, output scale, output shift; the torch engine serves them).
 
 A kind is a small unit: which PEFT type it is, which tensor keys it owns, how its config is checked and
-how one module's tensors become (A, B). The conversions are exact (no SVD, unlike PEFT's
-`convert_to_lora`), so a converted adapter answers as its own library does, within float rounding:
+how one module's tensors become slot state. The conversions are exact (no SVD, unlike PEFT's
+`convert_to_lora`), so an adapter answers as its own library does, within float rounding:
 
 - LORA (rsLoRA, rank/alpha patterns): A, B as saved; scaling alpha / r (alpha / sqrt(r) with rsLoRA).
+  DoRA (use_dora): y = g ⊙ (Wx + sBAx) + b with g = m / ‖W + sBA‖ per output, computed here from the
+  base weight: out_scale g, out_shift (1 − g) ⊙ b. bias='lora_only': the saved bias replaces the
+  base's in the targeted linears: out_shift = saved − base.
+- IA3: a vector l per module; feed-forward modules (saved as [1, d_in]) scale the input, the others
+  (saved as [d_out, 1]) scale the output, bias included.
 - LOHA: ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r. The Hadamard product of two rank-r products is one
   product of rank r1·r2 through row-wise Kronecker factors: ΔW[o, i] = Σ_jk W1a[o,j] W2a[o,k] ·
   W1b[j,i] W2b[k,i], so A[i, (j,k)] = W1b[j,i] W2b[k,i] and B[(j,k), o] = W1a[o,j] W2a[o,k] · scale.
 - VERA: ΔW = diag(λb) B_s diag(λd) A_s with the shared frozen projections A, B saved in the file
   (save_projection=True), sliced to the module's dimensions: A = (λd ⊙ A_s)ᵀ, B = (λb ⊙ B_s)ᵀ.
 
-Kinds that are not low-rank weight updates (IA3, bias deltas, DoRA's magnitude, prompts, prefixes,
-bottleneck adapters) need slot state of their own and are refused with a message naming the kind.
+Prompts, prefixes and bottleneck adapters need slot state of other shapes and are refused with a
+message naming the kind.
 """
 from __future__ import annotations
 
@@ -24,14 +30,18 @@ from typing import Callable, Optional
 
 import torch
 
+from adapterserve.adapters.spec import VectorState
 from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
+
+# (module name) -> (base weight [d_out, d_in] float32 or None when it cannot be read (quantized), bias
+# [d_out] float32 or None): what DoRA and trained biases are computed against.
+BaseParams = Callable[[str], tuple]
 
 CONFIG_FILE = "adapter_config.json"
 MAX_SCALING = 1000.0  # alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
 
 SEQUENCE_CHANGING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 NOT_YET = {
-    "IA3": "IA3 scales activations by learned vectors (slot state of its own)",
     "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "ADALORA": "AdaLoRA's pruned ranks are stored in rank_pattern masks",
@@ -90,21 +100,23 @@ class Kind:
     parts: frozenset  # the parts every module needs
     shared_keys: tuple  # tensors outside the model prefix the kind reads (VeRA's projections)
     check_config: Callable[[dict], None]
-    # (module name, its parts, config, shared tensors, (d_in, d_out), PEFT module key) -> A [d_in, r], B [r, d_out]
-    to_lora: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (module name, its parts, config, shared tensors, (d_in, d_out), PEFT module key, base params) ->
+    # ((A [d_in, r], B [r, d_out]) or None, VectorState or None)
+    convert: Callable[..., tuple]
     rank_hint: Callable[[dict], str]  # what to change when the converted rank is above r_max
+    optional_parts: frozenset = frozenset()
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------
 
 def _lora_config(config: dict) -> None:
-    if config.get("use_dora"):
-        raise UnsupportedAdapterTypeError("DoRA (use_dora=true) is not served yet: its magnitude vector rescales "
-                                          "each output (slot state of its own); retrain with use_dora=false")
-    if config.get("bias", "none") != "none":
+    if config.get("bias", "none") not in ("none", "lora_only"):
         raise UnsupportedAdapterTypeError(
-            f"bias={config.get('bias')!r} trains the base's biases, which a shared base cannot serve yet; retrain "
-            "with bias='none'")
+            f"bias={config.get('bias')!r} trains every bias of the base, LayerNorms and embeddings included, which "
+            "a shared base cannot serve per task; retrain with bias='lora_only' (the targeted linears' biases) or "
+            "'none'")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise InvalidAdapterError(f"{CONFIG_FILE} use_dora must be true or false; got {config.get('use_dora')!r}")
     for option in ("lora_bias", "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora"):
         if config.get(option):
             raise UnsupportedAdapterTypeError(f"LoRA option {option} is not supported; retrain without it")
@@ -113,7 +125,37 @@ def _lora_config(config: dict) -> None:
     _check_patterns(config)
 
 
-def _lora_to_lora(name, parts, config, shared, dims, peft_key):
+def _lora_convert(name, parts, config, shared, dims, peft_key, base_params):
+    a, b = _lora_pair(name, parts, config, dims, peft_key)
+    vectors = None
+    dora = config.get("use_dora", False)
+    if dora != ("lora_magnitude_vector" in parts):
+        raise InvalidAdapterError(f"module {name}: " + ("use_dora is set but lora_magnitude_vector is missing" if dora
+                                                        else "lora_magnitude_vector is saved but use_dora is not set"))
+    if dora or "base_layer.bias" in parts:
+        weight, bias = base_params(name) if base_params is not None else (None, None)
+        d_in, d_out = dims
+        shift = torch.zeros(d_out)
+        if "base_layer.bias" in parts:
+            trained = _matrix(parts, "base_layer.bias", name, (d_out,), "the trained bias [out]")
+            shift = trained - (bias if bias is not None else torch.zeros(d_out))
+            bias = trained
+        scale = None
+        if dora:
+            if weight is None:
+                raise UnsupportedAdapterTypeError(
+                    f"module {name}: DoRA needs the base weight to compute its norm, which this server does not keep "
+                    "(a quantized base, or the ONNX engine); serve DoRA with --engine torch on an fp32/fp16/bf16 base")
+            magnitude = _matrix(parts, "lora_magnitude_vector", name, (d_out,), "DoRA magnitude [out]")
+            norm = torch.linalg.norm(weight.float() + (a @ b).t(), dim=1)
+            scale = magnitude / norm
+            # g ⊙ (Wx + b + ΔWx) + (1 − g) ⊙ b = g ⊙ (Wx + ΔWx) + b
+            shift = shift + (1 - scale) * (bias if bias is not None else torch.zeros(d_out))
+        vectors = VectorState(out_scale=scale, out_shift=shift if shift.any() else None)
+    return (a, b), vectors
+
+
+def _lora_pair(name, parts, config, dims, peft_key):
     d_in, d_out = dims
     a, b = parts["lora_A"], parts["lora_B"]
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
@@ -135,13 +177,35 @@ def _lora_to_lora(name, parts, config, shared, dims, peft_key):
     return a.float().t().contiguous(), (b.float() * scaling).t().contiguous()
 
 
+# ---- IA3 ----------------------------------------------------------------------------------------------
+
+def _ia3_config(config: dict) -> None:
+    for key in ("target_modules", "feedforward_modules"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, (list, str)):
+            raise InvalidAdapterError(f"{CONFIG_FILE} {key} must be a list of module names or a regular expression")
+
+
+def _ia3_convert(name, parts, config, shared, dims, peft_key, base_params):
+    d_in, d_out = dims
+    vector = parts["ia3_l"]
+    # PEFT saves a feed-forward module's vector as [1, d_in] (it scales the input) and any other's as
+    # [d_out, 1] (it scales the output); the shape says which even where d_in == d_out.
+    if tuple(vector.shape) == (1, d_in):
+        return None, VectorState(in_scale=vector.float().reshape(d_in).contiguous())
+    if tuple(vector.shape) == (d_out, 1):
+        return None, VectorState(out_scale=vector.float().reshape(d_out).contiguous())
+    raise BaseMismatchError(f"module {name}: ia3_l has shape {tuple(vector.shape)}; for this base's linear "
+                            f"({d_in} -> {d_out}) it must be [1, {d_in}] (feed-forward) or [{d_out}, 1]")
+
+
 # ---- LoHa ---------------------------------------------------------------------------------------------
 
 def _loha_config(config: dict) -> None:
     _check_patterns(config)  # use_effective_conv2d concerns conv layers, which no encoder family targets
 
 
-def _loha_to_lora(name, parts, config, shared, dims, peft_key):
+def _loha_convert(name, parts, config, shared, dims, peft_key, base_params):
     d_in, d_out = dims
     r = rank_value(pattern_value(config.get("rank_pattern"), peft_key, rank_value(config.get("r", 8), f"{CONFIG_FILE} r")),
                    f"{CONFIG_FILE} rank_pattern for {name}")
@@ -164,7 +228,7 @@ def _loha_to_lora(name, parts, config, shared, dims, peft_key):
     # A[i, (j,k)] = W1b[j,i] W2b[k,i];  B[(j,k), o] = W1a[o,j] W2a[o,k] * scaling
     a = (w1b.t()[:, :, None] * w2b.t()[:, None, :]).reshape(d_in, r * r)
     b = (w1a[:, :, None] * w2a[:, None, :]).reshape(d_out, r * r).t() * scaling
-    return a.contiguous(), b.contiguous()
+    return (a.contiguous(), b.contiguous()), None
 
 
 def _loha_hint(config: dict) -> str:
@@ -184,7 +248,7 @@ def _vera_config(config: dict) -> None:
         raise UnsupportedAdapterTypeError(f"VeRA bias={config.get('bias')!r} trains the base's biases; retrain with bias='none'")
 
 
-def _vera_to_lora(name, parts, config, shared, dims, peft_key):
+def _vera_convert(name, parts, config, shared, dims, peft_key, base_params):
     d_in, d_out = dims
     if VERA_A not in shared or VERA_B not in shared:
         raise InvalidAdapterError(f"the VeRA adapter has no shared projections ({VERA_A}, {VERA_B}); save it with "
@@ -201,7 +265,7 @@ def _vera_to_lora(name, parts, config, shared, dims, peft_key):
     lambda_b = _matrix({"b": parts["vera_lambda_b"]}, "b", name, (d_out,), "vera_lambda_b [out]")
     a = (proj_a[:, :d_in] * lambda_d[:, None]).t()
     b = (proj_b[:d_out, :] * lambda_b[:, None]).t()
-    return a.contiguous(), b.contiguous()
+    return (a.contiguous(), b.contiguous()), None
 
 
 def _vera_hint(config: dict) -> str:
@@ -209,15 +273,18 @@ def _vera_hint(config: dict) -> str:
 
 
 KINDS: dict[str, Kind] = {
-    "LORA": Kind("LORA", "LoRA", re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.weight$"),
-                 frozenset({"lora_A", "lora_B"}),
-                 (), _lora_config, _lora_to_lora,
-                 lambda config: "retrain with a smaller r or start the server with a larger --r-max"),
+    "LORA": Kind("LORA", "LoRA",
+                 re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB](?=\.weight$)|lora_magnitude_vector$|base_layer\.bias$)"),
+                 frozenset({"lora_A", "lora_B"}), (), _lora_config, _lora_convert,
+                 lambda config: "retrain with a smaller r or start the server with a larger --r-max",
+                 optional_parts=frozenset({"lora_magnitude_vector", "base_layer.bias"})),
+    "IA3": Kind("IA3", "IA3", re.compile(r"^(?P<module>.+)\.(?P<part>ia3_l)$"), frozenset({"ia3_l"}), (),
+                _ia3_config, _ia3_convert, lambda config: ""),
     "LOHA": Kind("LOHA", "LoHa", re.compile(r"^(?P<module>.+)\.(?P<part>hada_w[12]_[ab])$"),
-                 frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), (), _loha_config, _loha_to_lora,
+                 frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), (), _loha_config, _loha_convert,
                  _loha_hint),
     "VERA": Kind("VERA", "VeRA", re.compile(r"^(?P<module>.+)\.(?P<part>vera_lambda_[bd])$"),
-                 frozenset({"vera_lambda_b", "vera_lambda_d"}), (VERA_A, VERA_B), _vera_config, _vera_to_lora,
+                 frozenset({"vera_lambda_b", "vera_lambda_d"}), (VERA_A, VERA_B), _vera_config, _vera_convert,
                  _vera_hint),
 }
 

@@ -11,14 +11,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from adapterserve.adapters.kinds import alpha_value, kind_of
-from adapterserve.adapters.spec import AdapterSpec, LoraModule
+from adapterserve.adapters.spec import AdapterSpec, LoraModule, VectorState
 from adapterserve.runtime.errors import (
     BaseMismatchError,
     DeadlineExceededError,
@@ -48,6 +48,9 @@ class BaseShape:
     hidden_size: int
     linear_dims: dict  # module name -> (d_in, d_out) of every slot-wrapped linear
     r_max: int
+    # module name -> (weight [d_out, d_in] float32 or None if quantized, bias [d_out] float32 or None):
+    # what DoRA's norm and trained biases are computed against (adapters/kinds.py). None: not at hand.
+    base_params: Optional[Callable[[str], tuple]] = field(default=None, compare=False)
 
 
 def _inside(root: str, path: str) -> bool:
@@ -271,8 +274,6 @@ def parse_adapter(
         rest = key[len(_PEFT_PREFIX):]
         if "lora_embedding" in rest:
             raise UnsupportedAdapterTypeError(f"{key}: LoRA on embedding layers is not supported; target linear layers only")
-        if "lora_magnitude_vector" in rest:
-            raise UnsupportedAdapterTypeError(f"{key}: DoRA magnitude vectors are not supported")
         m = kind.key.match(rest)
         if m and m.group("module").startswith(backbone):
             module_parts.setdefault(m.group("module")[len(backbone):], {})[m.group("part")] = tensor
@@ -291,8 +292,9 @@ def parse_adapter(
                                   f"{kind.key.pattern.replace('^(?P<module>.+)', '*').rstrip('$')})")
 
     modules: dict[str, LoraModule] = {}
+    vectors: dict[str, VectorState] = {}
     for name, parts in sorted(module_parts.items()):
-        if set(parts) != kind.parts:
+        if not kind.parts <= set(parts):
             missing = ", ".join(sorted(kind.parts - set(parts)))
             raise InvalidAdapterError(f"module {name} lacks {missing}; each {kind.name} target needs "
                                       f"{', '.join(sorted(kind.parts))}")
@@ -301,7 +303,13 @@ def parse_adapter(
                 f"adapter targets module {name!r}, which the base model does not have (or is not a LoRA-capable "
                 "linear); was it trained on a different base?"
             )
-        a, b = kind.to_lora(name, parts, config, shared, base.linear_dims[name], backbone + name)
+        pair, vector = kind.convert(name, parts, config, shared, base.linear_dims[name], backbone + name,
+                                    base.base_params)
+        if vector is not None:
+            vectors[name] = vector
+        if pair is None:
+            continue
+        a, b = pair
         r = a.shape[1]
         if r > base.r_max:
             raise InvalidAdapterError(f"module {name} has rank {r}, above this server's r_max {base.r_max}; "
@@ -327,9 +335,10 @@ def parse_adapter(
 
     return AdapterSpec(
         peft_type=kind.peft_type,
-        rank=max(m.rank for m in modules.values()),
-        target_modules=sorted(modules),
+        rank=max((m.rank for m in modules.values()), default=0),
+        target_modules=sorted(set(modules) | set(vectors)),
         modules=modules,
+        vectors=vectors,
         head=head,
         labels=_labels(files, num_labels, labels),
         files=dict(files),

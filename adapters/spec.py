@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -20,6 +21,22 @@ class LoraModule:
 
 
 @dataclass
+class VectorState:
+    """Per-feature vectors one base linear gets from its adapter, beside or instead of LoRA:
+    y = out_scale ⊙ (base(in_scale ⊙ x) + ΔW (in_scale ⊙ x)) + out_shift, where base(...) includes the
+    base's bias. None = neutral (1 for the scales, 0 for the shift). IA3 sets in_scale (feed-forward)
+    or out_scale; DoRA sets out_scale = m / ‖W + ΔW‖ and out_shift = (1 − out_scale) ⊙ bias; a trained
+    bias (LoRA bias='lora_only') sets out_shift = its bias − the base's."""
+
+    in_scale: Optional[torch.Tensor] = None  # [d_in] float32
+    out_scale: Optional[torch.Tensor] = None  # [d_out] float32
+    out_shift: Optional[torch.Tensor] = None  # [d_out] float32
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.in_scale, self.out_scale, self.out_shift) if t is not None]
+
+
+@dataclass
 class AdapterSpec:
     peft_type: str
     rank: int  # largest rank over its modules
@@ -33,6 +50,7 @@ class AdapterSpec:
     use_rslora: bool = False
     metadata: dict = field(default_factory=dict)
     size_bytes: int = 0  # bytes of the files; kept when the files leave memory (disk tier)
+    vectors: dict[str, VectorState] = field(default_factory=dict)  # module name -> per-feature vectors
 
     def __post_init__(self) -> None:
         if not self.size_bytes:
@@ -42,6 +60,14 @@ class AdapterSpec:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def kind(self) -> str:
+        """The kind as users name it, in messages: the PEFT type, or what a LoRA adapter adds to it."""
+        if self.peft_type != "LORA" or not self.vectors:
+            return self.peft_type
+        scaled = any(v.out_scale is not None for v in self.vectors.values())
+        return "LoRA with DoRA" if scaled else "LoRA with trained biases"
+
     def tensor_bytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)] + list(self.head.values())
+        tensors += [t for v in self.vectors.values() for t in v.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors)

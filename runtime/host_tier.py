@@ -1,7 +1,7 @@
 """The host-memory tier between device slots and disk: bounded bytes, LRU.
 
 An adapter evicted from host memory keeps what a request needs to be admitted (name, version, labels,
-head) and drops its LoRA tensors; the next batch that needs it in a device slot reads
+head) and drops its LoRA tensors and vectors; the next batch that needs it in a device slot reads
 it back from the data dir (content-addressed, sha256-checked). Adapters pinned by a request, and those
 that cannot be re-read (no data dir, or another version on disk), are never evicted.
 """
@@ -60,6 +60,7 @@ class HostTier:
         if spec.version != entry.version:
             raise RuntimeError(f"disk holds version {spec.version[:12]} of task {entry.task}, not {entry.version[:12]}")
         entry.spec.modules = spec.modules  # the tensors; the file bytes stay on disk
+        entry.spec.vectors = spec.vectors
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -84,5 +85,6 @@ class HostTier:
             self.bytes -= self._cost(entry)
             del self._lru[key]
             entry.spec.modules = {}
+            entry.spec.vectors = {}
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

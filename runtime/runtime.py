@@ -24,7 +24,7 @@ from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.base_model import load_base_model, resolve_device
 from adapterserve.runtime.engine.select import base_precision, build_engine, resolve_precision
-from adapterserve.runtime.errors import InvalidInputError
+from adapterserve.runtime.errors import InvalidInputError, NotSupportedError
 from adapterserve.runtime.heads import apply_heads, stacked_head
 from adapterserve.runtime.host_tier import HostTier
 from adapterserve.runtime.native.hardware import probe
@@ -119,7 +119,11 @@ class Runtime:
         if isinstance(source, AdapterSpec):
             return source
         files = read_adapter_dir(source, allowed_root, max_bytes, deadline) if isinstance(source, str) else source
-        return parse_adapter(files, self.engine.shape, labels=labels, metadata=metadata)
+        spec = parse_adapter(files, self.engine.shape, labels=labels, metadata=metadata)
+        reason = self.engine.refuses(spec)
+        if reason is not None:
+            raise NotSupportedError(f"this server's {self.engine.name} engine cannot serve the adapter: {reason}")
+        return spec
 
     def add_adapter(self, task: str, source: AdapterSource, replace: bool = False,
                     labels: Optional[list[str]] = None, metadata: Optional[dict] = None) -> AdapterInfo:

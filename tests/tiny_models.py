@@ -39,6 +39,9 @@ SAMPLE_TEXTS = [
     "this is a film well worth seeing , talking and singing heads and all .",
 ]
 
+# IA3's feed-forward modules (PEFT's defaults): their vector scales the input, not the output.
+FEEDFORWARD = {"bert": ["output.dense"], "distilbert": ["lin2"], "roberta": ["output.dense"]}
+
 FAMILY_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
@@ -132,10 +135,11 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
-    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera") with random weights via PEFT's own
-    save_pretrained: every trainable tensor (and VeRA's shared projections) randomized, so a wrong
-    conversion, scaling or slice shows in the logits."""
-    from peft import LoHaConfig, VeraConfig, get_peft_model
+    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias") with random
+    weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
+    randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
+    magnitudes are randomized around their neutral values (1, the weight norm)."""
+    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
@@ -146,12 +150,21 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                             rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
     elif kind == "vera":
         config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed)
+    elif kind == "ia3":
+        feedforward = [t for t in targets if t in FEEDFORWARD[family]]
+        config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward)
+    elif kind in ("dora", "lora_bias"):
+        config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets,
+                            use_dora=kind == "dora", bias="lora_only" if kind == "lora_bias" else "none")
     else:
         raise ValueError(kind)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if any(k in name for k in ("hada_", "vera_lambda", "modules_to_save")):
+            if "lora_magnitude_vector" in name or "ia3_l" in name:
+                p.mul_(1 + torch.randn_like(p) * scale)
+            elif any(k in name for k in ("hada_", "vera_lambda", "modules_to_save", "lora_A", "lora_B",
+                                         "base_layer.bias")):
                 p.copy_(torch.randn_like(p) * scale)
         for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers
             if "vera_A" in name or "vera_B" in name:

@@ -22,6 +22,9 @@ class Engine(Protocol):
     slots: int  # slot count, slot 0 included
     merged_slot: Optional[int]  # the slot whose delta is folded into the base weights, if any
 
+    def refuses(self, spec: AdapterSpec) -> Optional[str]:
+        """Why this engine cannot serve the adapter (None: it can), checked before it is registered."""
+
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
         """Copy an adapter into a slot (zero-padded to r_max); layers it does not touch are cleared."""
 

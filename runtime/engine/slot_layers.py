@@ -6,6 +6,12 @@ place and only over real tokens; elsewhere it is one gather and two bmm per laye
 Buffers are fixed-shape: A [slots, r_max, d_in] and B [slots, r_max, d_out] with the LoRA scaling
 folded into B and ranks zero-padded, so loading an adapter is a copy_ and the graph never changes.
 A is stored rank-major so that reading only the first `rank` rows of every slot is a cheap view.
+
+Per-feature vectors (IA3, DoRA's norm scale, trained biases: adapters/spec.VectorState) live in three
+more buffers, made the first time an adapter with vectors loads into this layer (a LoRA-only server
+never has them): y = out_scale[idx] ⊙ (base(in_scale[idx] ⊙ x) + ΔW (in_scale[idx] ⊙ x)) + out_shift[idx],
+float32, neutral 1 / 1 / 0. Only batches holding such a slot pay for them; the traced (ONNX) and CUDA
+graph paths do not apply them (the engines refuse such adapters: Engine.refuses).
 """
 from __future__ import annotations
 
@@ -51,6 +57,11 @@ class SlotLoRALinear(nn.Module):
         # Per-slot views made once: slicing a view is half the cost of indexing the buffer each load.
         self._a_slots = list(self.lora_a.unbind(0))
         self._b_slots = list(self.lora_b.unbind(0))
+        self.slots = slots
+        self.vector_slots: set[int] = set()  # slots whose adapter sets vectors in this layer
+        self.in_scale: Optional[torch.Tensor] = None  # [slots, d_in] float32, made on first use
+        self.out_scale: Optional[torch.Tensor] = None  # [slots, d_out]
+        self.out_shift: Optional[torch.Tensor] = None  # [slots, d_out]
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -74,6 +85,37 @@ class SlotLoRALinear(nn.Module):
             self._filled[slot] = 0
         self._slot_r8_view[slot] = 0
         self.active_slots.discard(slot)
+
+    def write_vectors(self, slot: int, vectors) -> None:
+        """vectors: the adapter's VectorState for this layer, or None (neutral)."""
+        if vectors is None:
+            if slot in self.vector_slots:
+                self.in_scale[slot].fill_(1.0)
+                self.out_scale[slot].fill_(1.0)
+                self.out_shift[slot].zero_()
+                self.vector_slots.discard(slot)
+            return
+        if self.in_scale is None:
+            device = self.lora_a.device
+            self.in_scale = torch.ones(self.slots, self.d_in, device=device)
+            self.out_scale = torch.ones(self.slots, self.d_out, device=device)
+            self.out_shift = torch.zeros(self.slots, self.d_out, device=device)
+        for buffer, value, neutral in ((self.in_scale, vectors.in_scale, 1.0), (self.out_scale, vectors.out_scale, 1.0),
+                                       (self.out_shift, vectors.out_shift, 0.0)):
+            if value is None:
+                buffer[slot].fill_(neutral)
+            else:
+                buffer[slot].copy_(value)
+        self.vector_slots.add(slot)
+
+    def _per_token(self, table: torch.Tensor, batch, x: torch.Tensor) -> torch.Tensor:
+        """Each row's (or, packed, each token's) entry of a [slots, d] table, shaped to broadcast over x."""
+        idx = batch.slot_per_row
+        if x.dim() == 2:  # the pooler: [B, d]
+            return table.index_select(0, idx)
+        if batch.offsets is not None:  # packed: [1, N, d]
+            return table.index_select(0, idx.repeat_interleave(batch.offsets.diff().to(idx.device))).unsqueeze(0)
+        return table.index_select(0, idx).unsqueeze(1)  # padded: [B, T, d]
 
     # -- merged mode ---------------------------------------------------------------------------
     def merge_slot(self, slot: int) -> None:
@@ -113,10 +155,20 @@ class SlotLoRALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.context.current
+        if (batch is None or not self.vector_slots or self.context.traced is not None
+                or not (batch.distinct_slots & self.vector_slots)):
+            return self._forward(x, batch)
+        dtype = x.dtype
+        x = (x.float() * self._per_token(self.in_scale, batch, x)).to(dtype)
+        y = self._forward(x, batch)
+        return torch.addcmul(self._per_token(self.out_shift, batch, y), y.float(),
+                             self._per_token(self.out_scale, batch, y)).to(y.dtype)
+
+    def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         y = self.base(x)
         if self.context.traced is not None:
             return self._traced_forward(x, y)
-        batch = self.context.current
         if batch is None or (not batch.every_layer
                              and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))):
             return y

@@ -43,7 +43,18 @@ class SlotPool:
             hidden_size=base.hidden_size,
             linear_dims={n: (l.d_in, l.d_out) for n, l in self.layers.items()},
             r_max=r_max,
+            base_params=self.base_params,
         )
+
+    def base_params(self, name: str) -> tuple:
+        """(weight [d_out, d_in] float32 on the CPU, or None for a quantized or released weight; bias float32
+        or None)
+        of one wrapped linear, as the adapter kinds that depend on the base read them."""
+        linear = self.layers[name].base
+        weight = linear.weight  # None once the ONNX engine has its own copy
+        plain = type(linear) is torch.nn.Linear and weight is not None and weight.is_floating_point()
+        bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
+        return (weight.detach().float().cpu() if plain else None), bias
 
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
         """Overwrite `slot` with the adapter in every layer, whatever was there before. The writes
@@ -55,6 +66,7 @@ class SlotPool:
         zero: list = []
         dtype = self.base.dtype
         for name, layer in self.layers.items():
+            layer.write_vectors(slot, spec.vectors.get(name))
             module = spec.modules.get(name)
             if module is None:
                 layer.queue_clear(slot, zero)
@@ -65,7 +77,9 @@ class SlotPool:
         with torch.inference_mode():
             if zero:
                 torch._foreach_zero_(zero)
-            if self.base.device.type == "cpu":
+            if not dst:
+                pass  # an adapter of vectors only (IA3)
+            elif self.base.device.type == "cpu":
                 torch._foreach_copy_(dst, src)
             else:  # host tensors into device slots: plain copies (not measured on a GPU here)
                 for d, s in zip(dst, src):
@@ -79,4 +93,6 @@ class SlotPool:
 
     def slot_bytes(self) -> int:
         """Device bytes one slot takes across all wrapped layers."""
-        return sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
+        lora = sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
+        vectors = sum((2 * l.d_out + l.d_in) * 4 for l in self.layers.values() if l.in_scale is not None)
+        return lora + vectors

@@ -79,6 +79,12 @@ class TorchEngine:
         return packing.packed_applies(self.base.backbone, self.base.family.name) is None
 
     # -- slots (the pool's) -----------------------------------------------------------------------
+    def refuses(self, spec: AdapterSpec) -> Optional[str]:
+        if spec.vectors and self.graphs is not None:
+            return (f"{spec.kind()} adapters set per-feature vectors, which the torch engine's CUDA graphs do not "
+                    "capture; serve them with --cuda-graphs off")
+        return None
+
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:
         self.pool.load_slot(slot, spec)
 

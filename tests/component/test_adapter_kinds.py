@@ -1,7 +1,9 @@
-"""Adapter kinds beside LoRA (adapters/kinds.py): LoHa and VeRA, converted exactly to slot LoRA, mixed in
-one batch with LoRA tasks and with each other, equal PEFT's own model on each adapter alone (max
-|Δlogit| <= 1e-4 in fp32) on tiny BERT, DistilBERT and RoBERTa and on the packaged MiniLM, on both
-CPU LoRA paths; bad LoHa/VeRA files are refused with their message while serving goes on."""
+"""Adapter kinds beside LoRA (adapters/kinds.py): LoHa and VeRA (converted exactly to slot LoRA), IA3,
+DoRA and LoRA with trained biases (per-feature slot vectors), mixed in one batch with LoRA tasks and
+with each other, equal PEFT's own model on each adapter alone (max |Δlogit| <= 1e-4 in fp32) on tiny
+BERT, DistilBERT and RoBERTa and on the packaged MiniLM, on both CPU LoRA paths, token-packed and
+padded; bad files are refused with their message while serving goes on; an engine that cannot serve a
+kind refuses it at registration."""
 import dataclasses
 import json
 import random
@@ -13,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.reference import reference_logits
-from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
+from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError, NotSupportedError,
+                                         UnsupportedAdapterTypeError)
 from adapterserve.runtime.runtime import Runtime
-from tiny_models import FAMILY_TARGETS, SAMPLE_TEXTS, make_peft_adapter, make_peft_kind_adapter, peft_logits
+from tiny_models import (FAMILY_TARGETS, FEEDFORWARD, SAMPLE_TEXTS, make_peft_adapter, make_peft_kind_adapter,
+                         peft_logits)
 
 pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
 
@@ -24,8 +28,9 @@ TOL = 1e-4
 MIN_EFFECT = 1e-2
 
 
-def kind_matrix(family, loha_scale=0.5):
-    """loha_scale: LoHa's update is a product of four random factors; it must stay visible on a tiny
+def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
+    """loha_scale, vera_scale: LoHa's update is a product of four random factors, VeRA's of two vectors
+    and two projections; it must stay visible on a tiny
     base (hidden 32) without blowing activations up on MiniLM (hidden 384), which would turn float
     rounding into logit differences above the tolerance."""
     t = FAMILY_TARGETS[family]
@@ -34,8 +39,12 @@ def kind_matrix(family, loha_scale=0.5):
         "loha": ("loha", dict(num_labels=3, r=4, alpha=6, targets=t, scale=loha_scale)),  # rank 16 once converted
         "loha_patterns": ("loha", dict(num_labels=50, r=2, alpha=4, targets=t[1:4], rank_pattern={t[1]: 3},
                                        alpha_pattern={t[2]: 1}, scale=loha_scale * 1.2)),
-        "vera": ("vera", dict(num_labels=4, r=8, targets=t[:4])),
-        "vera_ffn": ("vera", dict(num_labels=2, r=6, targets=t[-2:])),
+        "vera": ("vera", dict(num_labels=4, r=8, targets=t[:4], scale=vera_scale)),
+        "vera_ffn": ("vera", dict(num_labels=2, r=6, targets=t[-2:], scale=vera_scale)),
+        # k/v scale their outputs, the feed-forward output linear its input
+        "ia3": ("ia3", dict(num_labels=3, targets=[t[1], t[2]] + FEEDFORWARD[family], scale=vector_scale)),
+        "dora": ("dora", dict(num_labels=2, r=4, alpha=8, targets=t[:4], scale=vector_scale / 2)),
+        "lora_bias": ("lora_bias", dict(num_labels=5, r=2, alpha=4, targets=t[2:5], scale=vector_scale / 2)),
     }
 
 
@@ -70,26 +79,27 @@ def check_mixed_batch(rt, base, adapters, label):
         worst = max(worst, (got - want).abs().max().item())
         spec = rt.load_spec(path)
         # The adapter's modules matter: without them the same head answers differently.
-        bare = reference_logits(base, dataclasses.replace(spec, modules={}), texts)
+        bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}), texts)
         assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
     assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
 
 
-@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
-def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel):
+@pytest.mark.parametrize("lora_kernel,token_packing", [("auto", "auto"), ("torch", "auto"), ("auto", "off")])
+def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token_packing):
     family, base, adapters = family_adapters
-    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, lora_kernel=lora_kernel))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16, lora_kernel=lora_kernel, token_packing=token_packing))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {
-        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA"}
-    assert rt.get_adapter("loha").rank == 16
-    check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}")
+        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
+        "dora": "LORA", "lora_bias": "LORA"}
+    assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
+    check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
 
 
 def test_kinds_on_the_packaged_minilm(minilm_dir, tmp_path):
-    adapters = build(minilm_dir, tmp_path, "bert", loha_scale=0.25)
-    rt = Runtime(RuntimeConfig(slots=8, r_max=16))
+    adapters = build(minilm_dir, tmp_path, "bert", loha_scale=0.25, vera_scale=0.3, vector_scale=0.5)
+    rt = Runtime(RuntimeConfig(slots=16, r_max=16))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
     check_mixed_batch(rt, minilm_dir, adapters, "minilm")
@@ -111,6 +121,7 @@ def test_replacing_lora_by_loha_serves_the_new_kind(tiny_bases, tmp_path):
 # ---- bad LoHa / VeRA files ------------------------------------------------------------------------------
 
 Q = "base_model.model.bert.encoder.layer.0.attention.self.query"
+K = "base_model.model.bert.encoder.layer.0.attention.self.key"
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +130,14 @@ def bad_setup(tiny_bases, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_kinds")
     loha = make_peft_kind_adapter(base, str(root / "loha"), "loha", num_labels=3, r=2, seed=3)
     vera = make_peft_kind_adapter(base, str(root / "vera"), "vera", num_labels=3, r=4, seed=4)
+    ia3 = make_peft_kind_adapter(base, str(root / "ia3"), "ia3", num_labels=3, targets=["key", "output.dense"], seed=5)
+    dora = make_peft_kind_adapter(base, str(root / "dora"), "dora", num_labels=3, r=2, targets=["query"], seed=6)
+    lora_bias = make_peft_kind_adapter(base, str(root / "lora_bias"), "lora_bias", num_labels=3, r=2,
+                                       targets=["query"], seed=7)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
-    return rt, {"loha": loha, "vera": vera}, root, before
+    return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -160,7 +175,22 @@ BAD = [
      InvalidAdapterError, ["vera_lambda_d", "(4,)"]),
     ("vera_projection_too_small", "vera", _edit(weights=lambda w: w.__setitem__("base_model.vera_B", torch.randn(16, 4))),
      BaseMismatchError, ["projections", "smaller"]),
-    ("ia3", "loha", _edit(config=lambda c: c.update(peft_type="IA3")), UnsupportedAdapterTypeError, ["IA3", "served: LORA"]),
+    ("boft", "loha", _edit(config=lambda c: c.update(peft_type="BOFT")), UnsupportedAdapterTypeError,
+     ["BOFT", "served: LORA"]),
+    ("ia3_vector_length", "ia3", _edit(weights=lambda w: w.__setitem__(f"{K}.ia3_l", torch.rand(31, 1))),
+     BaseMismatchError, ["ia3_l", "(31, 1)", "[32, 1]"]),
+    ("ia3_inf", "ia3", _edit(weights=lambda w: w.__setitem__(f"{K}.ia3_l", torch.full((32, 1), float("inf")))),
+     InvalidAdapterError, ["Inf"]),
+    ("dora_magnitude_length", "dora", _edit(weights=lambda w: w.__setitem__(f"{Q}.lora_magnitude_vector", torch.rand(30))),
+     InvalidAdapterError, ["lora_magnitude_vector", "(32,)"]),
+    ("dora_flag_without_magnitude", "dora", _edit(weights=lambda w: w.pop(f"{Q}.lora_magnitude_vector")),
+     InvalidAdapterError, ["use_dora", "lora_magnitude_vector is missing"]),
+    ("magnitude_without_dora", "dora", _edit(config=lambda c: c.update(use_dora=False)), InvalidAdapterError,
+     ["use_dora is not set"]),
+    ("bias_length", "lora_bias", _edit(weights=lambda w: w.__setitem__(f"{Q}.base_layer.bias", torch.rand(33))),
+     InvalidAdapterError, ["base_layer.bias", "(32,)"]),
+    ("bias_all", "lora_bias", _edit(config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError,
+     ["LayerNorms", "lora_only"]),
 ]
 
 
@@ -189,6 +219,27 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
     rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
+    vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases"}
     for task, path in adapters.items():
-        rt.add_adapter(task, path)
-    check_mixed_batch(rt, base, adapters, f"onnx/{rt.engine.kernel_name}")
+        if task in vector_kinds:
+            # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.
+            with pytest.raises((NotSupportedError, UnsupportedAdapterTypeError)) as info:
+                rt.add_adapter(task, path)
+            assert ("onnx engine" in str(info.value) or "ONNX engine" in str(info.value))
+            assert vector_kinds[task] in str(info.value) and "--engine torch" in str(info.value)
+        else:
+            rt.add_adapter(task, path)
+    served = {t: p for t, p in adapters.items() if t not in vector_kinds}
+    check_mixed_batch(rt, base, served, f"onnx/{rt.engine.kernel_name}")
+
+
+def test_vector_kinds_are_not_merged(tiny_bases, tmp_path):
+    base = tiny_bases["bert"]
+    ia3 = make_peft_kind_adapter(base, str(tmp_path / "ia3"), "ia3", num_labels=2,
+                                 targets=["key", "value", "output.dense"], seed=5)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt.add_adapter("ia3", ia3)
+    with pytest.raises(NotSupportedError, match="served through slots"):
+        rt.merge("ia3")
+    got = torch.tensor([p.logits for p in rt.classify([("ia3", s) for s in SAMPLE_TEXTS[:3]])])
+    assert (got - peft_logits(base, ia3, SAMPLE_TEXTS[:3])).abs().max().item() <= TOL

@@ -18,7 +18,7 @@ LAYERS = [  # (name, module prefixes); a module belongs to the last layer whose 
     ("foundation", ["adapterserve.__init__", "adapterserve.runtime.errors", "adapterserve.runtime.config",
                     "adapterserve.runtime.families", "adapterserve.v1", "adapterserve.adapters.__init__"]),
     ("native", ["adapterserve.runtime.native"]),
-    ("data", ["adapterserve.adapters.spec", "adapterserve.adapters.peft_lora", "adapterserve.adapters.registry",
+    ("data", ["adapterserve.adapters.spec", "adapterserve.adapters.kinds", "adapterserve.adapters.peft_lora", "adapterserve.adapters.registry",
               "adapterserve.adapters.store", "adapterserve.adapters.tabular"]),
     ("engine", ["adapterserve.runtime.engine"]),
     ("core", ["adapterserve.runtime.__init__", "adapterserve.runtime.runtime", "adapterserve.runtime.types",

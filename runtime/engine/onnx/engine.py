@@ -187,6 +187,12 @@ class OnnxEngine:
     def merged_slot(self):
         return None
 
+    def refuses(self, spec) -> Optional[str]:
+        if spec.vectors:
+            return (f"{spec.kind()} adapters set per-feature vectors, which the shared ONNX graph has no inputs for; "
+                    "serve them with --engine torch")
+        return None
+
     def load_slot(self, slot, spec) -> None:
         self.pool.load_slot(slot, spec)
         if self._bf16_slots:
