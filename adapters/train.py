@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-col", required=True)
     p.add_argument("--label-names", default=None,
                    help="comma-separated names for integer labels 0..N-1 (default: the integers as strings)")
+    p.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | loha | vera | ia3")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default=None,
@@ -81,8 +84,30 @@ def _labels(examples, label_names):
     return names, ids
 
 
+# Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
+METHODS = ("lora", "dora", "lora_bias", "loha", "vera", "ia3")
+
+
+def peft_config(args: argparse.Namespace, targets: Optional[list[str]]):
+    """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules)."""
+    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig
+
+    if args.method == "ia3":
+        return IA3Config(task_type="SEQ_CLS", target_modules=targets,
+                         feedforward_modules=[t for t in targets if t.endswith(("output.dense", "lin2"))] if targets else None)
+    if args.method == "loha":
+        return LoHaConfig(task_type="SEQ_CLS", r=args.rank, alpha=args.alpha, target_modules=targets,
+                          module_dropout=args.dropout)
+    if args.method == "vera":
+        return VeraConfig(task_type="SEQ_CLS", r=args.rank, target_modules=targets, vera_dropout=args.dropout,
+                          projection_prng_key=args.seed)
+    return LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=targets, use_dora=args.method == "dora",
+                      bias="lora_only" if args.method == "lora_bias" else "none")
+
+
 def train(args: argparse.Namespace) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     if args.threads:
@@ -98,13 +123,13 @@ def train(args: argparse.Namespace) -> dict:
     family = family_for(AutoConfig.from_pretrained(base).model_type)
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else list(family.default_targets) + (
         ["pooler.dense"] if family.uses_pooler else [])
+    if args.method == "ia3" and not args.targets:
+        targets = None  # PEFT's IA3 defaults: key, value and the feed-forward output (input-scaled)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    config = LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                        target_modules=targets)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, peft_config(args, targets))
     model.train()
 
     enc = tokenizer([e.text for e in examples], [e.pair for e in examples] if args.text_pair_col else None,

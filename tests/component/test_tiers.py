@@ -116,3 +116,28 @@ def test_a_replaced_version_still_in_use_is_read_back_from_disk(tiny_bases, tmp_
     rt.registry.release(pinned)  # the last user: version 1 retires and its blobs go
     current = set(store.entry("t")["files"].values())
     assert set(os.listdir(os.path.join(store.root, "blobs"))) == current
+
+
+def test_vector_kinds_move_to_disk_and_back(tiny_bases, tmp_path):
+    """IA3 and DoRA carry per-feature vectors: evicted to disk and read back like LoRA tensors."""
+    from tiny_models import make_peft_kind_adapter
+
+    base = tiny_bases["bert"]
+    paths = {"ia3": make_peft_kind_adapter(base, str(tmp_path / "ia3"), "ia3", num_labels=2, scale=1.0,
+                                           targets=["key", "value", "output.dense"], seed=1),
+             "dora": make_peft_kind_adapter(base, str(tmp_path / "dora"), "dora", num_labels=3, r=4, scale=0.5,
+                                            targets=FAMILY_TARGETS["bert"][:4], seed=2),
+             "lora": make_peft_adapter(base, str(tmp_path / "lora"), num_labels=4, r=4, seed=3)}
+    reference = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8))
+    for t, p in paths.items():
+        reference.add_adapter(t, p)
+    disk = DirTier(paths)
+    smallest = min(reference.host_tier._cost(reference.registry.get(t)) for t in paths)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=2, r_max=8, max_host_adapter_bytes=smallest), disk=disk)
+    for t, p in paths.items():
+        rt.add_adapter(t, p)
+    assert "DISK" in {a.residency for a in rt.list_adapters()}
+    items = [(t, SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]) for i in range(12) for t in paths]
+    for g, w in zip(rt.classify(items), reference.classify(items)):
+        assert max(abs(a - b) for a, b in zip(g.logits, w.logits)) <= 1e-5
+    assert {"ia3", "dora"} & set(disk.reads), disk.reads

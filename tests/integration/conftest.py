@@ -5,7 +5,7 @@ import pytest
 
 from adapterserve.runtime.server.stubs import pb, pb_grpc
 from adapterserve.loadtest.server_proc import ServerProcess
-from tiny_models import make_peft_adapter
+from tiny_models import make_peft_adapter, make_peft_kind_adapter
 
 TOKEN = "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -24,6 +24,12 @@ def minilm_adapters(minilm_dir, tmp_path_factory):
     }
     paths = {name: make_peft_adapter(minilm_dir, str(root / name), seed=i + 10, scale=0.05, **kw)
              for i, (name, kw) in enumerate(specs.items())}
+    # Other kinds, so replace/unregister churn, crashes and uploads cover them too (adapters/kinds.py).
+    kinds = {"iota": ("ia3", dict(num_labels=3, targets=["key", "value", "output.dense"], scale=0.3)),
+             "lambda": ("loha", dict(num_labels=3, r=2, targets=T[:3], scale=0.1)),
+             "delta": ("dora", dict(num_labels=3, r=4, targets=T[:4], scale=0.05))}
+    for i, (name, (kind, kw)) in enumerate(kinds.items()):
+        paths[name] = make_peft_kind_adapter(minilm_dir, str(root / name), kind, seed=i + 30, **kw)
     return str(root), paths
 
 

@@ -1,0 +1,122 @@
+"""Adapter kinds benchmark: 32 tasks of mixed kinds vs 32 LoRA tasks, in-process, packaged MiniLM, torch
+fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing the 32 tasks.
+
+    python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--json FILE]
+
+The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
+DoRA (r 8) and LoRA with trained biases (r 8), all on q/k/v, attention output and feed-forward linears
+(IA3: key, value, output.dense). Ceiling: the same batches through the same engine path with no adapter
+(slot 0), same run. Rounds interleave the three variants. Also prints each kind's registration latency
+(parse, convert, validate, register), median over its adapters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+KINDS = ["lora", "loha", "vera", "ia3", "dora", "lora_bias"]
+
+
+def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
+    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2 + seed % 5)
+    config = {
+        "lora": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS),
+        "loha": lambda: LoHaConfig(task_type="SEQ_CLS", r=3, alpha=6, target_modules=TARGETS),
+        "vera": lambda: VeraConfig(task_type="SEQ_CLS", r=8, target_modules=TARGETS, projection_prng_key=seed),
+        "ia3": lambda: IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+                                 feedforward_modules=["output.dense"]),
+        "dora": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS, use_dora=True),
+        "lora_bias": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS, bias="lora_only"),
+    }[kind]()
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(k in name for k in ("lora_B", "hada_w1_a", "vera_lambda_b")):
+                p.normal_(0, 0.02)
+            elif "ia3_l" in name or "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import transformers
+
+    from adapterserve.loadtest.runtime_bench import sst2_dev_texts
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.runtime import Runtime
+
+    transformers.logging.set_verbosity_error()
+    base = packaged_base_model_dir()
+    texts = sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))
+    tmp = tempfile.mkdtemp()
+    sets = {"lora": [("lora", make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i)) for i in range(args.tasks)],
+            "mixed": [(KINDS[i % len(KINDS)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), KINDS[i % len(KINDS)], i))
+                      for i in range(args.tasks)]}
+    runtimes, register_ms = {}, {k: [] for k in KINDS}
+    for name, adapters in sets.items():
+        rt = Runtime(RuntimeConfig(slots=args.tasks + 1, r_max=16))
+        for i, (kind, path) in enumerate(adapters):
+            start = time.perf_counter()
+            rt.add_adapter(f"t{i}", path)
+            register_ms[kind].append((time.perf_counter() - start) * 1000)
+        runtimes[name] = rt
+    batches = [texts[i:i + 32] for i in range(0, len(texts) - 31, 32)]
+
+    def run_tasks(rt):
+        for batch in batches:
+            rt.classify([(f"t{j % args.tasks}", t) for j, t in enumerate(batch)])
+
+    def run_bare(rt):
+        for batch in batches:
+            rt.engine.encode(rt.encoder.collate(rt.encoder.encode(batch), rt.base.device), [0] * len(batch))
+
+    results = {"bare": [], "lora": [], "mixed": []}
+    with torch.inference_mode():
+        run_tasks(runtimes["lora"]), run_tasks(runtimes["mixed"]), run_bare(runtimes["lora"])  # warm
+        for _ in range(args.rounds):
+            for variant in ("bare", "lora", "mixed"):
+                rt = runtimes["lora" if variant == "bare" else variant]
+                start = time.perf_counter()
+                (run_bare if variant == "bare" else run_tasks)(rt)
+                results[variant].append(len(batches) * 32 / (time.perf_counter() - start))
+            print("  round: " + ", ".join(f"{k} {v[-1]:.0f} texts/s" for k, v in results.items()), flush=True)
+    tput = {k: statistics.median(v) for k, v in results.items()}
+    engine = runtimes["mixed"]
+    print(f"\nengine {engine.engine.name}, lora path {engine.engine.kernel_name}, token packing "
+          f"{'on' if engine.engine.packed else 'off'}; {args.tasks} tasks mixed in every batch of 32\n")
+    print("| variant | texts/s | × bare | × 32 LoRA | target |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| bare forward, same path (ceiling) | {tput['bare']:.1f} | 1.00 | | |")
+    print(f"| 32 LoRA tasks | {tput['lora']:.1f} | {tput['lora'] / tput['bare']:.2f} | 1.00 | |")
+    print(f"| 32 tasks of 6 kinds | {tput['mixed']:.1f} | {tput['mixed'] / tput['bare']:.2f} | "
+          f"{tput['mixed'] / tput['lora']:.2f} | ≥ 0.90 |")
+    print("\n| kind | registration, median ms |\n|---|---:|")
+    for kind, ms in register_ms.items():
+        print(f"| {kind} | {statistics.median(ms):.1f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"texts_per_s": results, "register_ms": register_ms}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
