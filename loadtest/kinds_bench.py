@@ -1,12 +1,13 @@
 """Adapter kinds benchmark: 32 tasks of mixed kinds vs 32 LoRA tasks, in-process, packaged MiniLM, torch
 fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing the 32 tasks.
 
-    python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--json FILE]
+    python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--engine onnx --precision int8] [--json FILE]
 
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
 DoRA (r 8) and LoRA with trained biases (r 8), all on q/k/v, attention output and feed-forward linears
 (IA3: key, value, output.dense). Ceiling: the same batches through the same engine path with no adapter
-(slot 0), same run. Rounds interleave the three variants. Also prints each kind's registration latency
+(slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
+kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
 (parse, convert, validate, register), median over its adapters.
 """
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--engine", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--precision", default="fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import transformers
@@ -68,12 +71,13 @@ def main(argv=None) -> int:
     base = packaged_base_model_dir()
     texts = sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))
     tmp = tempfile.mkdtemp()
+    kinds = KINDS if args.engine == "torch" else ["lora", "loha", "vera"]
     sets = {"lora": [("lora", make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i)) for i in range(args.tasks)],
-            "mixed": [(KINDS[i % len(KINDS)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), KINDS[i % len(KINDS)], i))
+            "mixed": [(kinds[i % len(kinds)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), kinds[i % len(kinds)], i))
                       for i in range(args.tasks)]}
-    runtimes, register_ms = {}, {k: [] for k in KINDS}
+    runtimes, register_ms = {}, {k: [] for k in kinds}
     for name, adapters in sets.items():
-        rt = Runtime(RuntimeConfig(slots=args.tasks + 1, r_max=16))
+        rt = Runtime(RuntimeConfig(slots=args.tasks + 1, r_max=16, engine=args.engine, precision=args.precision))
         for i, (kind, path) in enumerate(adapters):
             start = time.perf_counter()
             rt.add_adapter(f"t{i}", path)
@@ -101,13 +105,13 @@ def main(argv=None) -> int:
             print("  round: " + ", ".join(f"{k} {v[-1]:.0f} texts/s" for k, v in results.items()), flush=True)
     tput = {k: statistics.median(v) for k, v in results.items()}
     engine = runtimes["mixed"]
-    print(f"\nengine {engine.engine.name}, lora path {engine.engine.kernel_name}, token packing "
+    print(f"\nengine {engine.engine.name} ({engine.precision}), lora path {engine.engine.kernel_name}, token packing "
           f"{'on' if engine.engine.packed else 'off'}; {args.tasks} tasks mixed in every batch of 32\n")
     print("| variant | texts/s | × bare | × 32 LoRA | target |")
     print("|---|---:|---:|---:|---|")
     print(f"| bare forward, same path (ceiling) | {tput['bare']:.1f} | 1.00 | | |")
     print(f"| 32 LoRA tasks | {tput['lora']:.1f} | {tput['lora'] / tput['bare']:.2f} | 1.00 | |")
-    print(f"| 32 tasks of 6 kinds | {tput['mixed']:.1f} | {tput['mixed'] / tput['bare']:.2f} | "
+    print(f"| 32 tasks of {len(kinds)} kinds | {tput['mixed']:.1f} | {tput['mixed'] / tput['bare']:.2f} | "
           f"{tput['mixed'] / tput['lora']:.2f} | ≥ 0.90 |")
     print("\n| kind | registration, median ms |\n|---|---:|")
     for kind, ms in register_ms.items():

@@ -25,6 +25,9 @@ class SlotBatch:
     # A captured CUDA graph's forward (runtime/engine/cuda_graphs.py): every slot layer runs its branch at
     # `rank` over every row, whatever the slots hold now, since the graph is replayed as slots change.
     every_layer: bool = False
+    # The same as Python values, for layers that walk rows (per-feature vectors on packed rows).
+    slot_list: tuple = ()
+    bounds: tuple = ()  # offsets as ints when packed
 
     @classmethod
     def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device,
@@ -39,6 +42,8 @@ class SlotBatch:
             rank=rank,
             lengths=torch.tensor(lengths, dtype=torch.long) if lengths is not None else None,
             offsets=offsets,
+            slot_list=tuple(slots),
+            bounds=tuple(offsets.tolist()) if offsets is not None else (),
         )
 
 

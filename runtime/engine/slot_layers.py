@@ -59,6 +59,9 @@ class SlotLoRALinear(nn.Module):
         self._b_slots = list(self.lora_b.unbind(0))
         self.slots = slots
         self.vector_slots: set[int] = set()  # slots whose adapter sets vectors in this layer
+        self.in_slots: set[int] = set()  # ... an input scale
+        self.scale_slots: set[int] = set()  # ... an output scale
+        self.shift_slots: set[int] = set()  # ... an output shift
         self.in_scale: Optional[torch.Tensor] = None  # [slots, d_in] float32, made on first use
         self.out_scale: Optional[torch.Tensor] = None  # [slots, d_out]
         self.out_shift: Optional[torch.Tensor] = None  # [slots, d_out]
@@ -93,29 +96,56 @@ class SlotLoRALinear(nn.Module):
                 self.in_scale[slot].fill_(1.0)
                 self.out_scale[slot].fill_(1.0)
                 self.out_shift[slot].zero_()
-                self.vector_slots.discard(slot)
+                for which in (self.vector_slots, self.in_slots, self.scale_slots, self.shift_slots):
+                    which.discard(slot)
             return
         if self.in_scale is None:
             device = self.lora_a.device
             self.in_scale = torch.ones(self.slots, self.d_in, device=device)
             self.out_scale = torch.ones(self.slots, self.d_out, device=device)
             self.out_shift = torch.zeros(self.slots, self.d_out, device=device)
-        for buffer, value, neutral in ((self.in_scale, vectors.in_scale, 1.0), (self.out_scale, vectors.out_scale, 1.0),
-                                       (self.out_shift, vectors.out_shift, 0.0)):
+        for buffer, value, neutral, which in ((self.in_scale, vectors.in_scale, 1.0, self.in_slots),
+                                              (self.out_scale, vectors.out_scale, 1.0, self.scale_slots),
+                                              (self.out_shift, vectors.out_shift, 0.0, self.shift_slots)):
             if value is None:
                 buffer[slot].fill_(neutral)
+                which.discard(slot)
             else:
                 buffer[slot].copy_(value)
+                which.add(slot)
         self.vector_slots.add(slot)
 
-    def _per_token(self, table: torch.Tensor, batch, x: torch.Tensor) -> torch.Tensor:
-        """Each row's (or, packed, each token's) entry of a [slots, d] table, shaped to broadcast over x."""
+    def _rows(self, batch, which: set) -> list:
+        """(first token, end token, slot) of each packed row whose slot is in `which`."""
+        bounds = batch.bounds
+        return [(bounds[i], bounds[i + 1], s) for i, s in enumerate(batch.slot_list) if s in which]
+
+    def _scale_input(self, x: torch.Tensor, batch) -> torch.Tensor:
+        if batch.offsets is not None and x.dim() == 3:
+            # Packed rows: only the rows whose slot scales this input, each a contiguous run of tokens.
+            out = x.clone()
+            flat = out.view(-1, self.d_in)
+            for start, end, slot in self._rows(batch, self.in_slots):
+                flat[start:end].mul_(self.in_scale[slot].to(x.dtype))
+            return out
+        scale = self.in_scale.index_select(0, batch.slot_per_row).to(x.dtype)
+        return x * (scale if x.dim() == 2 else scale.unsqueeze(1))
+
+    def _scale_output(self, y: torch.Tensor, batch, present: frozenset) -> None:
+        """In place: y is this layer's own output."""
+        if batch.offsets is not None and y.dim() == 3:
+            flat = y.view(-1, self.d_out)
+            for start, end, slot in self._rows(batch, self.scale_slots | self.shift_slots):
+                if slot in self.scale_slots:
+                    flat[start:end].mul_(self.out_scale[slot].to(y.dtype))
+                if slot in self.shift_slots:
+                    flat[start:end].add_(self.out_shift[slot].to(y.dtype))
+            return
         idx = batch.slot_per_row
-        if x.dim() == 2:  # the pooler: [B, d]
-            return table.index_select(0, idx)
-        if batch.offsets is not None:  # packed: [1, N, d]
-            return table.index_select(0, idx.repeat_interleave(batch.offsets.diff().to(idx.device))).unsqueeze(0)
-        return table.index_select(0, idx).unsqueeze(1)  # padded: [B, T, d]
+        for table, which, op in ((self.out_scale, self.scale_slots, y.mul_), (self.out_shift, self.shift_slots, y.add_)):
+            if present & which:
+                rows = table.index_select(0, idx).to(y.dtype)
+                op(rows if y.dim() == 2 else rows.unsqueeze(1))
 
     # -- merged mode ---------------------------------------------------------------------------
     def merge_slot(self, slot: int) -> None:
@@ -159,11 +189,13 @@ class SlotLoRALinear(nn.Module):
         if (batch is None or not self.vector_slots or self.context.traced is not None
                 or not (batch.distinct_slots & self.vector_slots)):
             return self._forward(x, batch)
-        dtype = x.dtype
-        x = (x.float() * self._per_token(self.in_scale, batch, x)).to(dtype)
+        present = batch.distinct_slots & self.vector_slots
+        if present & self.in_slots:
+            x = self._scale_input(x, batch)
         y = self._forward(x, batch)
-        return torch.addcmul(self._per_token(self.out_shift, batch, y), y.float(),
-                             self._per_token(self.out_scale, batch, y)).to(y.dtype)
+        if present & (self.scale_slots | self.shift_slots):
+            self._scale_output(y, batch, present)
+        return y
 
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         y = self.base(x)
