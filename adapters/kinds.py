@@ -40,7 +40,9 @@ BaseParams = Callable[[str], tuple]
 CONFIG_FILE = "adapter_config.json"
 MAX_SCALING = 1000.0  # alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
 
-SEQUENCE_CHANGING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+SEQUENCE_CHANGING = {"PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+# Virtual tokens before each row's own (PEFT saves P-tuning's encoder already evaluated): PROMPT_KINDS.
+PROMPT_KINDS = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning"}
 NOT_YET = {
     "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
@@ -289,10 +291,22 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def kind_of(config: dict) -> Kind:
-    """The kind an adapter_config.json declares, or a message saying why it is not served."""
+def check_prompt_config(config: dict) -> None:
+    for key in ("num_transformer_submodules",):
+        if config.get(key, 1) not in (1, None):
+            raise UnsupportedAdapterTypeError(f"{CONFIG_FILE} {key}={config.get(key)!r}: only encoder-only prompts "
+                                              "(one transformer submodule) are served")
+    rank_value(config.get("num_virtual_tokens"), f"{CONFIG_FILE} num_virtual_tokens")
+
+
+def kind_of(config: dict) -> Optional[Kind]:
+    """The kind an adapter_config.json declares (None: a prompt kind, read by the caller), or a message
+    saying why it is not served."""
     peft_type = str(config.get("peft_type", "")).upper()
-    served = ", ".join(KINDS)
+    served = ", ".join([*KINDS, *PROMPT_KINDS])
+    if peft_type in PROMPT_KINDS:
+        check_prompt_config(config)
+        return None
     if not peft_type:
         raise InvalidAdapterError(f"{CONFIG_FILE} has no peft_type; expected one of {served}")
     if peft_type in SEQUENCE_CHANGING:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load as load_safetensors
 
-from adapterserve.adapters.kinds import alpha_value, kind_of
+from adapterserve.adapters.kinds import PROMPT_KINDS, alpha_value, kind_of
 from adapterserve.adapters.spec import AdapterSpec, LoraModule, VectorState
 from adapterserve.runtime.errors import (
     BaseMismatchError,
@@ -48,6 +48,7 @@ class BaseShape:
     hidden_size: int
     linear_dims: dict  # module name -> (d_in, d_out) of every slot-wrapped linear
     r_max: int
+    max_length: int = 512  # tokens a row may hold, virtual tokens included
     # module name -> (weight [d_out, d_in] float32 or None if quantized, bias [d_out] float32 or None):
     # what DoRA's norm and trained biases are computed against (adapters/kinds.py). None: not at hand.
     base_params: Optional[Callable[[str], tuple]] = field(default=None, compare=False)
@@ -257,6 +258,8 @@ def parse_adapter(
     config = _parse_config(files)
     kind = kind_of(config)
     tensors = _parse_weights(files)
+    if kind is None:
+        return _parse_prompt(files, config, tensors, base, labels, metadata)
     family = base.family
     backbone = family.backbone_prefix + "."
 
@@ -316,6 +319,47 @@ def parse_adapter(
                                       f"{kind.rank_hint(config)}")
         modules[name] = LoraModule(module=name, a=a, b=b)
 
+    return _spec(files, config, kind.peft_type, modules, vectors, head, base, labels, metadata)
+
+
+_PROMPT_PREFIX = "base_model."  # prompt-learning checkpoints keep the head one level up
+
+
+def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec:
+    peft_type = str(config["peft_type"]).upper()
+    name = PROMPT_KINDS[peft_type]
+    head_names = {n for n, _ in base.family.head_tensors}
+    head, prompt, unexpected = {}, None, []
+    for key, tensor in tensors.items():
+        if key == "prompt_embeddings":
+            prompt = tensor
+        elif key.startswith(_PROMPT_PREFIX) and key[len(_PROMPT_PREFIX):] in head_names:
+            head[key[len(_PROMPT_PREFIX):]] = tensor
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} has unexpected tensor(s) for a {base.family.name} {name} adapter: "
+                                  f"{', '.join(sorted(unexpected)[:5])}")
+    if prompt is None:
+        raise InvalidAdapterError(f"{WEIGHTS_FILE} has no prompt_embeddings; a {name} adapter saves its virtual tokens "
+                                  "there (PeftModel.save_pretrained)")
+    n = config["num_virtual_tokens"]
+    if prompt.dim() != 2 or prompt.shape[1] != base.hidden_size:
+        raise BaseMismatchError(f"prompt_embeddings has shape {tuple(prompt.shape)}; this base needs [n, "
+                                f"{base.hidden_size}] (its hidden size): trained on another base?")
+    if prompt.shape[0] != n:
+        raise InvalidAdapterError(f"prompt_embeddings holds {prompt.shape[0]} virtual tokens but {CONFIG_FILE} "
+                                  f"num_virtual_tokens says {n}")
+    if n > base.max_length - 2:
+        raise InvalidAdapterError(f"{n} virtual tokens leave no room in this base's {base.max_length} positions for "
+                                  f"a text ([CLS] and [SEP] alone take 2); retrain with at most {base.max_length - 2}")
+    return _spec(files, config, peft_type, {}, {}, head, base, labels, metadata,
+                 prompt=prompt.float().contiguous())
+
+
+def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None) -> AdapterSpec:
+    family = base.family
+    head_names = {name for name, _ in family.head_tensors}
     missing_head = [n for n in head_names if n not in head]
     if missing_head:
         raise InvalidAdapterError(
@@ -334,11 +378,13 @@ def parse_adapter(
     head = {k: v.float().contiguous() for k, v in head.items()}
 
     return AdapterSpec(
-        peft_type=kind.peft_type,
+        peft_type=peft_type,
         rank=max((m.rank for m in modules.values()), default=0),
         target_modules=sorted(set(modules) | set(vectors)),
         modules=modules,
         vectors=vectors,
+        prompt=prompt,
+        virtual_tokens=0 if prompt is None else prompt.shape[0],
         head=head,
         labels=_labels(files, num_labels, labels),
         files=dict(files),

@@ -51,6 +51,10 @@ class AdapterSpec:
     metadata: dict = field(default_factory=dict)
     size_bytes: int = 0  # bytes of the files; kept when the files leave memory (disk tier)
     vectors: dict[str, VectorState] = field(default_factory=dict)  # module name -> per-feature vectors
+    # Prompt and P-tuning: the virtual tokens' embeddings [n, hidden] float32, put before each row's
+    # tokens (PEFT's order: virtual tokens, then [CLS] ...; token type 0, attention on).
+    prompt: Optional[torch.Tensor] = None
+    virtual_tokens: int = 0  # rows of prompt; kept while the tensor itself is in the disk tier
 
     def __post_init__(self) -> None:
         if not self.size_bytes:
@@ -70,4 +74,5 @@ class AdapterSpec:
     def tensor_bytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)] + list(self.head.values())
         tensors += [t for v in self.vectors.values() for t in v.tensors()]
+        tensors += [self.prompt] if self.prompt is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -61,6 +61,7 @@ class HostTier:
             raise RuntimeError(f"disk holds version {spec.version[:12]} of task {entry.task}, not {entry.version[:12]}")
         entry.spec.modules = spec.modules  # the tensors; the file bytes stay on disk
         entry.spec.vectors = spec.vectors
+        entry.spec.prompt = spec.prompt
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -86,5 +87,6 @@ class HostTier:
             del self._lru[key]
             entry.spec.modules = {}
             entry.spec.vectors = {}
+            entry.spec.prompt = None
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

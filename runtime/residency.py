@@ -83,10 +83,10 @@ class Residency:
                 "and be restored exactly; serve it through slots instead"
             )
         entry = self.registry.acquire(task)
-        if entry.spec.vectors:
+        if entry.spec.vectors or entry.spec.prompt is not None:
             self.registry.release(entry)
-            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors are not "
-                                    "folded into the base weights; it is served through slots")
+            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors or "
+                                    "virtual tokens are not folded into the base weights; it is served through slots")
         with self._device_lock:
             self._wait_for_forwards()
             if self.merged_task is not None:

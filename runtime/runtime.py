@@ -64,7 +64,9 @@ class Runtime:
         torch.manual_seed(self.config.seed)
         self.base = load_base_model(replace(self.config, precision=base_precision(self.config)))
         self.engine = build_engine(self.config, self.base)
-        self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length)
+        words = getattr(self.base.backbone.embeddings, "word_embeddings", None)
+        self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length,
+                                   virtual_base=getattr(words, "num_embeddings", None))
         self.forward_overhead_tokens = self.config.forward_overhead_tokens
         if self.forward_overhead_tokens is None:
             self.forward_overhead_tokens = GPU_OVERHEAD_TOKENS if self.base.device.type == "cuda" else CPU_OVERHEAD_TOKENS
@@ -213,7 +215,9 @@ class Runtime:
         has_pairs = pairs is not None and any(p is not None for p in pairs)
         if has_pairs and any(p is None for p in pairs):
             raise InvalidInputError("either every text has a text_pair or none does")
-        encoded = self.encoder.encode(texts, list(pairs) if has_pairs else None, truncate)
+        virtual = [e.spec.virtual_tokens for e in entries]
+        encoded = self.encoder.encode(texts, list(pairs) if has_pairs else None, truncate,
+                                      virtual if any(virtual) else None)
         return [Row(e, enc) for e, enc in zip(entries, encoded)]
 
     def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:

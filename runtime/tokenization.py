@@ -26,9 +26,12 @@ class Encoded:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, virtual_base: Optional[int] = None) -> None:
+        """virtual_base: the first id past the word embedding's rows; a prompt task's n virtual tokens are
+        ids virtual_base .. virtual_base + n - 1 before its own (runtime/engine/slot_prompts.py)."""
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.virtual_base = virtual_base
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
         # The Rust tokenizer itself, as a private copy with truncation and padding off (the HF wrapper
@@ -42,18 +45,43 @@ class TextEncoder:
             self.backend.no_padding()
 
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
-               truncate: bool = True) -> list[Encoded]:
+               truncate: bool = True, virtual: Optional[Sequence[int]] = None) -> list[Encoded]:
+        """virtual: per text, the virtual tokens its task puts first (prompt tuning): they count against
+        max_length, and truncation leaves room for them."""
+        if virtual is not None and any(virtual):
+            return self._encode_with_virtual(texts, pairs, truncate, virtual)
+        return self._encode(texts, pairs, truncate, self.max_length)
+
+    def _encode_with_virtual(self, texts, pairs, truncate: bool, virtual: Sequence[int]) -> list[Encoded]:
+        out: list = [None] * len(texts)
+        for n in sorted(set(virtual)):
+            idx = [i for i, v in enumerate(virtual) if v == n]
+            limit = self.max_length - n
+            try:
+                encoded = self._encode([texts[i] for i in idx], [pairs[i] for i in idx] if pairs is not None else None,
+                                       truncate, limit)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{e} (this task puts {n} virtual tokens first, so a text may take "
+                                        f"{limit} of the model's {self.max_length} positions)") from None
+            prefix = list(range(self.virtual_base, self.virtual_base + n)) if n else []
+            for i, enc in zip(idx, encoded):
+                types = [0] * n + enc.token_type_ids if enc.token_type_ids is not None else None
+                out[i] = Encoded(prefix + enc.input_ids, types, enc.truncated) if n else enc
+        return out
+
+    def _encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]], truncate: bool,
+                max_length: int) -> list[Encoded]:
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInputError(f"text_pairs has {len(pairs)} entries but texts has {len(texts)}; send none or one per text")
         # verbose=False: no "longer than max length" warning; lengths are checked right here.
         kwargs = dict(padding=False, return_attention_mask=False, return_token_type_ids=self.uses_token_types,
                       verbose=False)
         full = self._encode_full(texts, pairs, kwargs)
-        too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > self.max_length]
+        too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
         if too_long and not truncate:
             i = too_long[0]
             raise InvalidInputError(
-                f"text {i} is {len(full['input_ids'][i])} tokens long, above the model's maximum of {self.max_length}; "
+                f"text {i} is {len(full['input_ids'][i])} tokens long, above the model's maximum of {max_length}; "
                 "shorten it or set truncate=true"
             )
         out = [
@@ -63,7 +91,7 @@ class TextEncoder:
         if too_long:
             cut = self.tokenizer(
                 [texts[i] for i in too_long], [pairs[i] for i in too_long] if pairs is not None else None,
-                truncation=True, max_length=self.max_length, **kwargs,
+                truncation=True, max_length=max_length, **kwargs,
             )
             for j, i in enumerate(too_long):
                 out[i] = Encoded(cut["input_ids"][j], cut["token_type_ids"][j] if self.uses_token_types else None, True)

@@ -135,11 +135,12 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
-    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias") with random
+    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias", "prompt",
+    "p_tuning"; r is the virtual token count of the last two) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
-    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig, get_peft_model
+    from peft import IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
@@ -153,6 +154,13 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
     elif kind == "ia3":
         feedforward = [t for t in targets if t in FEEDFORWARD[family]]
         config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward)
+    elif kind in ("prompt", "p_tuning"):
+        # DistilBERT's config names its sizes differently: PEFT needs them spelled out.
+        dims = {} if family != "distilbert" else dict(token_dim=model.config.dim, num_transformer_submodules=1,
+                                                       num_attention_heads=model.config.n_heads,
+                                                       num_layers=model.config.n_layers)
+        config = (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims) if kind == "prompt" else
+                  PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=r, encoder_hidden_size=16, **dims))
     elif kind in ("dora", "lora_bias"):
         config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets,
                             use_dora=kind == "dora", bias="lora_only" if kind == "lora_bias" else "none")
@@ -164,7 +172,7 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
             if "lora_magnitude_vector" in name or "ia3_l" in name:
                 p.mul_(1 + torch.randn_like(p) * scale)
             elif any(k in name for k in ("hada_", "vera_lambda", "modules_to_save", "lora_A", "lora_B",
-                                         "base_layer.bias")):
+                                         "base_layer.bias", "prompt_encoder")):
                 p.copy_(torch.randn_like(p) * scale)
         for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers
             if "vera_A" in name or "vera_B" in name:

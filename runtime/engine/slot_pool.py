@@ -13,6 +13,7 @@ from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotContext
 from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
+from adapterserve.runtime.engine.slot_prompts import SlotPromptEmbedding
 
 
 def _matches(name: str, suffixes: Optional[list[str]]) -> bool:
@@ -36,6 +37,7 @@ class SlotPool:
             parent = base.backbone.get_submodule(parent_name) if parent_name else base.backbone
             setattr(parent, child, wrapped)
             self.layers[name] = wrapped
+        self.prompts: Optional[SlotPromptEmbedding] = None  # made when the first prompt adapter loads
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")
         self.shape = BaseShape(
@@ -43,6 +45,7 @@ class SlotPool:
             hidden_size=base.hidden_size,
             linear_dims={n: (l.d_in, l.d_out) for n, l in self.layers.items()},
             r_max=r_max,
+            max_length=base.max_length,
             base_params=self.base_params,
         )
 
@@ -65,6 +68,8 @@ class SlotPool:
         src: list = []
         zero: list = []
         dtype = self.base.dtype
+        if spec.prompt is not None or self.prompts is not None:
+            self._prompt_embedding().write(slot, spec.prompt)
         for name, layer in self.layers.items():
             layer.write_vectors(slot, spec.vectors.get(name))
             module = spec.modules.get(name)
@@ -85,6 +90,13 @@ class SlotPool:
                 for d, s in zip(dst, src):
                     d.copy_(s)
         self.slot_ranks[slot] = spec.rank
+
+    def _prompt_embedding(self) -> SlotPromptEmbedding:
+        if self.prompts is None:
+            embeddings = self.base.backbone.embeddings
+            self.prompts = SlotPromptEmbedding(embeddings.word_embeddings, self.slots, self.context)
+            embeddings.word_embeddings = self.prompts
+        return self.prompts
 
     def clear_slot(self, slot: int) -> None:
         """The slot was freed. No batch reads a free slot and the next load overwrites it completely

@@ -80,6 +80,9 @@ class TorchEngine:
 
     # -- slots (the pool's) -----------------------------------------------------------------------
     def refuses(self, spec: AdapterSpec) -> Optional[str]:
+        if spec.prompt is not None and self.graphs is not None:
+            return (f"{spec.kind()} adapters put virtual tokens before each row's own, which the torch engine's CUDA "
+                    "graphs do not capture; serve them with --cuda-graphs off")
         if spec.vectors and self.graphs is not None:
             return (f"{spec.kind()} adapters set per-feature vectors, which the torch engine's CUDA graphs do not "
                     "capture; serve them with --cuda-graphs off")

@@ -1,5 +1,5 @@
 """Adapter kinds beside LoRA (adapters/kinds.py): LoHa and VeRA (converted exactly to slot LoRA), IA3,
-DoRA and LoRA with trained biases (per-feature slot vectors), mixed in one batch with LoRA tasks and
+DoRA and LoRA with trained biases (per-feature slot vectors), prompt and P-tuning (virtual tokens), mixed in one batch with LoRA tasks and
 with each other, equal PEFT's own model on each adapter alone (max |Δlogit| <= 1e-4 in fp32) on tiny
 BERT, DistilBERT and RoBERTa and on the packaged MiniLM, on both CPU LoRA paths, token-packed and
 padded; bad files are refused with their message while serving goes on; an engine that cannot serve a
@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from adapterserve.runtime.config import RuntimeConfig
 from adapterserve.runtime.engine.reference import reference_logits
-from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError, NotSupportedError,
-                                         UnsupportedAdapterTypeError)
+from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError, InvalidInputError,
+                                         NotSupportedError, UnsupportedAdapterTypeError)
 from adapterserve.runtime.runtime import Runtime
+from adapterserve.runtime.types import ClassifyItem
 from tiny_models import (FAMILY_TARGETS, FEEDFORWARD, SAMPLE_TEXTS, make_peft_adapter, make_peft_kind_adapter,
                          peft_logits)
 
@@ -45,6 +46,9 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         "ia3": ("ia3", dict(num_labels=3, targets=[t[1], t[2]] + FEEDFORWARD[family], scale=vector_scale)),
         "dora": ("dora", dict(num_labels=2, r=4, alpha=8, targets=t[:4], scale=vector_scale / 2)),
         "lora_bias": ("lora_bias", dict(num_labels=5, r=2, alpha=4, targets=t[2:5], scale=vector_scale / 2)),
+        # r = virtual tokens; each row of a batch then has its own length
+        "prompt": ("prompt", dict(num_labels=3, r=5, scale=1.0)),
+        "p_tuning": ("p_tuning", dict(num_labels=2, r=3)),
     }
 
 
@@ -79,8 +83,9 @@ def check_mixed_batch(rt, base, adapters, label):
         worst = max(worst, (got - want).abs().max().item())
         spec = rt.load_spec(path)
         # The adapter's modules matter: without them the same head answers differently.
-        bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}), texts)
-        assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
+        if spec.prompt is None:  # a prompt has no base-weight change to take away: PEFT is its check
+            bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}), texts)
+            assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
     assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
 
 
@@ -92,7 +97,7 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
         rt.add_adapter(task, path)
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {
         "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
-        "dora": "LORA", "lora_bias": "LORA"}
+        "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
 
@@ -134,10 +139,11 @@ def bad_setup(tiny_bases, tmp_path_factory):
     dora = make_peft_kind_adapter(base, str(root / "dora"), "dora", num_labels=3, r=2, targets=["query"], seed=6)
     lora_bias = make_peft_kind_adapter(base, str(root / "lora_bias"), "lora_bias", num_labels=3, r=2,
                                        targets=["query"], seed=7)
+    prompt = make_peft_kind_adapter(base, str(root / "prompt"), "prompt", num_labels=3, r=4, seed=8)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
-    return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias}, root, before
+    return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -189,6 +195,17 @@ BAD = [
      ["use_dora is not set"]),
     ("bias_length", "lora_bias", _edit(weights=lambda w: w.__setitem__(f"{Q}.base_layer.bias", torch.rand(33))),
      InvalidAdapterError, ["base_layer.bias", "(32,)"]),
+    ("prompt_hidden_size", "prompt", _edit(weights=lambda w: w.__setitem__("prompt_embeddings", torch.randn(4, 31))),
+     BaseMismatchError, ["prompt_embeddings", "[n, 32]"]),
+    ("prompt_count", "prompt", _edit(config=lambda c: c.update(num_virtual_tokens=6)), InvalidAdapterError,
+     ["holds 4 virtual tokens", "says 6"]),
+    ("prompt_too_long", "prompt", _edit(config=lambda c: c.update(num_virtual_tokens=127),
+                                        weights=lambda w: w.__setitem__("prompt_embeddings", torch.randn(127, 32))),
+     InvalidAdapterError, ["127 virtual tokens", "128 positions"]),
+    ("prompt_missing", "prompt", _edit(weights=lambda w: w.pop("prompt_embeddings")), InvalidAdapterError,
+     ["no prompt_embeddings"]),
+    ("prefix_tuning_kind", "prompt", _edit(config=lambda c: c.update(peft_type="PREFIX_TUNING")),
+     UnsupportedAdapterTypeError, ["PREFIX_TUNING", "not served yet"]),
     ("bias_all", "lora_bias", _edit(config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError,
      ["LayerNorms", "lora_only"]),
 ]
@@ -219,7 +236,8 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
     rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
-    vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases"}
+    vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases", "prompt": "PROMPT_TUNING",
+                    "p_tuning": "P_TUNING"}
     for task, path in adapters.items():
         if task in vector_kinds:
             # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.
@@ -231,6 +249,23 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
             rt.add_adapter(task, path)
     served = {t: p for t, p in adapters.items() if t not in vector_kinds}
     check_mixed_batch(rt, base, served, f"onnx/{rt.engine.kernel_name}")
+
+
+def test_virtual_tokens_count_against_the_model_maximum(tiny_bases, tmp_path):
+    base = tiny_bases["bert"]
+    prompt = make_peft_kind_adapter(base, str(tmp_path / "prompt"), "prompt", num_labels=2, r=20, seed=8)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt.add_adapter("p", prompt)
+    long_text = "word " * 120  # fits the tiny base's 128 positions alone, not after 20 virtual tokens
+    with pytest.raises(InvalidInputError, match="20 virtual tokens first"):
+        rt.classify([("p", long_text)], truncate=False)
+    (pred,) = rt.classify([("p", long_text)], truncate=True)
+    assert pred.truncated and pred.input_tokens == 128
+    # Text pairs: the virtual tokens take token type 0, as PEFT prepends them.
+    pairs = [SAMPLE_TEXTS[i + 1] for i in range(4)]
+    got = torch.tensor([p.logits for p in rt.classify(
+        [ClassifyItem("p", t, q) for t, q in zip(SAMPLE_TEXTS[:4], pairs)])])
+    assert (got - peft_logits(base, prompt, SAMPLE_TEXTS[:4], pairs)).abs().max().item() <= TOL
 
 
 def test_vector_kinds_are_not_merged(tiny_bases, tmp_path):

@@ -188,6 +188,9 @@ class OnnxEngine:
         return None
 
     def refuses(self, spec) -> Optional[str]:
+        if spec.prompt is not None:
+            return (f"{spec.kind()} adapters put virtual tokens before each row's own, which the shared ONNX graph has "
+                    "no input for; serve them with --engine torch")
         if spec.vectors:
             return (f"{spec.kind()} adapters set per-feature vectors, which the shared ONNX graph has no inputs for; "
                     "serve them with --engine torch")
