@@ -100,3 +100,30 @@ def test_bf16_on_cpu_matches_peft_on_the_same_bf16_base(minilm_dir, adapter):
     full = torch.tensor([p.logits for p in fp.classify([("t", t) for t in SAMPLE_TEXTS])])
     # The bf16 matmuls are really in effect (fp32 weights would match to ~1e-6), and close to fp32.
     assert 1e-5 < (got - full).abs().max().item() <= 2e-3
+
+
+# Each kind on a quantized base against PEFT on the same quantized base (PEFT serves LoHa on plain
+# linears only, so LoHa's conversion is checked on fp32 bases: tests/component/test_adapter_kinds.py).
+# Updates stay small, as for LoRA above: LLM.int8 picks outlier columns by activation value, so a large
+# update computed in another order (VeRA folded into A, B) can flip a column near the threshold.
+QUANTIZED_KINDS = {"ia3": dict(num_labels=3, targets=["key", "value", "output.dense"], scale=0.3),
+                   "vera": dict(num_labels=2, r=8, targets=T[:4], scale=0.05),
+                   "lora_bias": dict(num_labels=4, r=4, targets=T[:3], scale=0.05),
+                   "prompt": dict(num_labels=2, r=6, scale=0.5)}
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_adapter_kinds_on_quantized_bases_match_peft(minilm_dir, tmp_path, precision):
+    from adapterserve.runtime.errors import UnsupportedAdapterTypeError
+    from tiny_models import make_peft_kind_adapter
+
+    rt = Runtime(RuntimeConfig(precision=precision, slots=8, r_max=8))
+    for i, (kind, kw) in enumerate(QUANTIZED_KINDS.items()):
+        path = make_peft_kind_adapter(minilm_dir, str(tmp_path / kind), kind, seed=40 + i, **kw)
+        rt.add_adapter(kind, path)
+        got = torch.tensor([rt.classify([(kind, t)])[0].logits for t in SAMPLE_TEXTS])
+        want = peft_quantized_logits(minilm_dir, path, precision, kw["num_labels"])
+        assert (got - want).abs().max().item() <= 1e-3, kind
+    dora = make_peft_kind_adapter(minilm_dir, str(tmp_path / "dora"), "dora", num_labels=2, r=4, targets=T[:2], seed=50)
+    with pytest.raises(UnsupportedAdapterTypeError, match="quantized base"):
+        rt.add_adapter("dora", dora)
