@@ -12,7 +12,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import DeadlineExceededError, InvalidInputError, UnavailableError, UnknownTaskError
@@ -171,3 +171,34 @@ class ClassifyService:
         return Classified(task=task, adapter_version=entry.version, labels=list(entry.spec.labels), rows=rows,
                           queue_ns=work.queue_ns, tokenize_ns=tokenize_ns, inference_ns=work.inference_ns,
                           total_ns=total)
+
+
+async def answer_in_order(requests: AsyncIterator, handle: Callable[[object], Awaitable], limit: int) -> AsyncIterator:
+    """A stream's requests handled concurrently (they batch together) and answered in request order; at
+    most `limit` at once, so the client's writes wait (gRPC flow control) rather than pile up here."""
+    pending: asyncio.Queue = asyncio.Queue()
+    slots = asyncio.Semaphore(limit)
+
+    async def reader():
+        async for request in requests:
+            await slots.acquire()
+            pending.put_nowait(asyncio.ensure_future(handle(request)))
+        pending.put_nowait(None)
+
+    reader_task = asyncio.ensure_future(reader())
+    try:
+        while True:
+            fut = await pending.get()
+            if fut is None:
+                break
+            try:
+                response = await fut
+            finally:
+                slots.release()
+            yield response
+    finally:
+        reader_task.cancel()
+        while not pending.empty():
+            fut = pending.get_nowait()
+            if fut is not None:
+                fut.cancel()

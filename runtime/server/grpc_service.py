@@ -18,7 +18,7 @@ from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.server.auth import token_problem
-from adapterserve.runtime.server.classify import ClassifyService
+from adapterserve.runtime.server.classify import ClassifyService, answer_in_order
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import (AdapterServeError, ConfigError, DeadlineExceededError, InvalidInputError,
                                          PermissionDeniedError, QuarantinedTaskError, ResourceExhaustedError,
@@ -205,34 +205,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return await self._classify(request, context)
 
     async def ClassifyStream(self, request_iterator, context):
-        # Requests are processed concurrently (they batch together) and answered in order; at most
-        # --max-stream-inflight at a time, so the client's writes wait rather than pile up here.
-        pending: asyncio.Queue = asyncio.Queue()
-        slots = asyncio.Semaphore(self.config.max_stream_inflight)
-
-        async def reader():
-            async for request in request_iterator:
-                await slots.acquire()
-                pending.put_nowait(asyncio.ensure_future(self._classify(request, context, stream=True)))
-            pending.put_nowait(None)
-
-        reader_task = asyncio.ensure_future(reader())
-        try:
-            while True:
-                fut = await pending.get()
-                if fut is None:
-                    break
-                try:
-                    response = await fut
-                finally:
-                    slots.release()
-                yield response
-        finally:
-            reader_task.cancel()
-            while not pending.empty():
-                fut = pending.get_nowait()
-                if fut is not None:
-                    fut.cancel()
+        async for response in answer_in_order(request_iterator, lambda r: self._classify(r, context, stream=True),
+                                              self.config.max_stream_inflight):
+            yield response
 
     async def GetInfo(self, request, context):
         self.service.check_ready()

@@ -10,7 +10,6 @@ cannot import both (protobuf refuses duplicate symbols), which is why only this 
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Optional
 
@@ -18,7 +17,7 @@ from adapterserve.runtime.errors import (AdapterServeError, InvalidInputError, U
                                          UnavailableError)
 from adapterserve.runtime.server import oip, oip_repository
 from adapterserve.runtime.server.auth import token_problem
-from adapterserve.runtime.server.classify import ClassifyService, TaskStatistics, check_version
+from adapterserve.runtime.server.classify import ClassifyService, TaskStatistics, answer_in_order, check_version
 from adapterserve.runtime.server.grpc_service import AdapterService
 from adapterserve.v1 import inference_pb2 as ip
 from adapterserve.v1 import inference_pb2_grpc as ip_grpc
@@ -159,34 +158,14 @@ class InferenceServicer(ip_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, context)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        pending: asyncio.Queue = asyncio.Queue()
-        slots = asyncio.Semaphore(self.classify.config.max_stream_inflight)
+        async def answer(request):
+            try:
+                return ip.ModelStreamInferResponse(infer_response=await self._infer(request, context, stream=True))
+            except AdapterServeError as e:  # answered in the stream; the stream goes on
+                return ip.ModelStreamInferResponse(error_message=str(e))
 
-        async def reader():
-            async for request in request_iterator:
-                await slots.acquire()
-                pending.put_nowait(asyncio.ensure_future(self._infer(request, context, stream=True)))
-            pending.put_nowait(None)
-
-        reader_task = asyncio.ensure_future(reader())
-        try:
-            while True:
-                fut = await pending.get()
-                if fut is None:
-                    break
-                try:
-                    response = ip.ModelStreamInferResponse(infer_response=await fut)
-                except AdapterServeError as e:
-                    response = ip.ModelStreamInferResponse(error_message=str(e))
-                finally:
-                    slots.release()
-                yield response
-        finally:
-            reader_task.cancel()
-            while not pending.empty():
-                fut = pending.get_nowait()
-                if fut is not None:
-                    fut.cancel()
+        async for response in answer_in_order(request_iterator, answer, self.classify.config.max_stream_inflight):
+            yield response
 
     def _authorize_admin(self, context) -> None:
         if self.adapters is None:
