@@ -2,7 +2,7 @@
 
     adapterserve serve [flags]                  the gRPC server (every flag: adapterserve serve --help)
     adapterserve classify TASK TEXT...          a client call; also register, unregister, list, info
-    adapterserve train | evaluate | export | loadtest ...   the tools (each has --help)
+    adapterserve train | evaluate | export | loadtest | bench ...   the tools (each has --help)
     adapterserve build-kernels                  compile the native kernels into the kernel cache
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ _TOOLS = {
     "evaluate": ("adapterserve.adapters.evaluate", "accuracy, F1 and more of an adapter on labelled data"),
     "export": ("adapterserve.exporters.__main__", "ONNX export: one task merged, or the shared-base graph"),
     "loadtest": ("adapterserve.loadtest.__main__", "load a server, compare runs, run the benchmark matrix"),
+    "bench": ("adapterserve.loadtest.host_bench", "bench host: the per-batch host work, forward replaced by recorded features"),
 }
 
 

@@ -22,14 +22,14 @@ def linear_shapes(base_dir: str) -> tuple[int, int, int]:
     return cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
 
 
-def synthetic_adapter(base_dir: str, seed: int) -> dict[str, bytes]:
-    """BERT-family base (the packaged MiniLM). Returns the files of one adapter."""
+def synthetic_adapter(base_dir: str, seed: int, labels: int = 0) -> dict[str, bytes]:
+    """BERT-family base (the packaged MiniLM). Returns the files of one adapter; labels 0 = 2..6 at random."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hidden, inter, layers = linear_shapes(base_dir)
     r = rng.choice([4, 8, 16])
     targets = rng.choice(TARGET_SETS)
-    labels = rng.randint(2, 6)
+    labels = labels or rng.randint(2, 6)
     dims = {"attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
             "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
             "intermediate.dense": (hidden, inter), "output.dense": (inter, hidden)}
