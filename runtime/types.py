@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from adapterserve.adapters.registry import AdapterEntry
 from adapterserve.runtime.errors import InvalidInputError
 from adapterserve.runtime.tokenization import Encoded
@@ -24,18 +26,49 @@ class LabelScore:
     score: float
 
 
-@dataclass
 class Prediction:
-    task: str
-    adapter_version: str
-    scores: list[LabelScore]  # sorted by score, highest first
-    logits: list[float]  # in label-index order
-    input_tokens: int
-    truncated: bool
+    """One row's answer, over the batch's arrays: the label objects are built only when read, and
+    top(k) builds only k of them (a 50-label head costs nothing per row until someone asks)."""
+
+    __slots__ = ("task", "adapter_version", "input_tokens", "truncated", "_labels", "_probs", "_order", "_logits",
+                 "_scores")
+
+    def __init__(self, task: str, adapter_version: str, labels: list[str], probs: np.ndarray, order: np.ndarray,
+                 logits: np.ndarray, input_tokens: int, truncated: bool) -> None:
+        """probs: [>= n] (label order), order: [n] label indices most probable first, logits: [n]."""
+        self.task, self.adapter_version = task, adapter_version
+        self.input_tokens, self.truncated = input_tokens, truncated
+        self._labels, self._probs, self._order, self._logits = labels, probs, order, logits
+        self._scores: Optional[list[LabelScore]] = None
+
+    def top(self, k: Optional[int] = None) -> list[LabelScore]:
+        """The k most probable labels, highest first (None or 0: all)."""
+        if self._scores is not None:
+            return self._scores[:k or None]
+        order = self._order[:k] if k else self._order
+        probs = self._probs
+        return [LabelScore(self._labels[i], i, float(probs[i])) for i in order.tolist()]
+
+    @property
+    def scores(self) -> list[LabelScore]:  # sorted by score, highest first
+        if self._scores is None:
+            self._scores = self.top()
+        return self._scores
+
+    @property
+    def logits(self) -> list[float]:  # in label-index order
+        return self._logits.tolist()
+
+    def probabilities(self) -> np.ndarray:
+        """[n] float32 in label-index order."""
+        return self._probs[:len(self._logits)]
+
+    def logit_array(self) -> np.ndarray:
+        return self._logits
 
     @property
     def label(self) -> str:
-        return self.scores[0].label
+        return self._labels[int(self._order[0])]
 
 
 @dataclass

@@ -190,7 +190,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         top_k = request.top_k or None
         predictions = [
             pb.Prediction(
-                scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.scores[:top_k]],
+                scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.top(top_k)],
                 input_tokens=r.prediction.input_tokens, truncated=r.prediction.truncated)
             for r in result.rows
         ]

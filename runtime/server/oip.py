@@ -175,20 +175,17 @@ def output_tensors(call: InferCall, result: Classified) -> list[OutputTensor]:
     for requested in call.outputs:
         if requested.name == LABEL:
             k = max(1, min(call.top_k or 1, c))
-            data = [s.label.encode() for r in result.rows for s in r.prediction.scores[:k]]
+            data = [s.label.encode() for r in result.rows for s in r.prediction.top(k)]
             out.append(OutputTensor(LABEL, BYTES, [n] if k == 1 else [n, k], data, requested))
         elif requested.name == SCORES and requested.classification:
             k = min(requested.classification, c)
-            data = [f"{s.score:f}:{s.index}:{s.label}".encode() for r in result.rows for s in r.prediction.scores[:k]]
+            data = [f"{s.score:f}:{s.index}:{s.label}".encode() for r in result.rows for s in r.prediction.top(k)]
             out.append(OutputTensor(SCORES, BYTES, [n, k], data, requested))
         elif requested.name == SCORES:
-            scores = np.zeros((n, c), dtype=np.float32)
-            for i, r in enumerate(result.rows):
-                for s in r.prediction.scores:
-                    scores[i, s.index] = s.score
+            scores = np.stack([r.prediction.probabilities() for r in result.rows]).astype(np.float32, copy=False)
             out.append(OutputTensor(SCORES, FP32, [n, c], scores, requested))
         else:
-            logits = np.asarray([r.prediction.logits for r in result.rows], dtype=np.float32).reshape(n, c)
+            logits = np.stack([r.prediction.logit_array() for r in result.rows]).astype(np.float32, copy=False)
             out.append(OutputTensor(LOGITS, FP32, [n, c], logits, requested))
     return out
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from adapterserve.runtime.errors import InvalidInputError, UnknownTaskError
 from adapterserve.runtime.server import oip
 from adapterserve.runtime.server.classify import Classified, check_version
-from adapterserve.runtime.types import LabelScore, Prediction, Row
+from adapterserve.runtime.types import Prediction, Row
 
 
 def wire(elements):
@@ -81,10 +81,10 @@ def test_output_tensors_in_label_order():
     logits = [[0.0, 2.0, 1.0], [3.0, 0.5, 0.0]]
     rows = []
     for lg in logits:
+        lg = np.asarray(lg, dtype=np.float32)
         p = np.exp(lg) / np.exp(lg).sum()
         order = np.argsort(-p)
-        scores = [LabelScore(labels[i], int(i), float(p[i])) for i in order]
-        rows.append(Row(entry=None, encoded=None, prediction=Prediction("t", "v", scores, lg, 3, False)))
+        rows.append(Row(entry=None, encoded=None, prediction=Prediction("t", "v", labels, p, order, lg, 3, False)))
     result = Classified("t", "v", labels, rows, 0, 0, 0, 0)
     call = oip.InferCall("t", "", "", ["x", "y"], None, top_k=2, truncate=False, timeout_s=None,
                          outputs=oip.check_outputs([oip.RequestedOutput("LABEL"), oip.RequestedOutput("SCORES"),
