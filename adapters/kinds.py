@@ -10,6 +10,8 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   DoRA (use_dora): y = g ⊙ (Wx + sBAx) + b with g = m / ‖W + sBA‖ per output, computed here from the
   base weight: out_scale g, out_shift (1 − g) ⊙ b. bias='lora_only': the saved bias replaces the
   base's in the targeted linears: out_shift = saved − base.
+- ADALORA: ΔW = B (A ⊙ E) · α / (init_r + 1e-5), PEFT's SVD form with the pruned ranks already cut
+  from the saved tensors: A ⊙ E is the slot's A, rank = the ranks kept.
 - IA3: a vector l per module; feed-forward modules (saved as [1, d_in]) scale the input, the others
   (saved as [d_out, 1]) scale the output, bias included.
 - LOHA: ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r. The Hadamard product of two rank-r products is one
@@ -46,7 +48,6 @@ PROMPT_KINDS = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning"}
 NOT_YET = {
     "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
-    "ADALORA": "AdaLoRA's pruned ranks are stored in rank_pattern masks",
     "LOKR": "LoKr's Kronecker factors convert to LoRA only at a rank far above r_max",
 }
 
@@ -179,6 +180,34 @@ def _lora_pair(name, parts, config, dims, peft_key):
     return a.float().t().contiguous(), (b.float() * scaling).t().contiguous()
 
 
+# ---- AdaLoRA ------------------------------------------------------------------------------------------
+
+def _adalora_config(config: dict) -> None:
+    rank_value(config.get("init_r", 12), f"{CONFIG_FILE} init_r")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise InvalidAdapterError(f"{CONFIG_FILE} lora_alpha must be a finite number >= 0; got {alpha!r}")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapterTypeError(f"AdaLoRA bias={config.get('bias')!r} is not served; retrain with bias='none'")
+
+
+def _adalora_convert(name, parts, config, shared, dims, peft_key, base_params):
+    d_in, d_out = dims
+    a, e, b = parts["lora_A"], parts["lora_E"], parts["lora_B"]
+    if a.dim() != 2 or e.dim() != 2 or b.dim() != 2 or e.shape[1] != 1 or not a.shape[0] == e.shape[0] == b.shape[1]:
+        raise InvalidAdapterError(f"module {name}: AdaLoRA lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)} and lora_B "
+                                  f"{tuple(b.shape)} do not form a rank-r triple ([r, in], [r, 1], [out, r])")
+    if a.shape[1] != d_in or b.shape[0] != d_out:
+        raise BaseMismatchError(f"module {name}: AdaLoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the "
+                                f"base linear ({d_in} -> {d_out}); trained on another base?")
+    init_r = config.get("init_r", 12)
+    alpha = config.get("lora_alpha", 8)
+    # PEFT: scaling = lora_alpha (or r when it is 0), divided by ranknum + 1e-5, ranknum = init_r always.
+    scaling = (alpha if alpha > 0 else float(init_r)) / (float(init_r) + 1e-5)
+    _check_scaling(name, float(alpha), init_r, scaling)
+    return ((a.float() * e.float()).t().contiguous(), (b.float() * scaling).t().contiguous()), None
+
+
 # ---- IA3 ----------------------------------------------------------------------------------------------
 
 def _ia3_config(config: dict) -> None:
@@ -280,6 +309,9 @@ KINDS: dict[str, Kind] = {
                  frozenset({"lora_A", "lora_B"}), (), _lora_config, _lora_convert,
                  lambda config: "retrain with a smaller r or start the server with a larger --r-max",
                  optional_parts=frozenset({"lora_magnitude_vector", "base_layer.bias"})),
+    "ADALORA": Kind("ADALORA", "AdaLoRA", re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ABE])$"),
+                    frozenset({"lora_A", "lora_B", "lora_E"}), (), _adalora_config, _adalora_convert,
+                    lambda config: "retrain with a smaller init_r/target_r or start the server with a larger --r-max"),
     "IA3": Kind("IA3", "IA3", re.compile(r"^(?P<module>.+)\.(?P<part>ia3_l)$"), frozenset({"ia3_l"}), (),
                 _ia3_config, _ia3_convert, lambda config: ""),
     "LOHA": Kind("LOHA", "LoHa", re.compile(r"^(?P<module>.+)\.(?P<part>hada_w[12]_[ab])$"),

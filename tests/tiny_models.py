@@ -135,12 +135,13 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
-    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias", "prompt",
+    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
     "p_tuning"; r is the virtual token count of the last two) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
-    from peft import IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig,
+                      VeraConfig, get_peft_model)
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
@@ -154,6 +155,9 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
     elif kind == "ia3":
         feedforward = [t for t in targets if t in FEEDFORWARD[family]]
         config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward)
+    elif kind == "adalora":
+        config = AdaLoraConfig(task_type="SEQ_CLS", init_r=r, target_r=max(1, r // 2), lora_alpha=alpha,
+                               target_modules=targets, total_step=10)
     elif kind in ("prompt", "p_tuning"):
         # DistilBERT's config names its sizes differently: PEFT needs them spelled out.
         dims = {} if family != "distilbert" else dict(token_dim=model.config.dim, num_transformer_submodules=1,
@@ -171,7 +175,7 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
         for name, p in peft_model.named_parameters():
             if "lora_magnitude_vector" in name or "ia3_l" in name:
                 p.mul_(1 + torch.randn_like(p) * scale)
-            elif any(k in name for k in ("hada_", "vera_lambda", "modules_to_save", "lora_A", "lora_B",
+            elif any(k in name for k in ("hada_", "vera_lambda", "modules_to_save", "lora_A", "lora_B", "lora_E",
                                          "base_layer.bias", "prompt_encoder")):
                 p.copy_(torch.randn_like(p) * scale)
         for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers

@@ -46,6 +46,7 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         "ia3": ("ia3", dict(num_labels=3, targets=[t[1], t[2]] + FEEDFORWARD[family], scale=vector_scale)),
         "dora": ("dora", dict(num_labels=2, r=4, alpha=8, targets=t[:4], scale=vector_scale / 2)),
         "lora_bias": ("lora_bias", dict(num_labels=5, r=2, alpha=4, targets=t[2:5], scale=vector_scale / 2)),
+        "adalora": ("adalora", dict(num_labels=4, r=6, alpha=8, targets=t[:4], scale=0.3)),
         # r = virtual tokens; each row of a batch then has its own length
         "prompt": ("prompt", dict(num_labels=3, r=5, scale=1.0)),
         "p_tuning": ("p_tuning", dict(num_labels=2, r=3)),
@@ -72,7 +73,9 @@ def family_adapters(request, tiny_bases, tmp_path_factory):
 
 def check_mixed_batch(rt, base, adapters, label):
     rng = random.Random(0)
-    items = [(rng.choice(sorted(adapters)), rng.choice(SAMPLE_TEXTS)) for _ in range(48)]
+    # Five texts per task, shuffled into one batch: every task's effect is seen on several rows.
+    items = [(task, text) for task in sorted(adapters) for text in rng.sample(SAMPLE_TEXTS, 5)]
+    rng.shuffle(items)
     preds = rt.classify(items)
     worst = 0.0
     for task, path in adapters.items():
@@ -97,7 +100,7 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
         rt.add_adapter(task, path)
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {
         "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
-        "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
+        "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "adalora": "ADALORA"}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
 
@@ -140,10 +143,13 @@ def bad_setup(tiny_bases, tmp_path_factory):
     lora_bias = make_peft_kind_adapter(base, str(root / "lora_bias"), "lora_bias", num_labels=3, r=2,
                                        targets=["query"], seed=7)
     prompt = make_peft_kind_adapter(base, str(root / "prompt"), "prompt", num_labels=3, r=4, seed=8)
+    adalora = make_peft_kind_adapter(base, str(root / "adalora"), "adalora", num_labels=3, r=4, targets=["query"],
+                                     seed=9)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
-    return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt}, root, before
+    return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt,
+                "adalora": adalora}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -206,6 +212,8 @@ BAD = [
      ["no prompt_embeddings"]),
     ("prefix_tuning_kind", "prompt", _edit(config=lambda c: c.update(peft_type="PREFIX_TUNING")),
      UnsupportedAdapterTypeError, ["PREFIX_TUNING", "not served yet"]),
+    ("adalora_e_length", "adalora", _edit(weights=lambda w: w.__setitem__(f"{Q}.lora_E", torch.randn(3, 1))),
+     InvalidAdapterError, ["lora_E (3, 1)", "rank-r triple"]),
     ("bias_all", "lora_bias", _edit(config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError,
      ["LayerNorms", "lora_only"]),
 ]
