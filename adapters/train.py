@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-names", default=None,
                    help="comma-separated names for integer labels 0..N-1 (default: the integers as strings)")
     p.add_argument("--method", default="lora", choices=list(METHODS),
-                   help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | loha | vera | ia3")
+                   help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | loha | vera | adalora | ia3 | "
+                        "prompt | p_tuning")
+    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt / p_tuning: virtual tokens put first")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default=None,
@@ -85,13 +87,20 @@ def _labels(examples, label_names):
 
 
 # Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
-METHODS = ("lora", "dora", "lora_bias", "loha", "vera", "ia3")
+METHODS = ("lora", "dora", "lora_bias", "loha", "vera", "adalora", "ia3", "prompt", "p_tuning")
 
 
 def peft_config(args: argparse.Namespace, targets: Optional[list[str]]):
     """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules)."""
-    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
 
+    if args.method in ("prompt", "p_tuning"):
+        config = PromptTuningConfig if args.method == "prompt" else PromptEncoderConfig
+        return config(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
+    if args.method == "adalora":
+        steps = args.max_steps or 1000  # AdaLoRA's rank budget schedule needs the step count
+        return AdaLoraConfig(task_type="SEQ_CLS", init_r=args.rank, target_r=max(1, args.rank // 2),
+                             lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, total_step=steps)
     if args.method == "ia3":
         return IA3Config(task_type="SEQ_CLS", target_modules=targets,
                          feedforward_modules=[t for t in targets if t.endswith(("output.dense", "lin2"))] if targets else None)
@@ -183,6 +192,8 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(lora_params + head_params, 1.0)
         optimizer.step()
         scheduler.step()
+        if args.method == "adalora":  # AdaLoRA's rank budget: masks the least important ranks as it goes
+            model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
         seen += len(idx)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
