@@ -32,7 +32,7 @@ from adapterserve.runtime.errors import (AdapterServeError, InvalidInputError, R
                                          UnauthenticatedError, UnavailableError)
 from adapterserve.runtime.server import oip, oip_repository
 from adapterserve.runtime.server.auth import token_problem
-from adapterserve.runtime.server.classify import ClassifyService, TaskStatistics, check_version
+from adapterserve.runtime.server.classify import ClassifyService
 from adapterserve.runtime.server.grpc_errors import RequestMetrics, http_status_of
 from adapterserve.runtime.server.grpc_service import AdapterService
 
@@ -250,10 +250,7 @@ class HttpFrontEnd:
 
     def _entry(self, request: Request):
         adapters = self._require_adapters()
-        task = request.path_params["model"]
-        entry = oip_repository.require_model(adapters, task)
-        check_version(task, entry.version, request.path_params.get("version", ""))
-        return entry
+        return oip_repository.require_model(adapters, request.path_params["model"], request.path_params.get("version", ""))
 
     # ---- endpoints ------------------------------------------------------------------------------
 
@@ -285,21 +282,7 @@ class HttpFrontEnd:
     async def statistics(self, request: Request) -> Response:
         adapters = self._require_adapters()
         entries = [self._entry(request)] if "model" in request.path_params else adapters.runtime.registry.entries()
-        stats = []
-        for entry in entries:
-            s = self.classify.statistics.get(entry.task) or TaskStatistics()
-            stats.append({
-                "name": entry.task, "version": entry.version, "last_inference": s.last_inference_ms,
-                "inference_count": s.texts, "execution_count": s.requests,
-                "inference_stats": {
-                    "success": {"count": s.success_count, "ns": s.success_ns},
-                    "fail": {"count": s.fail_count, "ns": s.fail_ns},
-                    "queue": {"count": s.success_count, "ns": s.queue_ns},
-                    "compute_input": {"count": s.success_count, "ns": s.tokenize_ns},
-                    "compute_infer": {"count": s.success_count, "ns": s.inference_ns},
-                    "compute_output": {"count": 0, "ns": 0},
-                }})
-        return JSONResponse({"model_stats": stats})
+        return JSONResponse(oip.model_statistics(entries, self.classify.statistics))
 
     async def infer(self, request: Request) -> Response:
         self.classify.check_ready()

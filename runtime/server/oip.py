@@ -21,7 +21,7 @@ import numpy as np
 
 from adapterserve import __version__
 from adapterserve.runtime.errors import InvalidInputError
-from adapterserve.runtime.server.classify import Classified
+from adapterserve.runtime.server.classify import Classified, TaskStatistics
 
 SERVER_NAME = "adapterserve"
 PLATFORM = "adapterserve_peft"
@@ -218,6 +218,26 @@ def model_config(task: str, labels: list[str], max_texts: int, peft_type: str, r
                        "max_texts_per_request": {"string_value": str(max_texts)},
                        "peft_type": {"string_value": peft_type}, "rank": {"string_value": str(rank)}},
     }
+
+
+def model_statistics(entries, statistics: dict) -> dict:
+    """Triton's statistics (ModelStatisticsResponse) of these tasks, as its JSON; the gRPC answer is
+    parsed from the same object."""
+    stats = []
+    for entry in entries:
+        s = statistics.get(entry.task) or TaskStatistics()
+        stats.append({
+            "name": entry.task, "version": entry.version, "last_inference": s.last_inference_ms,
+            "inference_count": s.texts, "execution_count": s.requests,
+            "inference_stats": {
+                "success": {"count": s.success_count, "ns": s.success_ns},
+                "fail": {"count": s.fail_count, "ns": s.fail_ns},
+                "queue": {"count": s.success_count, "ns": s.queue_ns},
+                "compute_input": {"count": s.success_count, "ns": s.tokenize_ns},
+                "compute_infer": {"count": s.success_count, "ns": s.inference_ns},
+                "compute_output": {"count": 0, "ns": 0},
+            }})
+    return {"model_stats": stats}
 
 
 def server_metadata() -> dict:

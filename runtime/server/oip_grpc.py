@@ -13,11 +13,13 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from google.protobuf import json_format
+
 from adapterserve.runtime.errors import (AdapterServeError, InvalidInputError, UnauthenticatedError,
                                          UnavailableError)
 from adapterserve.runtime.server import oip, oip_repository
 from adapterserve.runtime.server.auth import token_problem
-from adapterserve.runtime.server.classify import ClassifyService, TaskStatistics, answer_in_order, check_version
+from adapterserve.runtime.server.classify import ClassifyService, answer_in_order
 from adapterserve.runtime.server.grpc_service import AdapterService
 from adapterserve.v1 import inference_pb2 as ip
 from adapterserve.v1 import inference_pb2_grpc as ip_grpc
@@ -72,19 +74,6 @@ def _infer_response(call: oip.InferCall, result) -> ip.ModelInferResponse:
     return response
 
 
-def _model_config_message(config: dict) -> ip.ModelConfig:
-    message = ip.ModelConfig(name=config["name"], platform=config["platform"], backend=config["backend"],
-                             max_batch_size=config["max_batch_size"])
-    for i in config["input"]:
-        message.input.add(name=i["name"], data_type=ip.DataType.Value(i["data_type"]), dims=i["dims"],
-                          optional=i.get("optional", False))
-    for o in config["output"]:
-        message.output.add(name=o["name"], data_type=ip.DataType.Value(o["data_type"]), dims=o["dims"])
-    for k, v in config["parameters"].items():
-        message.parameters[k].string_value = v["string_value"]
-    return message
-
-
 class InferenceServicer(ip_grpc.GRPCInferenceServiceServicer):
     def __init__(self, classify: ClassifyService, admin_token: Optional[str]) -> None:
         self.classify = classify
@@ -97,9 +86,7 @@ class InferenceServicer(ip_grpc.GRPCInferenceServiceServicer):
 
     def _entry(self, name: str, version: str):
         self.classify.check_ready()
-        entry = oip_repository.require_model(self.adapters, name)
-        check_version(name, entry.version, version)
-        return entry
+        return oip_repository.require_model(self.adapters, name, version)
 
     async def ServerLive(self, request, context):
         return ip.ServerLiveResponse(live=self.live)
@@ -124,7 +111,7 @@ class InferenceServicer(ip_grpc.GRPCInferenceServiceServicer):
         entry = self._entry(request.name, request.version)
         config = oip.model_config(entry.task, entry.spec.labels, self.classify.config.max_texts_per_request,
                                   entry.spec.peft_type, entry.spec.rank)
-        return ip.ModelConfigResponse(config=_model_config_message(config))
+        return json_format.ParseDict({"config": config}, ip.ModelConfigResponse())
 
     async def ModelStatistics(self, request, context):
         self.classify.check_ready()
@@ -132,18 +119,7 @@ class InferenceServicer(ip_grpc.GRPCInferenceServiceServicer):
             entries = [self._entry(request.name, request.version)]
         else:
             entries = self.classify.runtime.registry.entries()
-        response = ip.ModelStatisticsResponse()
-        for entry in entries:
-            s = self.classify.statistics.get(entry.task) or TaskStatistics()
-            stats = response.model_stats.add(name=entry.task, version=entry.version, last_inference=s.last_inference_ms,
-                                             inference_count=s.texts, execution_count=s.requests)
-            st = stats.inference_stats
-            st.success.count, st.success.ns = s.success_count, s.success_ns
-            st.fail.count, st.fail.ns = s.fail_count, s.fail_ns
-            st.queue.count, st.queue.ns = s.success_count, s.queue_ns
-            st.compute_input.count, st.compute_input.ns = s.success_count, s.tokenize_ns
-            st.compute_infer.count, st.compute_infer.ns = s.success_count, s.inference_ns
-        return response
+        return json_format.ParseDict(oip.model_statistics(entries, self.classify.statistics), ip.ModelStatisticsResponse())
 
     async def _infer(self, request, context, stream: bool = False) -> ip.ModelInferResponse:
         call = _infer_call(request)

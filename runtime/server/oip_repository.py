@@ -16,6 +16,7 @@ from typing import Optional
 
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.runtime.errors import InvalidInputError, UnknownTaskError
+from adapterserve.runtime.server.classify import check_version
 from adapterserve.runtime.server.grpc_service import AdapterService
 from adapterserve.runtime.server.stubs import pb
 from adapterserve.runtime.types import check_task_name
@@ -109,8 +110,9 @@ def index(service: AdapterService, ready_only: bool) -> list[dict]:
     return [models[k] for k in sorted(models)]
 
 
-def require_model(service: AdapterService, task: str):
-    """The task's current entry; NOT_FOUND (naming the quarantine reason if any) otherwise."""
+def require_model(service: AdapterService, task: str, version: str = ""):
+    """The task's current entry, at `version` if one is named; NOT_FOUND (naming the quarantine reason, or
+    the current version) otherwise."""
     if not task:
         raise InvalidInputError("model name is empty; name a task (POST /v2/repository/index lists them)")
     why = service.quarantined(task)
@@ -119,4 +121,6 @@ def require_model(service: AdapterService, task: str):
     if task not in service.runtime.registry:
         raise UnknownTaskError(f"unknown model {task[:64]!r}: no task of that name is registered (the repository "
                                "index lists the models)")
-    return service.runtime.registry.get(task)
+    entry = service.runtime.registry.get(task)
+    check_version(task, entry.version, version)
+    return entry

@@ -344,3 +344,16 @@ def test_oip_calls_count_in_the_same_metrics(server, channel):
     assert 'adapterserve_requests_total{code="INVALID_ARGUMENT",rpc="http:ModelInfer"}' in text
     assert 'adapterserve_requests_total{code="OK",rpc="ModelInfer"}' in text
     assert 'adapterserve_task_texts_total{task="sst2"}' in text
+
+
+def test_grpc_config_and_statistics_are_the_http_ones(server, channel):
+    stub = ip_grpc.GRPCInferenceServiceStub(channel)
+    config = stub.ModelConfig(ip.ModelConfigRequest(name="ag_news")).config
+    assert [o.name for o in config.output] == ["LABEL", "SCORES", "LOGITS"] and list(config.output[1].dims) == [-1, 4]
+    assert config.input[1].optional and config.input[0].data_type == ip.TYPE_STRING
+    http_config = http(server, "GET", "/v2/models/ag_news/config")[2]
+    assert config.parameters["labels"].string_value == http_config["parameters"]["labels"]["string_value"]
+    grpc_stats = stub.ModelStatistics(ip.ModelStatisticsRequest(name="sst2")).model_stats[0]
+    http_stats = http(server, "GET", "/v2/models/sst2/stats")[2]["model_stats"][0]
+    assert grpc_stats.inference_count == http_stats["inference_count"] > 0
+    assert grpc_stats.inference_stats.success.count == http_stats["inference_stats"]["success"]["count"]
