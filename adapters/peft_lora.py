@@ -28,7 +28,7 @@ from adapterserve.runtime.errors import (
     ResourceExhaustedError,
     UnsupportedAdapterTypeError,
 )
-from adapterserve.runtime.families import Family
+from adapterserve.runtime.families import FAMILIES, Family
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,6 +52,10 @@ class BaseShape:
     # module name -> (weight [d_out, d_in] float32 or None if quantized, bias [d_out] float32 or None):
     # what DoRA's norm and trained biases are computed against (adapters/kinds.py). None: not at hand.
     base_params: Optional[Callable[[str], tuple]] = field(default=None, compare=False)
+    # Head tensors the base checkpoint supplies where an adapter has none (Family.base_head).
+    head_defaults: dict = field(default_factory=dict, compare=False)
+    # Width of the word embeddings (a virtual token's size): the hidden size but for ELECTRA-small-like bases.
+    token_dim: Optional[int] = None
 
 
 def _inside(root: str, path: str) -> bool:
@@ -285,6 +289,7 @@ def parse_adapter(
         else:
             unexpected.append(key)
     if unexpected:
+        _refuse_other_family(unexpected, family)
         shown = ", ".join(sorted(unexpected)[:5])
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise InvalidAdapterError(
@@ -322,6 +327,19 @@ def parse_adapter(
     return _spec(files, config, kind.peft_type, modules, vectors, head, base, labels, metadata)
 
 
+def _refuse_other_family(keys: list[str], family: Family) -> None:
+    """Raise BaseMismatchError naming both families when the keys sit under another family's backbone."""
+    theirs = set()
+    for key in keys:
+        first = key[len(_PEFT_PREFIX):].split(".", 1)[0] if key.startswith(_PEFT_PREFIX) else ""
+        theirs |= {f.name for f in FAMILIES if f.backbone_prefix == first and f.name != family.name}
+    if theirs:
+        raise BaseMismatchError(
+            f"adapter was trained on a {' or '.join(sorted(theirs))} base (its tensors sit under that family's "
+            f"backbone), but this server's base is {family.name} ({family.backbone_prefix}.*): register it on a "
+            f"server started with its own base, or retrain it on this one")
+
+
 _PROMPT_PREFIX = "base_model."  # prompt-learning checkpoints keep the head one level up
 
 
@@ -333,6 +351,10 @@ def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec
     for key, tensor in tensors.items():
         if key == "prompt_embeddings":
             prompt = tensor
+        elif key.startswith("prompt_encoder.") and peft_type == "P_TUNING":
+            # A modules_to_save name that also matches the encoder's own layers (ModernBERT's "head" ends
+            # "mlp_head") saves them too; the prompt_embeddings already hold the encoder's output.
+            continue
         elif key.startswith(_PROMPT_PREFIX) and key[len(_PROMPT_PREFIX):] in head_names:
             head[key[len(_PROMPT_PREFIX):]] = tensor
         else:
@@ -344,9 +366,10 @@ def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec
         raise InvalidAdapterError(f"{WEIGHTS_FILE} has no prompt_embeddings; a {name} adapter saves its virtual tokens "
                                   "there (PeftModel.save_pretrained)")
     n = config["num_virtual_tokens"]
-    if prompt.dim() != 2 or prompt.shape[1] != base.hidden_size:
+    token_dim = base.token_dim or base.hidden_size
+    if prompt.dim() != 2 or prompt.shape[1] != token_dim:
         raise BaseMismatchError(f"prompt_embeddings has shape {tuple(prompt.shape)}; this base needs [n, "
-                                f"{base.hidden_size}] (its hidden size): trained on another base?")
+                                f"{token_dim}] (its word embedding width): trained on another base?")
     if prompt.shape[0] != n:
         raise InvalidAdapterError(f"prompt_embeddings holds {prompt.shape[0]} virtual tokens but {CONFIG_FILE} "
                                   f"num_virtual_tokens says {n}")
@@ -360,11 +383,16 @@ def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec
 def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None) -> AdapterSpec:
     family = base.family
     head_names = {name for name, _ in family.head_tensors}
+    for name in head_names - set(head):
+        if name in base.head_defaults:  # the base checkpoint's, as PEFT gets it by loading the base
+            head[name] = base.head_defaults[name]
     missing_head = [n for n in head_names if n not in head]
     if missing_head:
+        saved = ", ".join(repr(m) for m in family.modules_to_save)
         raise InvalidAdapterError(
-            f"adapter has no complete classification head (missing {', '.join(sorted(missing_head))}); train it with "
-            "task_type='SEQ_CLS' so PEFT saves the head (modules_to_save)"
+            f"adapter has no complete classification head (missing {', '.join(sorted(missing_head))}) and the "
+            f"base checkpoint does not supply it; train it with task_type='SEQ_CLS' and modules_to_save=[{saved}] "
+            "so PEFT saves the whole head"
         )
     num_labels = head[family.label_tensor].shape[0]
     dims = {"H": base.hidden_size, "N": num_labels}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from adapterserve.adapters.tabular import DataError, read_examples, label_kind
 from adapterserve.runtime.config import packaged_base_model_dir
-from adapterserve.runtime.families import family_for
+from adapterserve.runtime.families import Family, family_for
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,29 +90,37 @@ def _labels(examples, label_names):
 METHODS = ("lora", "dora", "lora_bias", "loha", "vera", "adalora", "ia3", "prompt", "p_tuning")
 
 
-def peft_config(args: argparse.Namespace, targets: Optional[list[str]]):
-    """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules)."""
+def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: Family):
+    """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules).
+    Every config saves the family's whole head (Family.modules_to_save: DeBERTa's pooler too)."""
     from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
 
+    saved = {"modules_to_save": list(family.modules_to_save)}
     if args.method in ("prompt", "p_tuning"):
         config = PromptTuningConfig if args.method == "prompt" else PromptEncoderConfig
-        return config(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
+        return config(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens, **saved)
     if args.method == "adalora":
         steps = args.max_steps or 1000  # AdaLoRA's rank budget schedule needs the step count
         return AdaLoraConfig(task_type="SEQ_CLS", init_r=args.rank, target_r=max(1, args.rank // 2),
-                             lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, total_step=steps)
+                             lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, total_step=steps,
+                             **saved)
     if args.method == "ia3":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as peft_defaults
+
+        if targets is None and family.model_types[0] not in peft_defaults:  # PEFT has no IA3 default for it
+            targets = list(family.default_targets)
         return IA3Config(task_type="SEQ_CLS", target_modules=targets,
-                         feedforward_modules=[t for t in targets if t.endswith(("output.dense", "lin2"))] if targets else None)
+                         feedforward_modules=[t for t in targets if t.endswith(family.feedforward_targets)]
+                         if targets else None, **saved)
     if args.method == "loha":
         return LoHaConfig(task_type="SEQ_CLS", r=args.rank, alpha=args.alpha, target_modules=targets,
-                          module_dropout=args.dropout)
+                          module_dropout=args.dropout, **saved)
     if args.method == "vera":
         return VeraConfig(task_type="SEQ_CLS", r=args.rank, target_modules=targets, vera_dropout=args.dropout,
-                          projection_prng_key=args.seed)
+                          projection_prng_key=args.seed, **saved)
     return LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
                       target_modules=targets, use_dora=args.method == "dora",
-                      bias="lora_only" if args.method == "lora_bias" else "none")
+                      bias="lora_only" if args.method == "lora_bias" else "none", **saved)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -129,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
     examples = read_examples(args.data, args.text_col, args.label_col, args.text_pair_col, args.limit)
     names, label_ids = _labels(examples, args.label_names)
     base = args.base_model or packaged_base_model_dir()
-    family = family_for(AutoConfig.from_pretrained(base).model_type)
+    family = family_for(AutoConfig.from_pretrained(base))
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else list(family.default_targets) + (
         ["pooler.dense"] if family.uses_pooler else [])
     if args.method == "ia3" and not args.targets:
@@ -138,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    model = get_peft_model(model, peft_config(args, targets))
+    model = get_peft_model(model, peft_config(args, targets, family))
     model.train()
 
     enc = tokenizer([e.text for e in examples], [e.pair for e in examples] if args.text_pair_col else None,

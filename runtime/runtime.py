@@ -64,7 +64,7 @@ class Runtime:
         torch.manual_seed(self.config.seed)
         self.base = load_base_model(replace(self.config, precision=base_precision(self.config)))
         self.engine = build_engine(self.config, self.base)
-        words = getattr(self.base.backbone.embeddings, "word_embeddings", None)
+        words = self.base.backbone.get_input_embeddings()
         self.encoder = TextEncoder(self.base.tokenizer, self.base.max_length,
                                    virtual_base=getattr(words, "num_embeddings", None))
         self.forward_overhead_tokens = self.config.forward_overhead_tokens

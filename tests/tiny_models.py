@@ -40,13 +40,39 @@ SAMPLE_TEXTS = [
 ]
 
 # IA3's feed-forward modules (PEFT's defaults): their vector scales the input, not the output.
-FEEDFORWARD = {"bert": ["output.dense"], "distilbert": ["lin2"], "roberta": ["output.dense"]}
+FEEDFORWARD = {"bert": ["output.dense"], "distilbert": ["lin2"], "roberta": ["output.dense"],
+               "xlm-roberta": ["output.dense"], "electra": ["output.dense"], "mpnet": ["output.dense"],
+               "deberta-v2": ["output.dense"], "modernbert": ["mlp.Wo"]}
 
+_BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 FAMILY_TARGETS = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"],
+    "bert": _BERT_TARGETS + ["pooler.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": _BERT_TARGETS,
+    "xlm-roberta": _BERT_TARGETS,
+    "electra": _BERT_TARGETS,
+    "mpnet": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
+    "modernbert": ["Wqkv", "attn.Wo", "Wi", "mlp.Wo"],
 }
+
+# The tiny bases: the three first families, and the encoders added after them (tests/component/test_families.py).
+FAMILIES = ("bert", "distilbert", "roberta")
+NEW_FAMILIES = ("xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert", "modernbert-mean")
+
+
+def model_type(base_dir: str) -> str:
+    with open(os.path.join(base_dir, "config.json")) as fh:
+        return json.load(fh)["model_type"]
+
+
+def modules_to_save(base_dir: str) -> list[str]:
+    """The head modules an adapter of this base saves (DeBERTa's pooler, ModernBERT's head besides the
+    classifier): adapterserve.runtime.families' table, which the train command uses too."""
+    from adapterserve.runtime.families import family_for
+
+    return list(family_for(model_type(base_dir)).modules_to_save)
 
 
 def _bpe_tokenizer(out_dir: str) -> RobertaTokenizerFast:
@@ -62,10 +88,49 @@ def _bpe_tokenizer(out_dir: str) -> RobertaTokenizerFast:
     return fast
 
 
+def _unigram_tokenizer() -> "XLMRobertaTokenizerFast":
+    """An XLM-R style SentencePiece unigram tokenizer (<s>=0, <pad>=1, </s>=2, <unk>=3), as XLM-R's own."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import XLMRobertaTokenizerFast
+
+    tok = SentencePieceUnigramTokenizer()
+    tok.train_from_iterator(SAMPLE_TEXTS * 3, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            unk_token="<unk>")
+    inner = tok._tokenizer
+    inner.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", inner.token_to_id("<s>")), ("</s>", inner.token_to_id("</s>"))])
+    return XLMRobertaTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=128)
+
+
+def _mpnet_vocab(out_dir: str, vocab: str) -> str:
+    """MiniLM's WordPiece vocabulary with MPNet's special tokens in the first unused entries; <pad> at id 1,
+    MPNet's padding index (its position ids count from it)."""
+    with open(vocab) as fh:
+        lines = fh.read().splitlines()
+    lines[1:5] = ["<pad>", "<s>", "</s>", "<mask>"]
+    path = os.path.join(out_dir, "mpnet_vocab.txt")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """LayerNorm weights start at 1: randomize them, so a head norm read from the wrong place shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+
+
 def make_tiny_base(family: str, out_dir: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     vocab = os.path.join(packaged_base_model_dir(), "vocab.txt")
+    if family in NEW_FAMILIES:
+        return _make_new_family_base(family, out_dir, vocab)
     if family == "bert":
         tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=128)
         model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -86,18 +151,67 @@ def make_tiny_base(family: str, out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
+def _make_new_family_base(family: str, out_dir: str, vocab: str) -> str:
+    from transformers import (DebertaV2Config, DebertaV2Model, ElectraConfig, ElectraModel, ElectraTokenizerFast,
+                              ModernBertConfig, ModernBertForMaskedLM, MPNetConfig, MPNetModel, MPNetTokenizerFast,
+                              PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if family == "xlm-roberta":
+        tokenizer = _unigram_tokenizer()
+        model = XLMRobertaModel(XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=130, pad_token_id=1,
+                                                 bos_token_id=0, eos_token_id=2, **sizes), add_pooling_layer=False)
+    elif family == "electra":
+        tokenizer = ElectraTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=128)
+        # ELECTRA-small's shape: embeddings narrower than the hidden size, projected up.
+        model = ElectraModel(ElectraConfig(vocab_size=tokenizer.vocab_size, embedding_size=16, max_position_embeddings=128,
+                                           **sizes))
+    elif family == "mpnet":
+        tokenizer = MPNetTokenizerFast(vocab_file=_mpnet_vocab(out_dir, vocab), do_lower_case=True, unk_token="[UNK]",
+                                       model_max_length=128)
+        model = MPNetModel(MPNetConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=130, pad_token_id=1,
+                                       **sizes), add_pooling_layer=False)
+    elif family == "deberta-v2":
+        # DeBERTa-v3's settings: relative positions only, disentangled c2p/p2c attention, no token types; a
+        # masked-LM checkpoint (no pooler): adapters carry their pooler (modules_to_save).
+        tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=128)
+        model = DebertaV2Model(DebertaV2Config(
+            vocab_size=tokenizer.vocab_size, max_position_embeddings=128, relative_attention=True, position_buckets=16,
+            max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+            position_biased_input=False, type_vocab_size=0, **sizes))
+    else:  # modernbert, modernbert-mean: a masked-LM checkpoint, so the base holds the prediction head
+        tokenizer = BertTokenizerFast(vocab_file=vocab, do_lower_case=True, model_max_length=256,
+                                      model_input_names=["input_ids", "attention_mask"])
+        mean = family == "modernbert-mean"
+        # A local window of 8 tokens on every other layer: the sample texts are longer, so it matters.
+        model = ModernBertForMaskedLM(ModernBertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=256, local_attention=8, global_attn_every_n_layers=2,
+            pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101, eos_token_id=102,
+            classifier_pooling="mean" if mean else "cls", classifier_bias=mean, norm_bias=mean,
+            classifier_activation="silu" if mean else "gelu"))
+        _randomize_norms(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_peft_adapter(base_dir: str, out_dir: str, *, num_labels: int, r: int = 4, alpha: float = 8,
                       targets: Optional[list[str]] = None, seed: int = 0, use_rslora: bool = False,
                       rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
-                      labels: Optional[list[str]] = None, scale: float = 0.2) -> str:
-    """Save a PEFT LoRA SEQ_CLS adapter with random weights via PEFT's own save_pretrained."""
+                      labels: Optional[list[str]] = None, scale: float = 0.2,
+                      head_modules: Optional[list[str]] = None) -> str:
+    """Save a PEFT LoRA SEQ_CLS adapter with random weights via PEFT's own save_pretrained. head_modules:
+    its modules_to_save (default: the family's whole head, modules_to_save())."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     family = model.config.model_type
+    saved = modules_to_save(base_dir) if head_modules is None else head_modules
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets or FAMILY_TARGETS[family][:2],
-                        use_rslora=use_rslora, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+                        use_rslora=use_rslora, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+                        modules_to_save=saved)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -146,28 +260,31 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
     family = model.config.model_type
+    saved = dict(modules_to_save=modules_to_save(base_dir))
     targets = targets or FAMILY_TARGETS[family][:2]
     if kind == "loha":
         config = LoHaConfig(task_type="SEQ_CLS", r=r, alpha=alpha, target_modules=targets,
-                            rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+                            rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **saved)
     elif kind == "vera":
-        config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed)
+        config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed, **saved)
     elif kind == "ia3":
         feedforward = [t for t in targets if t in FEEDFORWARD[family]]
-        config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward)
+        config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward, **saved)
     elif kind == "adalora":
         config = AdaLoraConfig(task_type="SEQ_CLS", init_r=r, target_r=max(1, r // 2), lora_alpha=alpha,
-                               target_modules=targets, total_step=10)
+                               target_modules=targets, total_step=10, **saved)
     elif kind in ("prompt", "p_tuning"):
         # DistilBERT's config names its sizes differently: PEFT needs them spelled out.
         dims = {} if family != "distilbert" else dict(token_dim=model.config.dim, num_transformer_submodules=1,
                                                        num_attention_heads=model.config.n_heads,
                                                        num_layers=model.config.n_layers)
-        config = (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims) if kind == "prompt" else
-                  PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=r, encoder_hidden_size=16, **dims))
+        if family == "electra":  # virtual tokens enter below ELECTRA's embedding projection
+            dims = dict(token_dim=model.config.embedding_size)
+        config = (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims, **saved) if kind == "prompt" else
+                  PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=r, encoder_hidden_size=16, **dims, **saved))
     elif kind in ("dora", "lora_bias"):
         config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets,
-                            use_dora=kind == "dora", bias="lora_only" if kind == "lora_bias" else "none")
+                            use_dora=kind == "dora", bias="lora_only" if kind == "lora_bias" else "none", **saved)
     else:
         raise ValueError(kind)
     peft_model = get_peft_model(model, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class BaseModel:
-    backbone: nn.Module  # BertModel / DistilBertModel / RobertaModel, eval mode, frozen
+    backbone: nn.Module  # the family's bare encoder (BertModel, ModernBertModel, ...), eval mode, frozen
     tokenizer: PreTrainedTokenizerBase
     family: Family
     model_id: str
@@ -30,6 +30,9 @@ class BaseModel:
     device: torch.device
     precision: str
     dtype: torch.dtype  # activation dtype
+    # Head tensors the base checkpoint holds (Family.base_head), float32 on the CPU: ModernBERT's
+    # prediction head, a DeBERTa pooler where the checkpoint has one.
+    head_defaults: dict = field(default_factory=dict)
 
     def linear_layers(self) -> dict[str, nn.Linear]:
         """Every linear of the backbone by its module name (e.g. encoder.layer.0.attention.self.query)."""
@@ -130,11 +133,15 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
         dtype = _DTYPES[config.precision]
 
     hf_config = _encoder_config(path)
-    family = family_for(hf_config.model_type)
+    family = family_for(hf_config)
     kwargs = {}
-    if hf_config.model_type in ("bert", "roberta", "xlm-roberta", "camembert"):
-        # BERT classifies from the pooler; RoBERTa's head ignores it, so do not build (or random-init) it.
+    if hf_config.model_type in ("bert", "roberta", "xlm-roberta", "camembert", "mpnet"):
+        # BERT classifies from the pooler; RoBERTa's and MPNet's heads ignore it, so do not build (or random-init) it.
         kwargs["add_pooling_layer"] = family.uses_pooler
+    if hf_config.model_type == "modernbert":
+        # ModernBERT torch.compiles its embeddings and MLPs on CUDA by default; the slot layers inside
+        # read the batch from Python state, which a compiled graph would freeze.
+        kwargs["reference_compile"] = False
     if quantization is not None:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, quantization_config=quantization,
                                              device_map={"": _device_map_target(device)}, **kwargs)
@@ -147,8 +154,8 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
 
     positions = getattr(hf_config, "max_position_embeddings", 512)
-    if hf_config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        positions -= 2  # RoBERTa position ids start after the padding index
+    if family.positions_after_padding:
+        positions -= 2  # RoBERTa's and MPNet's position ids start after the padding index
     max_length = min(positions, tokenizer.model_max_length or positions)
     if config.max_length is not None:
         if config.max_length > max_length:
@@ -167,4 +174,23 @@ def load_base_model(config: RuntimeConfig) -> BaseModel:
         device=device,
         precision=config.precision,
         dtype=dtype,
+        head_defaults=base_head_tensors(path, family.base_head),
     )
+
+
+def base_head_tensors(path: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of `names` that the base checkpoint in directory `path` holds (float32, CPU)."""
+    if not names or not os.path.isdir(path):
+        return {}
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as fh:
+            for key in set(names) & set(fh.keys()):
+                found[key] = fh.get_tensor(key).float().contiguous()
+    if not files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+        found = {k: state[k].float().contiguous() for k in names if k in state}
+    return found

@@ -38,9 +38,9 @@ def packed_applies(backbone, family_name: str) -> Optional[str]:
     return None
 
 
-def position_offset(backbone, family_name: str) -> int:
+def position_offset(backbone, positions_after_padding: bool) -> int:
     """First position id of a row: RoBERTa counts from its padding index + 1, BERT from 0."""
-    if family_name == "roberta":
+    if positions_after_padding:
         return int(backbone.config.pad_token_id) + 1
     return 0
 

@@ -15,6 +15,7 @@ graph paths do not apply them (the engines refuse such adapters: Engine.refuses)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -186,6 +187,9 @@ class SlotLoRALinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
+        if (batch is not None and x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None
+                and self.context.traced is None and batch.slot_per_row.shape[0] > 1):
+            return self._shared_input_forward(x, batch)
         if (batch is None or not self.vector_slots or self.context.traced is not None
                 or not (batch.distinct_slots & self.vector_slots)):
             return self._forward(x, batch)
@@ -196,6 +200,26 @@ class SlotLoRALinear(nn.Module):
         if present & (self.scale_slots | self.shift_slots):
             self._scale_output(y, batch, present)
         return y
+
+    def _shared_input_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """One [1, T, d] input for a whole padded batch (DeBERTa's relative positions, runtime/engine/deberta.py):
+        each row gets its own adapter's projection of it, [B, T, d_out]; the base product runs once."""
+        rows = batch.slot_per_row.shape[0]
+        present = batch.distinct_slots & self.vector_slots
+        if present:  # per-row vectors: a copy of the input per row, every position of it real
+            every_position = dataclasses.replace(batch, lengths=None)
+            x_rows = x.expand(rows, -1, -1)
+            x_rows = self._scale_input(x_rows, every_position) if present & self.in_slots else x_rows.contiguous()
+            y = self._forward(x_rows, every_position)
+            if present & (self.scale_slots | self.shift_slots):
+                self._scale_output(y, every_position, present)
+            return y
+        out = self.base(x).expand(rows, -1, -1).contiguous()
+        r = batch.rank
+        for slot in batch.distinct_slots & self.active_slots:
+            delta = (x[0] @ self.lora_a[slot, :r].t()) @ self.lora_b[slot, :r]
+            out[batch.slot_per_row == slot] += delta
+        return out
 
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         y = self.base(x)

@@ -12,6 +12,7 @@ from adapterserve.adapters.peft_lora import BaseShape
 from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotContext
+from adapterserve.runtime.engine.deberta import per_row_positions
 from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
 from adapterserve.runtime.engine.slot_prompts import SlotPromptEmbedding
 
@@ -37,6 +38,8 @@ class SlotPool:
             parent = base.backbone.get_submodule(parent_name) if parent_name else base.backbone
             setattr(parent, child, wrapped)
             self.layers[name] = wrapped
+        # DeBERTa projects its shared relative positions through slot layers: per row (runtime/engine/deberta.py).
+        per_row_positions(base.backbone)
         self.prompts: Optional[SlotPromptEmbedding] = None  # made when the first prompt adapter loads
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")
@@ -47,6 +50,8 @@ class SlotPool:
             r_max=r_max,
             max_length=base.max_length,
             base_params=self.base_params,
+            head_defaults=base.head_defaults,
+            token_dim=base.backbone.get_input_embeddings().embedding_dim,
         )
 
     def base_params(self, name: str) -> tuple:
@@ -93,9 +98,9 @@ class SlotPool:
 
     def _prompt_embedding(self) -> SlotPromptEmbedding:
         if self.prompts is None:
-            embeddings = self.base.backbone.embeddings
-            self.prompts = SlotPromptEmbedding(embeddings.word_embeddings, self.slots, self.context)
-            embeddings.word_embeddings = self.prompts
+            backbone = self.base.backbone
+            self.prompts = SlotPromptEmbedding(backbone.get_input_embeddings(), self.slots, self.context)
+            backbone.set_input_embeddings(self.prompts)
         return self.prompts
 
     def clear_slot(self, slot: int) -> None:

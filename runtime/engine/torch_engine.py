@@ -22,6 +22,17 @@ from adapterserve.runtime.engine.slot_pool import SlotPool
 log = logging.getLogger(__name__)
 
 
+def pool_features(pooling: str, out, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The features a family's heads read from a padded forward's output (Family.pooling)."""
+    if pooling == "pooler":
+        return out.pooler_output
+    hidden = out.last_hidden_state
+    if pooling == "mean":  # as ModernBertForSequenceClassification: over the row's attended tokens
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+    return hidden[:, 0]
+
+
 class TorchEngine:
     name = "torch"
 
@@ -34,7 +45,7 @@ class TorchEngine:
         self.slot_ranks, self.shape = pool.slot_ranks, pool.shape
         self.kernel_name = self._attach_kernel(lora_kernel)
         self.packed = token_packing == "auto" and self._packing_applies()
-        self.position_offset = packing.position_offset(base.backbone, base.family.name)
+        self.position_offset = packing.position_offset(base.backbone, base.family.positions_after_padding)
         self.merged_slot: Optional[int] = None
         self.graphs: Optional[GraphedForward] = None
         # bitsandbytes int8/NF4 are left eager: LLM.int8 picks outlier columns by value on the host. BERT
@@ -137,9 +148,7 @@ class TorchEngine:
             out = self.base.backbone(**inputs)
         finally:
             self.context.current = None
-        if self.base.family.uses_pooler:
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        return pool_features(self.base.family.pooling, out, inputs["attention_mask"])
 
     def _encode_packed(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
         """encode() over the rows' real tokens back to back: the backbone's own embedding, projection,
@@ -154,6 +163,8 @@ class TorchEngine:
         try:
             hidden = backbone.embeddings(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                                          token_type_ids=packed["token_type_ids"])
+            if hasattr(backbone, "embeddings_project"):  # ELECTRA's embeddings narrower than its hidden size
+                hidden = backbone.embeddings_project(hidden)
             for layer in backbone.encoder.layer:
                 attention = layer.attention.self
                 context = kernel.attention(attention.query(hidden)[0], attention.key(hidden)[0],
