@@ -97,6 +97,8 @@ class Family:
     positions_after_padding: bool = False
     # The model types served by this entry (a family's siblings share everything above).
     model_types: tuple[str, ...] = ()
+    # Why the shared-base ONNX graph (runtime/engine/onnx) cannot serve this family; None: it can.
+    no_shared_onnx: Optional[str] = None
 
     @property
     def uses_pooler(self) -> bool:
@@ -156,6 +158,8 @@ ELECTRA = Family(
     default_targets=_BERT_TARGETS,
     feedforward_targets=("output.dense",),
     model_types=("electra",),
+    no_shared_onnx="its embedding projection (embedding_size -> hidden_size) is not in the shared graph's export, "
+                   "and the export is tested against PEFT for BERT, DistilBERT and RoBERTa/XLM-R only",
 )
 
 MPNET = Family(
@@ -169,6 +173,7 @@ MPNET = Family(
     feedforward_targets=("output.dense",),
     positions_after_padding=True,
     model_types=("mpnet",),
+    no_shared_onnx="its relative position bias is not in the shared graph's attention (ours or ORT's fused one)",
 )
 
 DEBERTA_V2 = Family(
@@ -184,6 +189,8 @@ DEBERTA_V2 = Family(
     base_head=("pooler.dense.weight", "pooler.dense.bias"),
     modules_to_save=("pooler", "classifier"),
     model_types=("deberta-v2",),
+    no_shared_onnx="its disentangled attention projects the shared relative positions through each row's adapter "
+                   "(runtime/engine/deberta.py), which the shared graph has no per-row input for",
 )
 
 MODERNBERT = Family(
@@ -198,6 +205,8 @@ MODERNBERT = Family(
     base_head=("head.dense.weight", "head.dense.bias", "head.norm.weight", "head.norm.bias"),
     modules_to_save=("head", "classifier"),
     model_types=("modernbert",),
+    no_shared_onnx="its rotary positions, alternating local/global attention and gated MLP are not in the shared "
+                   "graph's export (our attention op is global and absolute-position only)",
 )
 
 FAMILIES = (BERT, DISTILBERT, ROBERTA, ELECTRA, MPNET, DEBERTA_V2, MODERNBERT)

@@ -103,6 +103,8 @@ class Runtime:
     def serving_paths(self) -> dict[str, str]:
         """The paths the engine took on this machine (logged at start; GetInfo and build_info report them)."""
         return {
+            "family": self.base.family.name,
+            "pooling": self.base.family.pooling,
             "engine": self.engine.name,
             "precision": self.precision,
             "device": str(self.base.device),

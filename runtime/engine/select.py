@@ -51,6 +51,9 @@ def _onnx_engine(config: RuntimeConfig, pool: SlotPool) -> Engine:
     from adapterserve.runtime.engine.onnx.export import MODEL_FILE, bf16_lora_default, export_shared_base
 
     base = pool.base
+    if base.family.no_shared_onnx:
+        raise ConfigError(f"the ONNX engine cannot serve a {base.family.name} base: {base.family.no_shared_onnx}; "
+                          "serve it with --engine torch")
     quantize = "int8" if config.precision == "int8" else None
     # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
     lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[config.lora_kernel]
