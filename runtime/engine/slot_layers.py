@@ -214,12 +214,15 @@ class SlotLoRALinear(nn.Module):
             if present & (self.scale_slots | self.shift_slots):
                 self._scale_output(y, every_position, present)
             return y
-        out = self.base(x).expand(rows, -1, -1).contiguous()
+        shared = self.base(x)
+        if not (batch.distinct_slots & self.active_slots):  # no row's adapter changes this layer
+            return shared
+        # Low rank per row: x A_row is [B, T, r]; one baddbmm over the shared product writes the rows.
+        # Slots whose adapter leaves this layer alone (and slot 0) hold zeros here.
         r = batch.rank
-        for slot in batch.distinct_slots & self.active_slots:
-            delta = (x[0] @ self.lora_a[slot, :r].t()) @ self.lora_b[slot, :r]
-            out[batch.slot_per_row == slot] += delta
-        return out
+        idx = batch.slot_per_row
+        xa = torch.matmul(x[0], self.lora_a[:, :r].index_select(0, idx).transpose(1, 2))
+        return torch.baddbmm(shared.expand(rows, -1, -1), xa, self.lora_b[:, :r].index_select(0, idx))
 
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         y = self.base(x)
