@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adapterserve.adapters.evaluate import main as evaluate_main
 from adapterserve.adapters.train import main as train_main
@@ -37,10 +38,11 @@ def train(base, data_path, out, *extra):
                        "--out", str(out), "--quiet", *extra])
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
-def test_trained_adapter_loads_in_peft_and_runtime_identically(tiny_bases, data, family):
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "electra", "mpnet", "deberta-v2", "modernbert",
+                                    "xlm-roberta"])
+def test_trained_adapter_loads_in_peft_and_runtime_identically(tiny_bases, new_family_bases, data, family):
     data_path, d = data
-    base = tiny_bases[family]
+    base = {**tiny_bases, **new_family_bases}[family]
     out = d / f"out_{family}"
     assert train(base, data_path, out) == 0
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json"} <= set(os.listdir(out))
@@ -49,6 +51,10 @@ def test_trained_adapter_loads_in_peft_and_runtime_identically(tiny_bases, data,
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     info = rt.add_adapter("t", str(out))
     assert info.labels == ["mid", "neg", "pos"] and info.rank == 4
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    # The family's whole head is trained and saved (DeBERTa's pooler, ModernBERT's head).
+    for module in rt.base.family.modules_to_save:
+        assert any(k.startswith(f"base_model.model.{module}.") for k in saved), module
     got = torch.tensor([p.logits for p in rt.classify([("t", t) for t in SAMPLE_TEXTS])])
     want = peft_logits(base, str(out), SAMPLE_TEXTS)
     assert (got - want).abs().max().item() <= 1e-4
