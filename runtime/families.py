@@ -97,6 +97,9 @@ class Family:
     positions_after_padding: bool = False
     # The model types served by this entry (a family's siblings share everything above).
     model_types: tuple[str, ...] = ()
+    # Which token-packed forward serves it where packing applies: "bert" (BERT-shaped encoder layers,
+    # torch_engine._encode_packed) or "modernbert" (runtime/engine/modernbert.py).
+    packed_forward: str = "bert"
     # Why the shared-base ONNX graph (runtime/engine/onnx) cannot serve this family; None: it can.
     no_shared_onnx: Optional[str] = None
 
@@ -205,6 +208,7 @@ MODERNBERT = Family(
     base_head=("head.dense.weight", "head.dense.bias", "head.norm.weight", "head.norm.bias"),
     modules_to_save=("head", "classifier"),
     model_types=("modernbert",),
+    packed_forward="modernbert",
     no_shared_onnx="its rotary positions, alternating local/global attention and gated MLP are not in the shared "
                    "graph's export (our attention op is global and absolute-position only)",
 )

@@ -14,7 +14,7 @@ from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotBatch
 from adapterserve.runtime.engine.cuda_graphs import GraphedForward
 from adapterserve.runtime.native import lora_kernel
-from adapterserve.runtime.engine import packing
+from adapterserve.runtime.engine import modernbert, packing
 from adapterserve.runtime.errors import ConfigError
 from adapterserve.runtime.native.lora_kernel import FusedLoRA
 from adapterserve.runtime.engine.slot_pool import SlotPool
@@ -87,6 +87,8 @@ class TorchEngine:
         kernel on every slot layer (its packed row call); BERT/RoBERTa attention on fp32 CPU."""
         if self.kernel_name != "fused" or any(layer.kernel is None for layer in self.layers.values()):
             return False
+        if self.base.family.packed_forward == "modernbert":
+            return modernbert.packed_applies(self.base.backbone) is None
         return packing.packed_applies(self.base.backbone, self.base.family.name) is None
 
     # -- slots (the pool's) -----------------------------------------------------------------------
@@ -160,6 +162,11 @@ class TorchEngine:
         offsets = packed["row_offsets"]
         kernel = next(iter(self.layers.values())).kernel
         self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, None, offsets)
+        if self.base.family.packed_forward == "modernbert":
+            try:
+                return modernbert.encode_packed(backbone, kernel, packed, self.base.family.pooling)
+            finally:
+                self.context.current = None
         try:
             hidden = backbone.embeddings(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                                          token_type_ids=packed["token_type_ids"])

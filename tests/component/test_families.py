@@ -21,7 +21,8 @@ pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/r
 
 TOL = 1e-4
 TASKS = {"two": (2, 4), "three": (3, 8), "fifty": (50, 2), "four": (4, 6)}  # labels, rank
-PACKS = {"xlm-roberta", "electra"}  # BERT-shaped attention: the token-packed forward applies
+# Token-packed forwards (with the fused kernel): BERT-shaped attention, and ModernBERT's own.
+PACKS = {"xlm-roberta", "electra", "modernbert", "modernbert-mean"}
 
 
 @pytest.fixture(scope="module", params=NEW_FAMILIES)
@@ -43,8 +44,8 @@ def family_tasks(request, new_family_bases, tmp_path_factory):
 def test_mixed_tasks_match_peft(family_tasks, token_packing):
     name, base, adapters = family_tasks
     rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, token_packing=token_packing))
-    assert rt.engine.packed == (token_packing == "auto" and name in PACKS)
-    if token_packing == "off" and name not in PACKS:
+    assert rt.engine.packed == (token_packing == "auto" and name in PACKS and rt.engine.kernel_name == "fused")
+    if token_packing == "off" and (name not in PACKS or rt.engine.kernel_name != "fused"):
         pytest.skip(f"{name} has no token-packed path: the auto run is its padded one")
     for task, path in adapters.items():
         rt.add_adapter(task, path)
