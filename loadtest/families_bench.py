@@ -27,7 +27,7 @@ FAMILIES = ("bert", "electra", "xlm-roberta", "mpnet", "deberta-v2", "modernbert
 SIZES = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 
 
-def make_base(family: str, out: str) -> str:
+def make_base(family: str, out: str, max_length: int = 512) -> str:
     from transformers import (AutoConfig, AutoModel, BertTokenizerFast, DebertaV2Config, ModernBertConfig)
 
     from adapterserve.runtime.config import packaged_base_model_dir
@@ -35,7 +35,7 @@ def make_base(family: str, out: str) -> str:
     torch.manual_seed(0)
     no_types = family in ("mpnet", "modernbert")
     tokenizer = BertTokenizerFast(vocab_file=os.path.join(packaged_base_model_dir(), "vocab.txt"), do_lower_case=True,
-                                  model_max_length=512,
+                                  model_max_length=max_length,
                                   **({"model_input_names": ["input_ids", "attention_mask"]} if no_types else {}))
     vocab = tokenizer.vocab_size
     if family == "deberta-v2":  # DeBERTa-v3's settings

@@ -158,6 +158,10 @@ class ServerConfig:
     # 2 workers x 1 thread serve 4-15% more texts/s than 1 x 2 in-process (less OpenMP fork/join per
     # op; `python -m adapterserve.loadtest.probes.cpu_probes workers`), about 5% more behind gRPC. GPUs want 1.
     model_workers: int = field(default=1, metadata={"help": "forwards run at once, intra-op threads split between them"})
+    # A request with a row this long runs on a model thread of its own (runtime/server/batcher.py), so
+    # short requests are not queued behind its forward. Only bases whose max length reaches it get the
+    # lane (not the 512-token MiniLM); measured by loadtest/long_inputs_bench.py.
+    long_input_tokens: int = field(default=2048, metadata={"help": "requests with a row of at least this many tokens get their own model thread (0 = one lane for all)"})
     # Requests with at most this many characters (texts + pairs) are tokenized on the event loop: a
     # short text tokenizes in ~25 us, while the hand-off to the pool and back costs ~300 us of
     # latency on this 2-core machine. Longer requests go to the pool so the loop never stalls on them.
@@ -196,6 +200,8 @@ class ServerConfig:
         if self.model_workers > 1 and self.merged_task:
             raise ConfigError("--merged-task runs with one model worker (merged weights are shared by every forward); "
                               "drop --model-workers or --merged-task")
+        if self.long_input_tokens < 0:
+            raise ConfigError(f"long_input_tokens must be >= 0 (0 = no separate lane); got {self.long_input_tokens}")
         if self.inline_tokenize_chars < 0:
             raise ConfigError("inline_tokenize_chars must be >= 0 (0 = always tokenize in the pool)")
         if self.grace < 0:

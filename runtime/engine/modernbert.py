@@ -28,18 +28,24 @@ def packed_applies(backbone) -> Optional[str]:
 
 
 def _banded_rows(q, k, v, offsets: list[int], heads: int, half_window: int, out: torch.Tensor) -> None:
-    """Overwrite out's rows longer than half_window + 1 with attention limited to |i - j| <= half_window."""
+    """Overwrite out's rows longer than half_window + 1 with attention limited to |i - j| <= half_window,
+    in blocks of queries against the keys their window reaches: O(length x window), so an 8k-token row
+    never builds an 8k x 8k score matrix."""
     d = q.shape[-1] // heads
+    block = max(1, 2 * half_window)
     for b in range(len(offsets) - 1):
         start, end = offsets[b], offsets[b + 1]
         n = end - start
         if n <= half_window + 1:
             continue
-        pos = torch.arange(n)
-        band = (pos[:, None] - pos[None, :]).abs() <= half_window
-        per_head = [t[start:end].view(n, heads, d).transpose(0, 1) for t in (q, k, v)]
-        attended = F.scaled_dot_product_attention(*per_head, attn_mask=band)
-        out[start:end] = attended.transpose(0, 1).reshape(n, heads * d)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            k_lo, k_hi = max(0, lo - half_window), min(n, hi + half_window)
+            band = (torch.arange(lo, hi)[:, None] - torch.arange(k_lo, k_hi)[None, :]).abs() <= half_window
+            query = q[start + lo:start + hi].view(hi - lo, heads, d).transpose(0, 1)
+            key, value = (t[start + k_lo:start + k_hi].view(k_hi - k_lo, heads, d).transpose(0, 1) for t in (k, v))
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=band)
+            out[start + lo:start + hi] = attended.transpose(0, 1).reshape(hi - lo, heads * d)
 
 
 def encode_packed(backbone, kernel, packed: dict, pooling: str) -> torch.Tensor:

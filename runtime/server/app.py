@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
+from typing import Optional
 
 import grpc
 from prometheus_client import Histogram
@@ -163,9 +164,25 @@ async def serve(config: ServerConfig) -> int:
         await loop.run_in_executor(model_executor, service.restore)
         if config.merged_task:
             await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
+        long_executor, threads = None, per_worker
+        if config.long_input_tokens and runtime.base.max_length >= config.long_input_tokens and not config.merged_task:
+            long_threads = threads_total = config.runtime.torch_threads or torch.get_num_threads()
+            if runtime.base.device.type == "cpu":
+                # The lanes split the cores rather than share them: OpenMP teams that outnumber the cores
+                # spin against each other, and a short request behind an 8k-token forward then took ~1 s
+                # at p99 instead of ~25 ms (loadtest/long_inputs_bench.py, 2 cores).
+                long_threads = max(1, threads_total // 4)
+                threads = max(1, (threads_total - long_threads) // workers)
+            long_executor = ThreadPoolExecutor(1, thread_name_prefix="model-long", initializer=torch.set_num_threads,
+                                               initargs=(long_threads,))
+            log.info("requests with a row of %d tokens or more run in a lane of their own (%d threads; others %d per "
+                     "worker)", config.long_input_tokens, long_threads, threads)
         # Each worker thread warms once (lazy init, OpenMP team); the barrier puts one warm-up on each.
         barrier = threading.Barrier(workers)
-        await asyncio.gather(*[loop.run_in_executor(model_executor, _warm_up, runtime, barrier) for _ in range(workers)])
+        await asyncio.gather(*[loop.run_in_executor(model_executor, _warm_up, runtime, barrier, threads)
+                               for _ in range(workers)])
+        if long_executor is not None:
+            await loop.run_in_executor(long_executor, _warm_up, runtime, threading.Barrier(1), None)
         # Everything built so far (model, tokenizer, modules) lives as long as the process: move it out
         # of the cyclic GC's generations so collections while serving only walk request garbage.
         gc.collect()
@@ -173,7 +190,8 @@ async def serve(config: ServerConfig) -> int:
 
         batcher = Batcher(runtime, model_executor, config.runtime.max_batch_tokens, config.runtime.max_batch_size,
                           config.max_wait_ms, config.max_queue, workers=workers,
-                          metrics_factory=lambda b: BatcherMetrics(metrics_registry, b))
+                          metrics_factory=lambda b: BatcherMetrics(metrics_registry, b),
+                          long_row_tokens=config.long_input_tokens, long_executor=long_executor)
         batcher.start()
         _register_runtime_metrics(metrics_registry, runtime)
         if store is not None:
@@ -237,9 +255,14 @@ def _register_runtime_metrics(registry, runtime: Runtime) -> None:
     registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
 
 
-def _warm_up(runtime: Runtime, barrier: threading.Barrier) -> None:
-    """One forward per registered task so the first real request does not pay for lazy init."""
+def _warm_up(runtime: Runtime, barrier: threading.Barrier, threads: Optional[int]) -> None:
+    """One forward per registered task so the first real request does not pay for lazy init. threads:
+    this model thread's intra-op threads from now on (None: as its executor set them)."""
     barrier.wait(timeout=600)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     tasks = [a.task for a in runtime.list_adapters()]
     if runtime.merged_task is not None:
         tasks = [runtime.merged_task.task]  # warming others would unmerge

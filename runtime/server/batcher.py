@@ -6,6 +6,11 @@ takes at most its share (1/workers) of what is queued, and the rest waits for wh
 first. Requests whose deadline has
 passed are dropped before they reach the model. The queue is bounded in texts: past max_queue a
 request is refused with RESOURCE_EXHAUSTED instead of growing latency without limit.
+
+Long inputs have a lane of their own: a request holding a row of at least long_row_tokens tokens (an
+8k-token text on an 8k-context base takes seconds on a CPU) queues for a batch loop and model thread of
+its own, so short requests keep being served beside it instead of waiting out its forward
+(loadtest/long_inputs_bench.py measures both).
 """
 from __future__ import annotations
 
@@ -71,7 +76,8 @@ def _resolve(works: list) -> None:
 class Batcher:
     def __init__(self, runtime: Runtime, executor: Executor, max_batch_tokens: int, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, workers: int = 1,
-                 metrics_factory: Optional[Callable[["Batcher"], BatcherMetrics]] = None) -> None:
+                 metrics_factory: Optional[Callable[["Batcher"], BatcherMetrics]] = None,
+                 long_row_tokens: int = 0, long_executor: Optional[Executor] = None) -> None:
         self.runtime = runtime
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
@@ -79,6 +85,10 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.queue: "asyncio.Queue[Optional[Work]]" = asyncio.Queue()
+        # The long-input lane (module docstring); off without its executor or threshold.
+        self.long_row_tokens = long_row_tokens if long_executor is not None else 0
+        self.long_executor = long_executor
+        self.long_queue: "asyncio.Queue[Optional[Work]]" = asyncio.Queue()
         self.pending_texts = 0
         self.closed = False
         self.workers = workers  # batch loops, one per model worker: each forms a batch and waits for its forward
@@ -87,7 +97,11 @@ class Batcher:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._loop(), name=f"batcher-{i}") for i in range(self.workers)]
+        self._tasks = [loop.create_task(self._loop(self.queue, self.executor, self.workers), name=f"batcher-{i}")
+                       for i in range(self.workers)]
+        if self.long_row_tokens:
+            self._tasks.append(loop.create_task(self._loop(self.long_queue, self.long_executor, 1),
+                                                name="batcher-long"))
 
     async def submit(self, rows: list[Row], deadline: Optional[float]) -> Work:
         if self.closed:
@@ -102,7 +116,8 @@ class Batcher:
         work = Work(rows, deadline, asyncio.get_running_loop().create_future(),
                     tokens=sum(r.encoded.length for r in rows))
         self.pending_texts += len(rows)
-        self.queue.put_nowait(work)
+        long = self.long_row_tokens and any(r.encoded.length >= self.long_row_tokens for r in rows)
+        (self.long_queue if long else self.queue).put_nowait(work)
         return work
 
     def refuse_new(self) -> None:
@@ -113,16 +128,17 @@ class Batcher:
         """Stop taking work; everything already queued still runs."""
         self.closed = True
         self.queue.put_nowait(None)
+        self.long_queue.put_nowait(None)
         await asyncio.gather(*self._tasks)
 
-    async def _next_batch(self) -> Optional[list[Work]]:
-        first = await self.queue.get()
+    async def _next_batch(self, queue: asyncio.Queue, workers: int) -> Optional[list[Work]]:
+        first = await queue.get()
         if first is None:
-            self.queue.put_nowait(None)  # the other batch loops stop too
+            queue.put_nowait(None)  # the other batch loops stop too
             return None
         batch, rows, tokens = [first], len(first.rows), first.tokens
         max_rows = self.max_batch_size
-        if self.workers > 1:
+        if workers > 1:
             # Take only one worker's share of what is queued, whether the other workers are idle or
             # busy: a worker's forward runs on its own share of the cores, so one worker taking a whole
             # burst runs it at a fraction of the machine while the others, once free, find nothing
@@ -130,31 +146,31 @@ class Batcher:
             # the others were busy put ONNX int8 + 2 workers' open-loop p99 at 60-65 ms, p99/p50
             # 3.4-3.7; with shares 47-55 ms, 2.65-3.04: docs/benchmarks.md.) A loop whose share is
             # already taken does not wait --max-wait-ms for more: the other workers serve what comes.
-            max_rows = min(max_rows, -(-self.pending_texts // self.workers))
+            max_rows = min(max_rows, -(-self.pending_texts // workers))
         wait_until = time.monotonic() + self.max_wait
         while rows < max_rows and tokens < self.max_batch_tokens:
             try:
-                nxt = self.queue.get_nowait()
+                nxt = queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
-                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
+                    nxt = await asyncio.wait_for(queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
             if nxt is None:  # close(): finish this batch, then stop
-                self.queue.put_nowait(None)
+                queue.put_nowait(None)
                 break
             batch.append(nxt)
             rows += len(nxt.rows)
             tokens += nxt.tokens
         return batch
 
-    async def _loop(self) -> None:
+    async def _loop(self, queue: asyncio.Queue, executor: Executor, workers: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(queue, workers)
             if batch is None:
                 return
             now_ns = time.perf_counter_ns()
@@ -193,7 +209,7 @@ class Batcher:
                     loop.call_soon_threadsafe(_resolve, finished)
 
             try:
-                await loop.run_in_executor(self.executor, self.runtime.infer, rows, forward_done)
+                await loop.run_in_executor(executor, self.runtime.infer, rows, forward_done)
             except Exception as e:  # noqa: BLE001 - every waiter must hear about it
                 log.exception("inference failed for a batch of %d texts", len(rows))
                 for w in live:

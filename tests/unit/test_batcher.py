@@ -134,3 +134,40 @@ def test_a_request_that_can_never_fit_is_bad_input_not_retry():
         pool.shutdown()
 
     asyncio.run(run())
+
+
+def test_long_rows_run_in_their_own_lane_beside_short_ones():
+    """A request with a row of long_row_tokens or more goes to the long lane's thread; a short request
+    that arrives while that forward runs is answered before it ends."""
+    release = threading.Event()
+    seen = []
+
+    class Model:
+        def infer(self, rows, on_forward_done=None) -> None:
+            seen.append((threading.current_thread().name.rsplit("_", 1)[0], [r.encoded.length for r in rows]))
+            if any(r.encoded.length >= 100 for r in rows):
+                assert release.wait(10), "the test never released the long forward"
+
+    def row(length):
+        return SimpleNamespace(encoded=SimpleNamespace(length=length))
+
+    async def scenario():
+        pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        long_pool = ThreadPoolExecutor(1, thread_name_prefix="model-long")
+        batcher = Batcher(Model(), pool, max_batch_tokens=100_000, max_batch_size=64, max_wait_ms=0, max_queue=1000,
+                          long_row_tokens=100, long_executor=long_pool)
+        batcher.start()
+        long = await batcher.submit([row(500), row(8)], None)
+        await asyncio.sleep(0.05)  # the long forward is now running, held until released
+        short = await batcher.submit([row(8), row(12)], None)
+        await asyncio.wait_for(short.future, 5)
+        assert not long.future.done()
+        release.set()
+        await asyncio.wait_for(long.future, 5)
+        assert batcher.pending_texts == 0
+        await batcher.close()
+        pool.shutdown()
+        long_pool.shutdown()
+
+    asyncio.run(scenario())
+    assert seen == [("model-long", [500, 8]), ("model", [8, 12])]
