@@ -263,7 +263,7 @@ def _loha_convert(name, parts, config, shared, dims, peft_key, base_params):
 
 
 def _loha_hint(config: dict) -> str:
-    return "LoHa of rank r converts exactly to LoRA of rank r²: retrain with a smaller r or raise --r-max"
+    return "LoHa of rank r converts exactly to LoRA of rank r²: retrain with a smaller r or raise --wide-r-max"
 
 
 # ---- VeRA ---------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def _vera_convert(name, parts, config, shared, dims, peft_key, base_params):
 
 
 def _vera_hint(config: dict) -> str:
-    return "VeRA's rank is its shared projections' r: retrain with a smaller r or raise --r-max"
+    return "VeRA's rank is its shared projections' r: retrain with a smaller r or raise --wide-r-max"
 
 
 KINDS: dict[str, Kind] = {

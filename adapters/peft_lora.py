@@ -56,6 +56,8 @@ class BaseShape:
     head_defaults: dict = field(default_factory=dict, compare=False)
     # Width of the word embeddings (a virtual token's size): the hidden size but for ELECTRA-small-like bases.
     token_dim: Optional[int] = None
+    # Largest rank a wide slot holds (adapters above r_max); 0 = the server has no wide slots.
+    wide_r_max: int = 0
 
 
 def _inside(root: str, path: str) -> bool:
@@ -319,8 +321,9 @@ def parse_adapter(
             continue
         a, b = pair
         r = a.shape[1]
-        if r > base.r_max:
-            raise InvalidAdapterError(f"module {name} has rank {r}, above this server's r_max {base.r_max}; "
+        if r > max(base.r_max, base.wide_r_max):
+            wide = f" and its wide slots' {base.wide_r_max}" if base.wide_r_max else ""
+            raise InvalidAdapterError(f"module {name} has rank {r}, above this server's r_max {base.r_max}{wide}; "
                                       f"{kind.rank_hint(config)}")
         modules[name] = LoraModule(module=name, a=a, b=b)
 

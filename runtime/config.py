@@ -46,6 +46,10 @@ class RuntimeConfig:
     slots: int = field(default=64, metadata={"help": "device adapter slots, slot 0 reserved"})
     # Largest LoRA rank a slot holds; smaller ranks are zero-padded.
     r_max: int = field(default=16, metadata={"help": "largest LoRA rank a slot holds"})
+    # Adapters above r_max (PEFT's default LoHa is rank 64 once converted, its default VeRA rank 256) get
+    # slots of their own, allocated the first time one loads and only as wide as the widest loaded.
+    wide_slots: int = field(default=4, metadata={"help": "device slots for adapters whose rank is above --r-max (allocated on first use; 0 = refuse them)"})
+    wide_r_max: int = field(default=256, metadata={"help": "largest rank a wide slot holds"})
     # Padded tokens (rows x longest row) one forward may hold.
     max_batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward"})
     max_batch_size: int = field(default=64, metadata={"help": "rows per forward"})
@@ -92,6 +96,10 @@ class RuntimeConfig:
             raise ConfigError(f"slots must be in 2..4096 (slot 0 is reserved for 'no adapter'); got {self.slots}")
         if not 1 <= self.r_max <= 512:
             raise ConfigError(f"r_max must be in 1..512; got {self.r_max}")
+        if not 0 <= self.wide_slots <= 256:
+            raise ConfigError(f"wide_slots must be in 0..256; got {self.wide_slots}")
+        if not 1 <= self.wide_r_max <= 1024:
+            raise ConfigError(f"wide_r_max must be in 1..1024; got {self.wide_r_max}")
         if not 1 <= self.max_batch_size <= 4096:
             raise ConfigError(f"max_batch_size must be in 1..4096; got {self.max_batch_size}")
         if self.forward_overhead_tokens is not None and self.forward_overhead_tokens < 0:

@@ -9,7 +9,7 @@ fewer padded positions; on a GPU the fixed cost dominates and the same rule keep
 """
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -24,25 +24,30 @@ PACKED_OVERHEAD_TOKENS = 1 << 30
 
 
 def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int, max_tokens: int,
-                max_adapters: int, overhead_tokens: int) -> list[list[int]]:
+                max_adapters: int, overhead_tokens: int, wide: Optional[Sequence[bool]] = None,
+                max_wide: int = 0) -> list[list[int]]:
     """Indices into `lengths`, grouped into forwards. Each group is a run of the rows sorted by length
     with at most `max_rows` rows, `max_tokens` padded tokens (rows x longest) and `max_adapters`
-    distinct keys; a single row always forms a valid group."""
+    distinct keys, of which the keys of rows marked `wide` (adapters in wide slots) count against
+    `max_wide` instead; a single row always forms a valid group."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     # Every cap only tightens as a group grows to the left, so the groups that may end at sorted row
     # j are exactly those of 1..longest[j] rows. The distinct-key cap, by two pointers over the rows.
     longest = [0] * (n + 1)
-    counts: dict = {}
+    counts: dict = {}  # narrow keys of the window
+    wide_counts: dict = {}
     left = 0
     for j in range(1, n + 1):
-        key = keys[order[j - 1]]
-        counts[key] = counts.get(key, 0) + 1
-        while len(counts) > max(1, max_adapters):
-            k = keys[order[left]]
-            counts[k] -= 1
-            if not counts[k]:
-                del counts[k]
+        row = order[j - 1]
+        into = wide_counts if wide is not None and wide[row] else counts
+        into[keys[row]] = into.get(keys[row], 0) + 1
+        while len(counts) > max(1, max_adapters) or len(wide_counts) > max(1, max_wide):
+            first = order[left]
+            table = wide_counts if wide is not None and wide[first] else counts
+            table[keys[first]] -= 1
+            if not table[keys[first]]:
+                del table[keys[first]]
             left += 1
         width = lengths[order[j - 1]]  # sorted: the group's last row is its longest
         longest[j] = max(1, min(max_rows, j - left, max_tokens // max(1, width)))

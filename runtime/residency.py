@@ -25,7 +25,8 @@ REMERGE_AFTER_BATCHES = 8  # batches in a row that need only the merge goal befo
 
 class Residency:
     def __init__(self, engine: Engine, registry: Registry, host_tier: HostTier, slots: int, precision: str,
-                 on_slot_load: Optional[Callable[[float], None]] = None) -> None:
+                 on_slot_load: Optional[Callable[[float], None]] = None, r_max: Optional[int] = None,
+                 wide_slots: int = 0) -> None:
         self.engine = engine
         self.registry = registry  # merge pins the merged task's entry for as long as it is merged
         self.host_tier = host_tier
@@ -37,6 +38,18 @@ class Residency:
             on_evict=lambda slot, key: engine.clear_slot(slot),
             load_observer=on_slot_load,
         )
+        # Adapters above r_max take wide slots (slot_pool.SlotPool), numbered from `slots` on, with a
+        # table of their own: they are evicted among themselves.
+        self.r_max = r_max
+        self.wide_table: Optional[SlotTable] = None
+        if wide_slots and r_max is not None:
+            self.wide_table = SlotTable(
+                wide_slots + 1,
+                on_load=lambda slot, key: engine.load_slot(slots + slot - 1, self._entries_by_key[key].spec),
+                on_evict=lambda slot, key: engine.clear_slot(slots + slot - 1),
+                load_observer=on_slot_load,
+            )
+        self._wide_offset = slots - 1
         self._device_lock = threading.RLock()
         self._released = threading.Condition(self._device_lock)  # a forward finished and unpinned its slots
         self._forwards = 0
@@ -60,8 +73,17 @@ class Residency:
     def admit(self, entry: AdapterEntry) -> None:
         self.host_tier.admit(entry)
 
+    def is_wide(self, entry: AdapterEntry) -> bool:
+        return self.r_max is not None and entry.spec.rank > self.r_max
+
+    def _table(self, entry: AdapterEntry) -> SlotTable:
+        if self.is_wide(entry):
+            assert self.wide_table is not None, "a wide adapter was registered on a server without wide slots"
+            return self.wide_table
+        return self.slot_table
+
     def tier_of(self, entry: AdapterEntry) -> str:
-        if self.slot_table.slot_of(entry.key) is not None:
+        if self._table(entry).slot_of(entry.key) is not None:
             return "DEVICE"
         return "HOST" if self.host_tier.in_memory(entry) else "DISK"
 
@@ -70,7 +92,7 @@ class Residency:
         with self._device_lock:
             if self.merged_task is entry:
                 self.unmerge()
-            self.slot_table.drop(entry.key)
+            self._table(entry).drop(entry.key)
             self.host_tier.forget(entry)
             self._entries_by_key.pop(entry.key, None)
 
@@ -83,6 +105,10 @@ class Residency:
                 "and be restored exactly; serve it through slots instead"
             )
         entry = self.registry.acquire(task)
+        if self.is_wide(entry):
+            self.registry.release(entry)
+            raise NotSupportedError(f"task {task!r} has rank {entry.spec.rank}, above r_max {self.r_max}: merged mode "
+                                    "takes adapters of up to r_max; it is served through a wide slot")
         if entry.spec.vectors or entry.spec.prompt is not None:
             self.registry.release(entry)
             raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors or "
@@ -164,8 +190,10 @@ class Residency:
                 # Batches running on other workers may hold so many slots that this one does not fit
                 # yet: wait for them to unpin (one batch alone always fits: the planner caps its
                 # adapters), then look again, merged state included, since both may have changed.
-                wanted = {e.key for e in entries if e is not merged}
-                if not self._forwards or self.slot_table.can_fit(wanted):
+                wanted = {e.key for e in entries if e is not merged and not self.is_wide(e)}
+                wide_wanted = {e.key for e in entries if self.is_wide(e)}
+                if not self._forwards or (self.slot_table.can_fit(wanted)
+                                          and (not wide_wanted or self.wide_table.can_fit(wide_wanted))):
                     break
                 self._released.wait()
             try:
@@ -174,10 +202,12 @@ class Residency:
                     if e is merged:
                         slot_of[e.key] = 0  # its delta lives in the base weights
                         continue
-                    if self.slot_table.slot_of(e.key) is None:
+                    table = self._table(e)
+                    if table.slot_of(e.key) is None:
                         self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
-                    slot_of[e.key] = self.slot_table.acquire(e.key)
-                    pinned.append(e.key)
+                    slot = table.acquire(e.key)
+                    slot_of[e.key] = slot + self._wide_offset if table is self.wide_table else slot
+                    pinned.append((table, e.key))
             except BaseException:
                 self._release(pinned, forward=False)
                 raise
@@ -190,8 +220,8 @@ class Residency:
 
     def _release(self, pinned: list, forward: bool) -> None:
         with self._device_lock:
-            for key in pinned:
-                self.slot_table.release(key)
+            for table, key in pinned:
+                table.release(key)
             if forward:
                 self._forwards -= 1
                 self._released.notify_all()

@@ -85,7 +85,8 @@ class Runtime:
         # A retired version is freed (slot, host memory, merge, its blobs) once its last request lets go of it.
         self.registry = Registry(on_retired=self._retired, on_idle=host_tier.shrink)
         self.residency = Residency(self.engine, self.registry, host_tier, self.config.slots, self.base.precision,
-                                   on_slot_load)
+                                   on_slot_load, r_max=self.config.r_max,
+                                   wide_slots=self.engine.pool.wide_slots if hasattr(self.engine, "pool") else 0)
         log.info("hardware: %s", probe().summary())
         log.info("serving paths: %s", ", ".join(f"{k}={v}" for k, v in self.serving_paths().items()))
 
@@ -225,9 +226,12 @@ class Runtime:
     def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:
         """Cut rows into forwards: length bands that save padding (runtime/planning.py), each within the
         row, padded-token and distinct-adapter caps."""
+        wide_table = self.residency.wide_table
         groups = plan_groups([r.encoded.length for r in rows], [r.entry.key for r in rows],
                              self.config.max_batch_size, self.config.max_batch_tokens, self.slot_table.capacity,
-                             self.forward_overhead_tokens)
+                             self.forward_overhead_tokens,
+                             wide=[self.residency.is_wide(r.entry) for r in rows] if wide_table else None,
+                             max_wide=wide_table.capacity if wide_table else 0)
         return [[rows[i] for i in g] for g in groups]
 
     def infer(self, rows: Sequence[Row], on_forward_done: Optional[Callable[[list[Row]], None]] = None) -> None:

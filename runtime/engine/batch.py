@@ -28,10 +28,23 @@ class SlotBatch:
     # The same as Python values, for layers that walk rows (per-feature vectors on packed rows).
     slot_list: tuple = ()
     bounds: tuple = ()  # offsets as ints when packed
+    # Rows whose adapter sits in a wide slot (rank above r_max: slot_pool.SlotPool): (wide slot index,
+    # row indices) per wide adapter. Those rows read slot 0 in slot_per_row; the layers add their delta.
+    wide: tuple = ()
 
     @classmethod
     def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device,
-              lengths: Optional[list[int]] = None, offsets: Optional[torch.Tensor] = None) -> "SlotBatch":
+              lengths: Optional[list[int]] = None, offsets: Optional[torch.Tensor] = None,
+              first_wide: Optional[int] = None) -> "SlotBatch":
+        """first_wide: the first wide slot number (slots at or above it are wide), None: no wide slots."""
+        wide: tuple = ()
+        if first_wide is not None and any(s >= first_wide for s in slots):
+            rows_of: dict[int, list[int]] = {}
+            for i, s in enumerate(slots):
+                if s >= first_wide:
+                    rows_of.setdefault(s - first_wide, []).append(i)
+            wide = tuple((w, tuple(rows)) for w, rows in rows_of.items())
+            slots = [s if s < first_wide else 0 for s in slots]
         distinct = frozenset(s for s in slots if s != 0)
         single = next(iter(distinct)) if len(distinct) == 1 and 0 not in slots else None
         rank = max((ranks[s] for s in distinct), default=0)
@@ -44,6 +57,7 @@ class SlotBatch:
             offsets=offsets,
             slot_list=tuple(slots),
             bounds=tuple(offsets.tolist()) if offsets is not None else (),
+            wide=wide,
         )
 
 

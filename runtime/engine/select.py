@@ -39,7 +39,9 @@ def base_precision(config: RuntimeConfig) -> str:
 
 
 def build_engine(config: RuntimeConfig, base: BaseModel) -> Engine:
-    pool = SlotPool(base, config.slots, config.r_max, config.lora_targets)
+    # Wide slots are the torch engine's: the shared ONNX graph's slot inputs are r_max wide.
+    wide = (config.wide_slots, config.wide_r_max) if config.engine != "onnx" else (0, 0)
+    pool = SlotPool(base, config.slots, config.r_max, config.lora_targets, *wide)
     if config.engine == "onnx":
         return _onnx_engine(config, pool)
     return TorchEngine(base, pool, lora_kernel=config.lora_kernel, token_packing=config.token_packing,

@@ -66,6 +66,11 @@ class SlotLoRALinear(nn.Module):
         self.in_scale: Optional[torch.Tensor] = None  # [slots, d_in] float32, made on first use
         self.out_scale: Optional[torch.Tensor] = None  # [slots, d_out]
         self.out_shift: Optional[torch.Tensor] = None  # [slots, d_out]
+        # Wide slots (adapters above r_max; slot_pool.SlotPool makes them on first use): A [wide, r_wide,
+        # d_in] and B [wide, r_wide, d_out] as the narrow ones, and each wide slot's rank in this layer.
+        self.wide_a: Optional[torch.Tensor] = None
+        self.wide_b: Optional[torch.Tensor] = None
+        self.wide_rank: list[int] = []
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -186,6 +191,38 @@ class SlotLoRALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._slot_forward(x)
+        batch = self.context.current
+        if batch is not None and batch.wide and self.context.traced is None and any(self.wide_rank):
+            y = self._add_wide(x, y, batch)
+        return y
+
+    def _add_wide(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
+        """Each wide adapter's delta on its own rows (or, packed, its rows' token runs)."""
+        rows_total = batch.slot_per_row.shape[0]
+        shared = x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1  # DeBERTa positions
+        if shared and y.shape[0] == 1:
+            y = y.expand(rows_total, -1, -1).contiguous()
+        for w, rows in batch.wide:
+            r = self.wide_rank[w]
+            if not r:
+                continue
+            a, b = self.wide_a[w, :r], self.wide_b[w, :r]
+            if batch.offsets is not None and x.dim() == 3:  # packed [1, N, d]: each row's token run
+                for i in rows:
+                    start, end = batch.bounds[i], batch.bounds[i + 1]
+                    y[0, start:end].addmm_(x[0, start:end] @ a.t(), b)
+            elif shared:
+                delta = (x[0] @ a.t()) @ b
+                for i in rows:
+                    y[i] += delta
+            else:
+                index = torch.tensor(rows, device=x.device)
+                picked = x.index_select(0, index)
+                y.index_add_(0, index, torch.matmul(torch.matmul(picked, a.t()), b).to(y.dtype))
+        return y
+
+    def _slot_forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current
         if (batch is not None and x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None
                 and self.context.traced is None and batch.slot_per_row.shape[0] > 1):

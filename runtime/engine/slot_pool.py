@@ -22,10 +22,17 @@ def _matches(name: str, suffixes: Optional[list[str]]) -> bool:
 
 
 class SlotPool:
-    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None) -> None:
+    def __init__(self, base: BaseModel, slots: int, r_max: int, targets: Optional[list[str]] = None,
+                 wide_slots: int = 0, wide_r_max: int = 0) -> None:
         self.base = base
         self.slots = slots
         self.r_max = r_max
+        # Wide slots, numbered from `slots` on: adapters above r_max. Their buffers are made when the first
+        # one loads, as wide as the widest loaded so far (rounded up to 16), so a server that never sees
+        # one pays nothing and one that does pays for the ranks it holds.
+        self.wide_slots = wide_slots
+        self.wide_r_max = wide_r_max if wide_slots else 0
+        self.wide_width = 0
         self.context = SlotContext()  # the batch being run, read by every slot layer
         self.layers: dict[str, SlotLoRALinear] = {}
         self.slot_ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
@@ -52,6 +59,7 @@ class SlotPool:
             base_params=self.base_params,
             head_defaults=base.head_defaults,
             token_dim=base.backbone.get_input_embeddings().embedding_dim,
+            wide_r_max=self.wide_r_max,
         )
 
     def base_params(self, name: str) -> tuple:
@@ -68,6 +76,9 @@ class SlotPool:
         """Overwrite `slot` with the adapter in every layer, whatever was there before. The writes
         of all layers go out as one foreach zero and one foreach copy: per-layer ops made a load
         cost ~0.9 ms of dispatch on MiniLM, which adds up when 1,024 adapters share 64 slots."""
+        if slot >= self.slots:
+            self._load_wide(slot - self.slots, spec)
+            return
         assert 0 < slot < self.slots
         dst: list = []
         src: list = []
@@ -103,13 +114,54 @@ class SlotPool:
             backbone.set_input_embeddings(self.prompts)
         return self.prompts
 
+    def _load_wide(self, w: int, spec: AdapterSpec) -> None:
+        assert 0 <= w < self.wide_slots and not spec.vectors and spec.prompt is None
+        needed = max((m.rank for m in spec.modules.values()), default=0)
+        if needed > self.wide_width:
+            self._widen(min(self.wide_r_max, -(-needed // 16) * 16))
+        with torch.inference_mode():
+            for name, layer in self.layers.items():
+                module = spec.modules.get(name)
+                if module is None:
+                    layer.wide_rank[w] = 0
+                    continue
+                r = module.rank
+                layer.wide_a[w, :r].copy_(module.a.t())
+                layer.wide_b[w, :r].copy_(module.b)
+                layer.wide_rank[w] = r
+        self.slot_ranks[self.slots + w] = spec.rank
+
+    def _widen(self, width: int) -> None:
+        """Wide buffers of `width` ranks in every layer, what the narrower ones held copied over first
+        (a forward on another worker reads its pinned slots from either, with the same values)."""
+        with torch.inference_mode():
+            for layer in self.layers.values():
+                device, dtype = layer.lora_a.device, layer.lora_a.dtype
+                a = torch.zeros(self.wide_slots, width, layer.d_in, dtype=dtype, device=device)
+                b = torch.zeros(self.wide_slots, width, layer.d_out, dtype=dtype, device=device)
+                if layer.wide_a is not None:
+                    a[:, :self.wide_width] = layer.wide_a
+                    b[:, :self.wide_width] = layer.wide_b
+                else:
+                    layer.wide_rank = [0] * self.wide_slots
+                layer.wide_a, layer.wide_b = a, b
+        self.wide_width = width
+
     def clear_slot(self, slot: int) -> None:
         """The slot was freed. No batch reads a free slot and the next load overwrites it completely
         (load_slot), so its weights are left in place rather than zeroed."""
         self.slot_ranks.pop(slot, None)
+        if slot >= self.slots:
+            for layer in self.layers.values():
+                layer.wide_rank[slot - self.slots] = 0
 
     def slot_bytes(self) -> int:
         """Device bytes one slot takes across all wrapped layers."""
         lora = sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
         vectors = sum((2 * l.d_out + l.d_in) * 4 for l in self.layers.values() if l.in_scale is not None)
         return lora + vectors
+
+    def wide_bytes(self) -> int:
+        """Device bytes of every wide slot together (0 until the first wide adapter loads)."""
+        return sum(l.wide_a.numel() * l.wide_a.element_size() + l.wide_b.numel() * l.wide_b.element_size()
+                   for l in self.layers.values() if l.wide_a is not None)

@@ -43,6 +43,7 @@ class TorchEngine:
         # The pool's, read on every forward: kept here as plain attributes, not looked up through it.
         self.layers, self.context, self.slots, self.r_max = pool.layers, pool.context, pool.slots, pool.r_max
         self.slot_ranks, self.shape = pool.slot_ranks, pool.shape
+        self.first_wide = pool.slots if pool.wide_slots else None  # wide slots are numbered from here
         self.kernel_name = self._attach_kernel(lora_kernel)
         self.packed = token_packing == "auto" and self._packing_applies()
         self.position_offset = packing.position_offset(base.backbone, base.family.positions_after_padding)
@@ -93,6 +94,13 @@ class TorchEngine:
 
     # -- slots (the pool's) -----------------------------------------------------------------------
     def refuses(self, spec: AdapterSpec) -> Optional[str]:
+        if spec.rank > self.r_max:
+            if self.graphs is not None:
+                return (f"rank {spec.rank} is above r_max {self.r_max}, and the torch engine's CUDA graphs capture "
+                        "r_max-wide slots only; serve it with --cuda-graphs off or a larger --r-max")
+            if spec.vectors or spec.prompt is not None:
+                return (f"a {spec.kind()} adapter of rank {spec.rank} (above r_max {self.r_max}) would need a wide slot, "
+                        "which holds LoRA factors only; retrain it with r <= r_max or start with a larger --r-max")
         if spec.prompt is not None and self.graphs is not None:
             return (f"{spec.kind()} adapters put virtual tokens before each row's own, which the torch engine's CUDA "
                     "graphs do not capture; serve them with --cuda-graphs off")
@@ -136,7 +144,8 @@ class TorchEngine:
             features = self.graphs(inputs, slots)
             if features is not None:
                 return features
-        return self._padded_forward(inputs, SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths))
+        return self._padded_forward(inputs, SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths,
+                                                            first_wide=self.first_wide))
 
     def _graph_forward(self, inputs: dict[str, torch.Tensor], slot_per_row: torch.Tensor) -> torch.Tensor:
         """The forward a CUDA graph captures: static inputs, every slot layer at r_max (cuda_graphs.py)."""
@@ -161,7 +170,8 @@ class TorchEngine:
         packed = packing.pack(inputs, self.position_offset)
         offsets = packed["row_offsets"]
         kernel = next(iter(self.layers.values())).kernel
-        self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, None, offsets)
+        self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, None, offsets,
+                                               first_wide=self.first_wide)
         if self.base.family.packed_forward == "modernbert":
             try:
                 return modernbert.encode_packed(backbone, kernel, packed, self.base.family.pooling)

@@ -149,7 +149,7 @@ def bad_setup(tiny_bases, tmp_path_factory):
     prompt = make_peft_kind_adapter(base, str(root / "prompt"), "prompt", num_labels=3, r=4, seed=8)
     adalora = make_peft_kind_adapter(base, str(root / "adalora"), "adalora", num_labels=3, r=4, targets=["query"],
                                      seed=9)
-    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=0))  # no wide slots: rank above r_max is refused
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
     return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt,

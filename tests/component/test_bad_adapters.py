@@ -24,7 +24,7 @@ def setup(tiny_bases, tmp_path_factory):
     base = tiny_bases["bert"]
     root = tmp_path_factory.mktemp("bad")
     good = make_peft_adapter(base, str(root / "good"), num_labels=3, r=4, seed=1, labels=["a", "b", "c"])
-    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=0))  # rank above r_max: refused
     rt.add_adapter("good", good)
     before = rt.classify([("good", t) for t in SAMPLE_TEXTS[:3]])
     return rt, good, root, before
