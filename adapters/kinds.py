@@ -19,9 +19,13 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   W1b[j,i] W2b[k,i], so A[i, (j,k)] = W1b[j,i] W2b[k,i] and B[(j,k), o] = W1a[o,j] W2a[o,k] · scale.
 - VERA: ΔW = diag(λb) B_s diag(λd) A_s with the shared frozen projections A, B saved in the file
   (save_projection=True), sliced to the module's dimensions: A = (λd ⊙ A_s)ᵀ, B = (λb ⊙ B_s)ᵀ.
+- LOKR: ΔW = kron(W1, W2) · alpha / r, each factor full or a low-rank product. With W1 = U1 V1 and
+  W2 = U2 V2 (a full factor is itself times an identity, on its smaller side), the mixed-product rule
+  gives kron(W1, W2) = kron(U1, U2) kron(V1, V2): LoRA of rank k1·k2 (PEFT's default on MiniLM: 128,
+  a wide slot).
 
-Prompts, prefixes and bottleneck adapters need slot state of other shapes and are refused with a
-message naming the kind.
+Prefixes and bottleneck adapters need slot state of other shapes and are refused with a message naming
+the kind; prompts are read by peft_lora._parse_prompt.
 """
 from __future__ import annotations
 
@@ -48,7 +52,6 @@ PROMPT_KINDS = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning"}
 NOT_YET = {
     "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
-    "LOKR": "LoKr's Kronecker factors convert to LoRA only at a rank far above r_max",
 }
 
 
@@ -303,6 +306,67 @@ def _vera_hint(config: dict) -> str:
     return "VeRA's rank is its shared projections' r: retrain with a smaller r or raise --wide-r-max"
 
 
+# ---- LoKr ---------------------------------------------------------------------------------------------
+
+def _lokr_config(config: dict) -> None:
+    _check_patterns(config)  # use_effective_conv2d and lokr_t2 concern conv layers, which no encoder has
+
+
+def _factor(parts: dict, full: str, left: str, right: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with W = U V for one Kronecker factor, saved whole or as a low-rank pair; a whole factor
+    (or a pair wider than the whole) is split on its smaller side with an identity."""
+    if full in parts:
+        w = parts[full].float()
+        if w.dim() != 2:
+            raise InvalidAdapterError(f"module {name}: {full} is {w.dim()}-D; LoKr on linear layers saves 2-D factors")
+    elif left in parts and right in parts:
+        u, v = parts[left].float(), parts[right].float()
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+            raise InvalidAdapterError(f"module {name}: {left} {tuple(u.shape)} and {right} {tuple(v.shape)} do not "
+                                      "form a low-rank pair")
+        if u.shape[1] <= min(u.shape[0], v.shape[1]):
+            return u, v
+        w = u @ v
+    else:
+        raise InvalidAdapterError(f"module {name} lacks {full} (or {left} and {right}); each LoKr target needs both "
+                                  "Kronecker factors")
+    if not torch.isfinite(w).all():
+        raise InvalidAdapterError(f"module {name}: {full} holds NaN or Inf")
+    p, q = w.shape
+    return (w, torch.eye(q)) if q <= p else (torch.eye(p), w)
+
+
+def _lokr_convert(name, parts, config, shared, dims, peft_key, base_params):
+    d_in, d_out = dims
+    if "lokr_t2" in parts:
+        raise UnsupportedAdapterTypeError(f"module {name}: lokr_t2 is LoKr's convolution core; encoders' linear layers "
+                                          "have none")
+    for part, tensor in parts.items():
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapterError(f"module {name}: {part} holds NaN or Inf")
+    u1, v1 = _factor(parts, "lokr_w1", "lokr_w1_a", "lokr_w1_b", name)
+    u2, v2 = _factor(parts, "lokr_w2", "lokr_w2_a", "lokr_w2_b", name)
+    if u1.shape[0] * u2.shape[0] != d_out or v1.shape[1] * v2.shape[1] != d_in:
+        raise BaseMismatchError(f"module {name}: LoKr factors make a {u1.shape[0] * u2.shape[0]} x "
+                                f"{v1.shape[1] * v2.shape[1]} update, but the base linear is {d_in} -> {d_out}; the "
+                                "adapter was trained on a base with other dimensions")
+    r = rank_value(pattern_value(config.get("rank_pattern"), peft_key, rank_value(config.get("r", 8), f"{CONFIG_FILE} r")),
+                   f"{CONFIG_FILE} rank_pattern for {name}")
+    alpha = alpha_value(pattern_value(config.get("alpha_pattern"), peft_key,
+                                      alpha_value(config.get("alpha", 8), f"{CONFIG_FILE} alpha")),
+                        f"{CONFIG_FILE} alpha_pattern for {name}")
+    scaling = alpha / r
+    _check_scaling(name, alpha, r, scaling)
+    a = torch.kron(v1, v2).t()  # [d_in, k1·k2]
+    b = torch.kron(u1, u2).t() * scaling  # [k1·k2, d_out]
+    return (a.contiguous(), b.contiguous()), None
+
+
+def _lokr_hint(config: dict) -> str:
+    return ("LoKr of factors W1, W2 converts exactly to LoRA of rank rank(W1)·rank(W2): retrain with a smaller r, "
+            "decompose_both=true, or raise --wide-r-max")
+
+
 KINDS: dict[str, Kind] = {
     "LORA": Kind("LORA", "LoRA",
                  re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB](?=\.weight$)|lora_magnitude_vector$|base_layer\.bias$)"),
@@ -317,6 +381,10 @@ KINDS: dict[str, Kind] = {
     "LOHA": Kind("LOHA", "LoHa", re.compile(r"^(?P<module>.+)\.(?P<part>hada_w[12]_[ab])$"),
                  frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), (), _loha_config, _loha_convert,
                  _loha_hint),
+    "LOKR": Kind("LOKR", "LoKr", re.compile(r"^(?P<module>.+)\.(?P<part>lokr_(?:w[12](?:_[ab])?|t2))$"),
+                 frozenset(), (), _lokr_config, _lokr_convert, _lokr_hint,
+                 optional_parts=frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                           "lokr_t2"})),
     "VERA": Kind("VERA", "VeRA", re.compile(r"^(?P<module>.+)\.(?P<part>vera_lambda_[bd])$"),
                  frozenset({"vera_lambda_b", "vera_lambda_d"}), (VERA_A, VERA_B), _vera_config, _vera_convert,
                  _vera_hint),

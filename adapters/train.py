@@ -87,13 +87,14 @@ def _labels(examples, label_names):
 
 
 # Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
-METHODS = ("lora", "dora", "lora_bias", "loha", "vera", "adalora", "ia3", "prompt", "p_tuning")
+METHODS = ("lora", "dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning")
 
 
 def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: Family):
     """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules).
     Every config saves the family's whole head (Family.modules_to_save: DeBERTa's pooler too)."""
-    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+                      PromptTuningConfig, VeraConfig)
 
     saved = {"modules_to_save": list(family.modules_to_save)}
     if args.method in ("prompt", "p_tuning"):
@@ -114,6 +115,9 @@ def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: 
                          if targets else None, **saved)
     if args.method == "loha":
         return LoHaConfig(task_type="SEQ_CLS", r=args.rank, alpha=args.alpha, target_modules=targets,
+                          module_dropout=args.dropout, **saved)
+    if args.method == "lokr":
+        return LoKrConfig(task_type="SEQ_CLS", r=args.rank, alpha=args.alpha, target_modules=targets,
                           module_dropout=args.dropout, **saved)
     if args.method == "vera":
         return VeraConfig(task_type="SEQ_CLS", r=args.rank, target_modules=targets, vera_dropout=args.dropout,

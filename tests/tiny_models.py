@@ -249,13 +249,13 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
-    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
+    """Save a PEFT SEQ_CLS adapter of another kind ("loha", "lokr", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
     "p_tuning"; r is the virtual token count of the last two) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
-    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig,
-                      VeraConfig, get_peft_model)
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
+                      PromptTuningConfig, VeraConfig, get_peft_model)
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
@@ -264,6 +264,9 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
     targets = targets or FAMILY_TARGETS[family][:2]
     if kind == "loha":
         config = LoHaConfig(task_type="SEQ_CLS", r=r, alpha=alpha, target_modules=targets,
+                            rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **saved)
+    elif kind == "lokr":
+        config = LoKrConfig(task_type="SEQ_CLS", r=r, alpha=alpha, target_modules=targets,
                             rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **saved)
     elif kind == "vera":
         config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed, **saved)
@@ -292,7 +295,7 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
         for name, p in peft_model.named_parameters():
             if "lora_magnitude_vector" in name or "ia3_l" in name:
                 p.mul_(1 + torch.randn_like(p) * scale)
-            elif any(k in name for k in ("hada_", "vera_lambda", "modules_to_save", "lora_A", "lora_B", "lora_E",
+            elif any(k in name for k in ("hada_", "lokr_", "vera_lambda", "modules_to_save", "lora_A", "lora_B", "lora_E",
                                          "base_layer.bias", "prompt_encoder")):
                 p.copy_(torch.randn_like(p) * scale)
         for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers

@@ -50,6 +50,8 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         # r = virtual tokens; each row of a batch then has its own length
         "prompt": ("prompt", dict(num_labels=3, r=5, scale=1.0)),
         "p_tuning": ("p_tuning", dict(num_labels=2, r=3)),
+        # last, so the seeds of the kinds above stay as they were
+        "lokr": ("lokr", dict(num_labels=6, r=2, alpha=4, targets=t[:3], scale=loha_scale)),  # W2 low rank
     }
 
 
@@ -103,7 +105,7 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
     for task, path in adapters.items():
         rt.add_adapter(task, path)
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {
-        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
+        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "lokr": "LOKR", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
         "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "adalora": "ADALORA"}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
@@ -149,11 +151,12 @@ def bad_setup(tiny_bases, tmp_path_factory):
     prompt = make_peft_kind_adapter(base, str(root / "prompt"), "prompt", num_labels=3, r=4, seed=8)
     adalora = make_peft_kind_adapter(base, str(root / "adalora"), "adalora", num_labels=3, r=4, targets=["query"],
                                      seed=9)
+    lokr = make_peft_kind_adapter(base, str(root / "lokr"), "lokr", num_labels=3, r=2, targets=["query"], seed=10)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=0))  # no wide slots: rank above r_max is refused
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
     return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt,
-                "adalora": adalora}, root, before
+                "adalora": adalora, "lokr": lokr}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -180,6 +183,12 @@ BAD = [
                                        weights=lambda w: [w.__setitem__(k, torch.randn(*(3 if s == 2 else s for s in v.shape)))
                                                           for k, v in list(w.items()) if "hada" in k]),
      InvalidAdapterError, ["rank 9", "r_max 8", "r²"]),
+    ("lokr_missing_factor", "lokr", _edit(weights=lambda w: w.pop(f"{Q}.lokr_w2_b")), InvalidAdapterError,
+     ["lacks lokr_w2", "both Kronecker factors"]),
+    ("lokr_wrong_base", "lokr", _edit(weights=lambda w: w.__setitem__(f"{Q}.lokr_w1", torch.randn(8, 4))),
+     BaseMismatchError, ["64 x 32 update", "32 -> 32", "other dimensions"]),
+    ("lokr_nan", "lokr", _edit(weights=lambda w: w.__setitem__(f"{Q}.lokr_w1", torch.full((4, 4), float("nan")))),
+     InvalidAdapterError, ["NaN"]),
     ("loha_nan", "loha", _edit(weights=lambda w: w.__setitem__(f"{Q}.hada_w1_a", torch.full((32, 2), float("nan")))),
      InvalidAdapterError, ["NaN"]),
     ("loha_alpha_zero", "loha", _edit(config=lambda c: c.update(alpha=0)), InvalidAdapterError, ["alpha", "positive"]),

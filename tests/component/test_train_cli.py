@@ -60,14 +60,14 @@ def test_trained_adapter_loads_in_peft_and_runtime_identically(tiny_bases, new_f
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("method", ["dora", "lora_bias", "loha", "vera", "adalora", "ia3", "prompt", "p_tuning"])
+@pytest.mark.parametrize("method", ["dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning"])
 def test_every_served_method_trains_and_serves_as_peft_does(tiny_bases, data, method):
     data_path, d = data
     base = tiny_bases["bert"]
     out = d / f"out_{method}"
     assert train(base, data_path, out, "--method", method, "--rank", "2", "--lr", "5e-2", "--virtual-tokens", "4") == 0
     config = json.load(open(out / "adapter_config.json"))
-    assert config["peft_type"] == {"loha": "LOHA", "vera": "VERA", "ia3": "IA3", "adalora": "ADALORA",
+    assert config["peft_type"] == {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "ia3": "IA3", "adalora": "ADALORA",
                                    "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING"}.get(method, "LORA")
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     rt.add_adapter("t", str(out))
