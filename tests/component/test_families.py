@@ -120,3 +120,18 @@ def test_xlm_roberta_uses_its_own_tokenizer(new_family_bases, tmp_path):
 def test_modernbert_serves_its_full_context(new_family_bases):
     rt = Runtime(RuntimeConfig(base_model=new_family_bases["modernbert"], slots=4, r_max=8))
     assert rt.base.max_length == 256  # max_position_embeddings, no padding offset
+
+
+@pytest.mark.parametrize("name", ["deberta-v2", "modernbert-mean"])
+def test_per_task_onnx_export_of_the_family_matches_peft_merged(new_family_bases, tmp_path, name):
+    """The per-task exporter (one merged model per task, optimum) serves these families; the shared-base
+    graph refuses them (above)."""
+    from adapterserve.exporters.parity import task_model_parity
+    from adapterserve.exporters.per_task import export_task
+
+    base = new_family_bases[name]
+    adapter = make_peft_adapter(base, str(tmp_path / "a"), num_labels=3, r=4,
+                                targets=FAMILY_TARGETS[model_type(base)][:3], seed=2)
+    export_task(adapter, str(tmp_path / "x"), base_model=base)
+    report = task_model_parity(str(tmp_path / "x"), adapter, SAMPLE_TEXTS, base_model=base)
+    assert report["max_abs_dlogit"] <= TOL and report["argmax_agreement"] == 1.0
