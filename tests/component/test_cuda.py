@@ -194,3 +194,26 @@ def test_cuda_graph_captures_while_another_thread_registers_adapters(minilm_dir,
     for n, preds in zip((1, 2, 3, 5, 9, 17, 33, 65), got):
         want = eager.classify([("sst2", t) for t in texts[:n]])
         assert max(abs(x - y) for p, q in zip(preds, want) for x, y in zip(p.logits, q.logits)) <= TOLERANCE["fp16"]
+
+
+@pytest.mark.parametrize("name", ["xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert-mean"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_encoder_families_on_cuda_match_peft(new_family_bases, tmp_path, name, precision):
+    """Every family of runtime/families.py on the CUDA torch engine: four tasks mixed in one batch against
+    PEFT on the same device and precision (tests/component/test_families.py does the same on the CPU)."""
+    from tiny_models import FAMILY_TARGETS, make_peft_adapter, model_type
+
+    base = new_family_bases[name]
+    targets = FAMILY_TARGETS[model_type(base)]
+    labels = {"a": 2, "b": 3, "c": 50, "d": 4}
+    paths = {task: make_peft_adapter(base, str(tmp_path / task), num_labels=n, r=2 + 2 * i, targets=targets[i % 2:][:3],
+                                     seed=40 + i) for i, (task, n) in enumerate(labels.items())}
+    rt = Runtime(RuntimeConfig(base_model=base, device="cuda", precision=precision, slots=8, r_max=8))
+    for task, path in paths.items():
+        rt.add_adapter(task, path)
+    items = [(task, text) for task in paths for text in SAMPLE_TEXTS[:4]]
+    preds = rt.classify(items)
+    for task, path in paths.items():
+        got = torch.tensor([p.logits for (t, _), p in zip(items, preds) if t == task])
+        want = peft_logits(base, path, precision, labels[task], SAMPLE_TEXTS[:4])
+        assert (got - want).abs().max().item() <= TOLERANCE[precision], f"{name}/{task}/{precision}"
