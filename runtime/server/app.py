@@ -252,7 +252,8 @@ def _register_runtime_metrics(registry, runtime: Runtime) -> None:
         "native": "off" if hw.native_unavailable else "on", "cuda_device": hw.cuda_device or ""}
     metrics.register_build_info(registry, __version__, runtime.base.model_id, runtime.serving_paths(), hardware)
     registry.register(metrics.MemoryCollector(runtime))
-    registry.register(metrics.AdapterCacheCollector(runtime.slot_table, runtime.host_tier))
+    registry.register(metrics.AdapterCacheCollector([runtime.slot_table, runtime.residency.wide_table],
+                                                    runtime.host_tier))
 
 
 def _warm_up(runtime: Runtime, barrier: threading.Barrier, threads: Optional[int]) -> None:

@@ -77,23 +77,26 @@ class TaskMetrics:
 
 
 class AdapterCacheCollector:
-    """Slot-table counters, read at scrape time from the one place that counts them."""
+    """Slot-table counters (the slots and, where adapters above r_max have loaded, the wide slots), read at
+    scrape time from the one place that counts them."""
 
-    def __init__(self, slot_table, host_tier) -> None:
-        self.slot_table = slot_table
+    def __init__(self, slot_tables, host_tier) -> None:
+        self.slot_tables = [t for t in slot_tables if t is not None]
         self.host_tier = host_tier
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
 
-        t = self.slot_table
-        yield CounterMetricFamily(f"{PREFIX}_adapter_loads_total", "Adapters copied into a device slot", value=t.loads)
+        def total(counter: str) -> int:
+            return sum(getattr(t, counter) for t in self.slot_tables)
+
+        yield CounterMetricFamily(f"{PREFIX}_adapter_loads_total", "Adapters copied into a device slot", value=total("loads"))
         ev = CounterMetricFamily(f"{PREFIX}_adapter_evictions_total", "Adapters evicted from a tier (LRU)", labels=["tier"])
-        ev.add_metric(["device"], t.evictions)
+        ev.add_metric(["device"], total("evictions"))
         ev.add_metric(["host"], self.host_tier.evictions)
         yield ev
-        yield CounterMetricFamily(f"{PREFIX}_adapter_cache_hits_total", "Batches that found their adapter already in a device slot", value=t.hits)
-        yield CounterMetricFamily(f"{PREFIX}_adapter_cache_misses_total", "Batches that had to load their adapter into a device slot", value=t.misses)
+        yield CounterMetricFamily(f"{PREFIX}_adapter_cache_hits_total", "Batches that found their adapter already in a device slot", value=total("hits"))
+        yield CounterMetricFamily(f"{PREFIX}_adapter_cache_misses_total", "Batches that had to load their adapter into a device slot", value=total("misses"))
 
 
 class QuarantineCollector:
@@ -127,7 +130,8 @@ class MemoryCollector:
             pass
         yield mem
         entries = self.runtime.registry.entries()
-        resident = set(self.runtime.slot_table.resident())
+        wide = self.runtime.residency.wide_table
+        resident = set(self.runtime.slot_table.resident()) | set(wide.resident() if wide is not None else ())
         adapters = GaugeMetricFamily(f"{PREFIX}_adapters", "Registered adapters by the tier they sit in", labels=["tier"])
         host = self.runtime.host_tier
         on_device = sum(1 for e in entries if e.key in resident)
@@ -137,9 +141,11 @@ class MemoryCollector:
         adapters.add_metric(["disk"], on_disk)
         yield adapters
         amem = GaugeMetricFamily(f"{PREFIX}_adapter_memory_bytes",
-                                 "Adapter memory: device = slot buffers allocated at start; host = adapter tensors held in memory",
+                                 "Adapter memory: device = slot buffers (wide ones once made); host = adapter tensors held in memory",
                                  labels=["tier"])
-        amem.add_metric(["device"], self.runtime.engine.slot_bytes() * self.runtime.config.slots)
+        pool = getattr(self.runtime.engine, "pool", None)
+        wide_bytes = pool.wide_bytes() if pool is not None else 0
+        amem.add_metric(["device"], self.runtime.engine.slot_bytes() * self.runtime.config.slots + wide_bytes)
         amem.add_metric(["host"], self.runtime.host_tier.bytes)
         yield amem
 

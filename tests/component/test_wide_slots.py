@@ -61,6 +61,17 @@ def test_default_loha_and_vera_serve_on_default_slot_flags(adapters, lora_kernel
     # Wide buffers exist now, as wide as the widest adapter: 256 ranks x every wrapped layer's (d_in + d_out).
     per_rank = sum(l.d_in + l.d_out for l in rt.engine.layers.values()) * 4
     assert rt.engine.pool.wide_bytes() == rt.config.wide_slots * 256 * per_rank
+    # Prometheus sees them: every task on the device tier, six loads, the wide buffers in device memory.
+    from adapterserve.runtime.server.metrics import AdapterCacheCollector, MemoryCollector
+
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for collector in (AdapterCacheCollector([rt.slot_table, rt.residency.wide_table], rt.host_tier),
+                                 MemoryCollector(rt))
+               for m in collector.collect() for s in m.samples}
+    assert samples[("adapterserve_adapters", (("tier", "device"),))] == len(paths)
+    assert samples[("adapterserve_adapter_loads_total", ())] == len(paths)
+    assert samples[("adapterserve_adapter_memory_bytes", (("tier", "device"),))] == (
+        rt.engine.slot_bytes() * rt.config.slots + rt.engine.pool.wide_bytes())
 
 
 def test_more_wide_tasks_than_wide_slots_in_one_call(adapters):
