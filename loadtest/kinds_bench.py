@@ -1,11 +1,12 @@
 """Adapter kinds benchmark: 32 tasks of mixed kinds vs 32 LoRA tasks, in-process, packaged MiniLM, torch
 fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing the 32 tasks.
 
-    python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--engine onnx --precision int8] [--json FILE]
+    python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--kinds lora,loha,...] [--engine onnx --precision int8] [--json FILE]
 
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
-DoRA (r 8) and LoRA with trained biases (r 8), all on q/k/v, attention output and feed-forward linears
-(IA3: key, value, output.dense). Ceiling: the same batches through the same engine path with no adapter
+LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning
+and P-tuning (8 virtual tokens), on q/k/v, attention output and feed-forward linears (IA3: key, value,
+output.dense). Ceiling: the same batches through the same engine path with no adapter
 (slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
 kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
 (parse, convert, validate, register), median over its adapters.
@@ -24,11 +25,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-KINDS = ["lora", "loha", "vera", "ia3", "dora", "lora_bias"]
+KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning"]
 
 
 def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
-    from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig, get_peft_model
+    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig,
+                      VeraConfig, get_peft_model)
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -41,11 +43,15 @@ def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
                                  feedforward_modules=["output.dense"]),
         "dora": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS, use_dora=True),
         "lora_bias": lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=TARGETS, bias="lora_only"),
+        # PEFT's default r: rank 128 once converted on MiniLM, so these tasks take wide slots
+        "lokr": lambda: LoKrConfig(task_type="SEQ_CLS", r=8, alpha=8, target_modules=TARGETS),
+        "prompt": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8),
+        "p_tuning": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=8, encoder_hidden_size=64),
     }[kind]()
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if any(k in name for k in ("lora_B", "hada_w1_a", "vera_lambda_b")):
+            if any(k in name for k in ("lora_B", "hada_w1_a", "vera_lambda_b", "lokr_w2_b")):
                 p.normal_(0, 0.02)
             elif "ia3_l" in name or "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.05 * torch.randn_like(p))
@@ -58,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--kinds", default=",".join(KINDS), help="the kinds the mixed set cycles (torch engine)")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
     base = packaged_base_model_dir()
     texts = sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))
     tmp = tempfile.mkdtemp()
-    kinds = KINDS if args.engine == "torch" else ["lora", "loha", "vera"]
+    kinds = args.kinds.split(",") if args.engine == "torch" else ["lora", "loha", "vera"]
     sets = {"lora": [("lora", make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i)) for i in range(args.tasks)],
             "mixed": [(kinds[i % len(kinds)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), kinds[i % len(kinds)], i))
                       for i in range(args.tasks)]}

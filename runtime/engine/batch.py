@@ -28,8 +28,9 @@ class SlotBatch:
     # The same as Python values, for layers that walk rows (per-feature vectors on packed rows).
     slot_list: tuple = ()
     bounds: tuple = ()  # offsets as ints when packed
-    # Rows whose adapter sits in a wide slot (rank above r_max: slot_pool.SlotPool): (wide slot index,
-    # row indices) per wide adapter. Those rows read slot 0 in slot_per_row; the layers add their delta.
+    # Rows whose adapter sits in a wide slot (rank above r_max: slot_pool.SlotPool): (wide slot index, row
+    # indices, index tensor: the rows', or when packed their tokens') per wide adapter. Those rows read
+    # slot 0 in slot_per_row; the layers add their delta with one gather and scatter per adapter.
     wide: tuple = ()
 
     @classmethod
@@ -43,7 +44,10 @@ class SlotBatch:
             for i, s in enumerate(slots):
                 if s >= first_wide:
                     rows_of.setdefault(s - first_wide, []).append(i)
-            wide = tuple((w, tuple(rows)) for w, rows in rows_of.items())
+            bounds = offsets.tolist() if offsets is not None else None
+            wide = tuple((w, tuple(rows), torch.tensor(
+                rows if bounds is None else [t for i in rows for t in range(bounds[i], bounds[i + 1])],
+                dtype=torch.long, device=device)) for w, rows in rows_of.items())
             slots = [s if s < first_wide else 0 for s in slots]
         distinct = frozenset(s for s in slots if s != 0)
         single = next(iter(distinct)) if len(distinct) == 1 and 0 not in slots else None

@@ -203,23 +203,20 @@ class SlotLoRALinear(nn.Module):
         shared = x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1  # DeBERTa positions
         if shared and y.shape[0] == 1:
             y = y.expand(rows_total, -1, -1).contiguous()
-        for w, rows in batch.wide:
+        for w, rows, index in batch.wide:
             r = self.wide_rank[w]
             if not r:
                 continue
             a, b = self.wide_a[w, :r], self.wide_b[w, :r]
-            if batch.offsets is not None and x.dim() == 3:  # packed [1, N, d]: each row's token run
-                for i in rows:
-                    start, end = batch.bounds[i], batch.bounds[i + 1]
-                    y[0, start:end].addmm_(x[0, start:end] @ a.t(), b)
-            elif shared:
+            if shared:
                 delta = (x[0] @ a.t()) @ b
                 for i in rows:
                     y[i] += delta
-            else:
-                index = torch.tensor(rows, device=x.device)
-                picked = x.index_select(0, index)
-                y.index_add_(0, index, torch.matmul(torch.matmul(picked, a.t()), b).to(y.dtype))
+                continue
+            # Packed [1, N, d]: index holds the rows' tokens; padded [B, ...] (or the pooler's [B, d]): the rows.
+            flat_x, flat_y = (x[0], y[0]) if batch.offsets is not None and x.dim() == 3 else (x, y)
+            picked = flat_x.index_select(0, index)
+            flat_y.index_add_(0, index, torch.matmul(torch.matmul(picked, a.t()), b).to(y.dtype))
         return y
 
     def _slot_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,20 @@ def test_planner_caps_wide_adapters_per_forward():
     for group in groups:
         assert sum(wide[i] for i in group) <= 2 and len({keys[i] for i in group if not wide[i]}) <= 8
     assert sorted(i for g in groups for i in g) == list(range(6))
+
+
+@pytest.mark.parametrize("name", ["deberta-v2", "modernbert"])
+def test_wide_adapters_on_other_families(new_family_bases, tmp_path, name):
+    """DeBERTa's shared positional input and ModernBERT's token-packed rows take wide deltas too."""
+    from tiny_models import model_type
+
+    base = new_family_bases[name]
+    t = FAMILY_TARGETS[model_type(base)]
+    paths = {"loha": make_peft_kind_adapter(base, str(tmp_path / "loha"), "loha", num_labels=3, r=8, alpha=8,
+                                            targets=t[:3], seed=7, scale=0.3),
+             "lora": make_peft_adapter(base, str(tmp_path / "lora"), num_labels=2, r=4, targets=t[:2], seed=8)}
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4))
+    for task, path in paths.items():
+        rt.add_adapter(task, path)
+    assert rt.get_adapter("loha").rank == 64
+    check(rt, base, paths)
