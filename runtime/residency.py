@@ -41,15 +41,15 @@ class Residency:
         # Adapters above r_max take wide slots (slot_pool.SlotPool), numbered from `slots` on, with a
         # table of their own: they are evicted among themselves.
         self.r_max = r_max
+        self._wide_offset = slots - 1  # wide table slot k (from 1) is engine slot k + this
         self.wide_table: Optional[SlotTable] = None
         if wide_slots and r_max is not None:
             self.wide_table = SlotTable(
                 wide_slots + 1,
-                on_load=lambda slot, key: engine.load_slot(slots + slot - 1, self._entries_by_key[key].spec),
-                on_evict=lambda slot, key: engine.clear_slot(slots + slot - 1),
+                on_load=lambda slot, key: engine.load_slot(self._wide_offset + slot, self._entries_by_key[key].spec),
+                on_evict=lambda slot, key: engine.clear_slot(self._wide_offset + slot),
                 load_observer=on_slot_load,
             )
-        self._wide_offset = slots - 1
         self._device_lock = threading.RLock()
         self._released = threading.Condition(self._device_lock)  # a forward finished and unpinned its slots
         self._forwards = 0

@@ -208,10 +208,8 @@ class SlotLoRALinear(nn.Module):
             if not r:
                 continue
             a, b = self.wide_a[w, :r], self.wide_b[w, :r]
-            if shared:
-                delta = (x[0] @ a.t()) @ b
-                for i in rows:
-                    y[i] += delta
+            if shared:  # every row of the adapter gets the same projection of the one input
+                y[index] += ((x[0] @ a.t()) @ b).to(y.dtype)
                 continue
             # Packed [1, N, d]: index holds the rows' tokens; padded [B, ...] (or the pooler's [B, d]): the rows.
             flat_x, flat_y = (x[0], y[0]) if batch.offsets is not None and x.dim() == 3 else (x, y)

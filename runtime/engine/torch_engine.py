@@ -172,25 +172,26 @@ class TorchEngine:
         kernel = next(iter(self.layers.values())).kernel
         self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, None, offsets,
                                                first_wide=self.first_wide)
-        if self.base.family.packed_forward == "modernbert":
-            try:
-                return modernbert.encode_packed(backbone, kernel, packed, self.base.family.pooling)
-            finally:
-                self.context.current = None
         try:
-            hidden = backbone.embeddings(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                                         token_type_ids=packed["token_type_ids"])
-            if hasattr(backbone, "embeddings_project"):  # ELECTRA's embeddings narrower than its hidden size
-                hidden = backbone.embeddings_project(hidden)
-            for layer in backbone.encoder.layer:
-                attention = layer.attention.self
-                context = kernel.attention(attention.query(hidden)[0], attention.key(hidden)[0],
-                                           attention.value(hidden)[0], offsets, attention.num_attention_heads)
-                hidden_attn = layer.attention.output(context.unsqueeze(0), hidden)
-                hidden = layer.output(layer.intermediate(hidden_attn), hidden_attn)
-            first = hidden[0].index_select(0, offsets[:-1])  # [B, d]: each row's first token
-            if self.base.family.uses_pooler:
-                return backbone.pooler(first.unsqueeze(1))
-            return first
+            if self.base.family.packed_forward == "modernbert":
+                return modernbert.encode_packed(backbone, kernel, packed, self.base.family.pooling)
+            return self._bert_packed(backbone, kernel, packed, offsets)
         finally:
             self.context.current = None
+
+    def _bert_packed(self, backbone, kernel, packed: dict, offsets: torch.Tensor) -> torch.Tensor:
+        """BERT-shaped encoder layers (BERT, RoBERTa/XLM-R, ELECTRA) over token-packed rows."""
+        hidden = backbone.embeddings(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                     token_type_ids=packed["token_type_ids"])
+        if hasattr(backbone, "embeddings_project"):  # ELECTRA's embeddings narrower than its hidden size
+            hidden = backbone.embeddings_project(hidden)
+        for layer in backbone.encoder.layer:
+            attention = layer.attention.self
+            context = kernel.attention(attention.query(hidden)[0], attention.key(hidden)[0],
+                                       attention.value(hidden)[0], offsets, attention.num_attention_heads)
+            hidden_attn = layer.attention.output(context.unsqueeze(0), hidden)
+            hidden = layer.output(layer.intermediate(hidden_attn), hidden_attn)
+        first = hidden[0].index_select(0, offsets[:-1])  # [B, d]: each row's first token
+        if self.base.family.uses_pooler:
+            return backbone.pooler(first.unsqueeze(1))
+        return first

@@ -147,7 +147,8 @@ async def serve(config: ServerConfig) -> int:
         loop = asyncio.get_running_loop()
         # One executor owns the device; with several workers each thread gets its share of the cores.
         workers = config.model_workers
-        per_worker = max(1, (config.runtime.torch_threads or torch.get_num_threads()) // workers)
+        threads_total = config.runtime.torch_threads or torch.get_num_threads()
+        per_worker = max(1, threads_total // workers)
         model_executor = ThreadPoolExecutor(workers, thread_name_prefix="model", initializer=torch.set_num_threads,
                                             initargs=(per_worker,))
         runtime_config = replace(config.runtime, torch_threads=per_worker) if workers > 1 else config.runtime
@@ -166,7 +167,7 @@ async def serve(config: ServerConfig) -> int:
             await loop.run_in_executor(model_executor, runtime.merge, config.merged_task)
         long_executor, threads = None, per_worker
         if config.long_input_tokens and runtime.base.max_length >= config.long_input_tokens and not config.merged_task:
-            long_threads = threads_total = config.runtime.torch_threads or torch.get_num_threads()
+            long_threads = threads_total
             if runtime.base.device.type == "cpu":
                 # The lanes split the cores rather than share them: OpenMP teams that outnumber the cores
                 # spin against each other, and a short request behind an 8k-token forward then took ~1 s
