@@ -71,6 +71,11 @@ class AdapterSpec:
         scaled = any(v.out_scale is not None for v in self.vectors.values())
         return "LoRA with DoRA" if scaled else "LoRA with trained biases"
 
+    def summary(self) -> dict:
+        """What listings show of the adapter without its tensors (stored beside its files)."""
+        return {"peft_type": self.peft_type, "rank": self.rank, "target_modules": list(self.target_modules),
+                "size_bytes": self.size_bytes}
+
     def tensor_bytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)] + list(self.head.values())
         tensors += [t for v in self.vectors.values() for t in v.tensors()]

@@ -3,7 +3,10 @@
 Layout under --data-dir:
     blobs/<sha256>         content-addressed adapter files (written once, never modified)
     manifest.json          {"tasks": {task: {"files": {name: sha256}, "labels": [...], "metadata": {...},
-                                              "version": ..., "registered_at": ...}}, "flags": {...}}
+                                              "version": ..., "registered_at": ..., "info": {...}}},
+                            "flags": {...}, "generation": N}
+                           (info: what the adapter is — kind, rank, targets, size — as parsed at registration;
+                            generation: counts changes, so readers elsewhere can tell they are behind)
     manifest.json.prev     the manifest before the last change
 
 Contract:
@@ -141,6 +144,11 @@ class AdapterStore:
         with self._lock:
             return {t: copy.deepcopy(e) for t, e in self._manifest["tasks"].items() if t not in self.damaged}
 
+    @property
+    def generation(self) -> int:
+        """How many changes the manifest has seen; every committed change adds one."""
+        return int(self._manifest.get("generation", 0))
+
     def version_of(self, task: str) -> Optional[str]:
         entry = self._manifest["tasks"].get(task)
         return entry["version"] if entry and task not in self.damaged else None
@@ -187,7 +195,7 @@ class AdapterStore:
 
     # -- changing --------------------------------------------------------------------------------
     def put(self, task: str, files: dict[str, bytes], version: str, labels: list[str],
-            metadata: Optional[dict], registered_at: float) -> None:
+            metadata: Optional[dict], registered_at: float, info: Optional[dict] = None) -> None:
         digests = {}
         try:
             for name, data in files.items():
@@ -201,7 +209,7 @@ class AdapterStore:
             raise self._error(e, f"store task {task}") from None
         self._change(lambda m: m["tasks"].__setitem__(task, {
             "files": digests, "version": version, "labels": list(labels), "metadata": dict(metadata or {}),
-            "registered_at": registered_at}), f"store task {task}")
+            "registered_at": registered_at, **({"info": dict(info)} if info else {})}), f"store task {task}")
         self.damaged.pop(task, None)
 
     def restore_entry(self, task: str, entry: Optional[dict]) -> None:
@@ -226,6 +234,7 @@ class AdapterStore:
         with self._lock:
             staged = copy.deepcopy(self._manifest)
             apply(staged)
+            staged["generation"] = self.generation + 1
             try:
                 # The current state becomes .prev, what a damaged manifest falls back to. Written from
                 # memory, not copied from the file: after a start from .prev the file is the damaged one.

@@ -1,6 +1,7 @@
 """The `adapterserve` command.
 
     adapterserve serve [flags]                  the gRPC server (every flag: adapterserve serve --help)
+    adapterserve cluster --replicas N [flags]   the same API on Ray Serve replicas (the [ray] extra)
     adapterserve classify TASK TEXT...          a client call; also register, unregister, list, info
     adapterserve train | evaluate | export | loadtest | bench ...   the tools (each has --help)
     adapterserve build-kernels                  compile the native kernels into the kernel cache
@@ -23,6 +24,8 @@ _TOOLS = {
     "evaluate": ("adapterserve.adapters.evaluate", "accuracy, F1 and more of an adapter on labelled data"),
     "export": ("adapterserve.exporters.__main__", "ONNX export: one task merged, or the shared-base graph"),
     "loadtest": ("adapterserve.loadtest.__main__", "load a server, compare runs, run the benchmark matrix"),
+    "cluster": ("adapterserve.runtime.cluster.app", "serve on Ray Serve: replicas, adapter-affinity routing, one registry "
+                "(needs the [ray] extra; every serve flag plus --replicas, --autoscale, ...)"),
     "bench": ("adapterserve.loadtest.host_bench", "bench host: the per-batch host work, forward replaced by recorded features"),
 }
 

@@ -222,3 +222,46 @@ class ServerConfig:
     def preload(self) -> list[tuple[str, str]]:
         """(task, directory) of each --adapter TASK=DIR, in order."""
         return [tuple(item.split("=", 1)) for item in self.adapters]
+
+
+@dataclass
+class ClusterConfig:
+    """What `adapterserve cluster` takes beside every `serve` setting (runtime/cluster/app.py)."""
+
+    replicas: int = field(default=2, metadata={"help": "cluster: replicas, each a whole runtime (ignored with --autoscale)"})
+    autoscale: Optional[str] = field(default=None, metadata={"help": "cluster: MIN:MAX replicas, scaled by Ray Serve on ongoing requests"})
+    target_ongoing_requests: float = field(default=8.0, metadata={"help": "cluster: autoscaling target of requests in flight per replica"})
+    max_ongoing_requests: int = field(default=64, metadata={"help": "cluster: requests in flight one replica accepts before the router tries another"})
+    replica_cpus: float = field(default=1.0, metadata={"help": "cluster: CPUs Ray reserves per replica (its torch threads follow)"})
+    replica_gpus: float = field(default=0.0, metadata={"help": "cluster: GPUs per replica (fractions share one)"})
+    ray_address: Optional[str] = field(default=None, metadata={"help": "cluster: join this Ray cluster (default: start a local head)"})
+    ray_cpus: Optional[int] = field(default=None, metadata={"help": "cluster: CPUs of the local head (default: all)"})
+    app_name: str = field(default="adapterserve", metadata={"help": "cluster: Ray Serve application name"})
+    load_factor: float = field(default=1.25, metadata={"help": "cluster: router's load bound (no replica above this x the mean in-flight requests while another has room)"})
+    routing_stats_period: float = field(default=1.0, metadata={"help": "cluster: seconds between replicas' residency reports to the router"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 1024:
+            raise ConfigError(f"replicas must be in 1..1024; got {self.replicas}")
+        if self.autoscale is not None:
+            self.autoscale_bounds()
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError("target_ongoing_requests must be > 0")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError("max_ongoing_requests must be at least 1")
+        if self.replica_cpus < 0 or self.replica_gpus < 0:
+            raise ConfigError("replica_cpus and replica_gpus must be >= 0")
+        if self.load_factor < 1:
+            raise ConfigError(f"load_factor must be >= 1 (1 = perfectly even); got {self.load_factor}")
+        if self.routing_stats_period <= 0:
+            raise ConfigError("routing_stats_period must be > 0")
+
+    def autoscale_bounds(self) -> tuple[int, int]:
+        low, sep, high = (self.autoscale or "").partition(":")
+        try:
+            bounds = int(low), int(high)
+        except ValueError:
+            bounds = None
+        if not sep or bounds is None or not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+            raise ConfigError(f"--autoscale {self.autoscale!r}: expected MIN:MAX with 0 <= MIN <= MAX, MAX >= 1 (e.g. 1:4)")
+        return bounds

@@ -16,6 +16,17 @@ class AdapterServeError(Exception):
         # Short machine-readable cause for the rejected_requests_total{reason} metric.
         self.reason = reason or self.grpc_code.lower()
 
+    def __reduce__(self):
+        # Errors cross process boundaries (cluster replicas answer through Ray): keep class, message and reason.
+        return _rebuild, (type(self), str(self), self.reason)
+
+
+def _rebuild(cls, message: str, reason: str) -> AdapterServeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.reason = reason
+    return error
+
 
 class InvalidInputError(AdapterServeError):
     """The request itself is malformed (empty texts, too long, mismatched pairs...)."""

@@ -103,7 +103,7 @@ class AdapterService:
                 # Requests may still use the version being replaced: its blobs stay readable (disk
                 # tier) until the runtime retires it and releases them.
                 self.store.retain(task)
-            self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time())
+            self.store.put(task, spec.files, spec.version, spec.labels, spec.metadata, time.time(), spec.summary())
 
     async def register(self, request: pb.RegisterAdapterRequest, deadline: Optional[float] = None) -> AdapterInfo:
         """deadline: the caller's, as time.monotonic(); past it nothing more is read and nothing is stored."""

@@ -14,7 +14,7 @@ import os
 import typing
 from typing import Any, Optional
 
-from adapterserve.runtime.config import RuntimeConfig, ServerConfig
+from adapterserve.runtime.config import ClusterConfig, RuntimeConfig, ServerConfig
 from adapterserve.runtime.errors import ConfigError
 
 ENV_PREFIX = "ADAPTERSERVE_"
@@ -24,7 +24,7 @@ _BOOL_FLAGS = {"register_examples": "examples"}
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    owner: str  # "server" or "runtime"
+    owner: str  # "server", "runtime" or "cluster"
     name: str  # the dataclass field
     kind: type  # str, int, float, bool, or list (repeatable str)
     default: Any
@@ -48,9 +48,15 @@ def _kind(hint) -> type:
     return hint
 
 
-def settings() -> list[Setting]:
+OWNERS = {"server": ServerConfig, "runtime": RuntimeConfig, "cluster": ClusterConfig}
+
+
+def settings(cluster: bool = False) -> list[Setting]:
+    """serve's settings; with cluster, `adapterserve cluster`'s own after them."""
     out = []
-    for owner, cls in (("server", ServerConfig), ("runtime", RuntimeConfig)):
+    for owner, cls in OWNERS.items():
+        if owner == "cluster" and not cluster:
+            continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if "help" not in f.metadata:
@@ -105,10 +111,10 @@ def _read_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
+def add_serve_args(p: argparse.ArgumentParser, cluster: bool = False) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or TOML file of settings (names as the flags, without --; flags and ADAPTERSERVE_* win)")
-    for s in settings():
+    for s in settings(cluster):
         help_ = f"{s.help} [env {s.env}]"
         if s.kind is bool:
             p.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=s.default,
@@ -124,13 +130,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, environ: Optional[dict] = None) -> ServerConfig:
+    return _configs(args, environ, cluster=False)[0]
+
+
+def cluster_config_from_args(args: argparse.Namespace,
+                             environ: Optional[dict] = None) -> tuple[ServerConfig, ClusterConfig]:
+    return _configs(args, environ, cluster=True)
+
+
+def _configs(args: argparse.Namespace, environ: Optional[dict], cluster: bool) -> tuple[ServerConfig, ClusterConfig]:
     environ = os.environ if environ is None else environ
     file_values = _read_config_file(args.config) if args.config else {}
-    known = {s.name: s for s in settings()}
+    known = {s.name: s for s in settings(cluster)}
     unknown = sorted(set(file_values) - set(known) - {"log_level"})
     if unknown:
         raise ConfigError(f"--config {args.config}: unknown setting(s) {', '.join(unknown)}")
-    values: dict[str, dict] = {"server": {}, "runtime": {}}
+    values: dict[str, dict] = {"server": {}, "runtime": {}, "cluster": {}}
     for s in known.values():
         value, given = None, False
         if s.name in file_values:
@@ -148,7 +163,7 @@ def config_from_args(args: argparse.Namespace, environ: Optional[dict] = None) -
     if values["server"].get("data_dir") == "":
         values["server"]["data_dir"] = None
     runtime_config = RuntimeConfig(**values["runtime"])
-    return ServerConfig(runtime=runtime_config, **values["server"])
+    return ServerConfig(runtime=runtime_config, **values["server"]), ClusterConfig(**values["cluster"])
 
 
 def parse_config(argv=None, environ: Optional[dict] = None) -> tuple[ServerConfig, str]:
@@ -169,9 +184,10 @@ def configuration_markdown() -> str:
             "Every setting is a flag of `adapterserve serve`, an environment variable, and a key of the optional",
             "`--config FILE` (JSON, or TOML on Python 3.11+; keys as the flag names without `--`). A flag wins over",
             "the environment, which wins over the file, which wins over the default. A value that does not parse",
-            "stops the server with one line naming its source (exit code 2).", "",
+            "stops the server with one line naming its source (exit code 2). `adapterserve cluster` takes every",
+            "setting and the `cluster:` ones (docs/scale-out.md).", "",
             "| flag | environment | default | what |", "|---|---|---|---|"]
-    for s in settings():
+    for s in settings(cluster=True):
         flag = f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.kind is bool else (
             f"`{s.flag.rstrip('s')} VALUE` (repeatable)" if s.kind is list else f"`{s.flag} {s.kind.__name__.upper()}`")
         if s.name == "data_dir":

@@ -2,7 +2,7 @@
 
 Layers, lowest first: foundation (errors, config, family table, generated stubs) -> native (hardware
 probe, kernel build/load) -> data (adapter files, registry, store) -> engine -> core (Runtime, heads,
-planning, tokenization, slots, tiers) -> server (gRPC, batcher, metrics) -> tools (CLI, client,
+planning, tokenization, slots, tiers) -> server (gRPC, batcher, metrics) -> cluster (Ray Serve replicas, router, registry) -> tools (CLI, client,
 train/evaluate, exporters, loadtest). A newcomer follows a request by opening files downward.
 """
 import ast
@@ -26,6 +26,7 @@ LAYERS = [  # (name, module prefixes); a module belongs to the last layer whose 
               "adapterserve.runtime.slots", "adapterserve.runtime.host_tier",
               "adapterserve.runtime.residency"]),
     ("server", ["adapterserve.runtime.server"]),
+    ("cluster", ["adapterserve.runtime.cluster"]),
     ("tools", ["adapterserve.cli", "adapterserve.client", "adapterserve.__main__", "adapterserve.adapters.train",
                "adapterserve.adapters.evaluate", "adapterserve.exporters", "adapterserve.loadtest"]),
 ]

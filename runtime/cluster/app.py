@@ -1,0 +1,140 @@
+"""`adapterserve cluster`: the Ray Serve application (ingress -> replicas, one registry) and its launcher.
+
+    ingress   1 replica   runtime/cluster/ingress.py   our gRPC / HTTP / metrics ports, Serve's proxies off
+    replica   N replicas  runtime/cluster/replica.py   a whole runtime each; routed by router.py
+    registry  1 replica   runtime/cluster/registry.py  the shared store's single writer
+
+build_app() makes the application from the same settings as `serve`; app_builder() is the same for
+Ray's own tooling (`serve run` / `serve deploy` of deploy/ray-serve.yaml); run() starts a local Ray
+head (or joins --ray-address), deploys, prints the address and serves until SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Optional
+
+from adapterserve.runtime.config import ClusterConfig, ServerConfig
+from adapterserve.runtime.errors import AdapterServeError, ConfigError
+
+log = logging.getLogger("adapterserve.cluster")
+
+INGRESS, REPLICA, REGISTRY = "ingress", "replica", "registry"
+
+
+def require_ray():
+    try:
+        import ray
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise ConfigError("adapterserve cluster needs Ray Serve: pip install 'adapterserve[ray]'") from None
+    return ray
+
+
+def build_app(config: ServerConfig, cluster: ClusterConfig):
+    require_ray()
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from adapterserve.runtime.cluster.ingress import ClusterIngress
+    from adapterserve.runtime.cluster.registry import ClusterRegistry
+    from adapterserve.runtime.cluster.replica import AdapterReplica
+    from adapterserve.runtime.cluster.router import AdapterAffinityRouter
+
+    quiet = {"enable_access_log": False}
+    registry = serve.deployment(ClusterRegistry, name=REGISTRY, num_replicas=1, logging_config=quiet,
+                                ray_actor_options={"num_cpus": 0}).bind(config.data_dir)
+    if cluster.autoscale:
+        low, high = cluster.autoscale_bounds()
+        scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
+                                          "target_ongoing_requests": cluster.target_ongoing_requests}}
+    else:
+        scaling = {"num_replicas": cluster.replicas}
+    actor_options = {"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus}
+    router = RequestRouterConfig(request_router_class=f"{AdapterAffinityRouter.__module__}.AdapterAffinityRouter",
+                                 request_router_kwargs={"load_factor": cluster.load_factor},
+                                 request_routing_stats_period_s=cluster.routing_stats_period)
+    replicas = serve.deployment(AdapterReplica, name=REPLICA, ray_actor_options=actor_options, logging_config=quiet,
+                                max_ongoing_requests=cluster.max_ongoing_requests, request_router_config=router,
+                                health_check_period_s=2.0, health_check_timeout_s=30.0,
+                                graceful_shutdown_timeout_s=config.grace, **scaling).bind(config, registry)
+    return serve.deployment(ClusterIngress, name=INGRESS, num_replicas=1, logging_config=quiet,
+                            max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(config, replicas, registry)
+
+
+def app_builder(args: dict):
+    """For `serve run adapterserve.runtime.cluster.app:app_builder key=value ...` and Serve config files:
+    args are settings by name, as in a --config file."""
+    import argparse
+
+    from adapterserve.runtime.server.settings import add_serve_args, cluster_config_from_args
+    import json
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({k.replace("-", "_"): v for k, v in (args or {}).items()}, fh)
+    try:
+        p = argparse.ArgumentParser()
+        add_serve_args(p, cluster=True)
+        config, cluster = cluster_config_from_args(p.parse_args(["--config", fh.name]))
+    finally:
+        os.unlink(fh.name)
+    return build_app(config, cluster)
+
+
+def run(config: ServerConfig, cluster: ClusterConfig) -> int:
+    try:
+        ray = require_ray()
+        from ray import serve
+
+        started_head = cluster.ray_address is None
+        ray.init(address=cluster.ray_address, num_cpus=cluster.ray_cpus if started_head else None,
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            serve.start(proxy_location="Disabled")
+            handle = serve.run(build_app(config, cluster), name=cluster.app_name, route_prefix=None)
+            address = handle.address.remote().result()
+            print(f"adapterserve cluster: {cluster.replicas if not cluster.autoscale else cluster.autoscale} replicas "
+                  f"on Ray Serve (application {cluster.app_name!r})", flush=True)
+            if address.metrics_port:
+                print(f"adapterserve metrics on http://{address.host}:{address.metrics_port}/metrics "
+                      f"(replicas: {', '.join(address.replica_metrics) or 'starting'})", flush=True)
+            if address.http_port:
+                print(f"adapterserve http on http://{address.host}:{address.http_port}/v2", flush=True)
+            print(f"adapterserve listening on {address.host}:{address.port}", flush=True)
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+            log.info("stopping: deleting application %s", cluster.app_name)
+            serve.delete(cluster.app_name)
+        finally:
+            if started_head:
+                serve.shutdown()
+                ray.shutdown()
+    except AdapterServeError as e:
+        print(f"adapterserve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    from adapterserve.runtime.server.settings import add_serve_args, cluster_config_from_args
+
+    p = argparse.ArgumentParser(prog="adapterserve cluster", allow_abbrev=False,
+                                description="serve on a Ray Serve cluster: replicas with adapter-affinity routing "
+                                            "and one registry, behind the same gRPC/HTTP API")
+    add_serve_args(p, cluster=True)
+    args = p.parse_args(argv)
+    try:
+        config, cluster = cluster_config_from_args(args)
+    except AdapterServeError as e:
+        print(f"adapterserve cluster: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(config, cluster)

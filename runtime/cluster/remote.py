@@ -1,0 +1,64 @@
+"""Calls between cluster deployments, with our errors kept and replica failures made UNAVAILABLE.
+
+A domain error raised in a replica (unknown task, bad adapter, full queue) reaches the caller as
+itself, so the front ends map it to the same status code as on a single server. A replica that dies
+or becomes unreachable mid-call is retried on another one for calls that are safe to repeat
+(classify, validate); past the retries, or for calls that are not, the caller gets UNAVAILABLE:
+never INTERNAL and never a wrong answer.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional
+
+from adapterserve.runtime.errors import AdapterServeError, ResourceExhaustedError, UnavailableError
+
+RETRIES = 3
+
+
+def _replica_lost(error: BaseException) -> bool:
+    from ray import exceptions as ray_errors
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return isinstance(error, (ray_errors.RayActorError, ray_errors.ActorUnavailableError,
+                              ray_errors.ActorUnschedulableError, ReplicaUnavailableError,
+                              DeploymentUnavailableError))
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The error to raise for a failed call: our own, UNAVAILABLE for a lost replica, else as it is."""
+    from ray import exceptions as ray_errors
+    from ray.serve.exceptions import BackPressureError
+
+    cause = error
+    while isinstance(cause, ray_errors.RayTaskError) and cause.cause is not None and cause.cause is not cause:
+        cause = cause.cause
+    if isinstance(cause, AdapterServeError):
+        return cause
+    if isinstance(cause, BackPressureError):
+        return ResourceExhaustedError("every replica's queue is full; retry later or add replicas",
+                                      reason="replicas_busy")
+    if _replica_lost(cause):
+        return UnavailableError(f"the replica serving this call was lost ({type(cause).__name__}); retry")
+    return error
+
+
+async def forward(method, *args, idempotent: bool = True, on_retry: Optional[Callable[[], None]] = None,
+                  **kwargs) -> Any:
+    """Await method.remote(*args, **kwargs) on a deployment handle. idempotent: a call lost with its
+    replica is sent again (the router then picks a live replica)."""
+    attempt = 0
+    while True:
+        try:
+            return await method.remote(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sorted out by unwrap
+            error = unwrap(e)
+            if isinstance(error, UnavailableError) and idempotent and attempt < RETRIES:
+                attempt += 1
+                if on_retry is not None:
+                    on_retry()
+                await asyncio.sleep(0.1 * attempt)
+                continue
+            if error is e:
+                raise
+            raise error from None
