@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup serve test test-native-off test-all bench wheel clean
+.PHONY: setup serve test test-native-off test-cluster test-all bench wheel clean
 
 # The editable install also generates the gRPC stubs from proto/ (setup.py), so it reruns when they change.
 $(STAMP): pyproject.toml setup.py $(wildcard proto/*/*/*.proto)
@@ -27,6 +27,10 @@ test: setup
 # The tests that exercise native kernels, again with every portable path forced.
 test-native-off: setup
 	$(OFFLINE) ADAPTERSERVE_NATIVE=off $(BIN)/python -m pytest -q -m native
+
+# The Ray Serve cluster on a real local Ray cluster (about 3 minutes; CI runs it after the default suite).
+test-cluster: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q -m cluster
 
 test-all: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q -m ''

@@ -237,6 +237,7 @@ class ClusterConfig:
     ray_address: Optional[str] = field(default=None, metadata={"help": "cluster: join this Ray cluster (default: start a local head)"})
     ray_cpus: Optional[int] = field(default=None, metadata={"help": "cluster: CPUs of the local head (default: all)"})
     app_name: str = field(default="adapterserve", metadata={"help": "cluster: Ray Serve application name"})
+    router: str = field(default="affinity", metadata={"help": "cluster: affinity (tasks to the replicas that hold them; docs/scale-out.md) | pow2 (Ray Serve's default: least loaded of two random replicas)"})
     load_factor: float = field(default=1.25, metadata={"help": "cluster: router's load bound (no replica above this x the mean in-flight requests while another has room)"})
     routing_stats_period: float = field(default=1.0, metadata={"help": "cluster: seconds between replicas' residency reports to the router"})
 
@@ -251,6 +252,8 @@ class ClusterConfig:
             raise ConfigError("max_ongoing_requests must be at least 1")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ConfigError("replica_cpus and replica_gpus must be >= 0")
+        if self.router not in ("affinity", "pow2"):
+            raise ConfigError(f"router must be affinity or pow2; got {self.router!r}")
         if self.load_factor < 1:
             raise ConfigError(f"load_factor must be >= 1 (1 = perfectly even); got {self.load_factor}")
         if self.routing_stats_period <= 0:

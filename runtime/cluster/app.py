@@ -27,7 +27,7 @@ INGRESS, REPLICA, REGISTRY = "ingress", "replica", "registry"
 def require_ray():
     try:
         import ray
-        from ray import serve  # noqa: F401
+        import ray.serve  # noqa: F401
     except ImportError:
         raise ConfigError("adapterserve cluster needs Ray Serve: pip install 'adapterserve[ray]'") from None
     return ray
@@ -53,9 +53,12 @@ def build_app(config: ServerConfig, cluster: ClusterConfig):
     else:
         scaling = {"num_replicas": cluster.replicas}
     actor_options = {"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus}
-    router = RequestRouterConfig(request_router_class=f"{AdapterAffinityRouter.__module__}.AdapterAffinityRouter",
-                                 request_router_kwargs={"load_factor": cluster.load_factor},
-                                 request_routing_stats_period_s=cluster.routing_stats_period)
+    if cluster.router == "affinity":
+        router = RequestRouterConfig(request_router_class=f"{AdapterAffinityRouter.__module__}.AdapterAffinityRouter",
+                                     request_router_kwargs={"load_factor": cluster.load_factor},
+                                     request_routing_stats_period_s=cluster.routing_stats_period)
+    else:
+        router = RequestRouterConfig(request_routing_stats_period_s=cluster.routing_stats_period)
     replicas = serve.deployment(AdapterReplica, name=REPLICA, ray_actor_options=actor_options, logging_config=quiet,
                                 max_ongoing_requests=cluster.max_ongoing_requests, request_router_config=router,
                                 health_check_period_s=2.0, health_check_timeout_s=30.0,
@@ -109,11 +112,16 @@ def run(config: ServerConfig, cluster: ClusterConfig) -> int:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
             stop.wait()
-            log.info("stopping: deleting application %s", cluster.app_name)
-            serve.delete(cluster.app_name)
+            log.info("draining: in-flight requests get %.1fs", config.grace)
+            try:
+                handle.drain.remote(config.grace).result(timeout_s=config.grace + 5)
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("drain did not finish: %s", e)
+            if not started_head:
+                serve.delete(cluster.app_name, _blocking=False)
         finally:
             if started_head:
-                serve.shutdown()
+                # The whole local cluster goes with this command: its processes are stopped, not waited for.
                 ray.shutdown()
     except AdapterServeError as e:
         print(f"adapterserve: error: {e}", file=sys.stderr)

@@ -141,6 +141,7 @@ class ClusterClassify(ClassifyService):
         self.replicas = replicas
         self.mirror = mirror
         self.retries = 0
+        self.inflight = 0
         self._ready = False
 
     @property
@@ -155,6 +156,7 @@ class ClusterClassify(ClassifyService):
         if task not in self.mirror and task in self.mirror.damaged:
             raise UnknownTaskError(f"task {task!r} is not served: {self.mirror.damaged[task]}")
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.inflight += 1
         try:
             answer = await forward(self.replicas.classify, task=task, texts=texts, pairs=pairs, truncate=truncate,
                                    version=version, generation=self.mirror.generation, remaining=remaining,
@@ -165,6 +167,8 @@ class ClusterClassify(ClassifyService):
                 stats.fail_count += 1
                 stats.fail_ns += time.perf_counter_ns() - start
             raise
+        finally:
+            self.inflight -= 1
         check_version(task, answer.adapter_version, version)
         total = time.perf_counter_ns() - start
         if self.tokenize_seconds is not None:
@@ -378,6 +382,20 @@ class ClusterIngress:
             os.replace(tmp, path)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
+
+    async def drain(self, grace: float) -> None:
+        """Before the application is deleted: as `serve` on SIGTERM (health NOT_SERVING, new work refused,
+        in-flight requests get the grace)."""
+        classify = self.classify
+
+        def refuse_new() -> None:
+            classify._ready = False
+
+        async def finish() -> None:
+            while classify.inflight:
+                await asyncio.sleep(0.02)
+
+        await self.front.drain(grace, refuse_new, finish, lambda: classify.inflight)
 
     async def address(self) -> IngressAddress:
         return IngressAddress(self.config.host, self.front.port, self.front.http_port, self.front.metrics_port,

@@ -21,6 +21,7 @@ import time
 from typing import Optional
 
 from adapterserve.adapters.store import AdapterStore
+from adapterserve.runtime.cluster.remote import returns_errors
 from adapterserve.runtime.errors import TaskExistsError, UnknownTaskError
 
 log = logging.getLogger("adapterserve.cluster")
@@ -51,6 +52,7 @@ class ClusterRegistry:
     async def load_files(self, task: str, version: str) -> dict[str, bytes]:
         return self.store.load_files(task, version)
 
+    @returns_errors
     async def commit(self, task: str, files: dict[str, bytes], version: str, labels: list[str], metadata: dict,
                      info: dict, mode: str) -> int:
         """Persist a validated adapter. mode: register (refused if the task exists), replace, seed (the
@@ -76,6 +78,7 @@ class ClusterRegistry:
             self.store.set_flag(EXAMPLES_FLAG)
         return self.store.generation
 
+    @returns_errors
     async def remove(self, task: str) -> dict:
         """Returns {"entry": the removed manifest entry, "quarantined": why or None, "generation": N}."""
         entry = self.store.entry(task)

@@ -1,7 +1,9 @@
 """Calls between cluster deployments, with our errors kept and replica failures made UNAVAILABLE.
 
-A domain error raised in a replica (unknown task, bad adapter, full queue) reaches the caller as
-itself, so the front ends map it to the same status code as on a single server. A replica that dies
+A domain error in a replica (unknown task, bad adapter, full queue) is returned, not raised (Ray
+would log each one with a traceback and ship the traceback back; see `returns_errors`), and
+forward() raises it in the caller as itself, so the front ends map it to the same status code as on
+a single server. A replica that dies
 or becomes unreachable mid-call is retried on another one for calls that are safe to repeat
 (classify, validate); past the retries, or for calls that are not, the caller gets UNAVAILABLE:
 never INTERNAL and never a wrong answer.
@@ -14,6 +16,20 @@ from typing import Any, Callable, Optional
 from adapterserve.runtime.errors import AdapterServeError, ResourceExhaustedError, UnavailableError
 
 RETRIES = 3
+
+
+def returns_errors(method):
+    """Decorate a deployment method: our domain errors become its return value (forward raises them)."""
+    import functools
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except AdapterServeError as e:
+            return e
+
+    return wrapper
 
 
 def _replica_lost(error: BaseException) -> bool:
@@ -50,7 +66,7 @@ async def forward(method, *args, idempotent: bool = True, on_retry: Optional[Cal
     attempt = 0
     while True:
         try:
-            return await method.remote(*args, **kwargs)
+            result = await method.remote(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - sorted out by unwrap
             error = unwrap(e)
             if isinstance(error, UnavailableError) and idempotent and attempt < RETRIES:
@@ -62,3 +78,6 @@ async def forward(method, *args, idempotent: bool = True, on_retry: Optional[Cal
             if error is e:
                 raise
             raise error from None
+        if isinstance(result, AdapterServeError):
+            raise result
+        return result

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
+from adapterserve.runtime.cluster.remote import forward, returns_errors
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import AdapterServeError
 from adapterserve.runtime.native.hardware import probe
@@ -120,8 +121,8 @@ class AdapterReplica:
                      if os.path.isdir(os.path.join(EXAMPLES_DIR, t))]
         for task, path, mode in seeds + [(t, p, "preload") for t, p in self.config.preload()]:
             spec = await loop.run_in_executor(side.admin_executor, side.runtime.load_spec, path)
-            await self.registry.commit.remote(task, spec.files, spec.version, spec.labels, spec.metadata,
-                                              spec.summary(), mode)
+            await forward(self.registry.commit, task, spec.files, spec.version, spec.labels, spec.metadata,
+                          spec.summary(), mode, idempotent=False)
         if seeds:
             await self.registry.mark_seeded.remote()
         await self.sync(0)
@@ -170,6 +171,7 @@ class AdapterReplica:
         return dict(stats, metrics=self.metrics_address, pid=os.getpid())
 
     # -- called by the ingress and the router -----------------------------------------------------
+    @returns_errors
     async def classify(self, task: str, texts: list[str], pairs: Optional[list[str]] = None, truncate: bool = True,
                        version: str = "", generation: int = 0, remaining: Optional[float] = None,
                        replica: Optional[str] = None) -> Answer:
@@ -182,6 +184,7 @@ class AdapterReplica:
                       [r.prediction for r in result.rows], result.queue_ns, result.tokenize_ns,
                       result.inference_ns, result.total_ns)
 
+    @returns_errors
     async def validate(self, task: str, files: dict[str, bytes], labels: Optional[list[str]], metadata: dict,
                        replica: Optional[str] = None) -> dict:
         """Parse and check an adapter against this base (no slot is touched): what the registry stores."""
@@ -207,8 +210,9 @@ class AdapterReplica:
                 device.append(entry.task)
             elif tier == "HOST":
                 host.append(entry.task)
+        slots = self.runtime.slot_table
         return {"device": device, "host": host, "queue": self.side.batcher.pending_texts,
-                "generation": self.generation}
+                "generation": self.generation, "slot_loads": slots.loads, "slot_hits": slots.hits}
 
     async def check_health(self) -> None:
         if self.side is None or self.side.batcher is None or self.side.batcher.closed:

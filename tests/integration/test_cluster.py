@@ -1,0 +1,351 @@
+"""The cluster on a real local Ray cluster (ray.init(num_cpus=2) in this process; 2 replicas of half a
+CPU each, the ingress and the registry): the same clients as a single server, one registry for every
+replica, replica failure, and adapter-affinity routing. Marked `cluster` (about 2 minutes here);
+`make test-cluster` runs them and CI runs that target.
+"""
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from adapterserve.loadtest.server_proc import free_port
+from adapterserve.runtime.config import ClusterConfig, RuntimeConfig, ServerConfig
+from adapterserve.runtime.errors import AdapterServeError, UnknownTaskError
+from adapterserve.runtime.server.stubs import pb, pb_grpc
+from conftest import AUTH, TOKEN, read_files
+from tiny_models import make_peft_adapter
+
+pytestmark = pytest.mark.cluster
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+APP = "adapterserve"
+TEXTS = ["a charming, moving film", "dull and slow", "Stocks fell as oil prices rose", "The match went to extra time"]
+SLOTS = 8  # 7 usable per replica: the affinity test has more tasks than one replica's slots
+
+
+class Cluster:
+    def __init__(self, address, http_url, replicas, registry, data_dir, metrics_url):
+        self.address, self.http_url, self.replicas, self.registry = address, http_url, replicas, registry
+        self.data_dir, self.metrics_url = data_dir, metrics_url
+
+    def live(self) -> dict:
+        return self.registry.live_replicas.remote().result()
+
+    def generation(self) -> int:
+        return self.registry.generation.remote().result()
+
+    def on_replica(self, replica_id, task, texts, generation=None):
+        """A classify sent to one replica (the router honours the `replica` hint), at the registry's generation."""
+        gen = self.generation() if generation is None else generation
+        answer = self.replicas.classify.remote(task=task, texts=texts, generation=gen, replica=replica_id).result()
+        if isinstance(answer, AdapterServeError):
+            raise answer
+        assert answer.replica == replica_id
+        return answer
+
+
+@pytest.fixture(scope="module")
+def cluster(minilm_adapters, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from adapterserve.runtime.cluster.app import build_app
+
+    root, _ = minilm_adapters
+    data_dir = str(tmp_path_factory.mktemp("cluster-data"))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        config = ServerConfig(host="127.0.0.1", port=0, http_port=free_port(), metrics_port=free_port(),
+                              data_dir=data_dir, adapter_root=root, admin_token=TOKEN, grace=2.0,
+                              runtime=RuntimeConfig(slots=SLOTS))
+        handle = serve.run(build_app(config, ClusterConfig(replicas=2, replica_cpus=0.5, routing_stats_period=0.5)),
+                           name=APP, route_prefix=None)
+        address = handle.address.remote().result()
+        c = Cluster(f"127.0.0.1:{address.port}", f"http://127.0.0.1:{address.http_port}",
+                    serve.get_deployment_handle("replica", APP), serve.get_deployment_handle("registry", APP),
+                    data_dir, f"http://127.0.0.1:{address.metrics_port}/metrics")
+        end = time.time() + 60
+        while len(c.live()) < 2 and time.time() < end:
+            time.sleep(0.2)
+        assert len(c.live()) == 2, "the replicas never reported to the registry"
+        yield c
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def stubs(cluster):
+    ch = grpc.insecure_channel(cluster.address, options=[("grpc.max_send_message_length", 32 << 20)])
+    yield pb_grpc.ClassifierStub(ch), pb_grpc.AdapterRegistryStub(ch)
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_adapters):
+    """A single in-process runtime with the same adapters: what every cluster answer must equal."""
+    from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
+    from adapterserve.runtime.runtime import Runtime
+
+    _, paths = minilm_adapters
+    rt = Runtime(RuntimeConfig())
+    for task in EXAMPLE_TASKS:
+        rt.add_adapter(task, os.path.join(EXAMPLES_DIR, task))
+    for task in ("beta", "iota", "pi"):
+        rt.add_adapter(task, paths[task])
+    return rt
+
+
+def scores_of(response) -> list[dict]:
+    return [{s.index: s.score for s in p.scores} for p in response.predictions]
+
+
+def assert_same_answers(response, predictions):
+    assert len(response.predictions) == len(predictions)
+    for got, want in zip(scores_of(response), predictions):
+        assert sorted(got) == list(range(len(want.scores)))
+        # Probabilities of the same fp32 model under other thread counts: the tolerance the
+        # single-server restart test uses between processes.
+        np.testing.assert_allclose([got[i] for i in sorted(got)], want.probabilities(), atol=1e-5)
+
+
+def test_bundled_and_registered_tasks_answer_as_a_single_server(cluster, stubs, reference, minilm_adapters):
+    classifier, registry = stubs
+    _, paths = minilm_adapters
+    # LoRA, IA3 and prompt tuning, one by path and two uploaded
+    registry.RegisterAdapter(pb.RegisterAdapterRequest(task="beta", path="beta"), metadata=AUTH)
+    registry.RegisterAdapter(pb.RegisterAdapterRequest(task="iota", files=read_files(paths["iota"])), metadata=AUTH)
+    registry.RegisterAdapter(pb.RegisterAdapterRequest(task="pi", files=read_files(paths["pi"])), metadata=AUTH)
+    listed = {a.task: a for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    assert {"sst2", "ag_news", "beta", "iota", "pi"} <= set(listed)
+    assert listed["iota"].peft_type == "IA3" and listed["beta"].rank == 8
+    for task in ("sst2", "ag_news", "beta", "iota", "pi"):
+        response = classifier.Classify(pb.ClassifyRequest(task=task, texts=TEXTS, top_k=0), metadata=AUTH)
+        assert response.adapter_version == reference.get_adapter(task).version
+        assert_same_answers(response, reference.classify([(task, t) for t in TEXTS]))
+    info = classifier.GetInfo(pb.GetInfoRequest())
+    assert info.paths["cluster"] == "ray-serve" and len(info.paths["replicas"].split(",")) == 2
+    assert info.registered_adapters == len(listed)
+
+
+def test_errors_keep_their_status_codes(cluster, stubs, minilm_adapters, tmp_path):
+    classifier, registry = stubs
+    cases = [
+        (lambda: classifier.Classify(pb.ClassifyRequest(task="no-such-task", texts=["x"])), grpc.StatusCode.NOT_FOUND,
+         "no-such-task"),
+        (lambda: classifier.Classify(pb.ClassifyRequest(task="sst2", texts=[])), grpc.StatusCode.INVALID_ARGUMENT,
+         "1 or more"),
+        (lambda: registry.RegisterAdapter(pb.RegisterAdapterRequest(task="sst2", path="beta"), metadata=AUTH),
+         grpc.StatusCode.ALREADY_EXISTS, "replace=true"),
+        (lambda: registry.RegisterAdapter(pb.RegisterAdapterRequest(task="x", path="beta")),
+         grpc.StatusCode.UNAUTHENTICATED, "authorization"),
+        (lambda: registry.RegisterAdapter(pb.RegisterAdapterRequest(
+            task="bad", files=pb.AdapterFiles(adapter_config=b"{", adapter_weights=b"")), metadata=AUTH),
+         grpc.StatusCode.INVALID_ARGUMENT, "adapter_config.json"),
+        (lambda: registry.UnregisterAdapter(pb.UnregisterAdapterRequest(task="never"), metadata=AUTH),
+         grpc.StatusCode.NOT_FOUND, "never"),
+    ]
+    for call, code, words in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == code, e.value.details()
+        assert words in e.value.details()
+    # and everyone else is still served
+    assert classifier.Classify(pb.ClassifyRequest(task="sst2", texts=["fine"])).predictions
+
+
+def test_register_replace_unregister_reach_every_replica(cluster, stubs, minilm_adapters):
+    _, registry = stubs
+    _, paths = minilm_adapters
+    replicas = sorted(cluster.live())
+    first = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="everywhere", path="alpha"), metadata=AUTH)
+    for r in replicas:
+        assert cluster.on_replica(r, "everywhere", TEXTS[:1]).adapter_version == first.version
+    second = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="everywhere", path="gamma", replace=True),
+                                      metadata=AUTH)
+    assert second.version != first.version
+    for r in replicas:
+        answer = cluster.on_replica(r, "everywhere", TEXTS[:2])
+        assert answer.adapter_version == second.version and len(answer.labels) == 5
+    registry.UnregisterAdapter(pb.UnregisterAdapterRequest(task="everywhere"), metadata=AUTH)
+    for r in replicas:
+        with pytest.raises(UnknownTaskError):
+            cluster.on_replica(r, "everywhere", TEXTS[:1])
+
+
+def test_no_answer_from_the_old_version_after_replace_returned(cluster, stubs):
+    classifier, registry = stubs
+    old = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="swap", path="beta"), metadata=AUTH).version
+    replaced_at = [None]
+    seen, errors, stop = [], [], threading.Event()
+
+    def traffic():
+        with grpc.insecure_channel(cluster.address) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = stub.Classify(pb.ClassifyRequest(task="swap", texts=TEXTS[:2]), timeout=30)
+                    seen.append((sent, r.adapter_version, len(r.predictions[0].scores)))
+                except grpc.RpcError as e:
+                    errors.append(e.code())
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    new = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="swap", path="beta2", replace=True),
+                                   metadata=AUTH).version
+    replaced_at[0] = time.monotonic()
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    after = [v for sent, v, _ in seen if sent > replaced_at[0]]
+    before = [v for sent, v, _ in seen if sent <= replaced_at[0]]
+    assert after and set(after) == {new}, "a request sent after the replace returned saw the old version"
+    assert old in before
+
+
+def test_tritonclient_through_the_cluster(cluster):
+    """NVIDIA's own clients (gRPC and HTTP) against the cluster's ingress, as against a single server."""
+    upload = os.path.join(os.path.dirname(os.path.dirname(HERE)), "adapters", "examples", "sst2")
+    with grpc.insecure_channel(cluster.address) as ch:
+        for mode, address in (("grpc", cluster.address), ("http", cluster.http_url.removeprefix("http://"))):
+            done = subprocess.run([sys.executable, os.path.join(HERE, "tritonclient_checks.py"), mode, address, TOKEN,
+                                   upload], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            seen = json.loads(done.stdout)
+            assert seen["live"] and seen["ready"]
+            for task, c in (("sst2", 2), ("ag_news", 4)):
+                reference = pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(task=task, texts=seen["texts"][task]))
+                for run in seen["parallel"][task]:
+                    scores = np.array(run["scores"])
+                    assert scores.shape == (len(reference.predictions), c)
+                    for row, p in zip(scores, reference.predictions):
+                        by_index = {s.index: s.score for s in p.scores}
+                        np.testing.assert_allclose(row, [by_index[i] for i in range(c)], atol=1e-5)
+            assert seen["load"]["status"] == "OK" and ["uploaded", "READY"] in seen["index"]
+            assert seen["unload"]["status"] == "OK"
+            assert seen["after_unload"]["status"] in ("StatusCode.NOT_FOUND", "404")
+
+
+def test_metrics_of_the_router_and_every_replica(cluster, stubs):
+    import urllib.request
+
+    classifier, _ = stubs
+    for _ in range(5):
+        classifier.Classify(pb.ClassifyRequest(task="sst2", texts=["fine"]))
+    request = urllib.request.Request(cluster.metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    routed = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("adapterserve_routed_requests_total{")}
+    assert sum(routed.values()) >= 5 and routed["device-hit"] >= 1, routed
+    assert "adapterserve_replica_queue_depth{" in text and "adapterserve_replicas 2.0" in text
+    # Prometheus file_sd: the replicas' own /metrics, each scraped here
+    end = time.time() + 10
+    path = os.path.join(cluster.data_dir, "prometheus_targets.json")
+    while not os.path.exists(path) and time.time() < end:
+        time.sleep(0.2)
+    groups = json.load(open(path))
+    targets = [t for g in groups if g["labels"]["job"] == "adapterserve-replica" for t in g["targets"]]
+    assert len(targets) == 2
+    for target in targets:
+        scraped = urllib.request.urlopen(urllib.request.Request(f"http://{target}/metrics", headers={
+            "Authorization": f"Bearer {TOKEN}"}), timeout=10).read().decode()
+        assert "adapterserve_batch_size_bucket" in scraped and "adapterserve_adapter_cache_hits_total" in scraped
+
+
+def _slot_counts(cluster) -> tuple[int, int]:
+    reports = cluster.live().values()
+    return sum(r["slot_loads"] for r in reports), sum(r["slot_hits"] for r in reports)
+
+
+def test_affinity_routing_keeps_the_device_hit_rate_far_above_random(cluster, stubs, minilm_dir, tmp_path):
+    """12 tasks, 7 usable slots per replica: affinity splits the tasks between the replicas, random
+    routing makes both replicas cycle through all 12."""
+    classifier, registry = stubs
+    tasks = [f"zipf{i}" for i in range(12)]
+    for i, task in enumerate(tasks):
+        path = make_peft_adapter(minilm_dir, str(tmp_path / task), num_labels=2, r=2, targets=["query", "value"],
+                                 seed=100 + i, scale=0.05)
+        registry.RegisterAdapter(pb.RegisterAdapterRequest(task=task, files=read_files(path)), metadata=AUTH)
+    rng = random.Random(0)
+    weights = [1 / (k + 1) for k in range(len(tasks))]  # Zipf(1)
+    picks = rng.choices(tasks, weights, k=240)
+    replicas = sorted(cluster.live())
+    generation = cluster.generation()
+
+    def hit_rate(run) -> float:
+        time.sleep(1.5)  # the reports the counters come from are sent every 0.5 s
+        loads0, hits0 = _slot_counts(cluster)
+        for task in picks:
+            run(task)
+        time.sleep(1.5)
+        loads1, hits1 = _slot_counts(cluster)
+        return (hits1 - hits0) / max(1, (hits1 - hits0) + (loads1 - loads0))
+
+    random_rate = hit_rate(lambda task: cluster.on_replica(rng.choice(replicas), task, TEXTS[:1], generation))
+    affinity_rate = hit_rate(lambda task: classifier.Classify(pb.ClassifyRequest(task=task, texts=TEXTS[:1])))
+    print(f"device hit rate: affinity {affinity_rate:.2f}, random {random_rate:.2f}")
+    assert affinity_rate > 0.9 and affinity_rate > random_rate + 0.2, (affinity_rate, random_rate)
+
+
+def test_a_killed_replica_loses_nothing_and_comes_back_with_every_adapter(cluster, stubs):
+    classifier, registry = stubs
+    before = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    expected = {t: scores_of(classifier.Classify(pb.ClassifyRequest(task=t, texts=TEXTS[:2])))
+                for t in ("sst2", "ag_news")}
+    live = cluster.live()
+    victim, report = sorted(live.items())[0]
+    codes, wrong, stop = [], [], threading.Event()
+
+    def traffic(task):
+        with grpc.insecure_channel(cluster.address) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            while not stop.is_set():
+                try:
+                    r = stub.Classify(pb.ClassifyRequest(task=task, texts=TEXTS[:2]), timeout=30)
+                    got = scores_of(r)
+                    for g, w in zip(got, expected[task]):
+                        if any(abs(g[i] - w[i]) > 1e-5 for i in w):
+                            wrong.append((task, got))
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+
+    threads = [threading.Thread(target=traffic, args=(t,)) for t in ("sst2", "ag_news", "sst2")]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(report["pid"], signal.SIGKILL)
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"during the kill: {codes.count('OK')} answered, {codes.count('UNAVAILABLE')} UNAVAILABLE")
+    assert not wrong
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, set(codes)
+    assert codes.count("OK") > 0
+    # Serve starts a replacement; it restores every adapter from the registry.
+    end = time.time() + 120
+    newcomers = []
+    while time.time() < end and not newcomers:
+        newcomers = [r for r in cluster.live() if r not in live]
+        time.sleep(0.5)
+    assert newcomers, "no replacement replica reported"
+    after = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    assert after == before
+    for task in before:
+        assert cluster.on_replica(newcomers[0], task, TEXTS[:1]).adapter_version == before[task]
