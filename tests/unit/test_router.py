@@ -1,0 +1,81 @@
+"""The adapter-affinity routing policy (runtime/cluster/router.py rank()) as a pure function."""
+import random
+from collections import Counter
+
+import pytest
+
+from adapterserve.runtime.cluster.router import HashRing, ReplicaView, rank
+from adapterserve.runtime.config import ClusterConfig
+from adapterserve.runtime.errors import ConfigError
+
+
+def views(loads, device=None, host=None):
+    device, host = device or {}, host or {}
+    return [ReplicaView(r, load, frozenset(device.get(r, ())), frozenset(host.get(r, ()))) for r, load in loads.items()]
+
+
+RING = HashRing(["a", "b", "c"])
+
+
+def test_prefers_device_then_host_then_the_ring_owner():
+    replicas = views({"a": 0, "b": 0, "c": 0}, device={"b": {"t"}}, host={"c": {"t", "u"}})
+    ranks, reason = rank("t", replicas, RING)
+    assert ranks[0][0].id == "b" and reason == "device-hit"
+    ranks, reason = rank("u", replicas, RING)
+    assert ranks[0][0].id == "c" and reason == "host-hit"
+    ranks, reason = rank("cold-task", replicas, RING)
+    assert reason == "cold" and ranks[0][0].id == RING.order("cold-task")[0]
+    # every other replica follows, least loaded first, so Serve can fall back when the first is full
+    assert sorted(r.id for r in ranks[1]) == sorted({"a", "b", "c"} - {ranks[0][0].id})
+
+
+def test_bounded_load_moves_a_hot_task_off_a_busy_replica():
+    # b holds the task but has 6 in flight; mean with this request (6+0+0+1)/3: bound ceil(1.25*7/3) = 3
+    replicas = views({"a": 0, "b": 6, "c": 0}, device={"b": {"t"}}, host={"c": {"t"}})
+    ranks, reason = rank("t", replicas, RING)
+    assert ranks[0][0].id == "c" and reason == "host-hit"
+    replicas = views({"a": 0, "b": 6, "c": 0}, device={"b": {"t"}})
+    ranks, reason = rank("t", replicas, RING)
+    assert ranks[0][0].id in ("a", "c") and reason == "overflow"
+    # under the bound the holder keeps it
+    ranks, reason = rank("t", views({"a": 1, "b": 2, "c": 1}, device={"b": {"t"}}), RING)
+    assert ranks[0][0].id == "b" and reason == "device-hit"
+
+
+def test_cold_tasks_spread_over_the_ring_and_move_little_when_a_replica_joins():
+    tasks = [f"task{i}" for i in range(3000)]
+    owners = Counter(RING.order(t)[0] for t in tasks)
+    assert min(owners.values()) > 600, owners  # about 1000 each
+    grown = HashRing(["a", "b", "c", "d"])
+    moved = sum(RING.order(t)[0] != grown.order(t)[0] for t in tasks)
+    assert moved < 0.4 * len(tasks)  # about a quarter move to the new replica, the rest stay
+    assert all(grown.order(t)[0] in ("d", RING.order(t)[0]) for t in tasks)
+
+
+def test_pinned_request_goes_to_its_replica_if_live():
+    replicas = views({"a": 9, "b": 0})
+    assert rank("t", replicas, HashRing(["a", "b"]), pinned="a")[0] == [[replicas[0]]]
+    ranks, reason = rank("t", replicas, HashRing(["a", "b"]), pinned="gone")
+    assert reason == "cold"
+
+
+def test_random_loads_never_exceed_the_bound_while_another_has_room():
+    rng = random.Random(1)
+    for _ in range(500):
+        loads = {r: rng.randrange(0, 10) for r in "abcd"}
+        replicas = views(loads, device={r: {"t"} for r in "abcd" if rng.random() < 0.5})
+        first = rank("t", replicas, HashRing("abcd"), load_factor=1.25)[0][0][0]
+        bound = -(-1.25 * (sum(loads.values()) + 1) // 4)
+        if any(load + 1 <= bound for load in loads.values()):
+            assert first.load + 1 <= bound
+
+
+def test_cluster_config_checks_its_values():
+    assert ClusterConfig(autoscale="1:4").autoscale_bounds() == (1, 4)
+    for bad in ("4:1", "x", "2", "1:0"):
+        with pytest.raises(ConfigError, match="MIN:MAX"):
+            ClusterConfig(autoscale=bad)
+    with pytest.raises(ConfigError, match="router"):
+        ClusterConfig(router="random")
+    with pytest.raises(ConfigError, match="load_factor"):
+        ClusterConfig(load_factor=0.5)
