@@ -94,8 +94,12 @@ def run(config: ServerConfig, cluster: ClusterConfig) -> int:
         from ray import serve
 
         started_head = cluster.ray_address is None
-        ray.init(address=cluster.ray_address, num_cpus=cluster.ray_cpus if started_head else None,
-                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        head = {"num_cpus": cluster.ray_cpus,
+                # Ray runs workers at nice 15 by default: on a shared machine our replicas would then lose
+                # the CPU to any client process beside them (2 cores: 263 vs 416 texts/s for one server).
+                "_system_config": {"worker_niceness": 0}} if started_head else {}
+        ray.init(address=cluster.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True, **head)
         try:
             serve.start(proxy_location="Disabled")
             handle = serve.run(build_app(config, cluster), name=cluster.app_name, route_prefix=None)

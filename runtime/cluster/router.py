@@ -2,7 +2,7 @@
 
 Order of preference for a request naming a task, among replicas under the load bound:
   1. a replica holding the task in a device slot ("device-hit"),
-  2. one holding it in host memory ("host-hit"),
+  2. one holding it in host memory ("host-hit"), the first in the task's ring order,
   3. for a task no replica holds, its owner on a consistent-hash ring ("cold"), so a cold task loads
      on one replica rather than on whichever is idle,
   4. otherwise (every holder is over the bound) the least loaded replica ("overflow").
@@ -83,16 +83,19 @@ def rank(task: Optional[str], replicas: list[ReplicaView], ring: HashRing, load_
     under = [r for r in by_load if r.load + 1 <= bound]
     first, reason = None, "overflow"
     if task is not None:
-        for tier, why in (("device", "device-hit"), ("host", "host-hit")):
-            holders = [r for r in under if task in getattr(r, tier)]
-            if holders:
-                first, reason = holders[0], why
-                break
-        if first is None and not any(task in r.device or task in r.host for r in replicas):
+        device = [r for r in under if task in r.device]
+        if device:
+            first, reason = device[0], "device-hit"
+        else:
+            # Host holders in ring order, not least loaded first: replicas that all keep every adapter in
+            # host memory would otherwise spread a task over all of them and load it into every one's slots.
             by_id = {r.id: r for r in under}
-            owner = next((r for r in ring.order(task) if r in by_id), None)
-            if owner is not None:
-                first, reason = by_id[owner], "cold"
+            ordered = [by_id[r] for r in ring.order(task) if r in by_id]
+            host = [r for r in ordered if task in r.host]
+            if host:
+                first, reason = host[0], "host-hit"
+            elif ordered and not any(task in r.device or task in r.host for r in replicas):
+                first, reason = ordered[0], "cold"
     if first is None:
         first = (under or by_load)[0]
     return [[first], [r for r in by_load if r is not first]], reason

@@ -1,0 +1,143 @@
+"""Scale-out on Ray Serve (docs/benchmarks.md "Cluster"), in one run on this machine:
+
+1. Same load against one server (2 torch threads) and `adapterserve cluster` with 2 replicas of 1 CPU
+   (1 thread each): the cluster's throughput as a ratio of the single server's, beside the bare
+   model in-process (the ceiling, same texts and batch planner).
+2. N adapters (default 1,024) over 2 replicas with S device slots each (default 64), Zipf(1.0)
+   popularity: the adapter-affinity router against Ray Serve's default (power of two choices):
+   device hit rate (batches that found their adapter in a slot), slot loads per second, throughput,
+   p50 / p99. The adapters are registered once; the second cluster restores them from the same data dir.
+
+    python -m adapterserve.loadtest.cluster_bench [--adapters 1024] [--slots 64] [--duration 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+
+from adapterserve.loadtest import bench
+from adapterserve.loadtest.server_proc import ServerProcess, free_port
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("adapterserve_adapter_") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def replica_counters(data_dir: str) -> dict[str, float]:
+    """Slot hits, misses and loads summed over the replicas (their /metrics, listed in the file_sd file)."""
+    with open(os.path.join(data_dir, "prometheus_targets.json")) as fh:
+        groups = json.load(fh)
+    totals: dict[str, float] = {}
+    for group in groups:
+        if group["labels"]["job"] != "adapterserve-replica":
+            continue
+        for target in group["targets"]:
+            for k, v in scrape(f"http://{target}/metrics").items():
+                totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
+def start_cluster(data_dir: str, router: str, slots: int, extra=()) -> ServerProcess:
+    proc = ServerProcess("--data-dir", data_dir, "--replicas", "2", "--replica-cpus", "1", "--ray-cpus", "2",
+                         "--router", router, "--slots", str(slots), "--grace", "1", *extra,
+                         metrics_port=free_port(), ready_timeout=600,
+                         command=[sys.executable, "-m", "adapterserve", "cluster"])
+    end = time.time() + 60
+    while time.time() < end:  # both replicas listed for scraping
+        try:
+            with open(os.path.join(data_dir, "prometheus_targets.json")) as fh:
+                if sum(len(g["targets"]) for g in json.load(fh) if g["labels"]["job"] == "adapterserve-replica") == 2:
+                    break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    return proc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adapterserve.loadtest.cluster_bench")
+    p.add_argument("--adapters", type=int, default=1024)
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--texts-per-request", type=int, default=4)
+    p.add_argument("--skip-scale", action="store_true", help="only the routing comparison")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    results: dict = {"adapters": args.adapters, "slots": args.slots, "duration_s": args.duration,
+                     "concurrency": args.concurrency, "texts_per_request": args.texts_per_request}
+    tasks32 = [f"t{i}" for i in range(32)]
+
+    if not args.skip_scale:
+        print("1. one server x 2 threads against 2 replicas x 1 thread, 32 tasks uniform", flush=True)
+        with tempfile.TemporaryDirectory() as data_dir:
+            single = ServerProcess("--data-dir", data_dir, "--torch-threads", "2", "--no-examples")
+            try:
+                bench._register(single.address, 32)
+                one = bench._load(single.address, "single-2t", tasks32, "uniform", args, args.duration)
+            finally:
+                single.stop()
+            # the cluster restores the same 32 adapters from the data dir
+            cluster = start_cluster(data_dir, "affinity", 64, ["--no-examples"])
+            try:
+                two = bench._load(cluster.address, "cluster-2x1t", tasks32, "uniform", args, args.duration)
+            finally:
+                cluster.stop(timeout=60)
+        # The bare model in this process on all cores, same texts, pools cut by the server's planner.
+        ceiling = bench._ceiling(bench.lt.read_texts(bench.lt.DEFAULT_TEXTS, "sentence"), 64,
+                                 min(args.duration, 15.0), planned=True)
+        results["scale"] = {"single": one, "cluster": two, "ceiling_texts_per_s": ceiling,
+                            "ratio": two["throughput_texts_per_s"] / one["throughput_texts_per_s"]}
+        print(f"   bare model {ceiling:.1f} texts/s; single {one['throughput_texts_per_s']:.1f} "
+              f"({one['throughput_texts_per_s'] / ceiling:.2f} x bare); cluster {two['throughput_texts_per_s']:.1f} "
+              f"({two['throughput_texts_per_s'] / ceiling:.2f} x bare); cluster / single = "
+              f"{results['scale']['ratio']:.2f}", flush=True)
+
+    print(f"2. {args.adapters} adapters, 2 replicas x {args.slots} slots, Zipf(1.0): affinity vs pow2", flush=True)
+    tasks = [f"t{i}" for i in range(args.adapters)]
+    with tempfile.TemporaryDirectory() as data_dir:
+        routing = {}
+        for router in ("affinity", "pow2"):
+            cluster = start_cluster(data_dir, router, args.slots, ["--no-examples"])
+            try:
+                if router == "affinity":
+                    t0 = time.perf_counter()
+                    seconds = bench._register(cluster.address, args.adapters)
+                    results["register_s_per_adapter_p50"] = sorted(seconds)[len(seconds) // 2]
+                    results["register_total_s"] = time.perf_counter() - t0
+                before = replica_counters(data_dir)
+                t0 = time.perf_counter()
+                run = bench._load(cluster.address, f"{router}", tasks, "zipf:1.0", args, args.duration)
+                elapsed = time.perf_counter() - t0
+                after = replica_counters(data_dir)
+            finally:
+                cluster.stop(timeout=60)
+            hits = after["adapterserve_adapter_cache_hits_total"] - before["adapterserve_adapter_cache_hits_total"]
+            misses = after["adapterserve_adapter_cache_misses_total"] - before["adapterserve_adapter_cache_misses_total"]
+            loads = after["adapterserve_adapter_loads_total"] - before["adapterserve_adapter_loads_total"]
+            routing[router] = {"hit_rate": hits / max(1.0, hits + misses), "loads_per_s": loads / elapsed,
+                               "texts_per_s": run["throughput_texts_per_s"], "p50_ms": run["latency_ms"]["p50"],
+                               "p99_ms": run["latency_ms"]["p99"], "errors": run["errors"]}
+            r = routing[router]
+            print(f"   {router:<9} hit rate {r['hit_rate']:.3f}  loads/s {r['loads_per_s']:6.1f}  "
+                  f"{r['texts_per_s']:7.1f} texts/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms", flush=True)
+        results["routing"] = routing
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
