@@ -4,9 +4,10 @@
    (1 thread each): the cluster's throughput as a ratio of the single server's, beside the bare
    model in-process (the ceiling, same texts and batch planner).
 2. N adapters (default 1,024) over 2 replicas with S device slots each (default 64), Zipf(1.0)
-   popularity: the adapter-affinity router against Ray Serve's default (power of two choices):
-   device hit rate (batches that found their adapter in a slot), slot loads per second, throughput,
-   p50 / p99. The adapters are registered once; the second cluster restores them from the same data dir.
+   popularity, and a working set that fits both replicas' slots but not one's (1.5 x S tasks,
+   uniform): the adapter-affinity router against Ray Serve's default (power of two choices): device
+   hit rate (batches that found their adapter in a slot), slot loads per second, throughput, p50 /
+   p99. The adapters are registered once; the second cluster restores them from the same data dir.
 
     python -m adapterserve.loadtest.cluster_bench [--adapters 1024] [--slots 64] [--duration 30]
 """
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
 
     print(f"2. {args.adapters} adapters, 2 replicas x {args.slots} slots, Zipf(1.0): affinity vs pow2", flush=True)
     tasks = [f"t{i}" for i in range(args.adapters)]
+    fits = min(args.adapters, args.slots * 3 // 2)
     with tempfile.TemporaryDirectory() as data_dir:
         routing = {}
         for router in ("affinity", "pow2"):
@@ -116,22 +118,25 @@ def main(argv=None) -> int:
                     seconds = bench._register(cluster.address, args.adapters)
                     results["register_s_per_adapter_p50"] = sorted(seconds)[len(seconds) // 2]
                     results["register_total_s"] = time.perf_counter() - t0
-                before = replica_counters(data_dir)
-                t0 = time.perf_counter()
-                run = bench._load(cluster.address, f"{router}", tasks, "zipf:1.0", args, args.duration)
-                elapsed = time.perf_counter() - t0
-                after = replica_counters(data_dir)
+                for scenario, names, mix in ((f"{args.adapters} zipf:1.0", tasks, "zipf:1.0"),
+                                             (f"{fits} uniform", tasks[:fits], "uniform")):
+                    before = replica_counters(data_dir)
+                    t0 = time.perf_counter()
+                    run = bench._load(cluster.address, f"{router} {scenario}", names, mix, args, args.duration)
+                    elapsed = time.perf_counter() - t0
+                    after = replica_counters(data_dir)
+                    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+                    hits, misses = delta["adapterserve_adapter_cache_hits_total"], delta["adapterserve_adapter_cache_misses_total"]
+                    r = routing.setdefault(scenario, {})[router] = {
+                        "hit_rate": hits / max(1.0, hits + misses),
+                        "loads_per_s": delta["adapterserve_adapter_loads_total"] / elapsed,
+                        "texts_per_s": run["throughput_texts_per_s"], "p50_ms": run["latency_ms"]["p50"],
+                        "p99_ms": run["latency_ms"]["p99"], "errors": run["errors"]}
+                    print(f"   {router:<9} {scenario:<14} hit rate {r['hit_rate']:.3f}  loads/s {r['loads_per_s']:6.1f}  "
+                          f"{r['texts_per_s']:7.1f} texts/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms",
+                          flush=True)
             finally:
                 cluster.stop(timeout=60)
-            hits = after["adapterserve_adapter_cache_hits_total"] - before["adapterserve_adapter_cache_hits_total"]
-            misses = after["adapterserve_adapter_cache_misses_total"] - before["adapterserve_adapter_cache_misses_total"]
-            loads = after["adapterserve_adapter_loads_total"] - before["adapterserve_adapter_loads_total"]
-            routing[router] = {"hit_rate": hits / max(1.0, hits + misses), "loads_per_s": loads / elapsed,
-                               "texts_per_s": run["throughput_texts_per_s"], "p50_ms": run["latency_ms"]["p50"],
-                               "p99_ms": run["latency_ms"]["p99"], "errors": run["errors"]}
-            r = routing[router]
-            print(f"   {router:<9} hit rate {r['hit_rate']:.3f}  loads/s {r['loads_per_s']:6.1f}  "
-                  f"{r['texts_per_s']:7.1f} texts/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms", flush=True)
         results["routing"] = routing
     if args.json:
         with open(args.json, "w") as fh:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import replace
 import sys
 import threading
 from typing import Optional
@@ -53,6 +54,10 @@ def build_app(config: ServerConfig, cluster: ClusterConfig):
     else:
         scaling = {"num_replicas": cluster.replicas}
     actor_options = {"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus}
+    if config.runtime.torch_threads is None:
+        # A replica's intra-op threads match the CPUs Ray reserved for it, not the machine's cores: two
+        # 1-CPU replicas with 2 threads each would oversubscribe a 2-core machine.
+        config = replace(config, runtime=replace(config.runtime, torch_threads=max(1, int(cluster.replica_cpus))))
     if cluster.router == "affinity":
         router = RequestRouterConfig(request_router_class=f"{AdapterAffinityRouter.__module__}.AdapterAffinityRouter",
                                      request_router_kwargs={"load_factor": cluster.load_factor},

@@ -104,7 +104,10 @@ class AdapterReplica:
                                       token=config.admin_token)
             self.metrics_address = f"{config.host}:{port}"
         self._follower = asyncio.get_running_loop().create_task(self._follow())
-        log.info("replica %s serving at generation %d (pid %d)", self.replica_id, self.generation, os.getpid())
+        import torch
+
+        log.info("replica %s serving at generation %d (pid %d, %d torch threads)", self.replica_id, self.generation,
+                 os.getpid(), torch.get_num_threads())
 
     @property
     def runtime(self) -> Runtime:

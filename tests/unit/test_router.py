@@ -79,3 +79,20 @@ def test_cluster_config_checks_its_values():
         ClusterConfig(router="random")
     with pytest.raises(ConfigError, match="load_factor"):
         ClusterConfig(load_factor=0.5)
+
+
+def test_serve_config_file_builds_the_application():
+    """deploy/ray-serve.yaml's args go through the same settings as the flags."""
+    import pathlib
+
+    import yaml
+
+    from adapterserve.runtime.cluster.app import app_builder
+
+    spec = yaml.safe_load((pathlib.Path(__file__).resolve().parents[2] / "deploy" / "ray-serve.yaml").read_text())
+    app = spec["applications"][0]
+    assert app["import_path"] == "adapterserve.runtime.cluster.app:app_builder"
+    built = app_builder(app["args"])
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ConfigError, match="router"):
+        app_builder(dict(app["args"], router="nearest"))
