@@ -148,6 +148,10 @@ class ClusterClassify(ClassifyService):
     def ready(self) -> bool:
         return self._ready
 
+    def set_ready(self, ready: bool) -> None:
+        """False: new requests are refused with UNAVAILABLE (start-up, drain)."""
+        self._ready = ready
+
     def check_ready(self) -> None:
         if not self._ready:
             raise UnavailableError("the cluster's replicas are still starting; retry when health reports SERVING")
@@ -348,7 +352,7 @@ class ClusterIngress:
         except BaseException:
             await self.front.stop(0)
             raise
-        self.classify._ready = True
+        self.classify.set_ready(True)
         await self.front.attach(self.adapters)
         self._follower = asyncio.get_running_loop().create_task(self._follow())
         log.info("cluster ingress on %s:%d; tasks: %s", config.host, self.front.port,
@@ -388,14 +392,11 @@ class ClusterIngress:
         in-flight requests get the grace)."""
         classify = self.classify
 
-        def refuse_new() -> None:
-            classify._ready = False
-
         async def finish() -> None:
             while classify.inflight:
                 await asyncio.sleep(0.02)
 
-        await self.front.drain(grace, refuse_new, finish, lambda: classify.inflight)
+        await self.front.drain(grace, lambda: classify.set_ready(False), finish, lambda: classify.inflight)
 
     async def address(self) -> IngressAddress:
         return IngressAddress(self.config.host, self.front.port, self.front.http_port, self.front.metrics_port,

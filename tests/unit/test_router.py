@@ -96,3 +96,22 @@ def test_serve_config_file_builds_the_application():
     assert type(built).__name__ == "Application"
     with pytest.raises(ConfigError, match="router"):
         app_builder(dict(app["args"], router="nearest"))
+
+
+def test_cluster_flags_reach_the_replica_deployment():
+    from adapterserve.runtime.cluster.app import build_app
+    from adapterserve.runtime.config import RuntimeConfig, ServerConfig
+
+    app = build_app(ServerConfig(runtime=RuntimeConfig(slots=32)),
+                    ClusterConfig(autoscale="1:3", target_ongoing_requests=4, replica_cpus=2, replica_gpus=0.5))
+    replica = app._bound_deployment.init_args[1]._bound_deployment
+    scaling = replica._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4.0)
+    assert replica.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.5}
+    config = replica.init_args[0]
+    assert config.runtime.torch_threads == 2 and config.runtime.slots == 32
+    router = replica._deployment_config.request_router_config.request_router_class
+    assert router.endswith("router.AdapterAffinityRouter")
+    fixed = build_app(ServerConfig(), ClusterConfig(replicas=3, router="pow2"))._bound_deployment.init_args[1]
+    assert fixed._bound_deployment._deployment_config.num_replicas == 3
+    assert "PowerOfTwo" in fixed._bound_deployment._deployment_config.request_router_config.request_router_class
