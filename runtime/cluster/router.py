@@ -2,21 +2,22 @@
 
 Order of preference for a request naming a task, among replicas under the load bound:
   1. a replica holding the task in a device slot ("device-hit"),
-  2. one holding it in host memory ("host-hit"), the first in the task's ring order,
+  2. one holding it in host memory ("host-hit"),
   3. for a task no replica holds, its owner on a consistent-hash ring ("cold"), so a cold task loads
      on one replica rather than on whichever is idle,
   4. otherwise (every holder is over the bound) the least loaded replica ("overflow").
-The bound: no replica takes a request that would put its in-flight count above
-load_factor x the mean (consistent hashing with bounded loads, Mirrokni et al. 2018), so a hot task
-spreads once its replica is busy. Ties go to the least loaded. Residency comes from each replica's
-record_routing_stats (refreshed every request_routing_stats_period_s); between refreshes the router
-remembers where it sent each task, so the second request of a new task follows the first.
+Among several holders the first in the task's ring order wins, so a task converges on its owner
+instead of staying on every replica it once overflowed to. The bound: no replica takes a request that
+would put its in-flight count above load_factor x the mean (consistent hashing with bounded loads,
+Mirrokni et al. 2018), so a hot task spreads once its replica is busy. Residency comes from each
+replica's record_routing_stats (refreshed every request_routing_stats_period_s); between refreshes
+the router remembers where it sent each task, so the second request of a new task follows the first.
+A request may name a replica (kwarg `replica`): it goes there if that replica is live (checks and
+operators' probes of one replica).
 
 rank() is the policy as a pure function (tests/unit/test_router.py); AdapterAffinityRouter feeds it.
 Ray Serve pickles this module by value into every process holding a handle: it keeps no state of
 its own at module level (counters live in routing_stats.py).
-A request may name a replica (kwarg `replica`): it goes there if that replica is live (checks and
-operators' probes of one replica).
 """
 from __future__ import annotations
 
@@ -83,19 +84,19 @@ def rank(task: Optional[str], replicas: list[ReplicaView], ring: HashRing, load_
     under = [r for r in by_load if r.load + 1 <= bound]
     first, reason = None, "overflow"
     if task is not None:
-        device = [r for r in under if task in r.device]
+        # Holders in the task's ring order, not least loaded first: a task that overflowed onto a second
+        # replica would otherwise stay on both, and replicas that all keep every adapter in host memory
+        # would spread each task over all of them, filling every replica's slots with every task.
+        by_id = {r.id: r for r in under}
+        ordered = [by_id[r] for r in ring.order(task) if r in by_id]
+        device = [r for r in ordered if task in r.device]
+        host = [r for r in ordered if task in r.host]
         if device:
             first, reason = device[0], "device-hit"
-        else:
-            # Host holders in ring order, not least loaded first: replicas that all keep every adapter in
-            # host memory would otherwise spread a task over all of them and load it into every one's slots.
-            by_id = {r.id: r for r in under}
-            ordered = [by_id[r] for r in ring.order(task) if r in by_id]
-            host = [r for r in ordered if task in r.host]
-            if host:
-                first, reason = host[0], "host-hit"
-            elif ordered and not any(task in r.device or task in r.host for r in replicas):
-                first, reason = ordered[0], "cold"
+        elif host:
+            first, reason = host[0], "host-hit"
+        elif ordered and not any(task in r.device or task in r.host for r in replicas):
+            first, reason = ordered[0], "cold"
     if first is None:
         first = (under or by_load)[0]
     return [[first], [r for r in by_load if r is not first]], reason

@@ -138,6 +138,15 @@ def test_bundled_and_registered_tasks_answer_as_a_single_server(cluster, stubs, 
     assert info.registered_adapters == len(listed)
 
 
+def test_stream_through_the_cluster_answers_in_order(cluster, stubs):
+    classifier, _ = stubs
+    requests = [pb.ClassifyRequest(request_id=str(i), task=("sst2", "ag_news")[i % 2], texts=TEXTS[i % 4:i % 4 + 1])
+                for i in range(40)]
+    answers = list(classifier.ClassifyStream(iter(requests)))
+    assert [a.request_id for a in answers] == [r.request_id for r in requests]
+    assert all(len(a.predictions[0].scores) == (2, 4)[i % 2] for i, a in enumerate(answers))
+
+
 def test_errors_keep_their_status_codes(cluster, stubs, minilm_adapters, tmp_path):
     classifier, registry = stubs
     cases = [
