@@ -35,6 +35,13 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def routed(metrics_url: str) -> dict[str, float]:
+    """The ingress router's decisions so far, by reason."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("adapterserve_routed_requests_total{")}
+
+
 def replica_counters(data_dir: str) -> dict[str, float]:
     """Slot hits, misses and loads summed over the replicas (their /metrics, listed in the file_sd file)."""
     with open(os.path.join(data_dir, "prometheus_targets.json")) as fh:
@@ -50,6 +57,7 @@ def replica_counters(data_dir: str) -> dict[str, float]:
 
 
 def start_cluster(data_dir: str, router: str, slots: int, extra=()) -> ServerProcess:
+    """`adapterserve cluster` with 2 replicas of 1 CPU on a local head; metrics_url is the ingress's."""
     proc = ServerProcess("--data-dir", data_dir, "--replicas", "2", "--replica-cpus", "1", "--ray-cpus", "2",
                          "--router", router, "--slots", str(slots), "--grace", "1", *extra,
                          metrics_port=free_port(), ready_timeout=600,
@@ -120,21 +128,22 @@ def main(argv=None) -> int:
                     results["register_total_s"] = time.perf_counter() - t0
                 for scenario, names, mix in ((f"{args.adapters} zipf:1.0", tasks, "zipf:1.0"),
                                              (f"{fits} uniform", tasks[:fits], "uniform")):
-                    before = replica_counters(data_dir)
+                    before, reasons0 = replica_counters(data_dir), routed(cluster.metrics_url)
                     t0 = time.perf_counter()
                     run = bench._load(cluster.address, f"{router} {scenario}", names, mix, args, args.duration)
                     elapsed = time.perf_counter() - t0
-                    after = replica_counters(data_dir)
+                    after, reasons1 = replica_counters(data_dir), routed(cluster.metrics_url)
                     delta = {k: after[k] - before.get(k, 0.0) for k in after}
                     hits, misses = delta["adapterserve_adapter_cache_hits_total"], delta["adapterserve_adapter_cache_misses_total"]
                     r = routing.setdefault(scenario, {})[router] = {
                         "hit_rate": hits / max(1.0, hits + misses),
                         "loads_per_s": delta["adapterserve_adapter_loads_total"] / elapsed,
                         "texts_per_s": run["throughput_texts_per_s"], "p50_ms": run["latency_ms"]["p50"],
-                        "p99_ms": run["latency_ms"]["p99"], "errors": run["errors"]}
+                        "p99_ms": run["latency_ms"]["p99"], "errors": run["errors"],
+                        "routed": {k: reasons1[k] - reasons0.get(k, 0.0) for k in reasons1 if reasons1[k] > reasons0.get(k, 0.0)}}
                     print(f"   {router:<9} {scenario:<14} hit rate {r['hit_rate']:.3f}  loads/s {r['loads_per_s']:6.1f}  "
-                          f"{r['texts_per_s']:7.1f} texts/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms",
-                          flush=True)
+                          f"{r['texts_per_s']:7.1f} texts/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+                          f"routed {r['routed']}", flush=True)
             finally:
                 cluster.stop(timeout=60)
         results["routing"] = routing

@@ -82,12 +82,23 @@ def rank(task: Optional[str], replicas: list[ReplicaView], ring: HashRing, load_
     total = sum(r.load for r in replicas)
     bound = max(1, math.ceil(load_factor * (total + 1) / len(replicas)))
     under = [r for r in by_load if r.load + 1 <= bound]
+    first, reason = _affine(task, under, replicas, ring)
+    if first is None:
+        first = (under or by_load)[0]
+    elif len(under) < len(replicas) and _affine(task, by_load, replicas, ring)[0] is not first:
+        reason = "overflow"  # the bound moved it off the replica affinity alone would pick
+    return [[first], [r for r in by_load if r is not first]], reason
+
+
+def _affine(task: Optional[str], allowed: list[ReplicaView], replicas: list[ReplicaView],
+            ring: HashRing) -> tuple[Optional[ReplicaView], str]:
+    """The replica affinity picks among `allowed`, and why; (None, "overflow") when it has no choice there."""
     first, reason = None, "overflow"
     if task is not None:
         # Holders in the task's ring order, not least loaded first: a task that overflowed onto a second
         # replica would otherwise stay on both, and replicas that all keep every adapter in host memory
         # would spread each task over all of them, filling every replica's slots with every task.
-        by_id = {r.id: r for r in under}
+        by_id = {r.id: r for r in allowed}
         ordered = [by_id[r] for r in ring.order(task) if r in by_id]
         device = [r for r in ordered if task in r.device]
         host = [r for r in ordered if task in r.host]
@@ -97,9 +108,7 @@ def rank(task: Optional[str], replicas: list[ReplicaView], ring: HashRing, load_
             first, reason = host[0], "host-hit"
         elif ordered and not any(task in r.device or task in r.host for r in replicas):
             first, reason = ordered[0], "cold"
-    if first is None:
-        first = (under or by_load)[0]
-    return [[first], [r for r in by_load if r is not first]], reason
+    return first, reason
 
 
 def _request_router_base():

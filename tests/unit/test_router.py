@@ -33,7 +33,7 @@ def test_bounded_load_moves_a_hot_task_off_a_busy_replica():
     # b holds the task but has 6 in flight; mean with this request (6+0+0+1)/3: bound ceil(1.25*7/3) = 3
     replicas = views({"a": 0, "b": 6, "c": 0}, device={"b": {"t"}}, host={"c": {"t"}})
     ranks, reason = rank("t", replicas, RING)
-    assert ranks[0][0].id == "c" and reason == "host-hit"
+    assert ranks[0][0].id == "c" and reason == "overflow"  # c holds it in host, but only the bound sent it there
     replicas = views({"a": 0, "b": 6, "c": 0}, device={"b": {"t"}})
     ranks, reason = rank("t", replicas, RING)
     assert ranks[0][0].id in ("a", "c") and reason == "overflow"
@@ -52,11 +52,22 @@ def test_cold_tasks_spread_over_the_ring_and_move_little_when_a_replica_joins():
     assert all(grown.order(t)[0] in ("d", RING.order(t)[0]) for t in tasks)
 
 
+def test_holders_in_ring_order_so_a_task_converges_on_its_owner():
+    owner, other = RING.order("t")[:2]
+    # the task overflowed onto `other` once and is now in both replicas' slots: it goes back to its owner
+    replicas = views({"a": 0, "b": 0, "c": 0}, device={owner: {"t"}, other: {"t"}})
+    assert rank("t", replicas, RING)[0][0][0].id == owner
+    # every replica keeps every adapter in host memory: still its owner, not the least loaded
+    replicas = views({r: (1 if r != owner else 2) for r in "abc"}, host={r: {"t"} for r in "abc"})
+    ranks, reason = rank("t", replicas, RING)
+    assert ranks[0][0].id == owner and reason == "host-hit"
+
+
 def test_pinned_request_goes_to_its_replica_if_live():
     replicas = views({"a": 9, "b": 0})
     assert rank("t", replicas, HashRing(["a", "b"]), pinned="a")[0] == [[replicas[0]]]
     ranks, reason = rank("t", replicas, HashRing(["a", "b"]), pinned="gone")
-    assert reason == "cold"
+    assert ranks[0][0].id == "b"  # as if unpinned: a is over the load bound
 
 
 def test_random_loads_never_exceed_the_bound_while_another_has_room():
