@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--texts-per-request", type=int, default=4)
     p.add_argument("--skip-scale", action="store_true", help="only the routing comparison")
+    p.add_argument("--routers", default="affinity,pow2,affinity:2.0",
+                   help="routers to compare, each ROUTER[:LOAD_FACTOR] (--router, --load-factor)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     results: dict = {"adapters": args.adapters, "slots": args.slots, "duration_s": args.duration,
@@ -118,10 +120,12 @@ def main(argv=None) -> int:
     fits = min(args.adapters, args.slots * 3 // 2)
     with tempfile.TemporaryDirectory() as data_dir:
         routing = {}
-        for router in ("affinity", "pow2"):
-            cluster = start_cluster(data_dir, router, args.slots, ["--no-examples"])
+        for router in args.routers.split(","):
+            name, _, factor = router.partition(":")
+
+            cluster = start_cluster(data_dir, name, args.slots, ["--no-examples"] + (["--load-factor", factor] if factor else []))
             try:
-                if router == "affinity":
+                if "register_total_s" not in results:
                     t0 = time.perf_counter()
                     seconds = bench._register(cluster.address, args.adapters)
                     results["register_s_per_adapter_p50"] = sorted(seconds)[len(seconds) // 2]
