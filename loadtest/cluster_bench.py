@@ -122,8 +122,8 @@ def main(argv=None) -> int:
         routing = {}
         for router in args.routers.split(","):
             name, _, factor = router.partition(":")
-
-            cluster = start_cluster(data_dir, name, args.slots, ["--no-examples"] + (["--load-factor", factor] if factor else []))
+            extra = ["--no-examples"] + (["--load-factor", factor] if factor else [])
+            cluster = start_cluster(data_dir, name, args.slots, extra)
             try:
                 if "register_total_s" not in results:
                     t0 = time.perf_counter()
