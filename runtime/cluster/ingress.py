@@ -26,16 +26,16 @@ from typing import Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapterserve import __version__
-from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, read_adapter_dir
+from adapterserve.adapters.peft_lora import read_adapter_dir
 from adapterserve.runtime.cluster.remote import forward
 from adapterserve.runtime.cluster import routing_stats
 from adapterserve.runtime.config import ServerConfig
-from adapterserve.runtime.errors import (DeadlineExceededError, InvalidInputError, PermissionDeniedError,
-                                         ResourceExhaustedError, TaskExistsError, UnavailableError, UnknownTaskError)
+from adapterserve.runtime.errors import (DeadlineExceededError, InvalidInputError, TaskExistsError, UnavailableError,
+                                         UnknownTaskError)
 from adapterserve.runtime.server import metrics
 from adapterserve.runtime.server.app import FrontEnd
 from adapterserve.runtime.server.classify import Classified, ClassifyService, TaskStatistics, check_version
-from adapterserve.runtime.server.grpc_service import ClassifierServicer
+from adapterserve.runtime.server.grpc_service import ClassifierServicer, request_path, uploaded_files
 from adapterserve.runtime.server.stubs import pb
 from adapterserve.runtime.types import AdapterInfo, check_task_name
 
@@ -224,22 +224,11 @@ class ClusterAdapters:
     async def _read_source(self, request: pb.RegisterAdapterRequest, deadline: Optional[float]) -> dict[str, bytes]:
         source = request.WhichOneof("source")
         if source == "path":
-            if not self.config.adapter_root:
-                raise PermissionDeniedError("registering by path is disabled: the server has no --adapter-root; "
-                                            "upload the files instead")
-            path = request.path if os.path.isabs(request.path) else os.path.join(self.config.adapter_root, request.path)
+            path = request_path(request, self.config)
             return await asyncio.get_running_loop().run_in_executor(
                 None, lambda: read_adapter_dir(path, self.config.adapter_root, self.config.max_adapter_bytes, deadline))
         if source == "files":
-            files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
-            if request.files.labels_json:
-                files[LABELS_FILE] = request.files.labels_json
-            size = sum(len(v) for v in files.values())
-            if size > self.config.max_adapter_bytes:
-                raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of "
-                                             f"{self.config.max_adapter_bytes}; shrink it or raise --max-adapter-bytes",
-                                             reason="adapter_too_large")
-            return files
+            return uploaded_files(request, self.config)
         raise InvalidInputError("RegisterAdapter needs a source: set path or files")
 
     async def register(self, request: pb.RegisterAdapterRequest, deadline: Optional[float] = None) -> AdapterInfo:

@@ -40,6 +40,26 @@ def adapter_message(info: AdapterInfo) -> pb.Adapter:
     )
 
 
+def request_path(request: pb.RegisterAdapterRequest, config: ServerConfig) -> str:
+    """The directory a RegisterAdapter(path) names, under --adapter-root (refused without one)."""
+    if not config.adapter_root:
+        raise PermissionDeniedError("registering by path is disabled: the server has no --adapter-root; upload the "
+                                    "files instead")
+    return request.path if os.path.isabs(request.path) else os.path.join(config.adapter_root, request.path)
+
+
+def uploaded_files(request: pb.RegisterAdapterRequest, config: ServerConfig) -> dict[str, bytes]:
+    """A RegisterAdapter(files) upload as adapter files, refused above --max-adapter-bytes."""
+    files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
+    if request.files.labels_json:
+        files[LABELS_FILE] = request.files.labels_json
+    size = sum(len(v) for v in files.values())
+    if size > config.max_adapter_bytes:
+        raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of {config.max_adapter_bytes}; "
+                                     "shrink it or raise --max-adapter-bytes", reason="adapter_too_large")
+    return files
+
+
 class AdapterService:
     """Registration logic shared by the RPCs and start-up: validate, persist, then register."""
 
@@ -111,22 +131,11 @@ class AdapterService:
         labels = list(request.labels) or None
         metadata = dict(request.metadata)
         if source == "path":
-            if not self.config.adapter_root:
-                raise PermissionDeniedError("registering by path is disabled: the server has no --adapter-root; upload the files instead")
-            path = request.path
-            if not os.path.isabs(path):
-                path = os.path.join(self.config.adapter_root, path)
+            path = request_path(request, self.config)
             load = lambda: self.runtime.load_spec(path, labels, metadata, allowed_root=self.config.adapter_root,  # noqa: E731
                                                   max_bytes=self.config.max_adapter_bytes, deadline=deadline)
         elif source == "files":
-            files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
-            if request.files.labels_json:
-                files[LABELS_FILE] = request.files.labels_json
-            size = sum(len(v) for v in files.values())
-            if size > self.config.max_adapter_bytes:
-                raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of "
-                                             f"{self.config.max_adapter_bytes}; shrink it or raise --max-adapter-bytes",
-                                             reason="adapter_too_large")
+            files = uploaded_files(request, self.config)
             load = lambda: self.runtime.load_spec(files, labels, metadata)  # noqa: E731
         else:
             raise InvalidInputError("RegisterAdapter needs a source: set path or files")

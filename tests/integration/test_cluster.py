@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,47 @@ def test_metrics_of_the_router_and_every_replica(cluster, stubs):
         scraped = urllib.request.urlopen(urllib.request.Request(f"http://{target}/metrics", headers={
             "Authorization": f"Bearer {TOKEN}"}), timeout=10).read().decode()
         assert "adapterserve_batch_size_bucket" in scraped and "adapterserve_adapter_cache_hits_total" in scraped
+
+
+@pytest.mark.skipif(not shutil.which("prometheus") and not os.environ.get("CI"),
+                    reason="prometheus not installed (apt-get install prometheus); CI installs it")
+def test_real_prometheus_finds_every_replica_through_file_sd(cluster, stubs, tmp_path):
+    import urllib.parse
+    import urllib.request
+
+    classifier, _ = stubs
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: adapterserve\n"
+        f"    authorization: {{credentials: {TOKEN}}}\n"
+        f"    file_sd_configs: [{{files: ['{os.path.join(cluster.data_dir, 'prometheus_targets.json')}']}}]\n")
+    prom = subprocess.Popen([shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        def query(q):
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.loads(r.read())["data"]["result"]
+
+        end, up = time.time() + 60, []
+        while time.time() < end:
+            classifier.Classify(pb.ClassifyRequest(task="sst2", texts=["fine"]))
+            try:
+                up = query("up == 1")
+            except OSError:
+                up = []
+            if len(up) >= 3 and query("adapterserve_adapter_cache_hits_total") and \
+                    query("adapterserve_routed_requests_total"):
+                break
+            time.sleep(1)
+        assert len(up) == 3, up  # the ingress and both replicas, found in the file_sd file
+        assert len(query("adapterserve_adapter_cache_hits_total")) == 2  # one series per replica
+    finally:
+        prom.terminate()
+        prom.wait(20)
 
 
 def _slot_counts(cluster) -> tuple[int, int]:
