@@ -214,9 +214,12 @@ class ClusterAdapters:
         return self.mirror  # quarantined tasks: store.damaged
 
     async def refresh(self) -> None:
-        snapshot, replicas = await asyncio.gather(self.registry.snapshot.remote(),
-                                                  self.registry.live_replicas.remote())
-        self.mirror.load(snapshot, replicas)
+        """The replicas' reports always; the task table only when the registry's generation moved."""
+        generation, replicas = await asyncio.gather(self.registry.generation.remote(),
+                                                    self.registry.live_replicas.remote())
+        self.mirror.replicas = replicas
+        if generation != self.mirror.generation:
+            self.mirror.load(await self.registry.snapshot.remote(), replicas)
 
     def quarantined(self, task: str) -> Optional[str]:
         return self.mirror.damaged.get(task)

@@ -123,6 +123,7 @@ class AdapterAffinityRouter(_request_router_base()):
         self.inflight: Counter = Counter()
         self.placed: OrderedDict = OrderedDict()  # task -> replica id it was last sent to
         self.decisions: dict = {}  # internal request id -> (task, chosen replica id, reason)
+        self._residency: dict = {}  # replica id -> (its routing stats, device tasks, host tasks)
         self._ring = HashRing(())
 
     def _views(self, candidates) -> list[ReplicaView]:
@@ -130,8 +131,12 @@ class AdapterAffinityRouter(_request_router_base()):
         for r in candidates:
             stats = r.routing_stats or {}
             rid = r.replica_id.unique_id
-            views.append(ReplicaView(rid, self.inflight[rid], frozenset(stats.get("device", ())),
-                                     frozenset(stats.get("host", ()))))
+            cached = self._residency.get(rid)
+            if cached is None or cached[0] is not stats:
+                # Sets built once per report (every routing_stats_period), not per request.
+                cached = self._residency[rid] = (stats, frozenset(stats.get("device", ())),
+                                                 frozenset(stats.get("host", ())))
+            views.append(ReplicaView(rid, self.inflight[rid], cached[1], cached[2]))
         return views
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
@@ -179,6 +184,7 @@ class AdapterAffinityRouter(_request_router_base()):
         super().on_replica_actor_died(replica_id)
         rid = replica_id.unique_id
         self.inflight.pop(rid, None)
+        self._residency.pop(rid, None)
         with routing_stats.lock:
             routing_stats.inflight.pop(rid, None)
         for task in [t for t, r in self.placed.items() if r == rid]:
