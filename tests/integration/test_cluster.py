@@ -357,6 +357,46 @@ def test_affinity_routing_keeps_the_device_hit_rate_far_above_random(cluster, st
     assert affinity_rate > random_rate + 0.15, (affinity_rate, random_rate)
 
 
+def _pids_of(title: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if fh.read().startswith(title.encode()):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_killed_registry_comes_back_with_every_registration(cluster, stubs):
+    classifier, registry = stubs
+    kept = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="durable", path="gamma"), metadata=AUTH)
+    before = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    generation = cluster.generation()
+    (pid,) = _pids_of(f"ray::ServeReplica:{APP}:registry")
+    os.kill(pid, signal.SIGKILL)
+    # Classify needs no registry call: replicas serve what they hold while it restarts.
+    assert classifier.Classify(pb.ClassifyRequest(task="durable", texts=TEXTS[:1])).adapter_version == kept.version
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            if cluster.generation() >= generation and set(_pids_of(f"ray::ServeReplica:{APP}:registry")) - {pid}:
+                break
+        except Exception:  # noqa: BLE001 - the registry is restarting
+            pass
+        time.sleep(0.5)
+    assert pid not in _pids_of(f"ray::ServeReplica:{APP}:registry"), "the registry was not replaced"
+    assert cluster.generation() == generation  # read back from the store, not started afresh
+    after = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    assert after == before
+    new = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="after-restart", path="alpha"), metadata=AUTH)
+    assert cluster.generation() == generation + 1
+    for r in sorted(cluster.live()):
+        assert cluster.on_replica(r, "after-restart", TEXTS[:1]).adapter_version == new.version
+    registry.UnregisterAdapter(pb.UnregisterAdapterRequest(task="after-restart"), metadata=AUTH)
+
+
 def test_a_killed_replica_loses_nothing_and_comes_back_with_every_adapter(cluster, stubs):
     classifier, registry = stubs
     before = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
