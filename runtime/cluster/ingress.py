@@ -140,7 +140,7 @@ class ClusterClassify(ClassifyService):
         super().__init__(config, metrics_registry)
         self.replicas = replicas
         self.mirror = mirror
-        self.retries = 0
+        self.retries = 0  # calls sent again after their replica was lost (RouterCollector exports it)
         self.inflight = 0
         self._ready = False
 
@@ -289,8 +289,9 @@ class ClusterClassifierServicer(ClassifierServicer):
 class RouterCollector:
     """Routing decisions of this process's affinity router and the replicas' queue depths."""
 
-    def __init__(self, mirror: RegistryMirror) -> None:
+    def __init__(self, mirror: RegistryMirror, classify: "ClusterClassify") -> None:
         self.mirror = mirror
+        self.classify = classify
 
     def collect(self):
         routed = CounterMetricFamily(f"{metrics.PREFIX}_routed_requests", "Requests the affinity router sent, by why "
@@ -314,6 +315,8 @@ class RouterCollector:
         replicas = GaugeMetricFamily(f"{metrics.PREFIX}_replicas", "Replicas reporting to the registry")
         replicas.add_metric([], len(self.mirror.replicas))
         yield replicas
+        yield CounterMetricFamily(f"{metrics.PREFIX}_replica_call_retries", "Classify calls sent again after the "
+                                  "replica serving them was lost", value=self.classify.retries)
 
 
 @dataclass
@@ -330,8 +333,8 @@ class ClusterIngress:
         self.config = config
         self.mirror = RegistryMirror()
         self.metrics_registry = metrics.new_registry()
-        self.metrics_registry.register(RouterCollector(self.mirror))
         self.classify = ClusterClassify(config, self.metrics_registry, replicas, self.mirror)
+        self.metrics_registry.register(RouterCollector(self.mirror, self.classify))
         self.adapters = ClusterAdapters(config, replicas, registry, self.mirror, on_unregistered=self.classify.forget)
         replica_info: dict = {}
         self.front = FrontEnd(config, self.classify, self.metrics_registry,

@@ -263,6 +263,7 @@ def test_metrics_of_the_router_and_every_replica(cluster, stubs):
               if line.startswith("adapterserve_routed_requests_total{")}
     assert sum(routed.values()) >= 5 and routed["device-hit"] >= 1, routed
     assert "adapterserve_replica_queue_depth{" in text and "adapterserve_replicas 2.0" in text
+    assert "adapterserve_replica_call_retries_total 0.0" in text
     # Prometheus file_sd: the replicas' own /metrics, each scraped here
     end = time.time() + 10
     path = os.path.join(cluster.data_dir, "prometheus_targets.json")
