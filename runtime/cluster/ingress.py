@@ -110,6 +110,10 @@ class RegistryMirror:
     def __len__(self) -> int:
         return len(self.entries_by_task)
 
+    def metrics_targets(self) -> list[str]:
+        """host:port of every reporting replica's /metrics."""
+        return sorted(r["metrics"] for r in self.replicas.values() if r.get("metrics"))
+
     # the runtime's listing side
     def residency(self, task: str) -> str:
         """The best tier any replica holds the task in."""
@@ -362,7 +366,7 @@ class ClusterIngress:
             except Exception as e:  # noqa: BLE001 - the registry restarting: keep serving with what we know
                 log.warning("registry unreachable (%s); retrying", e)
                 continue
-            targets = sorted(r["metrics"] for r in self.mirror.replicas.values() if r.get("metrics"))
+            targets = self.mirror.metrics_targets()
             if targets != written and self.config.data_dir:
                 written = targets
                 self._write_targets(targets)
@@ -395,7 +399,7 @@ class ClusterIngress:
 
     async def address(self) -> IngressAddress:
         return IngressAddress(self.config.host, self.front.port, self.front.http_port, self.front.metrics_port,
-                              sorted(r["metrics"] for r in self.mirror.replicas.values() if r.get("metrics")))
+                              self.mirror.metrics_targets())
 
     async def check_health(self) -> None:
         if not self.classify.ready:
