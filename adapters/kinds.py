@@ -24,8 +24,9 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   gives kron(W1, W2) = kron(U1, U2) kron(V1, V2): LoRA of rank k1·k2 (PEFT's default on MiniLM: 128,
   a wide slot).
 
-Prefixes and bottleneck adapters need slot state of other shapes and are refused with a message naming
-the kind; prompts are read by peft_lora._parse_prompt.
+Prompts (PROMPT_KINDS) and prefixes (PREFIX_TUNING: per-layer attention keys and values) change the
+sequence, not the weights: peft_lora._parse_prompt reads them. Bottleneck adapters need slot state of
+another shape and are refused with a message naming the kind.
 """
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ BaseParams = Callable[[str], tuple]
 CONFIG_FILE = "adapter_config.json"
 MAX_SCALING = 1000.0  # alpha / r (rsLoRA: / sqrt(r)); PEFT's defaults give 1-4
 
-SEQUENCE_CHANGING = {"PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
-# Virtual tokens before each row's own (PEFT saves P-tuning's encoder already evaluated): PROMPT_KINDS.
-PROMPT_KINDS = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning"}
+SEQUENCE_CHANGING = {"MULTITASK_PROMPT_TUNING", "CPT"}
+# Virtual tokens before each row's own (PEFT saves P-tuning's encoder already evaluated), or per-layer
+# key/value prefixes (PEFT saves prefix tuning's projection already evaluated): read by _parse_prompt.
+PROMPT_KINDS = {"PROMPT_TUNING": "prompt tuning", "P_TUNING": "P-tuning", "PREFIX_TUNING": "prefix tuning"}
 NOT_YET = {
     "BOFT": "BOFT multiplies weights by orthogonal matrices (not a low-rank update)",
     "OFT": "OFT multiplies weights by orthogonal matrices (not a low-rank update)",
@@ -396,7 +398,14 @@ def check_prompt_config(config: dict) -> None:
         if config.get(key, 1) not in (1, None):
             raise UnsupportedAdapterTypeError(f"{CONFIG_FILE} {key}={config.get(key)!r}: only encoder-only prompts "
                                               "(one transformer submodule) are served")
-    rank_value(config.get("num_virtual_tokens"), f"{CONFIG_FILE} num_virtual_tokens")
+    keys = ["num_virtual_tokens"]
+    if str(config.get("peft_type")).upper() == "PREFIX_TUNING":
+        keys += ["num_layers", "token_dim", "num_attention_heads"]
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidAdapterError(f"{CONFIG_FILE} {key} must be a positive integer (PEFT writes it from the base's "
+                                      f"config); got {value!r}")
 
 
 def kind_of(config: dict) -> Optional[Kind]:

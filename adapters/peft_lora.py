@@ -58,6 +58,10 @@ class BaseShape:
     token_dim: Optional[int] = None
     # Largest rank a wide slot holds (adapters above r_max); 0 = the server has no wide slots.
     wide_r_max: int = 0
+    # Encoder layers whose attention takes per-row key/value prefixes (prefix tuning) and their head count;
+    # 0 = this base's attention takes none (runtime/engine/slot_prefixes.py).
+    prefix_layers: int = 0
+    attention_heads: int = 0
 
 
 def _inside(root: str, path: str) -> bool:
@@ -354,7 +358,7 @@ def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec
     for key, tensor in tensors.items():
         if key == "prompt_embeddings":
             prompt = tensor
-        elif key.startswith("prompt_encoder.") and peft_type == "P_TUNING":
+        elif key.startswith("prompt_encoder.") and peft_type in ("P_TUNING", "PREFIX_TUNING"):
             # A modules_to_save name that also matches the encoder's own layers (ModernBERT's "head" ends
             # "mlp_head") saves them too; the prompt_embeddings already hold the encoder's output.
             continue
@@ -369,21 +373,52 @@ def _parse_prompt(files, config, tensors, base, labels, metadata) -> AdapterSpec
         raise InvalidAdapterError(f"{WEIGHTS_FILE} has no prompt_embeddings; a {name} adapter saves its virtual tokens "
                                   "there (PeftModel.save_pretrained)")
     n = config["num_virtual_tokens"]
+    if peft_type == "PREFIX_TUNING":
+        return _spec(files, config, peft_type, {}, {}, head, base, labels, metadata,
+                     prefix=_prefix_state(prompt, n, config, base))
     token_dim = base.token_dim or base.hidden_size
     if prompt.dim() != 2 or prompt.shape[1] != token_dim:
         raise BaseMismatchError(f"prompt_embeddings has shape {tuple(prompt.shape)}; this base needs [n, "
                                 f"{token_dim}] (its word embedding width): trained on another base?")
-    if prompt.shape[0] != n:
-        raise InvalidAdapterError(f"prompt_embeddings holds {prompt.shape[0]} virtual tokens but {CONFIG_FILE} "
-                                  f"num_virtual_tokens says {n}")
-    if n > base.max_length - 2:
-        raise InvalidAdapterError(f"{n} virtual tokens leave no room in this base's {base.max_length} positions for "
-                                  f"a text ([CLS] and [SEP] alone take 2); retrain with at most {base.max_length - 2}")
+    _check_virtual_count(prompt, n, base, "virtual tokens")
     return _spec(files, config, peft_type, {}, {}, head, base, labels, metadata,
                  prompt=prompt.float().contiguous())
 
 
-def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None) -> AdapterSpec:
+def _check_virtual_count(saved: torch.Tensor, n: int, base: BaseShape, what: str) -> None:
+    if saved.shape[0] != n:
+        raise InvalidAdapterError(f"prompt_embeddings holds {saved.shape[0]} {what} but {CONFIG_FILE} "
+                                  f"num_virtual_tokens says {n}")
+    if n > base.max_length - 2:
+        raise InvalidAdapterError(f"{n} {what} leave no room in this base's {base.max_length} positions for "
+                                  f"a text ([CLS] and [SEP] alone take 2); retrain with at most {base.max_length - 2}")
+
+
+def _prefix_state(saved: torch.Tensor, n: int, config: dict, base: BaseShape) -> torch.Tensor:
+    """PEFT's prefix: prompt_embeddings [n, layers * 2 * hidden], viewed as PEFT's get_prompt does
+    ([n, layers * 2, heads, head_dim], keys of layer i at 2i, values at 2i + 1), as [layers, 2, n, hidden]."""
+    if not base.prefix_layers:
+        raise UnsupportedAdapterTypeError(
+            f"prefix tuning adds keys and values to every attention layer, which this server does for BERT, "
+            f"RoBERTa, XLM-R and ELECTRA attention only, not {base.family.name}'s; serve this task as LoRA or "
+            "prompt tuning")
+    layers, hidden = base.prefix_layers, base.hidden_size
+    if config["num_layers"] != layers or config["token_dim"] != hidden or config["num_attention_heads"] != base.attention_heads:
+        raise BaseMismatchError(
+            f"{CONFIG_FILE} describes prefixes for {config['num_layers']} layers of width {config['token_dim']} in "
+            f"{config['num_attention_heads']} heads; this base has {layers} layers of width {hidden} in "
+            f"{base.attention_heads} heads: trained on another base?")
+    if saved.dim() != 2 or saved.shape[1] != layers * 2 * hidden:
+        found = f"[n, {saved.shape[1]}]" if saved.dim() == 2 else str(tuple(saved.shape))
+        raise BaseMismatchError(
+            f"prompt_embeddings is {found}; a prefix for this base's {layers} layers is [n, {layers * 2 * hidden}] "
+            f"(a key and a value of width {hidden} per layer): missing layers, or trained on another base?")
+    _check_virtual_count(saved, n, base, "prefix positions")
+    return saved.float().view(n, layers, 2, hidden).permute(1, 2, 0, 3).contiguous()
+
+
+def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None,
+          prefix=None) -> AdapterSpec:
     family = base.family
     head_names = {name for name, _ in family.head_tensors}
     for name in head_names - set(head):
@@ -416,6 +451,8 @@ def _spec(files, config, peft_type, modules, vectors, head, base, labels, metada
         vectors=vectors,
         prompt=prompt,
         virtual_tokens=0 if prompt is None else prompt.shape[0],
+        prefix=prefix,
+        prefix_tokens=0 if prefix is None else prefix.shape[2],
         head=head,
         labels=_labels(files, num_labels, labels),
         files=dict(files),

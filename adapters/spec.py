@@ -55,6 +55,10 @@ class AdapterSpec:
     # tokens (PEFT's order: virtual tokens, then [CLS] ...; token type 0, attention on).
     prompt: Optional[torch.Tensor] = None
     virtual_tokens: int = 0  # rows of prompt; kept while the tensor itself is in the disk tier
+    # Prefix tuning: each layer's attention keys and values [layers, 2, n, hidden] float32, attended to
+    # by the row's tokens before their own (PEFT's past_key_values); the row's positions start at n.
+    prefix: Optional[torch.Tensor] = None
+    prefix_tokens: int = 0  # n; kept while the tensor itself is in the disk tier
 
     def __post_init__(self) -> None:
         if not self.size_bytes:
@@ -63,6 +67,16 @@ class AdapterSpec:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def sequence_state(self) -> bool:
+        """Virtual tokens or prefixes: state that changes the sequence, which only eager forwards read."""
+        return self.prompt is not None or self.prefix is not None
+
+    @property
+    def reserved_positions(self) -> int:
+        """Positions a row of this task gives up to the adapter: its virtual tokens or prefix."""
+        return self.virtual_tokens + self.prefix_tokens
 
     def kind(self) -> str:
         """The kind as users name it, in messages: the PEFT type, or what a LoRA adapter adds to it."""
@@ -79,5 +93,5 @@ class AdapterSpec:
     def tensor_bytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)] + list(self.head.values())
         tensors += [t for v in self.vectors.values() for t in v.tensors()]
-        tensors += [self.prompt] if self.prompt is not None else []
+        tensors += [t for t in (self.prompt, self.prefix) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated names for integer labels 0..N-1 (default: the integers as strings)")
     p.add_argument("--method", default="lora", choices=list(METHODS),
                    help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | loha | vera | adalora | ia3 | "
-                        "prompt | p_tuning")
-    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt / p_tuning: virtual tokens put first")
+                        "prompt | p_tuning | prefix")
+    p.add_argument("--virtual-tokens", type=int, default=20,
+                   help="prompt / p_tuning: virtual tokens put first; prefix: key/value positions per layer")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default=None,
@@ -87,19 +88,24 @@ def _labels(examples, label_names):
 
 
 # Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
-METHODS = ("lora", "dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning")
+METHODS = ("lora", "dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning", "prefix")
 
 
 def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: Family):
     """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules).
     Every config saves the family's whole head (Family.modules_to_save: DeBERTa's pooler too)."""
-    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
-                      PromptTuningConfig, VeraConfig)
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, VeraConfig)
 
     saved = {"modules_to_save": list(family.modules_to_save)}
     if args.method in ("prompt", "p_tuning"):
         config = PromptTuningConfig if args.method == "prompt" else PromptEncoderConfig
         return config(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens, **saved)
+    if args.method == "prefix":
+        if family.name != "bert":  # PEFT 0.21's forward hands other families' heads the cache, not the features
+            raise DataError(f"--method prefix trains BERT bases only (PEFT 0.21 cannot run its prefix forward on "
+                            f"{family.name}); choose another method")
+        return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens, **saved)
     if args.method == "adalora":
         steps = args.max_steps or 1000  # AdaLoRA's rank budget schedule needs the step count
         return AdaLoraConfig(task_type="SEQ_CLS", init_r=args.rank, target_r=max(1, args.rank // 2),

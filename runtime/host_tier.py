@@ -62,6 +62,7 @@ class HostTier:
         entry.spec.modules = spec.modules  # the tensors; the file bytes stay on disk
         entry.spec.vectors = spec.vectors
         entry.spec.prompt = spec.prompt
+        entry.spec.prefix = spec.prefix
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -88,5 +89,6 @@ class HostTier:
             entry.spec.modules = {}
             entry.spec.vectors = {}
             entry.spec.prompt = None
+            entry.spec.prefix = None
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

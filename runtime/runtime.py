@@ -219,8 +219,9 @@ class Runtime:
         if has_pairs and any(p is None for p in pairs):
             raise InvalidInputError("either every text has a text_pair or none does")
         virtual = [e.spec.virtual_tokens for e in entries]
+        prefix = [e.spec.prefix_tokens for e in entries]
         encoded = self.encoder.encode(texts, list(pairs) if has_pairs else None, truncate,
-                                      virtual if any(virtual) else None)
+                                      virtual if any(virtual) else None, prefix if any(prefix) else None)
         return [Row(e, enc) for e, enc in zip(entries, encoded)]
 
     def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:

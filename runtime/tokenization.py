@@ -45,28 +45,33 @@ class TextEncoder:
             self.backend.no_padding()
 
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
-               truncate: bool = True, virtual: Optional[Sequence[int]] = None) -> list[Encoded]:
-        """virtual: per text, the virtual tokens its task puts first (prompt tuning): they count against
+               truncate: bool = True, virtual: Optional[Sequence[int]] = None,
+               prefix: Optional[Sequence[int]] = None) -> list[Encoded]:
+        """virtual: per text, the virtual tokens its task puts first (prompt tuning); prefix: per text, the
+        positions its task's prefix takes (prefix tuning: keys and values, no ids). Both count against
         max_length, and truncation leaves room for them."""
-        if virtual is not None and any(virtual):
-            return self._encode_with_virtual(texts, pairs, truncate, virtual)
+        if (virtual is not None and any(virtual)) or (prefix is not None and any(prefix)):
+            return self._encode_with_virtual(texts, pairs, truncate, virtual or [0] * len(texts),
+                                             prefix or [0] * len(texts))
         return self._encode(texts, pairs, truncate, self.max_length)
 
-    def _encode_with_virtual(self, texts, pairs, truncate: bool, virtual: Sequence[int]) -> list[Encoded]:
+    def _encode_with_virtual(self, texts, pairs, truncate: bool, virtual: Sequence[int],
+                             prefix: Sequence[int]) -> list[Encoded]:
         out: list = [None] * len(texts)
-        for n in sorted(set(virtual)):
-            idx = [i for i, v in enumerate(virtual) if v == n]
-            limit = self.max_length - n
+        for n, p in sorted(set(zip(virtual, prefix))):
+            idx = [i for i, vp in enumerate(zip(virtual, prefix)) if vp == (n, p)]
+            limit = self.max_length - n - p
             try:
                 encoded = self._encode([texts[i] for i in idx], [pairs[i] for i in idx] if pairs is not None else None,
                                        truncate, limit)
             except InvalidInputError as e:
-                raise InvalidInputError(f"{e} (this task puts {n} virtual tokens first, so a text may take "
+                what = f"puts {n} virtual tokens first" if n else f"has a prefix of {p} positions"
+                raise InvalidInputError(f"{e} (this task {what}, so a text may take "
                                         f"{limit} of the model's {self.max_length} positions)") from None
-            prefix = list(range(self.virtual_base, self.virtual_base + n)) if n else []
+            ids = list(range(self.virtual_base, self.virtual_base + n)) if n else []
             for i, enc in zip(idx, encoded):
                 types = [0] * n + enc.token_type_ids if enc.token_type_ids is not None else None
-                out[i] = Encoded(prefix + enc.input_ids, types, enc.truncated) if n else enc
+                out[i] = Encoded(ids + enc.input_ids, types, enc.truncated) if n else enc
         return out
 
     def _encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]], truncate: bool,

@@ -241,8 +241,24 @@ def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Option
     with torch.no_grad():
         for i, t in enumerate(texts):
             enc = tok(t, pairs[i] if pairs else None, return_tensors="pt", truncation=True)
-            rows.append(model(**enc).logits[0])
+            if model.peft_type == "PREFIX_TUNING" and model.config.model_type != "bert":
+                rows.append(_prefix_backbone_logits(model, enc)[0])
+            else:
+                rows.append(model(**enc).logits[0])
     return torch.stack(rows)
+
+
+def _prefix_backbone_logits(model, enc) -> torch.Tensor:
+    """PEFT's prefix forward where PeftModel's own stops short: PEFT 0.21 hands RoBERTa's, XLM-R's and
+    ELECTRA's heads the cache in place of the features. The same steps as its _prefix_tuning_forward
+    (get_prompt's past_key_values, an all-ones prefix mask before the row's) through the backbone, then
+    the task's head on the backbone's output, as the transformers model's own forward does."""
+    n = model.active_peft_config.num_virtual_tokens
+    inner = model.base_model
+    backbone = getattr(inner, inner.base_model_prefix)
+    mask = torch.cat([torch.ones(1, n, dtype=enc["attention_mask"].dtype), enc["attention_mask"]], dim=1)
+    out = backbone(**{**enc, "attention_mask": mask}, past_key_values=model.get_prompt(1))
+    return inner.classifier(out.last_hidden_state)
 
 
 def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels: int, r: int = 4,
@@ -250,12 +266,12 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
     """Save a PEFT SEQ_CLS adapter of another kind ("loha", "lokr", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
-    "p_tuning"; r is the virtual token count of the last two) with random
+    "p_tuning", "prefix"; r is the virtual token count of the last three) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
-    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig,
-                      PromptTuningConfig, VeraConfig, get_peft_model)
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model)
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
@@ -285,6 +301,10 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
             dims = dict(token_dim=model.config.embedding_size)
         config = (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims, **saved) if kind == "prompt" else
                   PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=r, encoder_hidden_size=16, **dims, **saved))
+    elif kind == "prefix":
+        dims = {} if family != "distilbert" else dict(token_dim=model.config.dim, num_attention_heads=model.config.n_heads,
+                                                       num_layers=model.config.n_layers)
+        config = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims, **saved)
     elif kind in ("dora", "lora_bias"):
         config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=targets,
                             use_dora=kind == "dora", bias="lora_only" if kind == "lora_bias" else "none", **saved)

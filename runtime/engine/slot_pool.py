@@ -13,7 +13,9 @@ from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotContext
 from adapterserve.runtime.engine.deberta import per_row_positions
+from adapterserve.runtime.engine import packing
 from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
+from adapterserve.runtime.engine.slot_prefixes import SlotPrefixes
 from adapterserve.runtime.engine.slot_prompts import SlotPromptEmbedding
 
 
@@ -48,6 +50,11 @@ class SlotPool:
         # DeBERTa projects its shared relative positions through slot layers: per row (runtime/engine/deberta.py).
         per_row_positions(base.backbone)
         self.prompts: Optional[SlotPromptEmbedding] = None  # made when the first prompt adapter loads
+        self.prefixes: Optional[SlotPrefixes] = None  # made when the first prefix adapter loads
+        # Prefix tuning needs every encoder layer's attention to be one whose keys and values it can extend.
+        attention = packing.swappable_attention(base.backbone)
+        layers = getattr(getattr(base.backbone, "encoder", None), "layer", None)
+        self.prefix_attention = attention if layers is not None and len(attention) == len(layers) else []
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")
         self.shape = BaseShape(
@@ -60,6 +67,8 @@ class SlotPool:
             head_defaults=base.head_defaults,
             token_dim=base.backbone.get_input_embeddings().embedding_dim,
             wide_r_max=self.wide_r_max,
+            prefix_layers=len(self.prefix_attention),
+            attention_heads=self.prefix_attention[0].num_attention_heads if self.prefix_attention else 0,
         )
 
     def base_params(self, name: str) -> tuple:
@@ -86,6 +95,8 @@ class SlotPool:
         dtype = self.base.dtype
         if spec.prompt is not None or self.prompts is not None:
             self._prompt_embedding().write(slot, spec.prompt)
+        if spec.prefix is not None or self.prefixes is not None:
+            self._prefix_table().write(slot, spec.prefix)
         for name, layer in self.layers.items():
             layer.write_vectors(slot, spec.vectors.get(name))
             module = spec.modules.get(name)
@@ -114,8 +125,13 @@ class SlotPool:
             backbone.set_input_embeddings(self.prompts)
         return self.prompts
 
+    def _prefix_table(self) -> SlotPrefixes:
+        if self.prefixes is None:
+            self.prefixes = SlotPrefixes(self.prefix_attention, self.slots, self.context, self.base.device)
+        return self.prefixes
+
     def _load_wide(self, w: int, spec: AdapterSpec) -> None:
-        assert 0 <= w < self.wide_slots and not spec.vectors and spec.prompt is None
+        assert 0 <= w < self.wide_slots and not spec.vectors and not spec.sequence_state
         needed = max((m.rank for m in spec.modules.values()), default=0)
         if needed > self.wide_width:
             self._widen(min(self.wide_r_max, -(-needed // 16) * 16))
@@ -159,7 +175,8 @@ class SlotPool:
         """Device bytes one slot takes across all wrapped layers."""
         lora = sum((l.lora_a[0].numel() + l.lora_b[0].numel()) * l.lora_a.element_size() for l in self.layers.values())
         vectors = sum((2 * l.d_out + l.d_in) * 4 for l in self.layers.values() if l.in_scale is not None)
-        return lora + vectors
+        prefixes = self.prefixes.slot_bytes() if self.prefixes is not None else 0
+        return lora + vectors + prefixes
 
     def wide_bytes(self) -> int:
         """Device bytes of every wide slot together (0 until the first wide adapter loads)."""

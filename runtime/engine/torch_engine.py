@@ -98,12 +98,15 @@ class TorchEngine:
             if self.graphs is not None:
                 return (f"rank {spec.rank} is above r_max {self.r_max}, and the torch engine's CUDA graphs capture "
                         "r_max-wide slots only; serve it with --cuda-graphs off or a larger --r-max")
-            if spec.vectors or spec.prompt is not None:
+            if spec.vectors or spec.sequence_state:
                 return (f"a {spec.kind()} adapter of rank {spec.rank} (above r_max {self.r_max}) would need a wide slot, "
                         "which holds LoRA factors only; retrain it with r <= r_max or start with a larger --r-max")
         if spec.prompt is not None and self.graphs is not None:
             return (f"{spec.kind()} adapters put virtual tokens before each row's own, which the torch engine's CUDA "
                     "graphs do not capture; serve them with --cuda-graphs off")
+        if spec.prefix is not None and self.graphs is not None:
+            return (f"{spec.kind()} adapters add keys and values to every attention layer, which the torch engine's "
+                    "CUDA graphs do not capture; serve them with --cuda-graphs off")
         if spec.vectors and self.graphs is not None:
             return (f"{spec.kind()} adapters set per-feature vectors, which the torch engine's CUDA graphs do not "
                     "capture; serve them with --cuda-graphs off")
@@ -144,6 +147,10 @@ class TorchEngine:
             features = self.graphs(inputs, slots)
             if features is not None:
                 return features
+        prefix_rows = self.pool.prefixes.row_tokens(slots) if self.pool.prefixes is not None else None
+        if prefix_rows is not None:
+            inputs = dict(inputs, position_ids=self.pool.prefixes.positions(
+                self.position_offset, inputs["attention_mask"], prefix_rows))
         return self._padded_forward(inputs, SlotBatch.build(slots, self.slot_ranks, self.base.device, lengths,
                                                             first_wide=self.first_wide))
 
@@ -169,26 +176,36 @@ class TorchEngine:
         backbone = self.base.backbone
         packed = packing.pack(inputs, self.position_offset)
         offsets = packed["row_offsets"]
+        prefixes = self.pool.prefixes
+        prefix_rows = prefixes.row_tokens(slots) if prefixes is not None else None
+        if prefix_rows is not None:  # a prefixed row's positions start after its prefix
+            counts = (offsets[1:] - offsets[:-1])
+            packed["position_ids"] = packed["position_ids"] + torch.repeat_interleave(
+                torch.tensor(prefix_rows, dtype=torch.long), counts)[None]
         kernel = next(iter(self.layers.values())).kernel
         self.context.current = SlotBatch.build(slots, self.slot_ranks, self.base.device, None, offsets,
                                                first_wide=self.first_wide)
         try:
             if self.base.family.packed_forward == "modernbert":
                 return modernbert.encode_packed(backbone, kernel, packed, self.base.family.pooling)
-            return self._bert_packed(backbone, kernel, packed, offsets)
+            return self._bert_packed(backbone, kernel, packed, offsets, prefixes if prefix_rows is not None else None)
         finally:
             self.context.current = None
 
-    def _bert_packed(self, backbone, kernel, packed: dict, offsets: torch.Tensor) -> torch.Tensor:
-        """BERT-shaped encoder layers (BERT, RoBERTa/XLM-R, ELECTRA) over token-packed rows."""
+    def _bert_packed(self, backbone, kernel, packed: dict, offsets: torch.Tensor, prefixes=None) -> torch.Tensor:
+        """BERT-shaped encoder layers (BERT, RoBERTa/XLM-R, ELECTRA) over token-packed rows; prefixes: the
+        pool's SlotPrefixes when a row of the batch has one."""
         hidden = backbone.embeddings(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                                      token_type_ids=packed["token_type_ids"])
         if hasattr(backbone, "embeddings_project"):  # ELECTRA's embeddings narrower than its hidden size
             hidden = backbone.embeddings_project(hidden)
-        for layer in backbone.encoder.layer:
+        for index, layer in enumerate(backbone.encoder.layer):
             attention = layer.attention.self
-            context = kernel.attention(attention.query(hidden)[0], attention.key(hidden)[0],
-                                       attention.value(hidden)[0], offsets, attention.num_attention_heads)
+            q, k, v = attention.query(hidden)[0], attention.key(hidden)[0], attention.value(hidden)[0]
+            context = kernel.attention(q, k, v, offsets, attention.num_attention_heads)
+            if prefixes is not None:
+                context = prefixes.packed_context(index, attention.num_attention_heads, q, k, v, context,
+                                                  self.context.current)
             hidden_attn = layer.attention.output(context.unsqueeze(0), hidden)
             hidden = layer.output(layer.intermediate(hidden_attn), hidden_attn)
         first = hidden[0].index_select(0, offsets[:-1])  # [B, d]: each row's first token

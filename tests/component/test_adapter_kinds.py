@@ -52,7 +52,12 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         "p_tuning": ("p_tuning", dict(num_labels=2, r=3)),
         # last, so the seeds of the kinds above stay as they were
         "lokr": ("lokr", dict(num_labels=6, r=2, alpha=4, targets=t[:3], scale=loha_scale)),  # W2 low rank
+        "prefix": ("prefix", dict(num_labels=3, r=4, scale=1.0)),  # r = prefix positions
     }
+
+
+# Families whose attention takes key/value prefixes in transformers (and so in PEFT's prefix tuning).
+PREFIX_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
 def build(base, root, family, **matrix):
@@ -89,9 +94,9 @@ def check_mixed_batch(rt, base, adapters, label):
         want = peft_logits(base, path, texts)
         worst = max(worst, (got - want).abs().max().item())
         spec = rt.load_spec(path)
-        # The adapter's modules matter: without them the same head answers differently.
+        # The adapter's modules (or prefix) matter: without them the same head answers differently.
         if spec.prompt is None:  # a prompt has no base-weight change to take away: PEFT is its check
-            bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}), texts)
+            bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}, prefix=None), texts)
             assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
     assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
 
@@ -102,11 +107,16 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
     rt = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16, lora_kernel=lora_kernel, token_packing=token_packing))
     if token_packing == "off" and not rt.engine._packing_applies():
         pytest.skip(f"{family} has no token-packed path: the default run is its padded one")
+    adapters = dict(adapters)
+    if family not in PREFIX_FAMILIES:  # refused at registration, naming the family
+        with pytest.raises(UnsupportedAdapterTypeError, match=f"prefix tuning .* not {model_type(base)}'s"):
+            rt.add_adapter("prefix", adapters.pop("prefix"))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
-    assert {a.task: a.peft_type for a in rt.list_adapters()} == {
-        "lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "lokr": "LOKR", "vera": "VERA", "vera_ffn": "VERA", "ia3": "IA3",
-        "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "adalora": "ADALORA"}
+    expected = {"lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "lokr": "LOKR", "vera": "VERA",
+                "vera_ffn": "VERA", "ia3": "IA3", "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING",
+                "p_tuning": "P_TUNING", "adalora": "ADALORA", "prefix": "PREFIX_TUNING"}
+    assert {a.task: a.peft_type for a in rt.list_adapters()} == {t: expected[t] for t in adapters}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
 
@@ -152,11 +162,12 @@ def bad_setup(tiny_bases, tmp_path_factory):
     adalora = make_peft_kind_adapter(base, str(root / "adalora"), "adalora", num_labels=3, r=4, targets=["query"],
                                      seed=9)
     lokr = make_peft_kind_adapter(base, str(root / "lokr"), "lokr", num_labels=3, r=2, targets=["query"], seed=10)
+    prefix = make_peft_kind_adapter(base, str(root / "prefix"), "prefix", num_labels=3, r=4, seed=11)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=0))  # no wide slots: rank above r_max is refused
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
     return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt,
-                "adalora": adalora, "lokr": lokr}, root, before
+                "adalora": adalora, "lokr": lokr, "prefix": prefix}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -223,8 +234,20 @@ BAD = [
      InvalidAdapterError, ["127 virtual tokens", "128 positions"]),
     ("prompt_missing", "prompt", _edit(weights=lambda w: w.pop("prompt_embeddings")), InvalidAdapterError,
      ["no prompt_embeddings"]),
-    ("prefix_tuning_kind", "prompt", _edit(config=lambda c: c.update(peft_type="PREFIX_TUNING")),
-     UnsupportedAdapterTypeError, ["PREFIX_TUNING", "not served yet"]),
+    ("multitask_prompt_kind", "prompt", _edit(config=lambda c: c.update(peft_type="MULTITASK_PROMPT_TUNING")),
+     UnsupportedAdapterTypeError, ["MULTITASK_PROMPT_TUNING", "not served yet"]),
+    ("prefix_missing_layers", "prefix",
+     _edit(weights=lambda w: w.__setitem__("prompt_embeddings", w["prompt_embeddings"][:, :64].contiguous())),
+     BaseMismatchError, ["[n, 64]", "2 layers", "[n, 128]", "missing layers"]),
+    ("prefix_config_layers", "prefix", _edit(config=lambda c: c.update(num_layers=3)), BaseMismatchError,
+     ["prefixes for 3 layers", "this base has 2 layers"]),
+    ("prefix_count", "prefix", _edit(config=lambda c: c.update(num_virtual_tokens=6)), InvalidAdapterError,
+     ["holds 4 prefix positions", "says 6"]),
+    ("prefix_too_long", "prefix", _edit(config=lambda c: c.update(num_virtual_tokens=127),
+                                        weights=lambda w: w.__setitem__("prompt_embeddings", torch.randn(127, 128))),
+     InvalidAdapterError, ["127 prefix positions", "128 positions"]),
+    ("prefix_missing", "prefix", _edit(weights=lambda w: w.pop("prompt_embeddings")), InvalidAdapterError,
+     ["no prompt_embeddings", "prefix tuning"]),
     ("adalora_e_length", "adalora", _edit(weights=lambda w: w.__setitem__(f"{Q}.lora_E", torch.randn(3, 1))),
      InvalidAdapterError, ["lora_E (3, 1)", "rank-r triple"]),
     ("bias_all", "lora_bias", _edit(config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError,
@@ -258,7 +281,7 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
     vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases", "prompt": "PROMPT_TUNING",
-                    "p_tuning": "P_TUNING"}
+                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
     for task, path in adapters.items():
         if task in vector_kinds:
             # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.
@@ -299,3 +322,21 @@ def test_vector_kinds_are_not_merged(tiny_bases, tmp_path):
         rt.merge("ia3")
     got = torch.tensor([p.logits for p in rt.classify([("ia3", s) for s in SAMPLE_TEXTS[:3]])])
     assert (got - peft_logits(base, ia3, SAMPLE_TEXTS[:3])).abs().max().item() <= TOL
+
+
+def test_a_prefix_counts_against_the_model_maximum(tiny_bases, tmp_path):
+    """A prefix row's positions start after its prefix (as transformers' past_key_values_length shifts
+    them), so its text may take max_length - n positions; a long row still matches PEFT."""
+    base = tiny_bases["bert"]
+    prefix = make_peft_kind_adapter(base, str(tmp_path / "prefix"), "prefix", num_labels=2, r=20, seed=12, scale=1.0)
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
+    rt.add_adapter("p", prefix)
+    assert rt.get_adapter("p").peft_type == "PREFIX_TUNING"
+    long_text = "word " * 120
+    with pytest.raises(InvalidInputError, match="prefix of 20 positions"):
+        rt.classify([("p", long_text)], truncate=False)
+    (pred,) = rt.classify([("p", long_text)], truncate=True)
+    assert pred.truncated and pred.input_tokens == 108
+    cut = rt.base.tokenizer.decode(rt.base.tokenizer(long_text, truncation=True, max_length=108)["input_ids"][1:-1])
+    got = torch.tensor([pred.logits])
+    assert (got - peft_logits(base, prefix, [cut])).abs().max().item() <= TOL
