@@ -4,8 +4,8 @@ fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing t
     python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--kinds lora,loha,...] [--engine onnx --precision int8] [--json FILE]
 
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
-LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning
-and P-tuning (8 virtual tokens), on q/k/v, attention output and feed-forward linears (IA3: key, value,
+LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning,
+P-tuning and prefix tuning (8 virtual tokens or prefix positions), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
 (slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
 kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
@@ -25,12 +25,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning"]
+KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix"]
 
 
 def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
-    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig,
-                      VeraConfig, get_peft_model)
+    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, VeraConfig, get_peft_model)
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -47,6 +47,7 @@ def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
         "lokr": lambda: LoKrConfig(task_type="SEQ_CLS", r=8, alpha=8, target_modules=TARGETS),
         "prompt": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8),
         "p_tuning": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=8, encoder_hidden_size=64),
+        "prefix": lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8),
     }[kind]()
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
