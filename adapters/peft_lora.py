@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load as load_safetensors
 
+from adapterserve.adapters import bottleneck
 from adapterserve.adapters.kinds import PROMPT_KINDS, alpha_value, kind_of
 from adapterserve.adapters.spec import AdapterSpec, LoraModule, VectorState
 from adapterserve.runtime.errors import (
@@ -34,8 +35,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
 MODEL_CONFIG_FILE = "config.json"  # optional: a saved transformers config with id2label
-PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
-_KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, MODEL_CONFIG_FILE)
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", *bottleneck.PICKLE_FILES)
+_KNOWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, MODEL_CONFIG_FILE, *bottleneck.FILES[1:])
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -62,6 +63,9 @@ class BaseShape:
     # 0 = this base's attention takes none (runtime/engine/slot_prefixes.py).
     prefix_layers: int = 0
     attention_heads: int = 0
+    # BERT-shaped sublayer outputs (encoder.layer.<i>.attention.output and .output) where AdapterHub
+    # bottleneck adapters sit (runtime/engine/slot_bottlenecks.py); empty: the base has none.
+    bottleneck_locations: frozenset = frozenset()
 
 
 def _inside(root: str, path: str) -> bool:
@@ -125,12 +129,13 @@ def read_adapter_dir(path: str, allowed_root: Optional[str] = None, max_bytes: O
                 raise ResourceExhaustedError(f"adapter files in {path!r} grew past the limit of {max_bytes} bytes "
                                              "while being read", reason="adapter_too_large")
         files[name] = data
-    if WEIGHTS_FILE not in files:
+    if WEIGHTS_FILE not in files and bottleneck.WEIGHTS_FILE not in files:
         pickles = [n for n in PICKLE_FILES if os.path.exists(os.path.join(real, n))]
         if pickles:
             raise InvalidAdapterError(
                 f"{path!r} holds only the pickle checkpoint {pickles[0]}; pickles are never loaded. "
-                "Save the adapter with safetensors (PEFT save_pretrained(safe_serialization=True))"
+                "Save the adapter with safetensors (PEFT save_pretrained(safe_serialization=True); AdapterHub "
+                "save_adapter(..., use_safetensors=True))"
             )
     return files
 
@@ -266,6 +271,10 @@ def parse_adapter(
     metadata: Optional[dict] = None,
 ) -> AdapterSpec:
     config = _parse_config(files)
+    if bottleneck.is_adapterhub(files, config):
+        return bottleneck.parse_bottleneck(files, config, base, labels, metadata,
+                                           lambda modules, head, layout, names: _bottleneck_spec(
+                                               files, modules, head, layout, names, metadata))
     kind = kind_of(config)
     tensors = _parse_weights(files)
     if kind is None:
@@ -415,6 +424,13 @@ def _prefix_state(saved: torch.Tensor, n: int, config: dict, base: BaseShape) ->
             f"(a key and a value of width {hidden} per layer): missing layers, or trained on another base?")
     _check_virtual_count(saved, n, base, "prefix positions")
     return saved.float().view(n, layers, 2, hidden).permute(1, 2, 0, 3).contiguous()
+
+
+def _bottleneck_spec(files, modules, head, layout, labels, metadata) -> AdapterSpec:
+    num_labels = head[f"{layout.layers - 1}.weight"].shape[0]
+    return AdapterSpec(peft_type="BOTTLENECK", rank=0, target_modules=sorted(modules), modules={}, head=head,
+                       labels=_labels(files, num_labels, labels), files=dict(files), version=adapter_version(files),
+                       metadata=check_metadata(metadata), bottlenecks=modules, head_layout=layout)
 
 
 def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None,

@@ -36,6 +36,59 @@ class VectorState:
         return [t for t in (self.in_scale, self.out_scale, self.out_shift) if t is not None]
 
 
+@dataclass(frozen=True)
+class BottleneckOptions:
+    """How an AdapterHub bottleneck adapter sits in its sublayer (its BnConfig; the math is in
+    runtime/engine/slot_bottlenecks.py)."""
+
+    activation: str
+    parallel: bool
+    residual_before_ln: object  # True, False or "post_add"
+    original_ln_before: bool
+    original_ln_after: bool
+    adapter_residual_before_ln: bool
+    ln_before: bool
+    ln_after: bool
+    scaling: float
+    locations: tuple  # "mh_adapter" and/or "output_adapter"
+
+
+@dataclass
+class BottleneckModule:
+    """One bottleneck adapter at one sublayer output (encoder.layer.<i>.attention.output or .output):
+    h <- up(f(down(x))) * scaling, with residuals and layer norms as its options say. float32."""
+
+    down_weight: torch.Tensor  # [r, hidden]
+    down_bias: torch.Tensor  # [r]
+    up_weight: torch.Tensor  # [hidden, r]
+    up_bias: torch.Tensor  # [hidden]
+    scaling: torch.Tensor  # [1] or [hidden]
+    norm_before: Optional[tuple]  # (weight, bias) [hidden] of the adapter's own LayerNorm, or None
+    norm_after: Optional[tuple]
+    options: BottleneckOptions
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.scaling,
+                *(self.norm_before or ()), *(self.norm_after or ())]
+
+    def to(self, device: torch.device) -> "BottleneckModule":
+        def move(t):
+            return t.to(device)
+        return BottleneckModule(move(self.down_weight), move(self.down_bias), move(self.up_weight), move(self.up_bias),
+                                move(self.scaling), tuple(map(move, self.norm_before)) if self.norm_before else None,
+                                tuple(map(move, self.norm_after)) if self.norm_after else None, self.options)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """An AdapterHub classification head: `layers` linears (head tensors "0.weight", "0.bias", ...), the
+    activation after each but the last, reading the first token's hidden state or the pooler output."""
+
+    layers: int
+    activation: Optional[str]
+    reads: str  # "first" or "pooled"
+
+
 @dataclass
 class AdapterSpec:
     peft_type: str
@@ -59,6 +112,9 @@ class AdapterSpec:
     # by the row's tokens before their own (PEFT's past_key_values); the row's positions start at n.
     prefix: Optional[torch.Tensor] = None
     prefix_tokens: int = 0  # n; kept while the tensor itself is in the disk tier
+    # AdapterHub bottleneck adapters: sublayer module name -> its adapter; their head is head_layout's.
+    bottlenecks: dict[str, BottleneckModule] = field(default_factory=dict)
+    head_layout: Optional[HeadLayout] = None
 
     def __post_init__(self) -> None:
         if not self.size_bytes:
@@ -78,8 +134,15 @@ class AdapterSpec:
         """Positions a row of this task gives up to the adapter: its virtual tokens or prefix."""
         return self.virtual_tokens + self.prefix_tokens
 
+    @property
+    def eager_only(self) -> bool:
+        """State only the torch engine's eager forwards apply (neither CUDA graphs nor the ONNX graph)."""
+        return bool(self.vectors) or self.sequence_state or bool(self.bottlenecks)
+
     def kind(self) -> str:
         """The kind as users name it, in messages: the PEFT type, or what a LoRA adapter adds to it."""
+        if self.peft_type == "BOTTLENECK":
+            return "AdapterHub bottleneck"
         if self.peft_type != "LORA" or not self.vectors:
             return self.peft_type
         scaled = any(v.out_scale is not None for v in self.vectors.values())
@@ -94,4 +157,5 @@ class AdapterSpec:
         tensors = [t for m in self.modules.values() for t in (m.a, m.b)] + list(self.head.values())
         tensors += [t for v in self.vectors.values() for t in v.tensors()]
         tensors += [t for t in (self.prompt, self.prefix) if t is not None]
+        tensors += [t for m in self.bottlenecks.values() for t in m.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors)

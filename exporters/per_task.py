@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from adapterserve.adapters.peft_lora import read_adapter_dir
 from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.errors import NotSupportedError
 from adapterserve.runtime.engine.reference import reference_model
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ def export_task(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
     config = RuntimeConfig(base_model=base_model, slots=2, r_max=512)
     rt = Runtime(config)  # parses and validates the adapter against this base exactly as the server does
     spec = rt.load_spec(read_adapter_dir(adapter_dir))
+    if spec.eager_only:  # the exported model is the base with LoRA merged in; these kinds are not weight deltas
+        raise NotSupportedError(f"export task merges LoRA-form adapters into the base; a {spec.kind()} adapter is not "
+                                "a weight delta: serve it with the torch engine")
     base_path = config.base_model_path
     model = reference_model(base_path, spec)
     model.config.id2label = dict(enumerate(spec.labels))

@@ -5,7 +5,8 @@ fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing t
 
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
 LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning,
-P-tuning and prefix tuning (8 virtual tokens or prefix positions), on q/k/v, attention output and feed-forward linears (IA3: key, value,
+P-tuning and prefix tuning (8 virtual tokens or prefix positions) and AdapterHub's Houlsby bottleneck adapter
+(reduction 16, its 2-layer head), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
 (slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
 kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
@@ -25,10 +26,51 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix"]
+KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix", "bottleneck"]
+# AdapterHub's Houlsby adapter (double_seq_bn) as adapters 1.3.0 saves it, with its default 2-layer head.
+HOULSBY = {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish",
+           "original_ln_before": False, "original_ln_after": True, "residual_before_ln": True, "ln_before": False,
+           "ln_after": False, "adapter_residual_before_ln": False, "scaling": 1.0, "is_parallel": False,
+           "use_gating": False, "phm_layer": False, "inv_adapter": None}
+
+
+def make_bottleneck(base_dir: str, out: str, seed: int) -> str:
+    """The files AdapterHub's save_adapter(..., with_head=True, use_safetensors=True) writes, random weights:
+    written here rather than through the `adapters` library (a test dependency, not a bench one)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    hidden, r, labels = config.hidden_size, config.hidden_size // 16, 2 + seed % 5
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for where in ("attention.output", "output"):
+            key = f"bert.encoder.layer.{layer}.{where}.adapters.task"
+            tensors.update({f"{key}.adapter_down.0.weight": rand(r, hidden), f"{key}.adapter_down.0.bias": rand(r),
+                            f"{key}.adapter_up.weight": rand(hidden, r), f"{key}.adapter_up.bias": rand(hidden)})
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter.safetensors"))
+    save_file({"heads.task.1.weight": rand(hidden, hidden), "heads.task.1.bias": rand(hidden),
+               "heads.task.4.weight": rand(labels, hidden), "heads.task.4.bias": rand(labels)},
+              os.path.join(out, "model_head.safetensors"))
+    meta = {"hidden_size": hidden, "model_type": "bert", "name": "task", "version": "adapters.1.3.0"}
+    with open(os.path.join(out, "adapter_config.json"), "w") as fh:
+        json.dump({"config": HOULSBY, **meta}, fh)
+    with open(os.path.join(out, "head_config.json"), "w") as fh:
+        json.dump({"config": {"head_type": "classification", "num_labels": labels, "layers": 2,
+                              "activation_function": "tanh", "use_pooler": False, "bias": True,
+                              "label2id": {f"LABEL_{i}": i for i in range(labels)}}, **meta}, fh)
+    return out
 
 
 def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
+    if kind == "bottleneck":
+        return make_bottleneck(base_dir, out, seed)
     from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                       PromptTuningConfig, VeraConfig, get_peft_model)
     from transformers import AutoModelForSequenceClassification

@@ -67,6 +67,25 @@ def _stacked_logits(batch: list[Row], entries: list[AdapterEntry], features: tor
     return logits.squeeze(1).float().cpu().numpy()
 
 
+def _head_logits(family: Family, entry: AdapterEntry, features: torch.Tensor) -> torch.Tensor:
+    """The family's head, or an AdapterHub head's linears (spec.HeadLayout) with its activation between."""
+    layout = entry.spec.head_layout
+    if layout is None:
+        return family.apply_head(entry.head, features)
+    x = features
+    for k in range(layout.layers):
+        x = F.linear(x.to(entry.head[f"{k}.weight"].dtype), entry.head[f"{k}.weight"], entry.head[f"{k}.bias"])
+        if k < layout.layers - 1 and layout.activation:
+            x = head_activation(layout.activation)(x)
+    return x
+
+
+def head_activation(name: str):
+    from transformers.activations import get_activation
+
+    return F.leaky_relu if name == "leakyrelu" else get_activation(name)
+
+
 def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[int, list[int]],
                      features: torch.Tensor) -> list[np.ndarray]:
     """Each task's head on its own rows; returns each task's logits [its rows, labels] on the host."""
@@ -75,7 +94,7 @@ def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[
         perm = [i for e in entries for i in rows_of[e.key]]
         features = features.index_select(0, torch.tensor(perm, device=features.device))
     sizes = [len(rows_of[e.key]) for e in entries]
-    logits = [family.apply_head(e.head, f).float() for e, f in zip(entries, features.split(sizes))]
+    logits = [_head_logits(family, e, f).float() for e, f in zip(entries, features.split(sizes))]
     if features.device.type != "cpu":
         # One device->host copy (one sync) for every task's logits, not three per task:
         # with 32 tasks in a GPU batch the per-task copies cost more than the forward.

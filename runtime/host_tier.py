@@ -63,6 +63,7 @@ class HostTier:
         entry.spec.vectors = spec.vectors
         entry.spec.prompt = spec.prompt
         entry.spec.prefix = spec.prefix
+        entry.spec.bottlenecks = spec.bottlenecks
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -90,5 +91,6 @@ class HostTier:
             entry.spec.vectors = {}
             entry.spec.prompt = None
             entry.spec.prefix = None
+            entry.spec.bottlenecks = {}
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

@@ -109,9 +109,9 @@ class Residency:
             self.registry.release(entry)
             raise NotSupportedError(f"task {task!r} has rank {entry.spec.rank}, above r_max {self.r_max}: merged mode "
                                     "takes adapters of up to r_max; it is served through a wide slot")
-        if entry.spec.vectors or entry.spec.sequence_state:
+        if entry.spec.eager_only:
             self.registry.release(entry)
-            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors or "
+            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors, bottlenecks or "
                                     "virtual tokens or prefixes are not folded into the base weights; it is served through slots")
         with self._device_lock:
             self._wait_for_forwards()

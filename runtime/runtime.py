@@ -136,7 +136,8 @@ class Runtime:
         spec = self.load_spec(source, labels, metadata)
         head = device_head(spec, self.base.device, self.base.dtype)
         entry = AdapterEntry(task=task, spec=spec, head=head,
-                             stacked_head=stacked_head(self.base.family, self.base.device, head))
+                             stacked_head=stacked_head(self.base.family, self.base.device, head)
+                             if spec.head_layout is None else None)
         self.residency.track(entry)
         try:
             self.registry.add(entry, replace=replace)

@@ -225,8 +225,13 @@ def make_peft_adapter(base_dir: str, out_dir: str, *, num_labels: int, r: int = 
 
 
 def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Optional[list[str]] = None) -> torch.Tensor:
-    """The oracle: PEFT's own model on the adapter directory, one text at a time (no padding effects)."""
+    """The oracle: PEFT's own model on the adapter directory, one text at a time (no padding effects);
+    for an AdapterHub directory, the `adapters` library's model (adapterhub_logits)."""
     from peft import PeftModel
+
+    if os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors")):
+        assert pairs is None
+        return adapterhub_logits(base_dir, adapter_dir, texts)
     from transformers import AutoTokenizer
 
     from safetensors.torch import load_file
@@ -323,3 +328,64 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                 buf.copy_(torch.randn_like(buf) * 0.5)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_adapterhub_bottleneck(base_dir: str, out_dir: str, config: str = "seq_bn", *, num_labels: int = 3,
+                               seed: int = 0, scale: float = 0.3, head_layers: int = 2, use_pooler: bool = False,
+                               **options) -> str:
+    """Save an AdapterHub (`adapters` library) bottleneck adapter with its classification head, every
+    weight random (the library starts adapter_up at zero, which would hide a wrong up-projection), as
+    save_adapter(..., with_head=True, use_safetensors=True) writes it. config: "seq_bn" (Pfeiffer),
+    "double_seq_bn" (Houlsby) or "par_bn"; options: BnConfig fields (reduction_factor, ln_before, ...)."""
+    adapters = adapterhub_library()
+    AutoAdapterModel = adapters.AutoAdapterModel
+    DoubleSeqBnConfig, ParBnConfig, SeqBnConfig = adapters.DoubleSeqBnConfig, adapters.ParBnConfig, adapters.SeqBnConfig
+
+    torch.manual_seed(seed)
+    model = AutoAdapterModel.from_pretrained(base_dir)
+    bn = {"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig, "par_bn": ParBnConfig}[config](**options)
+    model.add_adapter("task", config=bn)
+    model.add_classification_head("task", num_labels=num_labels, layers=head_layers, use_pooler=use_pooler)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.task." in name or name.startswith("heads.task."):
+                if "norm" in name and name.endswith("weight"):
+                    p.copy_(1 + torch.randn_like(p) * scale)
+                else:
+                    p.copy_(torch.randn_like(p) * scale)
+    os.makedirs(out_dir, exist_ok=True)  # save_adapter makes the last directory only
+    model.save_adapter(out_dir, "task", with_head=True, use_safetensors=True)
+    return out_dir
+
+
+def adapterhub_library():
+    """The AdapterHub `adapters` package. `python -m pytest` puts the repository root first on sys.path,
+    where our own adapters/ source directory (installed as adapterserve.adapters) would shadow it."""
+    import importlib
+    import sys
+
+    found = sys.modules.get("adapters")
+    if found is not None and hasattr(found, "AutoAdapterModel"):
+        return found
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != repo]
+    sys.modules.pop("adapters", None)
+    try:
+        return importlib.import_module("adapters")
+    finally:
+        sys.path[:] = saved
+
+
+def adapterhub_logits(base_dir: str, adapter_dir: str, texts: list[str]) -> torch.Tensor:
+    """The oracle for bottleneck adapters: the `adapters` library's own model with the saved adapter and
+    head loaded and active, one text at a time."""
+    from transformers import AutoTokenizer
+
+    model = adapterhub_library().AutoAdapterModel.from_pretrained(base_dir)
+    name = model.load_adapter(adapter_dir, with_head=True, use_safetensors=True)
+    model.set_active_adapters(name)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.no_grad():
+        return torch.stack([model(**tok(t, return_tensors="pt", truncation=True)).logits[0] for t in texts])

@@ -14,6 +14,7 @@ from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotContext
 from adapterserve.runtime.engine.deberta import per_row_positions
 from adapterserve.runtime.engine import packing
+from adapterserve.runtime.engine.slot_bottlenecks import SlotBottlenecks, sublayer_outputs
 from adapterserve.runtime.engine.slot_layers import SlotLoRALinear
 from adapterserve.runtime.engine.slot_prefixes import SlotPrefixes
 from adapterserve.runtime.engine.slot_prompts import SlotPromptEmbedding
@@ -55,6 +56,11 @@ class SlotPool:
         attention = packing.swappable_attention(base.backbone)
         layers = getattr(getattr(base.backbone, "encoder", None), "layer", None)
         self.prefix_attention = attention if layers is not None and len(attention) == len(layers) else []
+        self.bottlenecks: Optional[SlotBottlenecks] = None  # made when the first bottleneck adapter loads
+        self.sublayer_outputs = sublayer_outputs(base.backbone) if self.prefix_attention else {}
+        # Slots whose head reads the first token's hidden state where the family's features are the
+        # pooler's output (AdapterHub heads with use_pooler false on BERT): the engine gives them that.
+        self.first_token_slots: set[int] = set()
         if not self.layers:
             raise ValueError(f"no linear layer of the base matches lora targets {targets}")
         self.shape = BaseShape(
@@ -69,6 +75,7 @@ class SlotPool:
             wide_r_max=self.wide_r_max,
             prefix_layers=len(self.prefix_attention),
             attention_heads=self.prefix_attention[0].num_attention_heads if self.prefix_attention else 0,
+            bottleneck_locations=frozenset(self.sublayer_outputs),
         )
 
     def base_params(self, name: str) -> tuple:
@@ -97,6 +104,14 @@ class SlotPool:
             self._prompt_embedding().write(slot, spec.prompt)
         if spec.prefix is not None or self.prefixes is not None:
             self._prefix_table().write(slot, spec.prefix)
+        if spec.bottlenecks or self.bottlenecks is not None:
+            if self.bottlenecks is None:
+                self.bottlenecks = SlotBottlenecks(self.sublayer_outputs, self.context, self.base.device,
+                                                   self.base.dtype)
+            self.bottlenecks.write(slot, spec.bottlenecks)
+        reads_first = (spec.head_layout is not None and spec.head_layout.reads == "first"
+                       and self.base.family.uses_pooler)
+        (self.first_token_slots.add if reads_first else self.first_token_slots.discard)(slot)
         for name, layer in self.layers.items():
             layer.write_vectors(slot, spec.vectors.get(name))
             module = spec.modules.get(name)
@@ -131,7 +146,7 @@ class SlotPool:
         return self.prefixes
 
     def _load_wide(self, w: int, spec: AdapterSpec) -> None:
-        assert 0 <= w < self.wide_slots and not spec.vectors and not spec.sequence_state
+        assert 0 <= w < self.wide_slots and not spec.eager_only
         needed = max((m.rank for m in spec.modules.values()), default=0)
         if needed > self.wide_width:
             self._widen(min(self.wide_r_max, -(-needed // 16) * 16))

@@ -18,8 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from adapterserve.runtime.engine.batch import SlotBatch, SlotContext
-
-_PREFIXED_CLASSES: dict[type, type] = {}
+from adapterserve.runtime.engine.mixins import mix_in
 
 
 class SlotPrefixes:
@@ -32,12 +31,7 @@ class SlotPrefixes:
         self.tokens = [0] * slots  # prefix length per slot; 0 = none
         self.prefix_slots: set[int] = set()
         for layer, module in enumerate(attention):
-            cls = type(module)
-            if cls not in _PREFIXED_CLASSES:
-                _PREFIXED_CLASSES[cls] = type(f"Prefixed{cls.__name__}", (PrefixedSelfAttention, cls), {})
-            module.__class__ = _PREFIXED_CLASSES[cls]
-            module.slot_prefixes = self
-            module.prefix_layer = layer
+            mix_in(module, PrefixedSelfAttention, slot_prefixes=self, prefix_layer=layer)
 
     def write(self, slot: int, prefix: Optional[torch.Tensor]) -> None:
         if prefix is None:

@@ -98,7 +98,7 @@ class TorchEngine:
             if self.graphs is not None:
                 return (f"rank {spec.rank} is above r_max {self.r_max}, and the torch engine's CUDA graphs capture "
                         "r_max-wide slots only; serve it with --cuda-graphs off or a larger --r-max")
-            if spec.vectors or spec.sequence_state:
+            if spec.eager_only:
                 return (f"a {spec.kind()} adapter of rank {spec.rank} (above r_max {self.r_max}) would need a wide slot, "
                         "which holds LoRA factors only; retrain it with r <= r_max or start with a larger --r-max")
         if spec.prompt is not None and self.graphs is not None:
@@ -107,6 +107,9 @@ class TorchEngine:
         if spec.prefix is not None and self.graphs is not None:
             return (f"{spec.kind()} adapters add keys and values to every attention layer, which the torch engine's "
                     "CUDA graphs do not capture; serve them with --cuda-graphs off")
+        if spec.bottlenecks and self.graphs is not None:
+            return (f"{spec.kind()} adapters add a small network at sublayer outputs, which the torch engine's CUDA "
+                    "graphs do not capture; serve them with --cuda-graphs off")
         if spec.vectors and self.graphs is not None:
             return (f"{spec.kind()} adapters set per-feature vectors, which the torch engine's CUDA graphs do not "
                     "capture; serve them with --cuda-graphs off")
@@ -166,7 +169,18 @@ class TorchEngine:
             out = self.base.backbone(**inputs)
         finally:
             self.context.current = None
-        return pool_features(self.base.family.pooling, out, inputs["attention_mask"])
+        features = pool_features(self.base.family.pooling, out, inputs["attention_mask"])
+        rows = self._first_token_rows(batch.slot_list)
+        if rows is not None:
+            features[rows] = out.last_hidden_state[rows, 0].to(features.dtype)
+        return features
+
+    def _first_token_rows(self, slots) -> Optional[torch.Tensor]:
+        """Rows whose head reads the first token's hidden state, not the pooler's output (None: none)."""
+        first = self.pool.first_token_slots
+        if not first or not first.intersection(slots):
+            return None
+        return torch.tensor([i for i, s in enumerate(slots) if s in first], dtype=torch.long, device=self.base.device)
 
     def _encode_packed(self, inputs: dict[str, torch.Tensor], slots: list[int]) -> torch.Tensor:
         """encode() over the rows' real tokens back to back: the backbone's own embedding, projection,
@@ -210,5 +224,9 @@ class TorchEngine:
             hidden = layer.output(layer.intermediate(hidden_attn), hidden_attn)
         first = hidden[0].index_select(0, offsets[:-1])  # [B, d]: each row's first token
         if self.base.family.uses_pooler:
-            return backbone.pooler(first.unsqueeze(1))
+            pooled = backbone.pooler(first.unsqueeze(1))
+            rows = self._first_token_rows(self.context.current.slot_list)
+            if rows is not None:
+                pooled[rows] = first[rows]
+            return pooled
         return first

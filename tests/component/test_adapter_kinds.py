@@ -19,8 +19,8 @@ from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError,
                                          NotSupportedError, UnsupportedAdapterTypeError)
 from adapterserve.runtime.runtime import Runtime
 from adapterserve.runtime.types import ClassifyItem
-from tiny_models import (FAMILIES, FAMILY_TARGETS, FEEDFORWARD, NEW_FAMILIES, SAMPLE_TEXTS, make_peft_adapter,
-                         make_peft_kind_adapter, model_type, peft_logits)
+from tiny_models import (FAMILIES, FAMILY_TARGETS, FEEDFORWARD, NEW_FAMILIES, SAMPLE_TEXTS, make_adapterhub_bottleneck,
+                         make_peft_adapter, make_peft_kind_adapter, model_type, peft_logits)
 
 pytestmark = pytest.mark.native  # run again with ADAPTERSERVE_NATIVE=off (.ci/run)
 
@@ -53,18 +53,26 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         # last, so the seeds of the kinds above stay as they were
         "lokr": ("lokr", dict(num_labels=6, r=2, alpha=4, targets=t[:3], scale=loha_scale)),  # W2 low rank
         "prefix": ("prefix", dict(num_labels=3, r=4, scale=1.0)),  # r = prefix positions
+        # AdapterHub's Houlsby adapter (both sublayers) with its 2-layer head, against the adapters library
+        "bottleneck": ("bottleneck", dict(num_labels=4, scale=0.3)),
     }
 
 
-# Families whose attention takes key/value prefixes in transformers (and so in PEFT's prefix tuning).
+# Families whose attention takes key/value prefixes in transformers (and so in PEFT's prefix tuning), and
+# whose BERT-shaped sublayer outputs take AdapterHub bottleneck adapters.
 PREFIX_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
-def build(base, root, family, **matrix):
+def build(base, root, family, bert_base=None, **matrix):
+    """bert_base: where a family takes no bottleneck adapter, one made on this BERT base (to be refused)."""
     adapters = {}
     for i, (task, (kind, kw)) in enumerate(kind_matrix(family, **matrix).items()):
         out = str(root / task)
-        if kind == "lora":
+        if kind == "bottleneck":
+            served = family in PREFIX_FAMILIES
+            adapters[task] = make_adapterhub_bottleneck(base if served else bert_base, out, "double_seq_bn",
+                                                        seed=200 + i, **kw)
+        elif kind == "lora":
             adapters[task] = make_peft_adapter(base, out, seed=200 + i, **kw)
         else:
             adapters[task] = make_peft_kind_adapter(base, out, kind, seed=200 + i, **kw)
@@ -77,7 +85,8 @@ def family_adapters(request, tiny_bases, new_family_bases, tmp_path_factory):
     base = tiny_bases[name] if name in tiny_bases else new_family_bases[name]
     # ModernBERT's final norm and head norm damp a change of scale: DoRA needs larger magnitudes to show.
     matrix = dict(vector_scale=3.0) if name.startswith("modernbert") else {}
-    return name, base, build(base, tmp_path_factory.mktemp(f"kinds_{name}"), model_type(base), **matrix)
+    return name, base, build(base, tmp_path_factory.mktemp(f"kinds_{name}"), model_type(base),
+                             bert_base=tiny_bases["bert"], **matrix)
 
 
 def check_mixed_batch(rt, base, adapters, label):
@@ -95,7 +104,7 @@ def check_mixed_batch(rt, base, adapters, label):
         worst = max(worst, (got - want).abs().max().item())
         spec = rt.load_spec(path)
         # The adapter's modules (or prefix) matter: without them the same head answers differently.
-        if spec.prompt is None:  # a prompt has no base-weight change to take away: PEFT is its check
+        if spec.prompt is None and spec.head_layout is None:  # a prompt has no base-weight change to take away
             bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}, prefix=None), texts)
             assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
     assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
@@ -111,11 +120,13 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
     if family not in PREFIX_FAMILIES:  # refused at registration, naming the family
         with pytest.raises(UnsupportedAdapterTypeError, match=f"prefix tuning .* not {model_type(base)}'s"):
             rt.add_adapter("prefix", adapters.pop("prefix"))
+        with pytest.raises(UnsupportedAdapterTypeError, match=f"bottleneck adapters are served .* not on {model_type(base)}"):
+            rt.add_adapter("bottleneck", adapters.pop("bottleneck"))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
     expected = {"lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "lokr": "LOKR", "vera": "VERA",
                 "vera_ffn": "VERA", "ia3": "IA3", "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING",
-                "p_tuning": "P_TUNING", "adalora": "ADALORA", "prefix": "PREFIX_TUNING"}
+                "p_tuning": "P_TUNING", "adalora": "ADALORA", "prefix": "PREFIX_TUNING", "bottleneck": "BOTTLENECK"}
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {t: expected[t] for t in adapters}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
@@ -281,7 +292,7 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
     vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases", "prompt": "PROMPT_TUNING",
-                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
+                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bottleneck": "bottleneck"}
     for task, path in adapters.items():
         if task in vector_kinds:
             # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.

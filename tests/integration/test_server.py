@@ -327,3 +327,30 @@ def test_two_model_workers_answer_like_one(minilm_adapters, offline):
                     f.result()
     finally:
         proc.stop()
+
+
+def test_adapterhub_bottleneck_by_path_serves_and_survives_a_restart(minilm_dir, tmp_path):
+    """An AdapterHub directory (adapter.safetensors + its head) registered by path over gRPC answers as
+    the `adapters` library does, and the data dir brings it back after a restart."""
+    from tiny_models import adapterhub_logits, make_adapterhub_bottleneck
+
+    root = tmp_path / "adapters"
+    path = make_adapterhub_bottleneck(minilm_dir, str(root / "hub"), "double_seq_bn", num_labels=3, seed=7, scale=0.1)
+    want = adapterhub_logits(minilm_dir, path, SENTENCES).softmax(-1)
+    data_dir = str(tmp_path / "data")
+    answers = []
+    for _ in range(2):
+        proc = ServerProcess("--data-dir", data_dir, "--adapter-root", str(root), "--no-examples")
+        try:
+            with grpc.insecure_channel(proc.address) as ch:
+                reg = pb_grpc.AdapterRegistryStub(ch)
+                if not answers:
+                    reg.RegisterAdapter(pb.RegisterAdapterRequest(task="hub", path="hub"))
+                assert reg.GetAdapter(pb.GetAdapterRequest(task="hub")).peft_type == "BOTTLENECK"
+                answers.append(pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(task="hub", texts=SENTENCES)))
+        finally:
+            assert proc.stop() == 0
+    for response in answers:
+        for pred, row in zip(response.predictions, want):
+            got = {s.label: s.score for s in pred.scores}
+            assert max(abs(got[f"LABEL_{i}"] - row[i].item()) for i in range(3)) <= 1e-4

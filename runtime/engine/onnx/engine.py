@@ -191,6 +191,9 @@ class OnnxEngine:
         if spec.prompt is not None:
             return (f"{spec.kind()} adapters put virtual tokens before each row's own, which the shared ONNX graph has "
                     "no input for; serve them with --engine torch")
+        if spec.bottlenecks:
+            return (f"{spec.kind()} adapters add a small network at sublayer outputs, which the shared ONNX graph "
+                    "has no inputs for; serve them with --engine torch")
         if spec.prefix is not None:
             return (f"{spec.kind()} adapters add keys and values to every attention layer, which the shared ONNX graph "
                     "has no input for; serve them with --engine torch")

@@ -1,0 +1,139 @@
+"""AdapterHub bottleneck adapters per slot, applied where AdapterHub applies them: at the BERT-shaped
+sublayer outputs (encoder.layer.<i>.attention.output for `mh_adapter`, encoder.layer.<i>.output for
+`output_adapter`), whose forward is LayerNorm(dropout(dense(h)) + input). Each such module's class is
+swapped once for a subclass that runs its own forward when no row of the batch has an adapter there,
+and otherwise computes the plain output for every row, then each adapter's rows again through
+`bottleneck_forward` (AdapterHub's Adapter / ParallelAdapter pre_forward, forward and post_forward),
+written over theirs. Padded rows are gathered by row, token-packed ones by token.
+
+Adapters are held per slot as the spec's modules on the model's device (sizes differ per adapter and
+per layer, so there is no fixed-shape buffer). Only the torch engine's eager forwards read them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+from transformers.activations import get_activation
+
+from adapterserve.adapters.spec import BottleneckModule
+from adapterserve.runtime.engine.batch import SlotBatch, SlotContext
+from adapterserve.runtime.engine.mixins import mix_in
+
+
+def sublayer_outputs(backbone) -> dict:
+    """BERT-shaped sublayer output modules by name (dense, dropout, LayerNorm; forward(h, input))."""
+    found = {}
+    for name, module in backbone.named_modules():
+        if name.startswith("encoder.layer.") and name.endswith(("attention.output", ".output")) \
+                and all(hasattr(module, a) for a in ("dense", "dropout", "LayerNorm")) and name.count(".") <= 4:
+            found[name] = module
+    return found
+
+
+def _activation(name: str):
+    if name == "leakyrelu":
+        return F.leaky_relu
+    return get_activation(name)
+
+
+def bottleneck_forward(m: BottleneckModule, x: torch.Tensor, sublayer_input: torch.Tensor, layer_norm) -> torch.Tensor:
+    """AdapterHub's bottleneck_layer_forward for one adapter: x = dropout(dense(h)) of the sublayer,
+    sublayer_input its residual input, layer_norm the sublayer's own LayerNorm."""
+    o = m.options
+    hidden = x.shape[-1]
+    if o.parallel:  # ParallelAdapter.pre_forward: the adapter reads the sublayer's input
+        h, residual = sublayer_input, sublayer_input
+    else:
+        residual = x if o.residual_before_ln is True else None
+        h = x
+        if o.original_ln_before:
+            h = h + sublayer_input
+            if o.residual_before_ln == "post_add":
+                residual = h
+            h = layer_norm(h)
+        if o.residual_before_ln is False:
+            residual = h
+    z = h if m.norm_before is None else F.layer_norm(h, (hidden,), *m.norm_before)
+    down = _activation(o.activation)(F.linear(z, m.down_weight, m.down_bias))
+    out = F.linear(down, m.up_weight, m.up_bias) * m.scaling
+    if o.parallel:
+        if m.norm_after is not None:
+            out = F.layer_norm(out, (hidden,), *m.norm_after)
+        out = out + x  # ParallelAdapter.post_forward
+    else:
+        if o.adapter_residual_before_ln:
+            out = out + residual
+        if m.norm_after is not None:
+            out = F.layer_norm(out, (hidden,), *m.norm_after)
+        if not o.adapter_residual_before_ln:
+            out = out + residual
+    if o.original_ln_after:
+        out = layer_norm(out + sublayer_input)
+    return out
+
+
+class SlotBottlenecks:
+    def __init__(self, outputs: dict, context: SlotContext, device: torch.device, dtype: torch.dtype) -> None:
+        self.context = context
+        self.device, self.dtype = device, dtype
+        self.by_slot: dict[int, dict[str, BottleneckModule]] = {}
+        self.slots_at: dict[str, set[int]] = {name: set() for name in outputs}
+        for name, module in outputs.items():
+            mix_in(module, BottleneckedOutput, slot_bottlenecks=self, bottleneck_name=name)
+
+    def write(self, slot: int, modules: Optional[dict]) -> None:
+        for held in self.slots_at.values():
+            held.discard(slot)
+        self.by_slot.pop(slot, None)
+        if not modules:
+            return
+        # Before the slot is marked: a forward in flight never sees it half written.
+        self.by_slot[slot] = {name: _to(m, self.device, self.dtype) for name, m in modules.items()}
+        for name in modules:
+            self.slots_at[name].add(slot)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ms in self.by_slot.values() for m in ms.values()
+                   for t in m.tensors())
+
+    def rows_of(self, batch: SlotBatch, slot: int, device: torch.device) -> torch.Tensor:
+        """The batch's rows (padded) or tokens (packed) of one slot."""
+        rows = [i for i, s in enumerate(batch.slot_list) if s == slot]
+        if batch.offsets is not None:
+            rows = [t for i in rows for t in range(batch.bounds[i], batch.bounds[i + 1])]
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _to(m: BottleneckModule, device: torch.device, dtype: torch.dtype) -> BottleneckModule:
+    moved = m.to(device)
+    if dtype == torch.float32:
+        return moved
+    cast = [t.to(dtype) for t in (moved.down_weight, moved.down_bias, moved.up_weight, moved.up_bias, moved.scaling)]
+    return BottleneckModule(*cast, tuple(t.to(dtype) for t in moved.norm_before) if moved.norm_before else None,
+                            tuple(t.to(dtype) for t in moved.norm_after) if moved.norm_after else None, moved.options)
+
+
+class BottleneckedOutput:
+    """Mixed into a BERT-shaped sublayer output class: its own forward unless a row of the batch has a
+    bottleneck adapter at this location."""
+
+    slot_bottlenecks: SlotBottlenecks
+    bottleneck_name: str
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        held = self.slot_bottlenecks
+        batch = held.context.current
+        here = held.slots_at[self.bottleneck_name] & batch.distinct_slots if batch is not None else None
+        if not here:
+            return super().forward(hidden_states, input_tensor)
+        x = self.dropout(self.dense(hidden_states))
+        out = self.LayerNorm(x + input_tensor)
+        dim = 1 if batch.offsets is not None else 0  # packed activations are [1, N, d]
+        for slot in sorted(here):
+            idx = held.rows_of(batch, slot, x.device)
+            adapted = bottleneck_forward(held.by_slot[slot][self.bottleneck_name], x.index_select(dim, idx),
+                                         input_tensor.index_select(dim, idx), self.LayerNorm)
+            out.index_copy_(dim, idx, adapted.to(out.dtype))
+        return out
