@@ -12,6 +12,7 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   base's in the targeted linears: out_shift = saved − base.
 - ADALORA: ΔW = B (A ⊙ E) · α / (init_r + 1e-5), PEFT's SVD form with the pruned ranks already cut
   from the saved tensors: A ⊙ E is the slot's A, rank = the ranks kept.
+- BEFT (BitFit): a trained bias per module, added to the base linear's output: an output shift.
 - IA3: a vector l per module; feed-forward modules (saved as [1, d_in]) scale the input, the others
   (saved as [d_out, 1]) scale the output, bias included.
 - LOHA: ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r. The Hadamard product of two rank-r products is one
@@ -235,6 +236,17 @@ def _ia3_convert(name, parts, config, shared, dims, peft_key, base_params):
                             f"({d_in} -> {d_out}) it must be [1, {d_in}] (feed-forward) or [{d_out}, 1]")
 
 
+# ---- BEFT (BitFit) -------------------------------------------------------------------------------------
+
+def _beft_convert(name, parts, config, shared, dims, peft_key, base_params):
+    d_in, d_out = dims
+    bias = parts["beft_bias"]
+    if tuple(bias.shape) not in ((1, d_out), (d_out,)):
+        raise BaseMismatchError(f"module {name}: beft_bias has shape {tuple(bias.shape)}; for this base's linear "
+                                f"({d_in} -> {d_out}) it must be [1, {d_out}]")
+    return None, VectorState(out_shift=bias.float().reshape(d_out).contiguous())
+
+
 # ---- LoHa ---------------------------------------------------------------------------------------------
 
 def _loha_config(config: dict) -> None:
@@ -380,6 +392,9 @@ KINDS: dict[str, Kind] = {
                     lambda config: "retrain with a smaller init_r/target_r or start the server with a larger --r-max"),
     "IA3": Kind("IA3", "IA3", re.compile(r"^(?P<module>.+)\.(?P<part>ia3_l)$"), frozenset({"ia3_l"}), (),
                 _ia3_config, _ia3_convert, lambda config: ""),
+    # y = base(x) + beft_bias: an output shift (PEFT's BEFT layer adds it whether or not the base has a bias).
+    "BEFT": Kind("BEFT", "BEFT (BitFit)", re.compile(r"^(?P<module>.+)\.(?P<part>beft_bias)$"), frozenset({"beft_bias"}),
+                 (), _ia3_config, _beft_convert, lambda config: ""),
     "LOHA": Kind("LOHA", "LoHa", re.compile(r"^(?P<module>.+)\.(?P<part>hada_w[12]_[ab])$"),
                  frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), (), _loha_config, _loha_convert,
                  _loha_hint),

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-names", default=None,
                    help="comma-separated names for integer labels 0..N-1 (default: the integers as strings)")
     p.add_argument("--method", default="lora", choices=list(METHODS),
-                   help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | loha | vera | adalora | ia3 | "
+                   help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | bitfit (PEFT BEFT: the targeted "
+                        "linears' biases alone) | loha | lokr | vera | adalora | ia3 | "
                         "prompt | p_tuning | prefix")
     p.add_argument("--virtual-tokens", type=int, default=20,
                    help="prompt / p_tuning: virtual tokens put first; prefix: key/value positions per layer")
@@ -88,13 +89,14 @@ def _labels(examples, label_names):
 
 
 # Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
-METHODS = ("lora", "dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning", "prefix")
+METHODS = ("lora", "dora", "lora_bias", "bitfit", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning",
+           "prefix")
 
 
 def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: Family):
     """targets None: the method's own defaults for the model type (IA3's include its feed-forward modules).
     Every config saves the family's whole head (Family.modules_to_save: DeBERTa's pooler too)."""
-    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+    from peft import (AdaLoraConfig, BeftConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
                       PromptEncoderConfig, PromptTuningConfig, VeraConfig)
 
     saved = {"modules_to_save": list(family.modules_to_save)}
@@ -119,6 +121,8 @@ def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: 
         return IA3Config(task_type="SEQ_CLS", target_modules=targets,
                          feedforward_modules=[t for t in targets if t.endswith(family.feedforward_targets)]
                          if targets else None, **saved)
+    if args.method == "bitfit":
+        return BeftConfig(task_type="SEQ_CLS", target_modules=targets or list(family.default_targets), **saved)
     if args.method == "loha":
         return LoHaConfig(task_type="SEQ_CLS", r=args.rank, alpha=args.alpha, target_modules=targets,
                           module_dropout=args.dropout, **saved)

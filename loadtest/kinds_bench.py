@@ -6,7 +6,7 @@ fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing t
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
 LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning,
 P-tuning and prefix tuning (8 virtual tokens or prefix positions) and AdapterHub's Houlsby bottleneck adapter
-(reduction 16, its 2-layer head), on q/k/v, attention output and feed-forward linears (IA3: key, value,
+(reduction 16, its 2-layer head) and BEFT (BitFit), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
 (slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
 kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
@@ -26,7 +26,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix", "bottleneck"]
+KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix", "bottleneck",
+         "beft"]
 # AdapterHub's Houlsby adapter (double_seq_bn) as adapters 1.3.0 saves it, with its default 2-layer head.
 HOULSBY = {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish",
            "original_ln_before": False, "original_ln_after": True, "residual_before_ln": True, "ln_before": False,
@@ -71,8 +72,8 @@ def make_bottleneck(base_dir: str, out: str, seed: int) -> str:
 def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
     if kind == "bottleneck":
         return make_bottleneck(base_dir, out, seed)
-    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
-                      PromptTuningConfig, VeraConfig, get_peft_model)
+    from peft import (BeftConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model)
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -90,11 +91,14 @@ def make_adapter(base_dir: str, out: str, kind: str, seed: int) -> str:
         "prompt": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8),
         "p_tuning": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=8, encoder_hidden_size=64),
         "prefix": lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8),
+        "beft": lambda: BeftConfig(task_type="SEQ_CLS", target_modules=TARGETS),
     }[kind]()
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if any(k in name for k in ("lora_B", "hada_w1_a", "vera_lambda_b", "lokr_w2_b")):
+                p.normal_(0, 0.02)
+            elif "beft_bias" in name:
                 p.normal_(0, 0.02)
             elif "ia3_l" in name or "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.05 * torch.randn_like(p))

@@ -271,11 +271,11 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                            scale: float = 0.2) -> str:
     """Save a PEFT SEQ_CLS adapter of another kind ("loha", "lokr", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
-    "p_tuning", "prefix"; r is the virtual token count of the last three) with random
+    "p_tuning", "prefix", "beft"; r is the virtual token count of prompt, p_tuning and prefix) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
-    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
+    from peft import (AdaLoraConfig, BeftConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,
                       PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model)
 
     torch.manual_seed(seed)
@@ -306,6 +306,8 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
             dims = dict(token_dim=model.config.embedding_size)
         config = (PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=r, **dims, **saved) if kind == "prompt" else
                   PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=r, encoder_hidden_size=16, **dims, **saved))
+    elif kind == "beft":
+        config = BeftConfig(task_type="SEQ_CLS", target_modules=targets, **saved)
     elif kind == "prefix":
         dims = {} if family != "distilbert" else dict(token_dim=model.config.dim, num_attention_heads=model.config.n_heads,
                                                        num_layers=model.config.n_layers)
@@ -321,7 +323,7 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
             if "lora_magnitude_vector" in name or "ia3_l" in name:
                 p.mul_(1 + torch.randn_like(p) * scale)
             elif any(k in name for k in ("hada_", "lokr_", "vera_lambda", "modules_to_save", "lora_A", "lora_B", "lora_E",
-                                         "base_layer.bias", "prompt_encoder")):
+                                         "base_layer.bias", "prompt_encoder", "beft_bias")):
                 p.copy_(torch.randn_like(p) * scale)
         for name, buf in peft_model.named_buffers():  # VeRA's shared projections are buffers
             if "vera_A" in name or "vera_B" in name:

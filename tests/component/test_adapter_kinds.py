@@ -55,6 +55,7 @@ def kind_matrix(family, loha_scale=0.5, vera_scale=0.6, vector_scale=1.0):
         "prefix": ("prefix", dict(num_labels=3, r=4, scale=1.0)),  # r = prefix positions
         # AdapterHub's Houlsby adapter (both sublayers) with its 2-layer head, against the adapters library
         "bottleneck": ("bottleneck", dict(num_labels=4, scale=0.3)),
+        "beft": ("beft", dict(num_labels=2, targets=t, scale=vector_scale / 2)),  # PEFT's BitFit
     }
 
 
@@ -126,7 +127,7 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
         rt.add_adapter(task, path)
     expected = {"lora": "LORA", "loha": "LOHA", "loha_patterns": "LOHA", "lokr": "LOKR", "vera": "VERA",
                 "vera_ffn": "VERA", "ia3": "IA3", "dora": "LORA", "lora_bias": "LORA", "prompt": "PROMPT_TUNING",
-                "p_tuning": "P_TUNING", "adalora": "ADALORA", "prefix": "PREFIX_TUNING", "bottleneck": "BOTTLENECK"}
+                "p_tuning": "P_TUNING", "adalora": "ADALORA", "prefix": "PREFIX_TUNING", "bottleneck": "BOTTLENECK", "beft": "BEFT"}
     assert {a.task: a.peft_type for a in rt.list_adapters()} == {t: expected[t] for t in adapters}
     assert rt.get_adapter("loha").rank == 16 and rt.get_adapter("ia3").rank == 0
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
@@ -174,11 +175,12 @@ def bad_setup(tiny_bases, tmp_path_factory):
                                      seed=9)
     lokr = make_peft_kind_adapter(base, str(root / "lokr"), "lokr", num_labels=3, r=2, targets=["query"], seed=10)
     prefix = make_peft_kind_adapter(base, str(root / "prefix"), "prefix", num_labels=3, r=4, seed=11)
+    beft = make_peft_kind_adapter(base, str(root / "beft"), "beft", num_labels=3, targets=["query"], seed=13)
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=0))  # no wide slots: rank above r_max is refused
     rt.add_adapter("loha", loha)
     before = rt.classify([("loha", t) for t in SAMPLE_TEXTS[:3]])
     return rt, {"loha": loha, "vera": vera, "ia3": ia3, "dora": dora, "lora_bias": lora_bias, "prompt": prompt,
-                "adalora": adalora, "lokr": lokr, "prefix": prefix}, root, before
+                "adalora": adalora, "lokr": lokr, "prefix": prefix, "beft": beft}, root, before
 
 
 def _edit(weights=None, config=None):
@@ -261,6 +263,8 @@ BAD = [
      ["no prompt_embeddings", "prefix tuning"]),
     ("adalora_e_length", "adalora", _edit(weights=lambda w: w.__setitem__(f"{Q}.lora_E", torch.randn(3, 1))),
      InvalidAdapterError, ["lora_E (3, 1)", "rank-r triple"]),
+    ("beft_length", "beft", _edit(weights=lambda w: w.__setitem__(f"{Q}.beft_bias", torch.randn(1, 30))),
+     BaseMismatchError, ["beft_bias", "(1, 30)", "[1, 32]"]),
     ("bias_all", "lora_bias", _edit(config=lambda c: c.update(bias="all")), UnsupportedAdapterTypeError,
      ["LayerNorms", "lora_only"]),
 ]
@@ -292,7 +296,7 @@ def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
     vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases", "prompt": "PROMPT_TUNING",
-                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bottleneck": "bottleneck"}
+                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bottleneck": "bottleneck", "beft": "BEFT"}
     for task, path in adapters.items():
         if task in vector_kinds:
             # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.

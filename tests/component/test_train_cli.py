@@ -60,8 +60,8 @@ def test_trained_adapter_loads_in_peft_and_runtime_identically(tiny_bases, new_f
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("method", ["dora", "lora_bias", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning",
-                                    "prefix"])
+@pytest.mark.parametrize("method", ["dora", "lora_bias", "bitfit", "loha", "lokr", "vera", "adalora", "ia3", "prompt",
+                                    "p_tuning", "prefix"])
 def test_every_served_method_trains_and_serves_as_peft_does(tiny_bases, data, method):
     data_path, d = data
     base = tiny_bases["bert"]
@@ -69,7 +69,8 @@ def test_every_served_method_trains_and_serves_as_peft_does(tiny_bases, data, me
     assert train(base, data_path, out, "--method", method, "--rank", "2", "--lr", "5e-2", "--virtual-tokens", "4") == 0
     config = json.load(open(out / "adapter_config.json"))
     assert config["peft_type"] == {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "ia3": "IA3", "adalora": "ADALORA",
-                                   "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING"}.get(method, "LORA")
+                                   "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING",
+                                   "bitfit": "BEFT"}.get(method, "LORA")
     rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     rt.add_adapter("t", str(out))
     got = torch.tensor([p.logits for p in rt.classify([("t", t) for t in SAMPLE_TEXTS])])

@@ -110,7 +110,8 @@ QUANTIZED_KINDS = {"ia3": dict(num_labels=3, targets=["key", "value", "output.de
                    "vera": dict(num_labels=2, r=8, targets=T[:4], scale=0.05),
                    "lora_bias": dict(num_labels=4, r=4, targets=T[:3], scale=0.05),
                    "prompt": dict(num_labels=2, r=6, scale=0.5),
-                   "prefix": dict(num_labels=3, r=5, scale=0.5)}
+                   "prefix": dict(num_labels=3, r=5, scale=0.5),
+                   "beft": dict(num_labels=2, targets=T, scale=0.05)}
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
