@@ -17,15 +17,19 @@ its gate over the sequence), PHM layers and invertible adapters are refused with
 """
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+import sys
 from typing import Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from adapterserve.adapters.spec import AdapterSpec, BottleneckModule, BottleneckOptions, HeadLayout
-from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
+from adapterserve.runtime.errors import (BaseMismatchError, InvalidAdapterError, NotSupportedError,
+                                         UnsupportedAdapterTypeError)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -244,3 +248,24 @@ def _head(files: dict[str, bytes], base):
     layout = HeadLayout(layers=layers, activation=str(activation).lower() if activation else None,
                         reads="pooled" if use_pooler else "first")
     return head, layout, labels
+
+
+def adapterhub_library():
+    """AdapterHub's `adapters` package (training bottleneck adapters; serving never imports it). In a
+    source checkout this package's own directory is also named adapters/, and `python -m` run from the
+    checkout puts it first on sys.path, where it would shadow the library: that entry is skipped."""
+    found = sys.modules.get("adapters")
+    if found is not None and hasattr(found, "AutoAdapterModel"):
+        return found
+    ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.join(os.path.abspath(p or os.curdir), "adapters")) != ours]
+    if found is not None:
+        del sys.modules["adapters"]
+    try:
+        return importlib.import_module("adapters")
+    except ImportError as e:
+        raise NotSupportedError(f"bottleneck adapters are trained with AdapterHub's library: pip install "
+                                f"adapters==1.3.0 ({e})") from None
+    finally:
+        sys.path[:] = saved

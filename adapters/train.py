@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adapterserve.adapters.bottleneck import BOTTLENECK_FAMILIES, adapterhub_library
 from adapterserve.adapters.tabular import DataError, read_examples, label_kind
 from adapterserve.runtime.config import packaged_base_model_dir
 from adapterserve.runtime.families import Family, family_for
@@ -38,9 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="lora", choices=list(METHODS),
                    help="lora | dora | lora_bias (LoRA + the targeted linears' biases) | bitfit (PEFT BEFT: the targeted "
                         "linears' biases alone) | loha | lokr | vera | adalora | ia3 | "
-                        "prompt | p_tuning | prefix")
+                        "prompt | p_tuning | prefix | bottleneck (AdapterHub's adapters library; writes its directory)")
     p.add_argument("--virtual-tokens", type=int, default=20,
                    help="prompt / p_tuning: virtual tokens put first; prefix: key/value positions per layer")
+    p.add_argument("--bottleneck-config", default="seq_bn", choices=list(BOTTLENECK_CONFIGS),
+                   help="bottleneck: seq_bn (Pfeiffer) | double_seq_bn (Houlsby) | par_bn (parallel)")
+    p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck: hidden size / bottleneck width")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default=None,
@@ -90,7 +94,9 @@ def _labels(examples, label_names):
 
 # Every method the server serves (adapters/kinds.py); each writes its library's standard directory.
 METHODS = ("lora", "dora", "lora_bias", "bitfit", "loha", "lokr", "vera", "adalora", "ia3", "prompt", "p_tuning",
-           "prefix")
+           "prefix", "bottleneck")
+# --method bottleneck: AdapterHub's configs by their names in the adapters library
+BOTTLENECK_CONFIGS = {"seq_bn": "SeqBnConfig", "double_seq_bn": "DoubleSeqBnConfig", "par_bn": "ParBnConfig"}
 
 
 def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: Family):
@@ -137,6 +143,22 @@ def peft_config(args: argparse.Namespace, targets: Optional[list[str]], family: 
                       bias="lora_only" if args.method == "lora_bias" else "none", **saved)
 
 
+def adapterhub_model(args: argparse.Namespace, base: str, names: list[str], family: Family):
+    """An AdapterHub flex-head model with one bottleneck adapter "task" and its classification head, the
+    rest frozen (train_adapter)."""
+    if family.name not in BOTTLENECK_FAMILIES:
+        raise DataError(f"--method bottleneck trains BERT, RoBERTa, XLM-R and ELECTRA bases (the ones the server "
+                        f"serves them on), not {family.name}")
+    library = adapterhub_library()
+    model = library.AutoAdapterModel.from_pretrained(base)
+    config = getattr(library, BOTTLENECK_CONFIGS[args.bottleneck_config])(reduction_factor=args.reduction_factor,
+                                                                          dropout=args.dropout)
+    model.add_adapter("task", config=config)
+    model.add_classification_head("task", num_labels=len(names), id2label=dict(enumerate(names)))
+    model.train_adapter("task")
+    return model
+
+
 def train(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
@@ -158,9 +180,12 @@ def train(args: argparse.Namespace) -> dict:
         targets = None  # PEFT's IA3 defaults: key, value and the feed-forward output (input-scaled)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    model = get_peft_model(model, peft_config(args, targets, family))
+    if args.method == "bottleneck":
+        model = adapterhub_model(args, base, names, family)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        model = get_peft_model(model, peft_config(args, targets, family))
     model.train()
 
     enc = tokenizer([e.text for e in examples], [e.pair for e in examples] if args.text_pair_col else None,
@@ -170,8 +195,11 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    head_params = [p for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" in name]
-    lora_params = [p for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in name]
+    def is_head(name: str) -> bool:  # PEFT's saved head modules, AdapterHub's flex heads
+        return "modules_to_save" in name or name.startswith("heads.")
+
+    head_params = [p for name, p in model.named_parameters() if p.requires_grad and is_head(name)]
+    lora_params = [p for name, p in model.named_parameters() if p.requires_grad and not is_head(name)]
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": args.lr},
         {"params": head_params, "lr": args.head_lr or args.lr},
@@ -226,13 +254,18 @@ def train(args: argparse.Namespace) -> dict:
 
     model.eval()
     os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
+    if args.method == "bottleneck":
+        model.save_adapter(args.out, "task", with_head=True, use_safetensors=True)
+        weights = "adapter.safetensors"
+    else:
+        model.save_pretrained(args.out, safe_serialization=True)
+        weights = "adapter_model.safetensors"
     with open(os.path.join(args.out, "labels.json"), "w") as fh:
         json.dump(names, fh)
     summary = {
         "out": args.out, "rows": n, "labels": names, "steps": total_steps, "epochs": args.epochs,
         "train_seconds": round(elapsed, 1), "final_loss_ema": round(loss_ema, 4),
-        "adapter_bytes": os.path.getsize(os.path.join(args.out, "adapter_model.safetensors")),
+        "adapter_bytes": os.path.getsize(os.path.join(args.out, weights)),
         "args": {k: v for k, v in vars(args).items()},
     }
     with open(os.path.join(args.out, "training.json"), "w") as fh:

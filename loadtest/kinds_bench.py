@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     sets = {"lora": [("lora", make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i)) for i in range(args.tasks)],
             "mixed": [(kinds[i % len(kinds)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), kinds[i % len(kinds)], i))
                       for i in range(args.tasks)]}
-    runtimes, register_ms = {}, {k: [] for k in kinds}
+    runtimes, register_ms = {}, {k: [] for k in dict.fromkeys(["lora", *kinds])}
     for name, adapters in sets.items():
         rt = Runtime(RuntimeConfig(slots=args.tasks + 1, r_max=16, engine=args.engine, precision=args.precision))
         for i, (kind, path) in enumerate(adapters):

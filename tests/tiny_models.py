@@ -361,22 +361,9 @@ def make_adapterhub_bottleneck(base_dir: str, out_dir: str, config: str = "seq_b
 
 
 def adapterhub_library():
-    """The AdapterHub `adapters` package. `python -m pytest` puts the repository root first on sys.path,
-    where our own adapters/ source directory (installed as adapterserve.adapters) would shadow it."""
-    import importlib
-    import sys
+    from adapterserve.adapters.bottleneck import adapterhub_library as library
 
-    found = sys.modules.get("adapters")
-    if found is not None and hasattr(found, "AutoAdapterModel"):
-        return found
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != repo]
-    sys.modules.pop("adapters", None)
-    try:
-        return importlib.import_module("adapters")
-    finally:
-        sys.path[:] = saved
+    return library()
 
 
 def adapterhub_logits(base_dir: str, adapter_dir: str, texts: list[str]) -> torch.Tensor:

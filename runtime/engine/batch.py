@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,6 +32,9 @@ class SlotBatch:
     # indices, index tensor: the rows', or when packed their tokens') per wide adapter. Those rows read
     # slot 0 in slot_per_row; the layers add their delta with one gather and scatter per adapter.
     wide: tuple = ()
+    # What layers derive from the batch once per forward and reuse in every layer (bottleneck rows' token
+    # indices: runtime/engine/slot_bottlenecks.py); keyed by the deriving module.
+    derived: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def build(cls, slots: list[int], ranks: dict[int, int], device: torch.device,

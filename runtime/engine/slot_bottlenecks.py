@@ -38,11 +38,16 @@ def _activation(name: str):
     return get_activation(name)
 
 
+def _norm(h: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
+    weight, bias = affine
+    return F.layer_norm(h, (h.shape[-1],)) * weight + bias
+
+
 def bottleneck_forward(m: BottleneckModule, x: torch.Tensor, sublayer_input: torch.Tensor, layer_norm) -> torch.Tensor:
     """AdapterHub's bottleneck_layer_forward for one adapter: x = dropout(dense(h)) of the sublayer,
-    sublayer_input its residual input, layer_norm the sublayer's own LayerNorm."""
+    sublayer_input its residual input, layer_norm the sublayer's own LayerNorm. m may be several
+    adapters of the same options stacked (stack_modules): x is then [adapters, tokens, hidden]."""
     o = m.options
-    hidden = x.shape[-1]
     if o.parallel:  # ParallelAdapter.pre_forward: the adapter reads the sublayer's input
         h, residual = sublayer_input, sublayer_input
     else:
@@ -55,23 +60,53 @@ def bottleneck_forward(m: BottleneckModule, x: torch.Tensor, sublayer_input: tor
             h = layer_norm(h)
         if o.residual_before_ln is False:
             residual = h
-    z = h if m.norm_before is None else F.layer_norm(h, (hidden,), *m.norm_before)
-    down = _activation(o.activation)(F.linear(z, m.down_weight, m.down_bias))
-    out = F.linear(down, m.up_weight, m.up_bias) * m.scaling
+    z = h if m.norm_before is None else _norm(h, m.norm_before)
+    down = _activation(o.activation)(torch.matmul(z, m.down_weight.transpose(-1, -2)) + m.down_bias)
+    out = (torch.matmul(down, m.up_weight.transpose(-1, -2)) + m.up_bias) * m.scaling
     if o.parallel:
         if m.norm_after is not None:
-            out = F.layer_norm(out, (hidden,), *m.norm_after)
+            out = _norm(out, m.norm_after)
         out = out + x  # ParallelAdapter.post_forward
     else:
         if o.adapter_residual_before_ln:
             out = out + residual
         if m.norm_after is not None:
-            out = F.layer_norm(out, (hidden,), *m.norm_after)
+            out = _norm(out, m.norm_after)
         if not o.adapter_residual_before_ln:
             out = out + residual
     if o.original_ln_after:
         out = layer_norm(out + sublayer_input)
     return out
+
+
+def stack_modules(modules: list) -> BottleneckModule:
+    """Adapters of the same options as one: weights [adapters, r, hidden] with their ranks zero-padded to
+    the widest (a padded rank adds act(0) times a zero column of up: nothing), vectors [adapters, 1, n]."""
+    r = max(m.down_weight.shape[0] for m in modules)
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = r - t.shape[dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+    def vectors(ts) -> torch.Tensor:
+        return torch.stack(list(ts)).unsqueeze(1)
+
+    first = modules[0]
+    return BottleneckModule(
+        down_weight=torch.stack([pad(m.down_weight, 0) for m in modules]),
+        down_bias=vectors(pad(m.down_bias, 0) for m in modules),
+        up_weight=torch.stack([pad(m.up_weight, 1) for m in modules]),
+        up_bias=vectors(m.up_bias for m in modules),
+        scaling=vectors(m.scaling.expand(first.up_bias.shape[0]) for m in modules),
+        norm_before=(vectors(m.norm_before[0] for m in modules), vectors(m.norm_before[1] for m in modules))
+        if first.norm_before is not None else None,
+        norm_after=(vectors(m.norm_after[0] for m in modules), vectors(m.norm_after[1] for m in modules))
+        if first.norm_after is not None else None,
+        options=first.options)
 
 
 class SlotBottlenecks:
@@ -98,12 +133,19 @@ class SlotBottlenecks:
         return sum(t.numel() * t.element_size() for ms in self.by_slot.values() for m in ms.values()
                    for t in m.tensors())
 
-    def rows_of(self, batch: SlotBatch, slot: int, device: torch.device) -> torch.Tensor:
-        """The batch's rows (padded) or tokens (packed) of one slot."""
-        rows = [i for i, s in enumerate(batch.slot_list) if s == slot]
-        if batch.offsets is not None:
-            rows = [t for i in rows for t in range(batch.bounds[i], batch.bounds[i + 1])]
-        return torch.tensor(rows, dtype=torch.long, device=device)
+    def rows_of(self, batch: SlotBatch, device: torch.device) -> dict:
+        """slot -> the batch's rows (padded) or tokens (packed) of each bottleneck slot, made once per
+        forward (every sublayer of every layer reads them)."""
+        found = batch.derived.get("bottleneck_rows")
+        if found is None:
+            rows: dict[int, list] = {}
+            for i, s in enumerate(batch.slot_list):
+                if s in self.by_slot:
+                    rows.setdefault(s, []).extend(range(batch.bounds[i], batch.bounds[i + 1])
+                                                  if batch.offsets is not None else (i,))
+            found = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
+            batch.derived["bottleneck_rows"] = found
+        return found
 
 
 def _to(m: BottleneckModule, device: torch.device, dtype: torch.dtype) -> BottleneckModule:
@@ -131,9 +173,34 @@ class BottleneckedOutput:
         x = self.dropout(self.dense(hidden_states))
         out = self.LayerNorm(x + input_tensor)
         dim = 1 if batch.offsets is not None else 0  # packed activations are [1, N, d]
-        for slot in sorted(here):
-            idx = held.rows_of(batch, slot, x.device)
-            adapted = bottleneck_forward(held.by_slot[slot][self.bottleneck_name], x.index_select(dim, idx),
-                                         input_tensor.index_select(dim, idx), self.LayerNorm)
-            out.index_copy_(dim, idx, adapted.to(out.dtype))
+        rows = held.rows_of(batch, x.device)
+        groups: dict = {}
+        for slot in sorted(here):  # adapters of the same options run as one batched computation
+            groups.setdefault(held.by_slot[slot][self.bottleneck_name].options, []).append(slot)
+        for slots in groups.values():
+            modules = [held.by_slot[s][self.bottleneck_name] for s in slots]
+            if len(slots) == 1:
+                idx = rows[slots[0]]
+                adapted = bottleneck_forward(modules[0], x.index_select(dim, idx), input_tensor.index_select(dim, idx),
+                                             self.LayerNorm)
+                out.index_copy_(dim, idx, adapted.to(out.dtype))
+                continue
+            self._grouped(modules, [rows[s] for s in slots], x, input_tensor, out, dim)
         return out
+
+    def _grouped(self, modules: list, indices: list, x: torch.Tensor, sublayer_input: torch.Tensor,
+                 out: torch.Tensor, dim: int) -> None:
+        """Several adapters' rows at once: each adapter's rows (tokens) padded to the longest, [adapters,
+        T, ...] (padded positions are zeros, which the layer norms keep finite), one batched pass."""
+        hidden = x.shape[-1]
+        # Packed [1, N, hidden]: a token is the unit; padded [rows, T, hidden]: a row is.
+        flat_x, flat_in, flat_out = (x[0], sublayer_input[0], out[0]) if dim == 1 else (x, sublayer_input, out)
+        longest = max(int(i.shape[0]) for i in indices)
+        where = torch.cat([torch.arange(i.shape[0], device=x.device) + k * longest for k, i in enumerate(indices)])
+        picked = torch.cat(indices)
+        shape = (len(indices) * longest, *flat_x.shape[1:])
+        xs = flat_x.new_zeros(shape).index_copy_(0, where, flat_x.index_select(0, picked))
+        ins = flat_in.new_zeros(shape).index_copy_(0, where, flat_in.index_select(0, picked))
+        view = (len(indices), -1, hidden)
+        adapted = bottleneck_forward(stack_modules(modules), xs.view(view), ins.view(view), self.LayerNorm)
+        flat_out.index_copy_(0, picked, adapted.reshape(shape).index_select(0, where).to(out.dtype))

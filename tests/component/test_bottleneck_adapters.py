@@ -35,6 +35,9 @@ VARIANTS = {
     "post_add_learned": ("double_seq_bn", dict(num_labels=3, residual_before_ln="post_add", original_ln_before=True,
                                                adapter_residual_before_ln=True, scaling="learned",
                                                leave_out=[0])),
+    # Same options as pfeiffer / houlsby: computed together with them in one batched pass, ranks padded
+    "pfeiffer_wider": ("seq_bn", dict(num_labels=2, reduction_factor=8)),
+    "houlsby_again": ("double_seq_bn", dict(num_labels=3, head_layers=1)),
 }
 
 
@@ -77,7 +80,7 @@ def family_setup(request, tiny_bases, new_family_bases, tmp_path_factory):
 @pytest.mark.parametrize("token_packing", ["auto", "off"])
 def test_bottlenecks_mixed_with_lora_match_the_adapters_library(family_setup, token_packing):
     family, base, adapters, lora = family_setup
-    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, token_packing=token_packing))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=10, r_max=8, token_packing=token_packing))
     assert rt.engine.packed == (token_packing == "auto")
     for task, path in adapters.items():
         info = rt.add_adapter(task, path)
@@ -103,7 +106,7 @@ def test_the_adapter_changes_the_answer(tiny_bases, tmp_path):
 def test_bottlenecks_on_the_packaged_minilm(minilm_dir, tmp_path):
     adapters = build(minilm_dir, tmp_path, "bert")
     lora = make_peft_adapter(minilm_dir, str(tmp_path / "lora"), num_labels=2, r=4, seed=9)
-    rt = Runtime(RuntimeConfig(slots=8, r_max=8))
+    rt = Runtime(RuntimeConfig(slots=10, r_max=8))
     for task, path in adapters.items():
         rt.add_adapter(task, path)
     rt.add_adapter("lora", lora)
