@@ -114,6 +114,10 @@ class SlotBottlenecks:
         self.context = context
         self.device, self.dtype = device, dtype
         self.by_slot: dict[int, dict[str, BottleneckModule]] = {}
+        # (location, slots) -> their adapters there stacked (stack_modules): steady traffic reuses the
+        # same groups forward after forward; any slot write starts this afresh, and so does reaching a few
+        # groups per location (traffic whose batches mix ever other sets of tasks).
+        self.stacked: dict[tuple, BottleneckModule] = {}
         self.slots_at: dict[str, set[int]] = {name: set() for name in outputs}
         for name, module in outputs.items():
             mix_in(module, BottleneckedOutput, slot_bottlenecks=self, bottleneck_name=name)
@@ -122,12 +126,23 @@ class SlotBottlenecks:
         for held in self.slots_at.values():
             held.discard(slot)
         self.by_slot.pop(slot, None)
+        self.stacked = {}
         if not modules:
             return
         # Before the slot is marked: a forward in flight never sees it half written.
         self.by_slot[slot] = {name: _to(m, self.device, self.dtype) for name, m in modules.items()}
         for name in modules:
             self.slots_at[name].add(slot)
+
+    def stacked_at(self, name: str, slots: tuple) -> BottleneckModule:
+        key = (name, slots)
+        found = self.stacked.get(key)
+        if found is None:
+            found = stack_modules([self.by_slot[s][name] for s in slots])
+            if len(self.stacked) >= 4 * len(self.slots_at):
+                self.stacked = {}
+            self.stacked[key] = found
+        return found
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ms in self.by_slot.values() for m in ms.values()
@@ -178,29 +193,33 @@ class BottleneckedOutput:
         for slot in sorted(here):  # adapters of the same options run as one batched computation
             groups.setdefault(held.by_slot[slot][self.bottleneck_name].options, []).append(slot)
         for slots in groups.values():
-            modules = [held.by_slot[s][self.bottleneck_name] for s in slots]
             if len(slots) == 1:
                 idx = rows[slots[0]]
-                adapted = bottleneck_forward(modules[0], x.index_select(dim, idx), input_tensor.index_select(dim, idx),
-                                             self.LayerNorm)
+                adapted = bottleneck_forward(held.by_slot[slots[0]][self.bottleneck_name], x.index_select(dim, idx),
+                                             input_tensor.index_select(dim, idx), self.LayerNorm)
                 out.index_copy_(dim, idx, adapted.to(out.dtype))
                 continue
-            self._grouped(modules, [rows[s] for s in slots], x, input_tensor, out, dim)
+            self._grouped(held.stacked_at(self.bottleneck_name, tuple(slots)), tuple(slots), rows, batch, x,
+                          input_tensor, out, dim)
         return out
 
-    def _grouped(self, modules: list, indices: list, x: torch.Tensor, sublayer_input: torch.Tensor,
-                 out: torch.Tensor, dim: int) -> None:
+    def _grouped(self, stacked: BottleneckModule, slots: tuple, rows: dict, batch: SlotBatch, x: torch.Tensor,
+                 sublayer_input: torch.Tensor, out: torch.Tensor, dim: int) -> None:
         """Several adapters' rows at once: each adapter's rows (tokens) padded to the longest, [adapters,
-        T, ...] (padded positions are zeros, which the layer norms keep finite), one batched pass."""
+        T, ...], one batched pass. Padded places repeat a real token (every step works per token, and
+        their results are dropped)."""
         hidden = x.shape[-1]
         # Packed [1, N, hidden]: a token is the unit; padded [rows, T, hidden]: a row is.
         flat_x, flat_in, flat_out = (x[0], sublayer_input[0], out[0]) if dim == 1 else (x, sublayer_input, out)
-        longest = max(int(i.shape[0]) for i in indices)
-        where = torch.cat([torch.arange(i.shape[0], device=x.device) + k * longest for k, i in enumerate(indices)])
-        picked = torch.cat(indices)
-        shape = (len(indices) * longest, *flat_x.shape[1:])
-        xs = flat_x.new_zeros(shape).index_copy_(0, where, flat_x.index_select(0, picked))
-        ins = flat_in.new_zeros(shape).index_copy_(0, where, flat_in.index_select(0, picked))
-        view = (len(indices), -1, hidden)
-        adapted = bottleneck_forward(stack_modules(modules), xs.view(view), ins.view(view), self.LayerNorm)
-        flat_out.index_copy_(0, picked, adapted.reshape(shape).index_select(0, where).to(out.dtype))
+        layout = batch.derived.get(("bottleneck_layout", slots))
+        if layout is None:  # the same for every sublayer of the forward
+            indices = [rows[s] for s in slots]
+            longest = max(int(i.shape[0]) for i in indices)
+            gather = torch.stack([torch.nn.functional.pad(i, (0, longest - i.shape[0]), value=int(i[0])) for i in indices])
+            where = torch.cat([torch.arange(i.shape[0], device=x.device) + k * longest for k, i in enumerate(indices)])
+            layout = batch.derived[("bottleneck_layout", slots)] = (gather.reshape(-1), where, torch.cat(indices))
+        gather, where, picked = layout
+        view = (len(slots), -1, hidden)
+        adapted = bottleneck_forward(stacked, flat_x.index_select(0, gather).view(view),
+                                     flat_in.index_select(0, gather).view(view), self.LayerNorm)
+        flat_out.index_copy_(0, picked, adapted.reshape(-1, *flat_x.shape[1:]).index_select(0, where).to(out.dtype))
