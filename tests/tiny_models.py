@@ -224,9 +224,22 @@ def make_peft_adapter(base_dir: str, out_dir: str, *, num_labels: int, r: int = 
     return out_dir
 
 
+_ORACLE_ANSWERS: dict = {}
+
+
 def peft_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Optional[list[str]] = None) -> torch.Tensor:
     """The oracle: PEFT's own model on the adapter directory, one text at a time (no padding effects);
-    for an AdapterHub directory, the `adapters` library's model (adapterhub_logits)."""
+    for an AdapterHub directory, the `adapters` library's model (adapterhub_logits). Answers are kept
+    per base, adapter files as they are now (names, sizes, mtimes) and texts: a test comparing several
+    engine paths against the same adapters asks the library once."""
+    stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(adapter_dir)))
+    key = (base_dir, adapter_dir, stamp, tuple(texts), tuple(pairs) if pairs else None)
+    if key not in _ORACLE_ANSWERS:
+        _ORACLE_ANSWERS[key] = _library_logits(base_dir, adapter_dir, texts, pairs)
+    return _ORACLE_ANSWERS[key].clone()
+
+
+def _library_logits(base_dir: str, adapter_dir: str, texts: list[str], pairs: Optional[list[str]]) -> torch.Tensor:
     from peft import PeftModel
 
     if os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors")):

@@ -28,7 +28,8 @@ def minilm_adapters(minilm_dir, tmp_path_factory):
     kinds = {"iota": ("ia3", dict(num_labels=3, targets=["key", "value", "output.dense"], scale=0.3)),
              "lambda": ("loha", dict(num_labels=3, r=2, targets=T[:3], scale=0.1)),
              "delta": ("dora", dict(num_labels=3, r=4, targets=T[:4], scale=0.05)),
-             "pi": ("prompt", dict(num_labels=2, r=8, scale=0.5))}
+             "pi": ("prompt", dict(num_labels=2, r=8, scale=0.5)),
+             "rho": ("prefix", dict(num_labels=3, r=6, scale=0.5))}
     for i, (name, (kind, kw)) in enumerate(kinds.items()):
         paths[name] = make_peft_kind_adapter(minilm_dir, str(root / name), kind, seed=i + 30, **kw)
     return str(root), paths

@@ -129,3 +129,33 @@ def test_adapter_kinds_on_quantized_bases_match_peft(minilm_dir, tmp_path, preci
     dora = make_peft_kind_adapter(minilm_dir, str(tmp_path / "dora"), "dora", num_labels=2, r=4, targets=T[:2], seed=50)
     with pytest.raises(UnsupportedAdapterTypeError, match="quantized base"):
         rt.add_adapter("dora", dora)
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_adapterhub_bottleneck_on_quantized_bases_matches_the_adapters_library(minilm_dir, tmp_path, precision):
+    """AdapterHub's own model on the same bitsandbytes base (its sublayers' dense layers quantized)."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+
+    from tiny_models import adapterhub_library, make_adapterhub_bottleneck
+
+    path = make_adapterhub_bottleneck(minilm_dir, str(tmp_path / "hub"), "double_seq_bn", num_labels=3, seed=5,
+                                      scale=0.05)
+    skip = ["pooler", "classifier", "heads"]
+    q = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip) if precision == "int8" else
+         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                            llm_int8_skip_modules=skip))
+    model = adapterhub_library().AutoAdapterModel.from_pretrained(minilm_dir, quantization_config=q, device_map="cpu",
+                                                                  dtype=torch.float32)
+    model.set_active_adapters(model.load_adapter(path, with_head=True, use_safetensors=True))
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    with torch.no_grad():
+        want = torch.stack([model(**tok(t, return_tensors="pt")).logits[0].float() for t in SAMPLE_TEXTS])
+    rt = Runtime(RuntimeConfig(precision=precision, slots=4, r_max=8))
+    rt.add_adapter("hub", path)
+    got = torch.tensor([rt.classify([("hub", t)])[0].logits for t in SAMPLE_TEXTS])
+    assert (got - want).abs().max().item() <= 1e-3
+    fp32 = Runtime(RuntimeConfig(slots=4, r_max=8))
+    fp32.add_adapter("hub", path)
+    full = torch.tensor([fp32.classify([("hub", t)])[0].logits for t in SAMPLE_TEXTS])
+    assert (got - full).abs().max().item() > 1e-5  # the quantized base is really in effect
