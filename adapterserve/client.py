@@ -11,8 +11,11 @@ from typing import Optional, Sequence
 
 import grpc
 
+from adapterserve.adapters import bottleneck
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.runtime.server.stubs import pb, pb_grpc
+
+ADAPTERHUB_FILES = bottleneck.FILES[1:]  # an AdapterHub directory's files beside adapter_config.json
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -46,17 +49,22 @@ class Client:
 
     def register_dir(self, task: str, directory: str, replace: bool = False,
                      labels: Optional[list[str]] = None) -> pb.Adapter:
-        """Upload a PEFT adapter directory's files (adapter_config.json, adapter_model.safetensors,
-        labels.json if present)."""
+        """Upload an adapter directory's files: PEFT's (adapter_config.json, adapter_model.safetensors,
+        labels.json if present) or AdapterHub's (adapter_config.json, adapter.safetensors, head_config.json,
+        model_head.safetensors)."""
         def read(name: str) -> bytes:
             with open(os.path.join(directory, name), "rb") as fh:
                 return fh.read()
 
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        hub = [n for n in ADAPTERHUB_FILES if os.path.isfile(os.path.join(directory, n))]
+        for name in (CONFIG_FILE, *(() if hub else (WEIGHTS_FILE,))):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise FileNotFoundError(f"{directory} has no {name}; an adapter directory holds {CONFIG_FILE} "
-                                        f"and {WEIGHTS_FILE} (and optionally {LABELS_FILE})")
-        files = pb.AdapterFiles(adapter_config=read(CONFIG_FILE), adapter_weights=read(WEIGHTS_FILE))
+                                        f"and {WEIGHTS_FILE} (and optionally {LABELS_FILE}), or AdapterHub's "
+                                        f"{', '.join(ADAPTERHUB_FILES)}")
+        files = pb.AdapterFiles(adapter_config=read(CONFIG_FILE), other_files={n: read(n) for n in hub})
+        if not hub:
+            files.adapter_weights = read(WEIGHTS_FILE)
         if os.path.isfile(os.path.join(directory, LABELS_FILE)):
             files.labels_json = read(LABELS_FILE)
         return self.registry.RegisterAdapter(pb.RegisterAdapterRequest(task=task, files=files, replace=replace,

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from adapterserve import __version__
 from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
+from adapterserve.adapters import bottleneck
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.server.auth import token_problem
@@ -49,10 +50,19 @@ def request_path(request: pb.RegisterAdapterRequest, config: ServerConfig) -> st
 
 
 def uploaded_files(request: pb.RegisterAdapterRequest, config: ServerConfig) -> dict[str, bytes]:
-    """A RegisterAdapter(files) upload as adapter files, refused above --max-adapter-bytes."""
-    files = {CONFIG_FILE: request.files.adapter_config, WEIGHTS_FILE: request.files.adapter_weights}
-    if request.files.labels_json:
-        files[LABELS_FILE] = request.files.labels_json
+    """A RegisterAdapter(files) upload as adapter files, refused above --max-adapter-bytes: PEFT's
+    files, or AdapterHub's (adapter_config.json and other_files)."""
+    upload = request.files
+    unknown = sorted(set(upload.other_files) - set(bottleneck.FILES[1:]))
+    if unknown:
+        raise InvalidInputError(f"other_files may hold {', '.join(bottleneck.FILES[1:])} (an AdapterHub adapter); "
+                                f"not {', '.join(repr(n[:64]) for n in unknown[:3])}")
+    files = {CONFIG_FILE: upload.adapter_config}
+    if upload.adapter_weights or not upload.other_files:
+        files[WEIGHTS_FILE] = upload.adapter_weights
+    if upload.labels_json:
+        files[LABELS_FILE] = upload.labels_json
+    files.update(upload.other_files)
     size = sum(len(v) for v in files.values())
     if size > config.max_adapter_bytes:
         raise ResourceExhaustedError(f"adapter upload is {size} bytes, above the limit of {config.max_adapter_bytes}; "

@@ -3,7 +3,8 @@
 The repository is the registry plus --adapter-root: `load` of a task with no source loads the PEFT
 directory of the same name under --adapter-root (as Triton loads a model from its repository);
 `path` names another directory there; `file:<name>` parameters upload adapter_config.json,
-adapter_model.safetensors and labels.json (Triton's override files); `config` (Triton's model
+adapter_model.safetensors and labels.json, or an AdapterHub adapter's adapter_config.json,
+adapter.safetensors, head_config.json and model_head.safetensors (Triton's override files); `config` (Triton's model
 configuration JSON) may carry {"parameters": {"labels": ...}}. A load of a registered task replaces
 it atomically (Triton's reload). Every load goes through AdapterService.register: the same
 validation, limits, persistence and admin token as RegisterAdapter.
@@ -14,6 +15,7 @@ import json
 import os
 from typing import Optional
 
+from adapterserve.adapters import bottleneck
 from adapterserve.adapters.peft_lora import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 from adapterserve.runtime.errors import InvalidInputError, UnknownTaskError
 from adapterserve.runtime.server.classify import check_version
@@ -22,6 +24,7 @@ from adapterserve.runtime.server.stubs import pb
 from adapterserve.runtime.types import check_task_name
 
 UPLOAD_FILES = {CONFIG_FILE: "adapter_config", WEIGHTS_FILE: "adapter_weights", LABELS_FILE: "labels_json"}
+OTHER_FILES = bottleneck.FILES[1:]  # AdapterHub's, carried in AdapterFiles.other_files
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 
 
@@ -46,8 +49,9 @@ def load_request(service: AdapterService, task: str, parameters: dict) -> pb.Reg
     for name, value in parameters.items():
         if name.startswith("file:"):
             base = os.path.basename(name[5:])
-            if base not in UPLOAD_FILES:
-                raise InvalidInputError(f"parameter {name}: an upload is one of {', '.join('file:' + f for f in UPLOAD_FILES)}")
+            if base not in UPLOAD_FILES and base not in OTHER_FILES:
+                raise InvalidInputError(f"parameter {name}: an upload is one of "
+                                        f"{', '.join('file:' + f for f in (*UPLOAD_FILES, *OTHER_FILES))}")
             if not isinstance(value, (bytes, bytearray)):
                 raise InvalidInputError(f"parameter {name} must carry the file's bytes")
             files[base] = bytes(value)
@@ -70,10 +74,12 @@ def load_request(service: AdapterService, task: str, parameters: dict) -> pb.Reg
     if files:
         if request.HasField("path"):
             raise InvalidInputError("give either path or file: uploads, not both")
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
+        other = {k: v for k, v in files.items() if k in OTHER_FILES}
+        missing = [f for f in (CONFIG_FILE, *(() if other else (WEIGHTS_FILE,))) if f not in files]
         if missing:
             raise InvalidInputError(f"the upload lacks {', '.join('file:' + m for m in missing)}")
-        request.files.CopyFrom(pb.AdapterFiles(**{UPLOAD_FILES[k]: v for k, v in files.items()}))
+        request.files.CopyFrom(pb.AdapterFiles(**{UPLOAD_FILES[k]: v for k, v in files.items() if k in UPLOAD_FILES},
+                                               other_files=other))
     elif not request.HasField("path"):
         root = service.config.adapter_root
         if not root or not os.path.isdir(os.path.join(root, task)):

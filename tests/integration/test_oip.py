@@ -357,3 +357,30 @@ def test_grpc_config_and_statistics_are_the_http_ones(server, channel):
     http_stats = http(server, "GET", "/v2/models/sst2/stats")[2]["model_stats"][0]
     assert grpc_stats.inference_count == http_stats["inference_count"] > 0
     assert grpc_stats.inference_stats.success.count == http_stats["inference_stats"]["success"]["count"]
+
+
+def test_adapterhub_uploads_over_oip_http_and_native_grpc(server, channel, minilm_dir, tmp_path):
+    """An AdapterHub directory uploaded as `file:` parameters (OIP HTTP) and as AdapterFiles.other_files
+    (native gRPC, through the client library) answers as the `adapters` library does; a file name it
+    does not take is refused with the names it does."""
+    from adapterserve.client import Client
+    from tiny_models import adapterhub_logits, make_adapterhub_bottleneck
+
+    path = make_adapterhub_bottleneck(minilm_dir, str(tmp_path / "hub"), "seq_bn", num_labels=3, seed=11, scale=0.1)
+    texts = ["a gorgeous , witty , seductive movie .", "Oil prices rise as OPEC cuts output"]
+    want = adapterhub_logits(minilm_dir, path, texts).softmax(-1)
+    files = {f"file:{name}": base64.b64encode(open(os.path.join(path, name), "rb").read()).decode()
+             for name in os.listdir(path)}
+    assert http(server, "POST", "/v2/repository/models/hub_http/load", {"parameters": files}, headers=AUTH)[0] == 200
+    client = Client(server.address, token=TOKEN)
+    assert client.register_dir("hub_grpc", path).peft_type == "BOTTLENECK"
+    for task in ("hub_http", "hub_grpc"):
+        answer = native(channel, task, texts)
+        for pred, row in zip(answer.predictions, want):
+            got = {s.label: s.score for s in pred.scores}
+            assert max(abs(got[f"LABEL_{i}"] - row[i].item()) for i in range(3)) <= 1e-4
+    bad = pb.AdapterFiles(adapter_config=b"{}", other_files={"pytorch_adapter.bin": b"x"})
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.AdapterRegistryStub(channel).RegisterAdapter(pb.RegisterAdapterRequest(task="bad", files=bad),
+                                                             metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter.safetensors" in info.value.details()
