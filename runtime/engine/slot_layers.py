@@ -25,6 +25,15 @@ from adapterserve.runtime.engine.batch import SlotContext
 from adapterserve.runtime.native.lora_kernel import FusedLoRA
 
 
+def _row_index(batch, w: int, rows: tuple, device: torch.device) -> torch.Tensor:
+    """A wide adapter's rows as an index tensor (the batch holds its token runs when packed), made once
+    per forward."""
+    found = batch.derived.get(("wide_rows", w))
+    if found is None:
+        found = batch.derived[("wide_rows", w)] = torch.tensor(rows, dtype=torch.long, device=device)
+    return found
+
+
 def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Each row's LoRA delta with stock ops (gather its slot's A/B, two bmm) at full r_max: the
     stock-op ONNX graph, and the reference forward of the ONNX Runtime op while it is traced."""
@@ -203,6 +212,14 @@ class SlotLoRALinear(nn.Module):
         shared = x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1  # DeBERTa positions
         if shared and y.shape[0] == 1:
             y = y.expand(rows_total, -1, -1).contiguous()
+        # Packed [1, N, d]: the adapters' token runs; padded [B, ...], and the pooler's [B, d] either way: rows.
+        tokens = batch.offsets is not None and x.dim() == 3
+        flat_x, flat_y = (x[0], y[0]) if tokens else (x, y)
+        if not shared and len(batch.wide) > 1:
+            r = max(self.wide_rank[w] for w, _, _ in batch.wide)
+            if r:
+                self._add_wide_together(flat_x, flat_y, batch, tokens, r)
+            return y
         for w, rows, index in batch.wide:
             r = self.wide_rank[w]
             if not r:
@@ -211,11 +228,33 @@ class SlotLoRALinear(nn.Module):
             if shared:  # every row of the adapter gets the same projection of the one input
                 y[index] += ((x[0] @ a.t()) @ b).to(y.dtype)
                 continue
-            # Packed [1, N, d]: index holds the rows' tokens; padded [B, ...] (or the pooler's [B, d]): the rows.
-            flat_x, flat_y = (x[0], y[0]) if batch.offsets is not None and x.dim() == 3 else (x, y)
+            index = index if tokens else _row_index(batch, w, rows, x.device)
             picked = flat_x.index_select(0, index)
             flat_y.index_add_(0, index, torch.matmul(torch.matmul(picked, a.t()), b).to(y.dtype))
         return y
+
+    def _add_wide_together(self, flat_x: torch.Tensor, flat_y: torch.Tensor, batch, tokens: bool, r: int) -> None:
+        """Every wide adapter of the batch in one pass: each adapter's rows (tokens) padded to the longest
+        (padded places repeat a real one; their products are dropped), two batched products at the
+        widest rank (ranks past an adapter's own, or a layer it leaves alone, hold zeros: _load_wide)."""
+        key = ("wide_layout", tokens)
+        layout = batch.derived.get(key)
+        if layout is None:  # the same for every slot layer of the forward
+            indices = [index if tokens else _row_index(batch, w, rows, flat_x.device) for w, rows, index in batch.wide]
+            longest = max(int(i.shape[0]) for i in indices)
+            gather = torch.stack([torch.nn.functional.pad(i, (0, longest - i.shape[0]), value=int(i[0]))
+                                  for i in indices]).reshape(-1)
+            where = torch.cat([torch.arange(i.shape[0], device=flat_x.device) + k * longest
+                               for k, i in enumerate(indices)])
+            adapters = torch.tensor([w for w, _, _ in batch.wide], dtype=torch.long, device=flat_x.device)
+            layout = batch.derived[key] = (gather, where, torch.cat(indices), adapters)
+        gather, where, picked, adapters = layout
+        a = self.wide_a[:, :r].index_select(0, adapters)  # [W, r, d_in]
+        b = self.wide_b[:, :r].index_select(0, adapters)  # [W, r, d_out]
+        xs = flat_x.index_select(0, gather).reshape(adapters.shape[0], -1, self.d_in)
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [W, padded units, d_out]
+        flat_y.index_add_(0, picked, delta.reshape(gather.shape[0], *flat_y.shape[1:]).index_select(0, where)
+                          .to(flat_y.dtype))
 
     def _slot_forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.context.current

@@ -153,12 +153,14 @@ class SlotPool:
         with torch.inference_mode():
             for name, layer in self.layers.items():
                 module = spec.modules.get(name)
-                if module is None:
-                    layer.wide_rank[w] = 0
-                    continue
-                r = module.rank
-                layer.wide_a[w, :r].copy_(module.a.t())
-                layer.wide_b[w, :r].copy_(module.b)
+                r = 0 if module is None else module.rank
+                # Past the adapter's rank (all of it where the adapter leaves the layer alone) the slot holds
+                # zeros: a forward with several wide adapters runs them together at the widest rank.
+                layer.wide_a[w, r:].zero_()
+                layer.wide_b[w, r:].zero_()
+                if r:
+                    layer.wide_a[w, :r].copy_(module.a.t())
+                    layer.wide_b[w, :r].copy_(module.b)
                 layer.wide_rank[w] = r
         self.slot_ranks[self.slots + w] = spec.rank
 
