@@ -240,18 +240,23 @@ class SlotLoRALinear(nn.Module):
         key = ("wide_layout", tokens)
         layout = batch.derived.get(key)
         if layout is None:  # the same for every slot layer of the forward
-            indices = [index if tokens else _row_index(batch, w, rows, flat_x.device) for w, rows, index in batch.wide]
+            wide = sorted(batch.wide, key=lambda entry: entry[0])
+            indices = [index if tokens else _row_index(batch, w, rows, flat_x.device) for w, rows, index in wide]
             longest = max(int(i.shape[0]) for i in indices)
             gather = torch.stack([torch.nn.functional.pad(i, (0, longest - i.shape[0]), value=int(i[0]))
                                   for i in indices]).reshape(-1)
             where = torch.cat([torch.arange(i.shape[0], device=flat_x.device) + k * longest
                                for k, i in enumerate(indices)])
-            adapters = torch.tensor([w for w, _, _ in batch.wide], dtype=torch.long, device=flat_x.device)
-            layout = batch.derived[key] = (gather, where, torch.cat(indices), adapters)
-        gather, where, picked, adapters = layout
-        a = self.wide_a[:, :r].index_select(0, adapters)  # [W, r, d_in]
-        b = self.wide_b[:, :r].index_select(0, adapters)  # [W, r, d_out]
-        xs = flat_x.index_select(0, gather).reshape(adapters.shape[0], -1, self.d_in)
+            slots = [w for w, _, _ in wide]
+            # Every wide slot in order: the buffers are read as they are, not copied per layer.
+            adapters = None if slots == list(range(self.wide_a.shape[0])) else torch.tensor(
+                slots, dtype=torch.long, device=flat_x.device)
+            layout = batch.derived[key] = (gather, where, torch.cat(indices), adapters, len(slots))
+        gather, where, picked, adapters, count = layout
+        a, b = self.wide_a[:, :r], self.wide_b[:, :r]  # [W, r, d_in], [W, r, d_out]
+        if adapters is not None:
+            a, b = a.index_select(0, adapters), b.index_select(0, adapters)
+        xs = flat_x.index_select(0, gather).reshape(count, -1, self.d_in)
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [W, padded units, d_out]
         flat_y.index_add_(0, picked, delta.reshape(gather.shape[0], *flat_y.shape[1:]).index_select(0, where)
                           .to(flat_y.dtype))

@@ -129,17 +129,18 @@ def test_wide_adapters_on_other_families(new_family_bases, tmp_path, name):
     check(rt, base, paths)
 
 
-@pytest.mark.parametrize("token_packing", ["auto", "off"])
-def test_wide_adapters_on_the_pooler_and_together(tiny_bases, tmp_path, token_packing):
+@pytest.mark.parametrize("token_packing,wide_slots", [("auto", 2), ("off", 2), ("auto", 3)])
+def test_wide_adapters_on_the_pooler_and_together(tiny_bases, tmp_path, token_packing, wide_slots):
     """Wide adapters that target BERT's pooler (its [rows, hidden] input is by row even when the encoder
     runs token-packed), several in one forward (run together at the widest rank), one reusing a wide slot
-    a higher-rank adapter held before (the ranks past its own must read as zeros)."""
+    a higher-rank adapter held before (the ranks past its own must read as zeros); with 3 wide slots a
+    forward reads some of them (gathered), with 2 all of them (read in place)."""
     base = tiny_bases["bert"]
     paths = {f"w{i}": make_peft_adapter(base, str(tmp_path / f"w{i}"), num_labels=2 + i, r=r,
                                         targets=["query", "pooler.dense"] if i % 2 else ["value", "pooler.dense"],
                                         seed=20 + i, scale=0.3)
              for i, r in enumerate((40, 24, 20))}
-    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=2, token_packing=token_packing))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, wide_slots=wide_slots, token_packing=token_packing))
     for task, path in paths.items():
         rt.add_adapter(task, path)
     check(rt, base, {"w0": paths["w0"], "w1": paths["w1"]})  # both wide slots, one forward
