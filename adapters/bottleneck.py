@@ -38,9 +38,6 @@ HEAD_WEIGHTS_FILE = "model_head.safetensors"
 FILES = (CONFIG_FILE, WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE)
 PICKLE_FILES = ("pytorch_adapter.bin", "pytorch_model_head.bin")
 
-# The BERT-shaped sublayer outputs AdapterHub hooks (BertSelfOutput and BertOutput and their RoBERTa,
-# XLM-R and ELECTRA copies): location key -> module name suffix under encoder.layer.<i>.
-LOCATIONS = {"mh_adapter": "attention.output", "output_adapter": "output"}
 BOTTLENECK_FAMILIES = ("bert", "roberta", "electra")
 ACTIVATIONS = ("relu", "swish", "silu", "gelu", "gelu_new", "gelu_fast", "tanh", "sigmoid", "leakyrelu", "linear")
 _KEY = re.compile(r"^(?P<module>.+)\.adapters\.(?P<name>[^.]+)\.(?P<part>.+)$")
@@ -101,8 +98,9 @@ def _options(config: dict) -> BottleneckOptions:
     if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool)) and scaling not in ("learned", "channel"):
         raise InvalidAdapterError(f"{CONFIG_FILE} scaling must be a number, \"learned\" or \"channel\"; got {scaling!r}")
     flags = {}
+    # Where it sits (mh_adapter, output_adapter, leave_out) is read from its tensors' keys.
     for key in ("original_ln_before", "original_ln_after", "ln_before", "ln_after", "adapter_residual_before_ln",
-                "is_parallel", "mh_adapter", "output_adapter"):
+                "is_parallel"):
         value = config.get(key, False)
         if not isinstance(value, bool):
             raise InvalidAdapterError(f"{CONFIG_FILE} {key} must be true or false; got {value!r}")
@@ -111,8 +109,7 @@ def _options(config: dict) -> BottleneckOptions:
         activation=activation, parallel=flags["is_parallel"], residual_before_ln=residual,
         original_ln_before=flags["original_ln_before"], original_ln_after=flags["original_ln_after"],
         adapter_residual_before_ln=flags["adapter_residual_before_ln"], ln_before=flags["ln_before"],
-        ln_after=flags["ln_after"], scaling=float(scaling) if not isinstance(scaling, str) else 1.0,
-        locations=tuple(k for k in LOCATIONS if flags[k]))
+        ln_after=flags["ln_after"], scaling=float(scaling) if not isinstance(scaling, str) else 1.0)
 
 
 def _safetensors(files: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:

@@ -49,8 +49,7 @@ class BottleneckOptions:
     adapter_residual_before_ln: bool
     ln_before: bool
     ln_after: bool
-    scaling: float
-    locations: tuple  # "mh_adapter" and/or "output_adapter"
+    scaling: float  # when the adapter saves no learned scaling tensor
 
 
 @dataclass
@@ -71,12 +70,15 @@ class BottleneckModule:
         return [self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.scaling,
                 *(self.norm_before or ()), *(self.norm_after or ())]
 
-    def to(self, device: torch.device) -> "BottleneckModule":
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "BottleneckModule":
         def move(t):
-            return t.to(device)
+            return t.to(device=device, dtype=dtype)
+
+        def pair(p):
+            return tuple(map(move, p)) if p is not None else None
+
         return BottleneckModule(move(self.down_weight), move(self.down_bias), move(self.up_weight), move(self.up_bias),
-                                move(self.scaling), tuple(map(move, self.norm_before)) if self.norm_before else None,
-                                tuple(map(move, self.norm_after)) if self.norm_after else None, self.options)
+                                move(self.scaling), pair(self.norm_before), pair(self.norm_after), self.options)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterserve.adapters.registry import AdapterEntry
+from adapterserve.runtime.engine.slot_bottlenecks import activation
 from adapterserve.runtime.families import Family
 from adapterserve.runtime.types import Prediction, Row
 
@@ -76,14 +77,8 @@ def _head_logits(family: Family, entry: AdapterEntry, features: torch.Tensor) ->
     for k in range(layout.layers):
         x = F.linear(x.to(entry.head[f"{k}.weight"].dtype), entry.head[f"{k}.weight"], entry.head[f"{k}.bias"])
         if k < layout.layers - 1 and layout.activation:
-            x = head_activation(layout.activation)(x)
+            x = activation(layout.activation)(x)
     return x
-
-
-def head_activation(name: str):
-    from transformers.activations import get_activation
-
-    return F.leaky_relu if name == "leakyrelu" else get_activation(name)
 
 
 def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[int, list[int]],

@@ -32,7 +32,9 @@ def sublayer_outputs(backbone) -> dict:
     return found
 
 
-def _activation(name: str):
+def activation(name: str):
+    """An AdapterHub activation by its config name (its Activation_Function_Class: transformers' table,
+    leakyrelu beside it); the adapters' heads use the same names."""
     if name == "leakyrelu":
         return F.leaky_relu
     return get_activation(name)
@@ -61,7 +63,7 @@ def bottleneck_forward(m: BottleneckModule, x: torch.Tensor, sublayer_input: tor
         if o.residual_before_ln is False:
             residual = h
     z = h if m.norm_before is None else _norm(h, m.norm_before)
-    down = _activation(o.activation)(torch.matmul(z, m.down_weight.transpose(-1, -2)) + m.down_bias)
+    down = activation(o.activation)(torch.matmul(z, m.down_weight.transpose(-1, -2)) + m.down_bias)
     out = (torch.matmul(down, m.up_weight.transpose(-1, -2)) + m.up_bias) * m.scaling
     if o.parallel:
         if m.norm_after is not None:
@@ -130,7 +132,7 @@ class SlotBottlenecks:
         if not modules:
             return
         # Before the slot is marked: a forward in flight never sees it half written.
-        self.by_slot[slot] = {name: _to(m, self.device, self.dtype) for name, m in modules.items()}
+        self.by_slot[slot] = {name: m.to(self.device, self.dtype) for name, m in modules.items()}
         for name in modules:
             self.slots_at[name].add(slot)
 
@@ -145,8 +147,9 @@ class SlotBottlenecks:
         return found
 
     def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ms in self.by_slot.values() for m in ms.values()
-                   for t in m.tensors())
+        """Device bytes of the adapters held and of the stacked groups kept for reuse."""
+        modules = [m for ms in self.by_slot.values() for m in ms.values()] + list(self.stacked.values())
+        return sum(t.numel() * t.element_size() for m in modules for t in m.tensors())
 
     def rows_of(self, batch: SlotBatch, device: torch.device) -> dict:
         """slot -> the batch's rows (padded) or tokens (packed) of each bottleneck slot, made once per
@@ -161,15 +164,6 @@ class SlotBottlenecks:
             found = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
             batch.derived["bottleneck_rows"] = found
         return found
-
-
-def _to(m: BottleneckModule, device: torch.device, dtype: torch.dtype) -> BottleneckModule:
-    moved = m.to(device)
-    if dtype == torch.float32:
-        return moved
-    cast = [t.to(dtype) for t in (moved.down_weight, moved.down_bias, moved.up_weight, moved.up_bias, moved.scaling)]
-    return BottleneckModule(*cast, tuple(t.to(dtype) for t in moved.norm_before) if moved.norm_before else None,
-                            tuple(t.to(dtype) for t in moved.norm_after) if moved.norm_after else None, moved.options)
 
 
 class BottleneckedOutput:

@@ -195,6 +195,10 @@ class SlotPool:
         prefixes = self.prefixes.slot_bytes() if self.prefixes is not None else 0
         return lora + vectors + prefixes
 
+    def bottleneck_bytes(self) -> int:
+        """Device bytes of the bottleneck adapters in slots (their sizes vary, so they are not slot buffers)."""
+        return self.bottlenecks.held_bytes() if self.bottlenecks is not None else 0
+
     def wide_bytes(self) -> int:
         """Device bytes of every wide slot together (0 until the first wide adapter loads)."""
         return sum(l.wide_a.numel() * l.wide_a.element_size() + l.wide_b.numel() * l.wide_b.element_size()

@@ -103,6 +103,9 @@ def test_the_adapter_changes_the_answer(tiny_bases, tmp_path):
     a = torch.tensor([p.logits for p in rt.classify([("with", t) for t in texts])])
     b = torch.tensor([p.logits for p in rt.classify([("head_only", t) for t in texts])])
     assert (a - b).abs().max().item() > MIN_EFFECT
+    # The adapter's tensors count as device memory (adapterserve_adapter_memory_bytes{tier="device"}).
+    held = sum(t.numel() * 4 for m in spec.bottlenecks.values() for t in m.tensors())
+    assert rt.engine.pool.bottleneck_bytes() >= held > 0
 
 
 def test_bottlenecks_on_the_packaged_minilm(minilm_dir, tmp_path):
