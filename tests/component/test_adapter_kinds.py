@@ -355,3 +355,21 @@ def test_a_prefix_counts_against_the_model_maximum(tiny_bases, tmp_path):
     cut = rt.base.tokenizer.decode(rt.base.tokenizer(long_text, truncation=True, max_length=108)["input_ids"][1:-1])
     got = torch.tensor([pred.logits])
     assert (got - peft_logits(base, prefix, [cut])).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("token_packing", ["auto", "off"])
+def test_prefixes_of_different_lengths_in_one_batch(tiny_bases, tmp_path, token_packing):
+    """Rows of two prefix tasks (4 and 7 positions) and a LoRA task in one forward: each row attends to its
+    own prefix only (the packed path pads them into one attention call, masking the shorter prefix)."""
+    base = tiny_bases["bert"]
+    paths = {"p4": make_peft_kind_adapter(base, str(tmp_path / "p4"), "prefix", num_labels=3, r=4, seed=3, scale=1.0),
+             "p7": make_peft_kind_adapter(base, str(tmp_path / "p7"), "prefix", num_labels=2, r=7, seed=4, scale=1.0),
+             "lora": make_peft_adapter(base, str(tmp_path / "lora"), num_labels=2, r=4, seed=5)}
+    rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, token_packing=token_packing))
+    for task, path in paths.items():
+        rt.add_adapter(task, path)
+    items = [(task, text) for text in SAMPLE_TEXTS for task in paths]
+    preds = rt.classify(items)
+    for task, path in paths.items():
+        got = torch.tensor([p.logits for p, (t, _) in zip(preds, items) if t == task])
+        assert (got - peft_logits(base, path, SAMPLE_TEXTS)).abs().max().item() <= TOL, task
