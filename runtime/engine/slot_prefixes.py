@@ -23,7 +23,7 @@ from adapterserve.runtime.engine.mixins import mix_in
 
 class SlotPrefixes:
     def __init__(self, attention: list, slots: int, context: SlotContext, device: torch.device) -> None:
-        self.attention = attention  # one self-attention module per encoder layer, in order
+        """attention: one self-attention module per encoder layer, in order."""
         self.slots = slots
         self.context = context
         self.device = device
@@ -61,7 +61,7 @@ class SlotPrefixes:
     def positions(self, first_position: int, attention_mask: torch.Tensor, row_tokens: list[int]) -> torch.Tensor:
         """Padded [B, T] position ids with each row's real tokens after its prefix (padding at the first
         position: masked out, and within the table)."""
-        batch, length = attention_mask.shape
+        length = attention_mask.shape[1]
         shift = torch.tensor(row_tokens, dtype=torch.long, device=attention_mask.device)[:, None]
         positions = torch.arange(length, device=attention_mask.device)[None] + shift + first_position
         return torch.where(attention_mask.bool(), positions, torch.full_like(positions, first_position))
@@ -69,11 +69,13 @@ class SlotPrefixes:
     def batch_prefixes(self, layer: int, batch: SlotBatch, dtype: torch.dtype):
         """Keys and values [B, m, hidden] of the batch's rows at one layer (m: the longest prefix in the
         batch; rows without one read slot 0's zeros) and their additive mask [B, m]."""
-        rows = [self.tokens[s] for s in batch.slot_list]
-        m = max(rows)
-        kv = self.table[batch.slot_per_row, layer, :, :m].to(dtype)  # [B, 2, m, hidden]
-        valid = torch.arange(m, device=kv.device)[None] < torch.tensor(rows, device=kv.device)[:, None]
-        mask = torch.zeros(valid.shape, dtype=dtype, device=kv.device).masked_fill_(~valid, torch.finfo(dtype).min)
+        mask = batch.derived.get(("prefix_mask", dtype))
+        if mask is None:  # the same for every layer of the forward
+            rows = [self.tokens[s] for s in batch.slot_list]
+            valid = torch.arange(max(rows))[None] < torch.tensor(rows)[:, None]
+            mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)
+            mask = batch.derived[("prefix_mask", dtype)] = mask.to(self.table.device)
+        kv = self.table[batch.slot_per_row, layer, :, :mask.shape[1]].to(dtype)  # [B, 2, m, hidden]
         return kv[:, 0], kv[:, 1], mask
 
     def packed_context(self, layer: int, heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
