@@ -83,7 +83,7 @@ class SlotContext(threading.local):
 class TracedSlots:
     def __init__(self, slot_per_row: torch.Tensor, tensors: dict, fused_op: bool = False,
                  slot_r8: Optional[dict] = None, row_lengths: Optional[torch.Tensor] = None,
-                 offsets: Optional[torch.Tensor] = None) -> None:
+                 offsets: Optional[torch.Tensor] = None, vectors: Optional[dict] = None) -> None:
         self.slot_per_row = slot_per_row  # [B] int64
         self.tensors = tensors  # layer name -> (A [slots, r_max, d_in], B [slots, r_max, d_out])
         # With the ONNX Runtime LoRA op: layer name -> [slots] int64 rank table, and [B] real lengths.
@@ -93,3 +93,6 @@ class TracedSlots:
         # Token-packed graph: the rows' token offsets [B + 1] into one [1, N, d] run of tokens; 3-D
         # slot layers then become adapterserve.SlotLoRAPacked nodes (the pooler, [B, d], stays SlotLoRA).
         self.offsets = offsets
+        # layer name -> {"out_scale", "out_shift" (+ "vector_flags" with the op; + "in_scale" where the
+        # graph takes one for the layer): graph inputs} (slot_layers.SlotLoRALinear's vector buffers).
+        self.vectors = vectors or {}

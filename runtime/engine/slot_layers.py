@@ -10,8 +10,9 @@ A is stored rank-major so that reading only the first `rank` rows of every slot 
 Per-feature vectors (IA3, DoRA's norm scale, trained biases: adapters/spec.VectorState) live in three
 more buffers, made the first time an adapter with vectors loads into this layer (a LoRA-only server
 never has them): y = out_scale[idx] ⊙ (base(in_scale[idx] ⊙ x) + ΔW (in_scale[idx] ⊙ x)) + out_shift[idx],
-float32, neutral 1 / 1 / 0. Only batches holding such a slot pay for them; the traced (ONNX) and CUDA
-graph paths do not apply them (the engines refuse such adapters: Engine.refuses).
+float32, neutral 1 / 1 / 0. Only batches holding such a slot pay for them. The shared ONNX graph takes
+them as inputs (made at export, `ensure_vectors`), with `vector_flags` saying per slot which it sets;
+CUDA graphs do not apply them (the engine refuses such adapters: Engine.refuses).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from torch import nn
 
 from adapterserve.runtime.engine.batch import SlotContext
 from adapterserve.runtime.native.lora_kernel import FusedLoRA
+
+
+# vector_flags bits (runtime/native/csrc/ort_lora_op.c reads the same)
+VEC_IN, VEC_SCALE, VEC_SHIFT = 1, 2, 4
 
 
 def _row_index(batch, w: int, rows: tuple, device: torch.device) -> torch.Tensor:
@@ -40,6 +45,19 @@ def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, id
     x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
     delta = torch.bmm(torch.bmm(x3, a_all.index_select(0, idx).transpose(1, 2)), b_all.index_select(0, idx))
     return delta if x.dim() == 3 else delta.squeeze(1)
+
+
+def row_vectors(y: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [B, T, d] or [B, d] times each row's scale (plus its shift), with stock ops: the stock-op ONNX
+    graph's per-feature vectors, and the reference of the ONNX Runtime ops' (the tables hold neutral
+    values for slots without vectors, so no flags are read)."""
+    def rows(table):
+        picked = table.index_select(0, idx)
+        return picked if y.dim() == 2 else picked.unsqueeze(1)
+
+    y = y * rows(scale)
+    return y if shift is None else y + rows(shift)
 
 
 class SlotLoRALinear(nn.Module):
@@ -75,6 +93,9 @@ class SlotLoRALinear(nn.Module):
         self.in_scale: Optional[torch.Tensor] = None  # [slots, d_in] float32, made on first use
         self.out_scale: Optional[torch.Tensor] = None  # [slots, d_out]
         self.out_shift: Optional[torch.Tensor] = None  # [slots, d_out]
+        # Per slot: VEC_IN | VEC_SCALE | VEC_SHIFT, the vectors it sets here (the ONNX op skips the rest).
+        self.vector_flags = torch.zeros(slots, dtype=torch.long)
+        self._vector_flags_view = self.vector_flags.numpy()
         # Wide slots (adapters above r_max; slot_pool.SlotPool makes them on first use): A [wide, r_wide,
         # d_in] and B [wide, r_wide, d_out] as the narrow ones, and each wide slot's rank in this layer.
         self.wide_a: Optional[torch.Tensor] = None
@@ -104,30 +125,38 @@ class SlotLoRALinear(nn.Module):
         self._slot_r8_view[slot] = 0
         self.active_slots.discard(slot)
 
+    def ensure_vectors(self) -> None:
+        """The vector buffers, neutral, if no adapter made them yet."""
+        if self.in_scale is None:
+            device = self.lora_a.device
+            self.in_scale = torch.ones(self.slots, self.d_in, device=device)
+            self.out_scale = torch.ones(self.slots, self.d_out, device=device)
+            self.out_shift = torch.zeros(self.slots, self.d_out, device=device)
+
     def write_vectors(self, slot: int, vectors) -> None:
         """vectors: the adapter's VectorState for this layer, or None (neutral)."""
         if vectors is None:
             if slot in self.vector_slots:
+                self._vector_flags_view[slot] = 0  # first: a graph run in between skips the slot's vectors
                 self.in_scale[slot].fill_(1.0)
                 self.out_scale[slot].fill_(1.0)
                 self.out_shift[slot].zero_()
                 for which in (self.vector_slots, self.in_slots, self.scale_slots, self.shift_slots):
                     which.discard(slot)
             return
-        if self.in_scale is None:
-            device = self.lora_a.device
-            self.in_scale = torch.ones(self.slots, self.d_in, device=device)
-            self.out_scale = torch.ones(self.slots, self.d_out, device=device)
-            self.out_shift = torch.zeros(self.slots, self.d_out, device=device)
-        for buffer, value, neutral, which in ((self.in_scale, vectors.in_scale, 1.0, self.in_slots),
-                                              (self.out_scale, vectors.out_scale, 1.0, self.scale_slots),
-                                              (self.out_shift, vectors.out_shift, 0.0, self.shift_slots)):
+        self.ensure_vectors()
+        flags = 0
+        for buffer, value, neutral, which, flag in ((self.in_scale, vectors.in_scale, 1.0, self.in_slots, VEC_IN),
+                                                    (self.out_scale, vectors.out_scale, 1.0, self.scale_slots, VEC_SCALE),
+                                                    (self.out_shift, vectors.out_shift, 0.0, self.shift_slots, VEC_SHIFT)):
             if value is None:
                 buffer[slot].fill_(neutral)
                 which.discard(slot)
             else:
                 buffer[slot].copy_(value)
                 which.add(slot)
+                flags |= flag
+        self._vector_flags_view[slot] = flags
         self.vector_slots.add(slot)
 
     def _rows(self, batch, which: set) -> list:
@@ -187,16 +216,32 @@ class SlotLoRALinear(nn.Module):
         traced = self.context.traced
         a_all, b_all = traced.tensors[self.name]
         idx = traced.slot_per_row
+        vectors = traced.vectors[self.name]  # the slots' output scale and shift, and their flags
         if traced.fused_op:
             from adapterserve.runtime.engine.onnx.ops import SlotLoRAFunction, SlotLoRAPackedFunction
 
+            tail = (torch.tensor([y_offset]), vectors["out_scale"], vectors["out_shift"], vectors["vector_flags"])
             if traced.offsets is not None and x.dim() == 3:
                 return SlotLoRAPackedFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.offsets,
-                                                    torch.tensor([y_offset]))
+                                                    *tail)
             return SlotLoRAFunction.apply(y, x, a_all, b_all, traced.slot_r8[self.name], idx, traced.row_lengths,
-                                          torch.tensor([y_offset]))
+                                          *tail)
         assert y_offset == 0, "stock-op graphs get their q/k/v split before the LoRA nodes"
-        return y + gathered_delta(x, a_all, b_all, idx)
+        return row_vectors(y + gathered_delta(x, a_all, b_all, idx), vectors["out_scale"], idx, vectors["out_shift"])
+
+    def _traced_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Export path: x scaled by each row's input scale, where the graph takes one for this layer."""
+        traced = self.context.traced
+        in_scale = traced.vectors[self.name].get("in_scale")
+        if in_scale is None:
+            return x
+        if not traced.fused_op:
+            return row_vectors(x, in_scale, traced.slot_per_row)
+        from adapterserve.runtime.engine.onnx.ops import SlotRowScaleFunction
+
+        packed = traced.offsets is not None and x.dim() == 3
+        return SlotRowScaleFunction.apply(x, in_scale, traced.vectors[self.name]["vector_flags"], traced.slot_per_row,
+                                          traced.offsets if packed else traced.row_lengths, packed)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,9 +346,10 @@ class SlotLoRALinear(nn.Module):
         return torch.baddbmm(shared.expand(rows, -1, -1), xa, self.lora_b[:, :r].index_select(0, idx))
 
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
-        y = self.base(x)
         if self.context.traced is not None:
-            return self._traced_forward(x, y)
+            x = self._traced_input(x)
+            return self._traced_forward(x, self.base(x))
+        y = self.base(x)
         if batch is None or (not batch.every_layer
                              and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))):
             return y

@@ -39,6 +39,9 @@ class SlotPool:
         self.context = SlotContext()  # the batch being run, read by every slot layer
         self.layers: dict[str, SlotLoRALinear] = {}
         self.slot_ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
+        # Where the slot layers' base weights are once an engine released them (a safetensors file of
+        # "<layer>.weight" / "<layer>.bias"; the ONNX engine's export writes it), or None.
+        self.released_weights: Optional[str] = None
         for name, linear in base.linear_layers().items():
             if not _matches(name, targets):
                 continue
@@ -86,6 +89,12 @@ class SlotPool:
         weight = linear.weight  # None once the ONNX engine has its own copy
         plain = type(linear) is torch.nn.Linear and weight is not None and weight.is_floating_point()
         bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
+        if weight is None and self.released_weights is not None:
+            from safetensors import safe_open
+
+            with safe_open(self.released_weights, framework="pt") as fh:
+                saved = set(fh.keys())
+                return tuple(fh.get_tensor(f"{name}.{k}") if f"{name}.{k}" in saved else None for k in ("weight", "bias"))
         return (weight.detach().float().cpu() if plain else None), bias
 
     def load_slot(self, slot: int, spec: AdapterSpec) -> None:

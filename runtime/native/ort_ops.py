@@ -22,7 +22,8 @@ OP_TYPE = "SlotLoRA"
 PACKED_OP_TYPE = "SlotLoRAPacked"  # token-packed rows: input 6 is the rows' offsets [rows + 1]
 QKV_OP_TYPE = "SlotLoRAQKVPacked"  # one self-attention's q, k, v LoRA nodes over their packed projection
 ATTENTION_OP_TYPE = "VarlenAttention"
-ABI = 9
+ROW_SCALE_OP_TYPE = "SlotRowScale"  # rows scaled by their slot's input scale (+ "Packed": token-packed rows)
+ABI = 10
 
 _state: dict[str, object] = {}  # "value" -> built library path, or "error" -> why not
 

@@ -287,26 +287,32 @@ def test_bad_kind_is_refused_and_nothing_is_lost(bad_setup, case, source, edit, 
     assert [p.logits for p in after] == [p.logits for p in before]
 
 
-@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
-def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, lora_kernel):
-    """Converted kinds are slot LoRA, so the shared ONNX graph (its custom op or stock ops) serves them."""
-    base = tiny_bases["bert"]
-    adapters = build(base, tmp_path, "bert")
-    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=16, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
+@pytest.mark.parametrize("family,lora_kernel", [("bert", "auto"), ("bert", "torch"), ("distilbert", "auto"),
+                                                 ("roberta", "auto")])
+def test_kinds_on_the_shared_onnx_graph(tiny_bases, tmp_path, family, lora_kernel):
+    """Converted kinds are slot LoRA, and per-feature vectors (IA3, DoRA, trained biases, BitFit) are slot
+    inputs of the shared ONNX graph (its custom op or stock ops; token-packed on BERT and RoBERTa, padded on
+    DistilBERT): all served in one mixed batch, each equal to PEFT alone. Kinds that change the sequence
+    or add networks are refused, naming the engine and the kind."""
+    base = tiny_bases[family]
+    adapters = build(base, tmp_path, family, bert_base=tiny_bases["bert"])
+    rt = Runtime(RuntimeConfig(base_model=base, slots=16, r_max=16, engine="onnx", onnx_dir=str(tmp_path / "onnx"),
                                lora_kernel=lora_kernel))
     assert rt.engine.name == "onnx"
-    vector_kinds = {"ia3": "IA3", "dora": "DoRA", "lora_bias": "trained biases", "prompt": "PROMPT_TUNING",
-                    "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bottleneck": "bottleneck", "beft": "BEFT"}
+    refused = {"prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bottleneck": "bottleneck"}
     for task, path in adapters.items():
-        if task in vector_kinds:
-            # The graph has no inputs for per-feature vectors: refused, naming the engine and the kind.
+        if task in refused:
             with pytest.raises((NotSupportedError, UnsupportedAdapterTypeError)) as info:
                 rt.add_adapter(task, path)
+            if family not in PREFIX_FAMILIES and task in ("prefix", "bottleneck"):
+                assert family in str(info.value)  # refused for the family on every engine
+                continue
             assert ("onnx engine" in str(info.value) or "ONNX engine" in str(info.value))
-            assert vector_kinds[task] in str(info.value) and "--engine torch" in str(info.value)
+            assert refused[task] in str(info.value) and "--engine torch" in str(info.value)
         else:
             rt.add_adapter(task, path)
-    served = {t: p for t, p in adapters.items() if t not in vector_kinds}
+    served = {t: p for t, p in adapters.items() if t not in refused}
+    assert {"ia3", "dora", "lora_bias", "beft"} <= set(served)
     check_mixed_batch(rt, base, served, f"onnx/{rt.engine.kernel_name}")
 
 
@@ -373,3 +379,34 @@ def test_prefixes_of_different_lengths_in_one_batch(tiny_bases, tmp_path, token_
     for task, path in paths.items():
         got = torch.tensor([p.logits for p, (t, _) in zip(preds, items) if t == task])
         assert (got - peft_logits(base, path, SAMPLE_TEXTS)).abs().max().item() <= TOL, task
+
+
+def test_vector_kinds_on_the_int8_onnx_graph(tiny_bases, tmp_path):
+    """The int8 graph takes the same vector inputs (its LoRA ops are the fp32 graph's, with bf16 slots
+    where AMX runs). A random tiny model says nothing about int8 accuracy, so per task and text the int8
+    answer must be nearer PEFT's fp32 answer with the adapter's vectors than without them: each row got
+    its own slot's vectors. DoRA's norm is taken from the fp32 weights the graph was quantized from."""
+    base = tiny_bases["bert"]
+    t = FAMILY_TARGETS["bert"]
+    adapters = {
+        "lora": make_peft_adapter(base, str(tmp_path / "lora"), num_labels=2, r=4, alpha=8, targets=t[:3], seed=1),
+        "ia3": make_peft_kind_adapter(base, str(tmp_path / "ia3"), "ia3", num_labels=3, targets=[t[1], t[2]] + FEEDFORWARD["bert"],
+                                      scale=3.0, seed=2),
+        "dora": make_peft_kind_adapter(base, str(tmp_path / "dora"), "dora", num_labels=2, r=4, alpha=8, targets=t[:4],
+                                       scale=1.5, seed=3),
+        "beft": make_peft_kind_adapter(base, str(tmp_path / "beft"), "beft", num_labels=2, targets=t, scale=1.5, seed=4),
+    }
+    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, engine="onnx", precision="int8",
+                               onnx_dir=str(tmp_path / "onnx8")))
+    for task, path in adapters.items():
+        rt.add_adapter(task, path)
+    items = [(task, text) for text in SAMPLE_TEXTS[:6] for task in adapters]
+    got = torch.tensor([p.logits[:2] for p in rt.classify(items)])
+    for task in ("ia3", "dora", "beft"):
+        rows = [i for i, (k, _) in enumerate(items) if k == task]
+        texts = [items[i][1] for i in rows]
+        spec = rt.load_spec(adapters[task])
+        want = peft_logits(base, adapters[task], texts)[:, :2]
+        without = reference_logits(base, dataclasses.replace(spec, vectors={}), texts)[:, :2]
+        near, far = (got[rows] - want).abs().amax(1), (got[rows] - without).abs().amax(1)
+        assert bool((near < far).all()), f"{task}: int8 {got[rows]} vs with vectors {want}, without {without}"

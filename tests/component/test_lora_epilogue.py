@@ -49,7 +49,9 @@ def test_gelu_is_as_close_to_float64_as_torch_fp32():
     assert got[np.isin(x, [0.0, 30.0, 100.0, 2.0 ** 100])].tolist() == [0.0, 0.0, 30.0, 2.0 ** 100, 100.0]  # in grid order
 
 
-def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool):
+def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool, vectors: bool = False):
+    """vectors: slot 2 scales and shifts its output (flags 2 | 4), slot 1 only shifts it (4); the next
+    layer's input scale (post_scale) is set for slot 1 (flag 1) and left off for slot 2."""
     d_in, d_out, r_max, slots = 32, 48, 16, 3
     a = np.zeros((slots, r_max, d_in), np.float32)
     b = np.zeros((slots, r_max, d_out), np.float32)
@@ -64,15 +66,24 @@ def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool):
     b_in = ort_ops.pack_bf16_b(torch.from_numpy(b)).numpy() if bf16 else b
     feed = {"y": y, "x": x, "a": a_in, "b": b_in, "r8": r8, "slot": np.array([1, 2, 0], np.int64), "offsets": offsets,
             "y_offset": np.zeros(1, np.int64),
+            "out_scale": rng.normal(1, 0.3, (slots, d_out)).astype(np.float32) if vectors else None,
+            "out_shift": rng.normal(0, 0.3, (slots, d_out)).astype(np.float32) if vectors else None,
+            "vector_flags": np.array([0, 4, 6], np.int64) if vectors else None,
             "residual": rng.normal(0, 1, (1, n, d_out)).astype(np.float32) if residual else None,
             "activation": None if activation is None else np.array([activation], np.int64),
             "ln_scale": rng.normal(1, 0.2, d_out).astype(np.float32) if norm else None,
             "ln_bias": rng.normal(0, 0.2, d_out).astype(np.float32) if norm else None,
-            "ln_epsilon": np.array([1e-5], np.float32) if norm else None}
+            "ln_epsilon": np.array([1e-5], np.float32) if norm else None,
+            "post_scale": rng.normal(1, 0.3, (slots, d_out)).astype(np.float32) if vectors else None,
+            "post_flags": np.array([0, 1, 0], np.int64) if vectors else None}
     want = y[0].astype(np.float64)
     for row, slot in enumerate(feed["slot"]):
         s, e = offsets[row], offsets[row + 1]
         want[s:e] += (x[0, s:e].astype(np.float64) @ a[slot].T.astype(np.float64)) @ b[slot].astype(np.float64)
+        if vectors and feed["vector_flags"][slot] & 2:
+            want[s:e] *= feed["out_scale"][slot]
+        if vectors and feed["vector_flags"][slot] & 4:
+            want[s:e] += feed["out_shift"][slot]
     if residual:
         want += feed["residual"][0]
     if activation == 1:
@@ -80,20 +91,27 @@ def packed_op_feed(rng, bf16: bool, residual: bool, activation, norm: bool):
     if norm:
         want = torch.nn.functional.layer_norm(torch.from_numpy(want), (d_out,), torch.from_numpy(feed["ln_scale"]).double(),
                                               torch.from_numpy(feed["ln_bias"]).double(), 1e-5).numpy()
+    if vectors:
+        for row, slot in enumerate(feed["slot"]):
+            if feed["post_flags"][slot] & 1:
+                want[offsets[row]:offsets[row + 1]] *= feed["post_scale"][slot]
     return feed, want
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("residual,activation,norm", [(False, 1, False), (True, None, False), (True, 1, False),
-                                                     (False, 0, False), (True, None, True), (False, None, True)])
-def test_op_applies_its_residual_gelu_and_layer_norm(tmp_path, bf16, residual, activation, norm):
+@pytest.mark.parametrize("residual,activation,norm,vectors", [
+    (False, 1, False, False), (True, None, False, False), (True, 1, False, False), (False, 0, False, False),
+    (True, None, True, False), (False, None, True, False), (False, None, False, True), (True, 1, False, True),
+    (True, None, True, True)])
+def test_op_applies_its_residual_gelu_and_layer_norm(tmp_path, bf16, residual, activation, norm, vectors):
     """Token-packed rows of 3 / 17 / 7 tokens (one on slot 0, whose output is still y + residual,
-    then GELU, then LayerNorm). Tolerance: 1e-5 of the output's scale for the fp32 op; bf16 slots
+    then GELU, then LayerNorm); with vectors, each slot's output scale and shift first and the next
+    layer's input scale last. Tolerance: 1e-5 of the output's scale for the fp32 op; bf16 slots
     round the delta."""
     import onnx
     import onnxruntime as ort
 
-    feed, want = packed_op_feed(np.random.default_rng(3), bf16, residual, activation, norm)
+    feed, want = packed_op_feed(np.random.default_rng(3), bf16, residual, activation, norm, vectors)
     op = ort_ops.PACKED_OP_TYPE + ("BF16" if bf16 else "")
     onnx.save(single_op_model(op, feed), str(tmp_path / "op.onnx"))
     options = ort.SessionOptions()
@@ -102,5 +120,5 @@ def test_op_applies_its_residual_gelu_and_layer_norm(tmp_path, bf16, residual, a
     got = session.run(None, {k: v for k, v in feed.items() if v is not None})[0][0]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= (1e-2 if bf16 else 1e-5) * scale
-    if activation == 1 and not norm:  # GELU really applied: an ungelu'd output is far off
+    if activation == 1 and not norm and not vectors:  # GELU really applied: an ungelu'd output is far off
         assert (got < -0.2).sum() == 0

@@ -87,16 +87,24 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     readers = collections.Counter(i for n in nodes for i in n.input)
     assert all(n.op_type.endswith("InPlace") == (readers[n.input[0]] == 1) for n in single)
     assert sum(n.op_type.endswith("InPlace") for n in single) == (len(single) if fused else 0)
-    folded = sum(len(n.input) > 8 and n.input[8] != "" for n in single)
+    # Inputs 8-10 of every LoRA node: the slots' output scale, output shift and vector flags.
+    assert all(n.input[8].startswith("out_scale_") and n.input[10].startswith("vector_flags_") for n in single)
+    folded = sum(len(n.input) > 11 and n.input[11] != "" for n in single)
     assert folded == (2 * 2 if fused else 0)  # 2 encoder layers x (attention output, output)
-    # So is the GELU after each intermediate LoRA node (input 9; input 8 left empty).
+    # So is the GELU after each intermediate LoRA node (input 12; input 11 left empty).
     assert not any(n.op_type in ("Gelu", "Erf") and set(n.input) & lora_outputs for n in nodes)
-    gelus = [n for n in single if len(n.input) == 10]
-    assert len(gelus) == (2 if fused else 0) and all(n.input[8] == "" for n in gelus)
-    # And the LayerNorm after each folded residual (inputs 10-12): only the embeddings' stays a node.
+    gelus = [n for n in single if len(n.input) > 12 and n.input[12]]
+    assert len(gelus) == (2 if fused else 0) and all(n.input[11] == "" for n in gelus)
+    # And the LayerNorm after each folded residual (inputs 13-15): only the embeddings' stays a node.
     assert not any(n.op_type == "LayerNormalization" and set(n.input) & lora_outputs for n in nodes)
-    norms = [n for n in single if len(n.input) == 13]
-    assert len(norms) == (2 * 2 if fused else 0) and all(n.input[8] and n.input[9] == "" for n in norms)
+    norms = [n for n in single if len(n.input) > 13 and n.input[13]]
+    assert len(norms) == (2 * 2 if fused else 0) and all(n.input[11] and n.input[12] == "" for n in norms)
+    # The feed-forward output linear's input scale (IA3) is folded into the intermediate node that makes
+    # its input (inputs 16-17); the other layers' input scales stay SlotRowScale nodes.
+    post = [n for n in single if len(n.input) == 18]
+    assert [n.input[16].startswith("in_scale_") for n in post] == ([True] * 2 if fused else [])
+    row_scales = sum(op_count(model, "SlotRowScale" + p + s) for p in ("", "Packed") for s in ("", "InPlace"))
+    assert row_scales == (len(onnx_rt.engine.in_scale_layers) - 2 if fused else 0)
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())
@@ -161,7 +169,9 @@ def test_padded_bert_graph_keeps_shared_projection_nodes_out_of_place(tiny_bases
     nodes = [n for n in onnx.load(str(tmp_path / "padded" / "model.onnx")).graph.node if n.domain == "adapterserve"]
     shared = [n for n in nodes if "attention/self" in n.name]
     assert len(shared) == 3 * 2 and not any(n.op_type.endswith("InPlace") for n in shared)
-    assert all(n.op_type == "SlotLoRAInPlace" for n in nodes if n not in shared)
+    assert all(n.op_type in ("SlotLoRAInPlace", "SlotRowScaleInPlace", "SlotRowScale") for n in nodes if n not in shared)
+    assert sum(n.op_type == "SlotLoRAInPlace" for n in nodes) == len(nodes) - len(shared) - sum(
+        n.op_type.startswith("SlotRowScale") for n in nodes)
     torch_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8))
     onnx_rt = Runtime(RuntimeConfig(base_model=base, slots=4, r_max=8, engine="onnx", onnx_dir=str(tmp_path / "padded")))
     assert not onnx_rt.engine.packed

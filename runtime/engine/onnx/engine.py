@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Part of the export cache key: bump it whenever the exported graph's inputs, ops or rewrites change, so a
 # cached graph from another build is re-exported rather than fed the wrong inputs.
-GRAPH_FORMAT = 9
+GRAPH_FORMAT = 10
 
 
 # ORT's CPU SkipLayerNormalization kernel (1.31.1) is far slower than the LayerNormalization + Add it
@@ -79,7 +79,7 @@ class OnnxEngine:
                  threads: Optional[int] = None) -> None:
         import onnxruntime as ort
 
-        from adapterserve.runtime.engine.onnx.export import FUSED_OP, META_FILE, MODEL_FILE, input_names
+        from adapterserve.runtime.engine.onnx.export import FUSED_OP, META_FILE, MODEL_FILE, SLOT_WEIGHTS_FILE, slot_inputs
 
         self.pool = pool
         self.base = pool.base
@@ -130,17 +130,20 @@ class OnnxEngine:
         # "packed": each forward is one run of the rows' real tokens back to back (no padding).
         self.packed = meta.get("layout") == "packed"
         self.position_offset = int(meta.get("position_offset", 0))
-        self.names = input_names(slots_from, self.fused_op, self.packed)
+        # Graphs with per-feature vector inputs (IA3, DoRA, trained biases) and the layers whose input they scale.
+        self.takes_vectors = bool(meta.get("vectors"))
+        self.in_scale_layers = set(meta.get("in_scale_layers", ()))
         # build_info's lora_path: the fused kernel as an ORT op, or stock Gather/MatMul nodes.
         self.kernel_name = "onnx-op" if self.fused_op else "onnx-graph"
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
         # The slot buffers are only ever written in place (copy_), so their numpy views are made once
         # here, not per forward: every forward feeds the same arrays, whose contents the registry changes.
-        self.slot_feed = {}
-        for i, layer in enumerate(slots_from.layers.values()):
-            self.slot_feed[f"lora_a_{i}"] = layer.lora_a
-            self.slot_feed[f"lora_b_{i}"] = layer.lora_b
-            self.slot_feed[f"lora_r8_{i}"] = layer.slot_r8
+        if self.takes_vectors:
+            for layer in slots_from.layers.values():
+                layer.ensure_vectors()
+        layout = slot_inputs(slots_from.layers, self.fused_op, self.in_scale_layers)
+        self.slot_feed = {name: getattr(slots_from.layers[layer], attr) for name, layer, attr in layout
+                          if self.takes_vectors or attr in ("lora_a", "lora_b", "slot_r8")}
         # bf16 LoRA slots (int8 graph on AMX): the graph reads packed bf16 copies of the slot buffers,
         # kept here and rewritten for each slot the registry loads (load_slot).
         self.bf16_lora = meta.get("lora_precision") == "bf16"
@@ -162,6 +165,8 @@ class OnnxEngine:
         self._bindings = threading.local()
         self.quantize = meta.get("quantize")
         self.model_dir = model_dir
+        weights = os.path.join(model_dir, SLOT_WEIGHTS_FILE)
+        pool.released_weights = weights if os.path.exists(weights) else None  # else DoRA is refused, saying why
         self.released_bytes = _release_backbone_weights(pool.base)
         log.info("ONNX engine on %s (%s); released %.1f MB of torch backbone weights", self.session.get_providers()[0],
                  self.quantize or "fp32", self.released_bytes / 1e6)
@@ -197,9 +202,14 @@ class OnnxEngine:
         if spec.prefix is not None:
             return (f"{spec.kind()} adapters add keys and values to every attention layer, which the shared ONNX graph "
                     "has no input for; serve them with --engine torch")
-        if spec.vectors:
-            return (f"{spec.kind()} adapters set per-feature vectors, which the shared ONNX graph has no inputs for; "
-                    "serve them with --engine torch")
+        if spec.vectors and not self.takes_vectors:
+            return (f"{spec.kind()} adapters set per-feature vectors, which this shared ONNX graph (exported before "
+                    "it took them) has no inputs for; re-export it, or serve them with --engine torch")
+        for name, vectors in spec.vectors.items():
+            if vectors.in_scale is not None and name not in self.in_scale_layers:
+                return (f"{spec.kind()} adapters scale the input of {name}, which the shared ONNX graph computes in one "
+                        "projection with its query/key/value neighbours from the unscaled hidden states; serve them "
+                        "with --engine torch, or train without that feed-forward module")
         return None
 
     def load_slot(self, slot, spec) -> None:

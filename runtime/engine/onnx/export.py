@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 META_FILE = "shared_base.json"
 MODEL_FILE = "model.onnx"
+# The slot layers' fp32 base weights and biases ("<layer>.weight", "<layer>.bias"), which the engine
+# releases once the graph holds them: read back (memory-mapped) only to register an adapter whose
+# values depend on them (DoRA's weight norm, a trained bias's difference from the base's).
+SLOT_WEIGHTS_FILE = "slot_layer_weights.safetensors"
 OPSET = 18
 
 
@@ -111,20 +115,29 @@ class _FusedAttention:
             del m.forward  # back to the class's forward
 
 
+def _traced_slots(layout: list, slot_tensors: tuple, slot_per_row, fused_op: bool, row_lengths=None,
+                  offsets=None) -> TracedSlots:
+    """The graph's slot inputs (in `slot_inputs` order) as the slot layers read them while traced."""
+    by_layer: dict = collections.defaultdict(dict)
+    for (_, layer, attr), tensor in zip(layout, slot_tensors):
+        by_layer[layer][attr] = tensor
+    tensors = {n: (t.pop("lora_a"), t.pop("lora_b")) for n, t in by_layer.items()}
+    r8 = {n: t.pop("slot_r8") for n, t in by_layer.items()} if fused_op else None
+    return TracedSlots(slot_per_row, tensors, fused_op, r8, row_lengths, offsets, vectors=dict(by_layer))
+
+
 class _SharedBaseGraph(nn.Module):
-    def __init__(self, engine: TorchEngine, uses_token_types: bool, fused_op: bool) -> None:
+    def __init__(self, engine: TorchEngine, uses_token_types: bool, fused_op: bool, layout: list) -> None:
         super().__init__()
         self.engine = engine
         self.backbone = engine.base.backbone
-        self.names = list(engine.layers)
+        self.layout = layout
         self.uses_token_types = uses_token_types
         self.fused_op = fused_op
 
     def forward(self, input_ids, attention_mask, token_type_ids, slot_per_row, row_lengths, *slot_tensors):
-        k = 3 if self.fused_op else 2
-        tensors = {n: (slot_tensors[k * i], slot_tensors[k * i + 1]) for i, n in enumerate(self.names)}
-        r8 = {n: slot_tensors[k * i + 2] for i, n in enumerate(self.names)} if self.fused_op else None
-        self.engine.context.traced = TracedSlots(slot_per_row, tensors, self.fused_op, r8, row_lengths)
+        self.engine.context.traced = _traced_slots(self.layout, slot_tensors, slot_per_row, self.fused_op,
+                                                   row_lengths)
         try:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if self.uses_token_types:
@@ -143,21 +156,21 @@ class _PackedSharedBaseGraph(nn.Module):
     padded position is computed and a whole pool is one forward. Attention stays within each row
     (adapterserve.VarlenAttention); the pooler reads each row's first token."""
 
-    def __init__(self, engine: TorchEngine, uses_token_types: bool) -> None:
+    def __init__(self, engine: TorchEngine, uses_token_types: bool, layout: list) -> None:
         super().__init__()
         self.engine = engine
         self.backbone = engine.base.backbone
-        self.names = list(engine.layers)
+        self.layout = layout
         self.uses_token_types = uses_token_types
 
     def forward(self, input_ids, position_ids, token_type_ids, offsets, slot_per_row, *slot_tensors):
-        tensors = {n: (slot_tensors[3 * i], slot_tensors[3 * i + 1]) for i, n in enumerate(self.names)}
-        r8 = {n: slot_tensors[3 * i + 2] for i, n in enumerate(self.names)}
         lengths = offsets[1:] - offsets[:-1]
-        self.engine.context.traced = TracedSlots(slot_per_row, tensors, True, r8, lengths, offsets)
+        self.engine.context.traced = _traced_slots(self.layout, slot_tensors, slot_per_row, True, lengths, offsets)
         try:
             kwargs = {"input_ids": input_ids, "position_ids": position_ids}
-            if self.uses_token_types:
+            # Always where the embeddings have token types: without them RoBERTa expands its buffered
+            # types ([1, max positions]) to [1, N], which fails once a pool packs more tokens than that.
+            if self.uses_token_types or hasattr(self.backbone.embeddings, "token_type_embeddings"):
                 kwargs["token_type_ids"] = token_type_ids
             hidden = self.backbone.embeddings(**kwargs)
             with _FusedAttention(self.backbone, None, offsets):
@@ -171,15 +184,34 @@ class _PackedSharedBaseGraph(nn.Module):
 
 
 PACKED_INPUTS = ["input_ids", "position_ids", "token_type_ids", "row_offsets", "slot_per_row"]
+PADDED_INPUTS = ["input_ids", "attention_mask", "token_type_ids", "slot_per_row", "row_lengths"]
+# Slot layer attribute -> graph input name prefix (the layer's index follows).
+_SLOT_INPUT_NAMES = {"lora_a": "lora_a", "lora_b": "lora_b", "slot_r8": "lora_r8", "out_scale": "out_scale",
+                     "out_shift": "out_shift", "vector_flags": "vector_flags", "in_scale": "in_scale"}
 
 
-def input_names(engine, fused_op: bool, packed: bool = False) -> list[str]:
-    """engine: anything with the slot layers (a TorchEngine or the SlotPool it serves from)."""
-    names = list(PACKED_INPUTS) if packed else ["input_ids", "attention_mask", "token_type_ids", "slot_per_row",
-                                                 "row_lengths"]
-    for i in range(len(engine.layers)):
-        names += [f"lora_a_{i}", f"lora_b_{i}"] + ([f"lora_r8_{i}"] if fused_op else [])
-    return names
+def slot_inputs(layers: dict, fused_op: bool, in_scale_layers) -> list[tuple[str, str, str]]:
+    """(graph input, slot layer name, its buffer's attribute) of every slot input, in graph order: each
+    layer's LoRA factors (and rank table with the op), its output scale and shift (and the slots' vector
+    flags with the op), and its input scale where the graph takes one (`in_scale_layers`)."""
+    found = []
+    for i, name in enumerate(layers):
+        attrs = ["lora_a", "lora_b"] + (["slot_r8"] if fused_op else []) + ["out_scale", "out_shift"]
+        attrs += (["vector_flags"] if fused_op else []) + (["in_scale"] if name in in_scale_layers else [])
+        found += [(f"{_SLOT_INPUT_NAMES[a]}_{i}", name, a) for a in attrs]
+    return found
+
+
+def in_scale_layers(engine: TorchEngine) -> list[str]:
+    """Slot layers whose input the graph scales per row (IA3's feed-forward vectors): all but q/k/v
+    where `_qkv` computes their base projections as one product of the shared hidden states."""
+    shared = set()
+    for attention in packing.swappable_attention(engine.base.backbone):
+        layers = (attention.query, attention.key, attention.value)
+        if all(isinstance(x, SlotLoRALinear) and isinstance(x.base, nn.Linear) and x.base.bias is not None
+               for x in layers):
+            shared.update(x.name for x in layers)
+    return [n for n in engine.layers if n not in shared]
 
 
 def fused_op_applies(engine: TorchEngine) -> Optional[str]:
@@ -231,10 +263,14 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     os.makedirs(out_dir, exist_ok=True)
     uses_types = "token_type_ids" in tokenizer.model_input_names
     fp32_path = os.path.join(out_dir, "model_fp32.onnx")
+    for layer in engine.layers.values():
+        layer.ensure_vectors()  # graph inputs whether or not an adapter has set vectors yet
+    scaled_inputs = in_scale_layers(engine)
+    layout = slot_inputs(engine.layers, fused, scaled_inputs)
     if packed:
-        _export_packed(engine, uses_types, fp32_path)
+        _export_packed(engine, uses_types, fp32_path, layout)
     else:
-        _export_padded(engine, uses_types, fused, fp32_path)
+        _export_padded(engine, uses_types, fused, fp32_path, layout)
     path = fp32_path
     if optimize:
         path = _optimize(path, engine, os.path.join(out_dir, "model_opt.onnx"), fused)
@@ -251,6 +287,7 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
     if path != final:
         shutil.copyfile(path, final)
     tokenizer.save_pretrained(out_dir)
+    _save_slot_layer_weights(engine, os.path.join(out_dir, SLOT_WEIGHTS_FILE))
     meta = {
         "format": "adapterserve-shared-base/1",
         "family": engine.base.family.name,
@@ -268,10 +305,28 @@ def export_shared_base(engine: TorchEngine, tokenizer, out_dir: str, quantize: O
         # "packed": rows' tokens back to back ([1, N] inputs, row_offsets); "padded": [B, T] rows.
         "layout": "packed" if packed else "padded",
         "position_offset": engine.position_offset,
+        # Per-feature vectors (IA3, DoRA, trained biases): every layer's output scale and shift are
+        # inputs; input scales only for these layers (in_scale_layers).
+        "vectors": True,
+        "in_scale_layers": scaled_inputs,
     }
     with open(os.path.join(out_dir, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1)
     return final
+
+
+def _save_slot_layer_weights(engine: TorchEngine, path: str) -> None:
+    from safetensors.torch import save_file
+
+    weights = {}
+    for name, layer in engine.layers.items():
+        for kind in ("weight", "bias"):
+            value = getattr(layer.base, kind, None) if type(layer.base) is nn.Linear else None
+            if value is not None:
+                weights[f"{name}.{kind}"] = value.detach().float().cpu().contiguous()
+    partial = path + ".partial"
+    save_file(weights, partial)
+    os.replace(partial, path)
 
 
 def _bf16_lora_ops(path: str, engine: TorchEngine, out: str) -> str:
@@ -315,9 +370,21 @@ def _fold_into_lora_ops(path: str, out: str) -> str:
     _fold_residual_adds(model.graph)
     _fold_gelus(model.graph)
     _fold_layer_norms(model.graph)
+    _fold_row_scales(model.graph)
     _in_place_lora_ops(model.graph)
     onnx.save(model, out)
     return out
+
+
+# A LoRA node as traced: y, x, A, B, slot_r8, slot_per_row, lengths/offsets, y_offset, then the slots'
+# output scale, output shift and vector flags (runtime/native/csrc/ort_lora_op.c); folds append after.
+LORA_INPUTS = 11
+RESIDUAL_INPUT, ACTIVATION_INPUT, LAYER_NORM_INPUTS, POST_SCALE_INPUTS = 11, 12, 13, 16
+
+
+def _set_inputs(node, first: int, names: list) -> None:
+    """node's optional inputs from `first` on, the ones between left empty."""
+    node.input.extend([""] * (first - len(node.input)) + names)
 
 
 def _fuse_qkv(graph) -> None:
@@ -342,7 +409,7 @@ def _fuse_qkv(graph) -> None:
         if attention.domain != DOMAIN or attention.op_type != ATTENTION_OP_TYPE or len(attention.input) != 5:
             continue
         parts = [produced_by.get(i) for i in attention.input[:3]]
-        if any(p is None or p.domain != DOMAIN or not p.op_type.startswith(PACKED_OP_TYPE) or len(p.input) != 8
+        if any(p is None or p.domain != DOMAIN or not p.op_type.startswith(PACKED_OP_TYPE) or len(p.input) != LORA_INPUTS
                or consumers[p.output[0]] != 1 for p in parts):
             continue
         q, k, _ = parts
@@ -354,7 +421,7 @@ def _fuse_qkv(graph) -> None:
             continue
         fused = onnx.helper.make_node(
             q.op_type.replace(PACKED_OP_TYPE, QKV_OP_TYPE),
-            [q.input[0], q.input[1], *[p.input[i] for p in parts for i in (2, 3, 4)], q.input[5], q.input[6]],
+            [q.input[0], q.input[1], *[p.input[i] for p in parts for i in (2, 3, 4, 8, 9, 10)], q.input[5], q.input[6]],
             [q.input[0] + "_qkv_lora"], name=q.name + "_qkv", domain=DOMAIN)
         graph.node.insert(list(graph.node).index(q), fused)
         attention.input[0], attention.input[1], attention.input[2] = fused.output[0], "", ""
@@ -397,7 +464,7 @@ def _lora_output_folds(graph):
 
 def _fold_residual_adds(graph) -> None:
     """Each residual Add that takes a LoRA op's output (attention.output.dense and output.dense in BERT
-    layers) folded into that op as its optional input 8. Same sum, same order: (y + delta) + residual."""
+    layers) folded into that op as its optional input 11. Same sum, same order: (y + delta) + residual."""
     lora_by_output, consumers, outputs = _lora_output_folds(graph)
     constants = set(_constant_values(graph))
     removed = []
@@ -406,9 +473,9 @@ def _fold_residual_adds(graph) -> None:
             continue
         for k in (0, 1):
             lora, residual = lora_by_output.get(add.input[k]), add.input[1 - k]
-            if (lora is not None and len(lora.input) == 8 and consumers[add.input[k]] == 1
+            if (lora is not None and len(lora.input) == LORA_INPUTS and consumers[add.input[k]] == 1
                     and add.input[k] not in outputs and residual not in constants):  # an activation, not a bias
-                lora.input.append(residual)
+                _set_inputs(lora, RESIDUAL_INPUT, [residual])
                 lora.output[0] = add.output[0]
                 removed.append(add)
                 break
@@ -421,7 +488,7 @@ GELU_ACTIVATION = "lora_activation_gelu"  # the int64 [1] initializer = 1 that t
 
 def _fold_gelus(graph) -> None:
     """Each exact GELU (ORT's fused com.microsoft Gelu, intermediate.dense in BERT layers) of a LoRA op's
-    output folded into that op as its optional input 9 (input 8, the residual, left empty)."""
+    output folded into that op as its optional input 12 (input 11, the residual, left empty where absent)."""
     import numpy as np
     import onnx
 
@@ -429,12 +496,10 @@ def _fold_gelus(graph) -> None:
     removed = []
     for gelu in graph.node:
         lora = lora_by_output.get(gelu.input[0]) if gelu.input else None
-        if (gelu.op_type != "Gelu" or gelu.domain != "com.microsoft" or lora is None or len(lora.input) > 9
-                or consumers[gelu.input[0]] != 1 or gelu.input[0] in outputs):
+        if (gelu.op_type != "Gelu" or gelu.domain != "com.microsoft" or lora is None
+                or len(lora.input) > ACTIVATION_INPUT or consumers[gelu.input[0]] != 1 or gelu.input[0] in outputs):
             continue
-        if len(lora.input) == 8:
-            lora.input.append("")
-        lora.input.append(GELU_ACTIVATION)
+        _set_inputs(lora, ACTIVATION_INPUT, [GELU_ACTIVATION])
         lora.output[0] = gelu.output[0]
         removed.append(gelu)
     for gelu in removed:
@@ -446,7 +511,7 @@ def _fold_gelus(graph) -> None:
 def _fold_layer_norms(graph) -> None:
     """Each LayerNormalization over the last axis of a LoRA op's output (the residual sums of
     attention.output and output in BERT layers, once their Adds are folded) folded into that op as its
-    optional inputs 10-12: scale, bias and an epsilon initializer (inputs 8 and 9 left empty where absent)."""
+    optional inputs 13-15: scale, bias and an epsilon initializer (inputs 11 and 12 left empty where absent)."""
     import numpy as np
     import onnx
 
@@ -457,40 +522,67 @@ def _fold_layer_norms(graph) -> None:
         lora = lora_by_output.get(ln.input[0]) if ln.input else None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in ln.attribute}
         if (ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx") or lora is None
-                or len(lora.input) > 10 or consumers[ln.input[0]] != 1 or ln.input[0] in outputs
+                or len(lora.input) > LAYER_NORM_INPUTS or consumers[ln.input[0]] != 1 or ln.input[0] in outputs
                 or attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1
                 or len(ln.input) != 3 or not set(ln.input[1:]) <= initializers or any(ln.output[1:])):
             continue
         epsilon = f"{ln.output[0]}_epsilon"
         graph.initializer.append(onnx.numpy_helper.from_array(np.array([attrs.get("epsilon", 1e-5)], np.float32), epsilon))
-        lora.input.extend([""] * (10 - len(lora.input)) + [ln.input[1], ln.input[2], epsilon])
+        _set_inputs(lora, LAYER_NORM_INPUTS, [ln.input[1], ln.input[2], epsilon])
         lora.output[0] = ln.output[0]
         removed.append(ln)
     for ln in removed:
         graph.node.remove(ln)
 
 
+def _fold_row_scales(graph) -> None:
+    """Each SlotRowScale(Packed) of a LoRA op's output (the input scale of output.dense in BERT layers,
+    whose input is intermediate.dense's GELU) folded into that op as its optional inputs 16-17: the
+    scale table and its flags, applied last. The rest (inputs made by other nodes) stay as nodes."""
+    from adapterserve.runtime.native.ort_ops import DOMAIN, QKV_OP_TYPE, ROW_SCALE_OP_TYPE
+
+    lora_by_output, consumers, outputs = _lora_output_folds(graph)
+    removed = []
+    for scale in graph.node:
+        lora = lora_by_output.get(scale.input[0]) if scale.input else None
+        if (scale.domain != DOMAIN or not scale.op_type.startswith(ROW_SCALE_OP_TYPE) or lora is None
+                or lora.op_type.startswith(QKV_OP_TYPE) or len(lora.input) > POST_SCALE_INPUTS
+                or consumers[scale.input[0]] != 1 or scale.input[0] in outputs or lora.input[5] != scale.input[3]):
+            continue
+        _set_inputs(lora, POST_SCALE_INPUTS, [scale.input[1], scale.input[2]])
+        lora.output[0] = scale.output[0]
+        removed.append(scale)
+    for scale in removed:
+        graph.node.remove(scale)
+
+
 IN_PLACE = "InPlace"  # op type suffix: the node writes into y's buffer (runtime/native/csrc/ort_lora_op.c, y_is_output)
 
 
 def _in_place_lora_ops(graph) -> None:
-    """Each LoRA node that is the only reader of its base projection y and starts at its column 0
-    renamed to its *InPlace variant, which ORT runs in y's buffer: no copy of y into a fresh output
-    per node (ORT never took up the ops' may-inplace hint: their outputs have no static shape)."""
-    from adapterserve.runtime.native.ort_ops import DOMAIN, OP_TYPE, PACKED_OP_TYPE
+    """Each LoRA node that is the only reader of its base projection y and starts at its column 0, and
+    each SlotRowScale node that is the only reader of its x, renamed to its *InPlace variant, which ORT
+    runs in that input's buffer: no copy of it into a fresh output per node (ORT never took up the ops' may-inplace hint: their outputs have no static shape)."""
+    from adapterserve.runtime.native.ort_ops import DOMAIN, OP_TYPE, PACKED_OP_TYPE, ROW_SCALE_OP_TYPE
 
     consumers = _readers(graph)
     zero_offsets = {name for name, value in _constant_values(graph).items() if value.reshape(-1).tolist() == [0]}
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
     singles = {t + b for t in (OP_TYPE, PACKED_OP_TYPE) for b in ("", "BF16")}
+    row_scales = {ROW_SCALE_OP_TYPE, ROW_SCALE_OP_TYPE + "Packed"}
     for node in graph.node:
-        if (node.domain == DOMAIN and node.op_type in singles and consumers[node.input[0]] == 1
-                and node.input[0] not in fixed and node.input[7] in zero_offsets):
+        if node.domain != DOMAIN or consumers[node.input[0]] != 1 or node.input[0] in fixed:
+            continue
+        if (node.op_type in singles and node.input[7] in zero_offsets) or node.op_type in row_scales:
             node.op_type += IN_PLACE
 
 
-def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
-    graph = _PackedSharedBaseGraph(engine, uses_types).eval()
+def _slot_tensors(engine: TorchEngine, layout: list) -> list:
+    return [getattr(engine.layers[layer], attr) for _, layer, attr in layout]
+
+
+def _export_packed(engine: TorchEngine, uses_types: bool, path: str, layout: list) -> None:
+    graph = _PackedSharedBaseGraph(engine, uses_types, layout).eval()
     lengths = [3, 5]
     n = sum(lengths)
     ids = torch.ones(1, n, dtype=torch.long)
@@ -498,10 +590,8 @@ def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
     types = torch.zeros(1, n, dtype=torch.long)
     offsets = torch.tensor([0, 3, 8], dtype=torch.long)
     slots = torch.tensor([0, 1], dtype=torch.long)
-    slot_tensors = []
-    for layer in engine.layers.values():
-        slot_tensors += [layer.lora_a, layer.lora_b, layer.slot_r8]
-    names = input_names(engine, True, packed=True)
+    slot_tensors = _slot_tensors(engine, layout)
+    names = PACKED_INPUTS + [name for name, _, _ in layout]
     dynamic = {"input_ids": {1: "tokens"}, "position_ids": {1: "tokens"}, "token_type_ids": {1: "tokens"},
                "row_offsets": {0: "rows_plus_one"}, "slot_per_row": {0: "rows"}, "features": {0: "rows"}}
     for name in names[len(PACKED_INPUTS):]:
@@ -512,8 +602,8 @@ def _export_packed(engine: TorchEngine, uses_types: bool, path: str) -> None:
                           do_constant_folding=True, custom_opsets={"adapterserve": 1})
 
 
-def _export_padded(engine: TorchEngine, uses_types: bool, fused: bool, fp32_path: str) -> None:
-    graph = _SharedBaseGraph(engine, uses_types, fused).eval()
+def _export_padded(engine: TorchEngine, uses_types: bool, fused: bool, fp32_path: str, layout: list) -> None:
+    graph = _SharedBaseGraph(engine, uses_types, fused, layout).eval()
     batch, seq = 2, 8
     device = engine.base.device  # a CUDA base traces with CUDA inputs (same graph, same initializers)
     ids = torch.ones(batch, seq, dtype=torch.long, device=device)
@@ -521,14 +611,12 @@ def _export_padded(engine: TorchEngine, uses_types: bool, fused: bool, fp32_path
     types = torch.zeros(batch, seq, dtype=torch.long, device=device)
     slots = torch.tensor([0, 1], dtype=torch.long, device=device)
     lengths = torch.full((batch,), seq, dtype=torch.long, device=device)
-    slot_tensors = []
-    for layer in engine.layers.values():
-        slot_tensors += [layer.lora_a, layer.lora_b] + ([layer.slot_r8] if fused else [])
-    names = input_names(engine, fused)
+    slot_tensors = _slot_tensors(engine, layout)
+    names = PADDED_INPUTS + [name for name, _, _ in layout]
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                "token_type_ids": {0: "batch", 1: "sequence"}, "slot_per_row": {0: "batch"},
                "row_lengths": {0: "batch"}, "features": {0: "batch"}}
-    for n in names[5:]:
+    for n in names[len(PADDED_INPUTS):]:
         dynamic[n] = {0: "slots"}
     with torch.no_grad():
         torch.onnx.export(graph, (ids, mask, types, slots, lengths, *slot_tensors), fp32_path, input_names=names,

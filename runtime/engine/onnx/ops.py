@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import torch
 
-from adapterserve.runtime.engine.slot_layers import gathered_delta
-from adapterserve.runtime.native.ort_ops import ATTENTION_OP_TYPE, DOMAIN, OP_TYPE, PACKED_OP_TYPE
+from adapterserve.runtime.engine.slot_layers import gathered_delta, row_vectors
+from adapterserve.runtime.native.ort_ops import ATTENTION_OP_TYPE, DOMAIN, OP_TYPE, PACKED_OP_TYPE, ROW_SCALE_OP_TYPE
 
 
 class SlotLoRAFunction(torch.autograd.Function):
     """Export-time only: traces as the custom op; its forward is the reference the op must equal.
-    y may pack several projections (q/k/v); this node's dout columns start at y_offset."""
+    y may pack several projections (q/k/v); this node's dout columns start at y_offset. out_scale,
+    out_shift [slots, dout] and vector_flags [slots]: the slots' per-feature vectors (the op's inputs 8-10)."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):  # noqa: ARG004 - ctx unused
+    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset,  # noqa: ARG004 - ctx unused
+                out_scale, out_shift, vector_flags):
         """y_offset: int64 [1] tensor (a graph constant)."""
-        return y.narrow(-1, int(y_offset[0]), b.shape[-1]) + gathered_delta(x, a, b, slot_per_row)
+        out = y.narrow(-1, int(y_offset[0]), b.shape[-1]) + gathered_delta(x, a, b, slot_per_row)
+        return row_vectors(out, out_scale, slot_per_row, out_shift)
 
     @staticmethod
-    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset):
-        out = g.op(f"{DOMAIN}::{OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset)
+    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset, out_scale, out_shift, vector_flags):
+        out = g.op(f"{DOMAIN}::{OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, row_lengths, y_offset, out_scale,
+                   out_shift, vector_flags)
         # Same dtype and rank as y; the last dim may be narrower (packed y), so sizes are left unknown.
         rank = y.type().dim()
         return out.setType(y.type().with_sizes([None] * rank) if rank is not None else y.type())
@@ -32,15 +36,36 @@ class SlotLoRAPackedFunction(torch.autograd.Function):
     (row b is tokens offsets[b] .. offsets[b+1]-1); the forward is the reference the op must equal."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset):  # noqa: ARG004 - ctx unused
+    def forward(ctx, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset,  # noqa: ARG004 - ctx unused
+                out_scale, out_shift, vector_flags):
         per_token = torch.repeat_interleave(slot_per_row, offsets[1:] - offsets[:-1])
         delta = gathered_delta(x[0], a, b, per_token)  # each token as its own row
-        return (y.narrow(-1, int(y_offset[0]), b.shape[-1])[0] + delta).unsqueeze(0)
+        out = y.narrow(-1, int(y_offset[0]), b.shape[-1])[0] + delta
+        return row_vectors(out, out_scale, per_token, out_shift).unsqueeze(0)
 
     @staticmethod
-    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset):
-        out = g.op(f"{DOMAIN}::{PACKED_OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, offsets, y_offset)
+    def symbolic(g, y, x, a, b, slot_r8, slot_per_row, offsets, y_offset, out_scale, out_shift, vector_flags):
+        out = g.op(f"{DOMAIN}::{PACKED_OP_TYPE}", y, x, a, b, slot_r8, slot_per_row, offsets, y_offset, out_scale,
+                   out_shift, vector_flags)
         return out.setType(y.type().with_sizes([None] * 3))
+
+
+class SlotRowScaleFunction(torch.autograd.Function):
+    """Export-time only: adapterserve.SlotRowScale(Packed), x with each row multiplied by its slot's
+    input scale (rows: row_lengths [B] padded, or offsets [B + 1] into one [1, N, d] run when packed).
+    The exporter folds it into the LoRA op that makes x where it can (export._fold_row_scales)."""
+
+    @staticmethod
+    def forward(ctx, x, in_scale, vector_flags, slot_per_row, rows, packed):  # noqa: ARG004 - ctx unused
+        if not packed:
+            return row_vectors(x, in_scale, slot_per_row)
+        per_token = torch.repeat_interleave(slot_per_row, rows[1:] - rows[:-1])
+        return row_vectors(x[0], in_scale, per_token).unsqueeze(0)
+
+    @staticmethod
+    def symbolic(g, x, in_scale, vector_flags, slot_per_row, rows, packed):
+        op = ROW_SCALE_OP_TYPE + ("Packed" if packed else "")
+        return g.op(f"{DOMAIN}::{op}", x, in_scale, vector_flags, slot_per_row, rows).setType(x.type())
 
 
 class VarlenAttentionFunction(torch.autograd.Function):

@@ -8,7 +8,9 @@
      reads y; see y_is_output);
    - SlotLoRAQKVPacked(BF16): one self-attention's q, k and v nodes as one, in place (compute_qkv);
    - VarlenAttention: softmax(q k^T / sqrt(d)) v per (sequence, head) over token-packed q/k/v
-     (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention.
+     (varlen_attention.c): ORT 1.31.1 has no CPU kernel for PackedMultiHeadAttention;
+   - SlotRowScale(Packed): x with the rows of slots that scale this layer's input multiplied by their
+     scale (IA3's feed-forward vectors), where the graph could not fold it into the LoRA op before.
 
    Why: the stock-op graph (Gather each row's A/B out of the slot tensors, then two batched MatMuls
    and an Add) copies r_max x (din + dout) floats per row and layer and runs over padded tokens; on
@@ -18,10 +20,14 @@
    Inputs: 0 y [rows, T, W] or [rows, W] (the base projection; W = dout, or wider when y packs several
    projections, e.g. q/k/v, and this node's columns start at y_offset), 1 x [rows, T, din] or
    [rows, din], 2 A [slots, r_max, din], 3 B [slots, r_max, dout] (scaling folded in), 4 slot_r8 int64
-   [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1], and optional
-   8 residual (the output's shape; a residual Add folded in), optional 9 activation int64 [1] (1: exact
-   GELU of the sum; a Gelu node folded in; 0 or absent: none), optional 10-12 LayerNorm scale [dout],
-   bias [dout] and epsilon [1] (a LayerNormalization over the last dim folded in, applied last). The *BF16 ops take 2 and 3 as int32 bf16
+   [slots], 5 slot_per_row int64 [rows], 6 row_lengths int64 [rows], 7 y_offset int64 [1], and optional:
+   8 out_scale [slots, dout], 9 out_shift [slots, dout] and 10 vector_flags int64 [slots] (each slot's
+   per-feature vectors: IA3, DoRA, trained biases; y = out_scale * (y + delta) + out_shift for the rows
+   of a slot whose flags say so), 11 residual (the output's shape; a residual Add folded in),
+   12 activation int64 [1] (1: exact GELU of the sum; a Gelu node folded in; 0 or absent: none),
+   13-15 LayerNorm scale [dout], bias [dout] and epsilon [1] (a LayerNormalization over the last dim
+   folded in), 16 post_scale [slots, dout] and 17 post_flags int64 [slots] (the next layer's input
+   scale, a SlotRowScale node folded in: applied last). The *BF16 ops take 2 and 3 as int32 bf16
    pairs (lora_amx.c's layouts). All float tensors fp32, contiguous. Output: [rows, T, dout] or [rows, dout]. The engine checks shapes before every run (runtime/engine/onnx/engine.py); the version-1
    kernel callback cannot return an error, so a mismatch here aborts rather than compute garbage.
 
@@ -101,12 +107,14 @@ typedef struct CustomOp {
     void (*ReleaseAliasMap)(int *input_index, int *output_index);
 } CustomOp;
 
-enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 13 };  /* 8-12: the optional epilogue */
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 18 };  /* 8-17: the optional vectors and epilogue */
+/* vector_flags bits, per slot (runtime/engine/slot_layers.SlotLoRALinear.vector_flags) */
+enum { VEC_IN = 1, VEC_SCALE = 2, VEC_SHIFT = 4 };
 
 static const void *const *api;
 static int has_parallel_for;
 
-int adapterserve_ort_abi(void) { return 9; }
+int adapterserve_ort_abi(void) { return 10; }
 
 #define CALL(idx, type, ...) ((type)api[idx])(__VA_ARGS__)
 
@@ -167,11 +175,52 @@ typedef struct {
     int64_t y_width, y_offset;  /* y's last dim and this node's first column in it */
     int bf16;  /* the *BF16 ops: A and B in lora_amx.c's pair layouts, shaped by sh */
     Bf16Shape sh;
-    const float *residual;  /* optional input 8, the output's shape: added after the delta, or NULL */
-    int gelu;  /* optional input 9 = 1: exact GELU */
-    const float *ln_scale, *ln_bias;  /* optional inputs 10, 11: LayerNorm last, or NULL */
-    float ln_epsilon;  /* optional input 12 */
+    const float *residual;  /* optional input 11, the output's shape: added after the delta, or NULL */
+    int gelu;  /* optional input 12 = 1: exact GELU */
+    const float *ln_scale, *ln_bias;  /* optional inputs 13, 14: LayerNorm, or NULL */
+    float ln_epsilon;  /* optional input 15 */
+    const float *out_scale, *out_shift;  /* optional inputs 8, 9 [slots, dout], or NULL */
+    const int64_t *vec_flags;  /* optional input 10 [slots] */
+    const float *post_scale;  /* optional input 16 [slots, dout]: the next layer's input scale, or NULL */
+    const int64_t *post_flags;  /* optional input 17 [slots] */
 } RowTask;
+
+/* n tokens of d floats, ld apart: y = y * scale, then y + shift (either may be NULL), as the torch
+   engine's two in-place ops. */
+static void scale_shift_tokens(float *y, int64_t ld, int64_t n, int64_t d, const float *scale, const float *shift)
+{
+    for (int64_t t = 0; t < n; t++, y += ld) {
+        if (scale)
+            for (int64_t i = 0; i < d; i++)
+                y[i] *= scale[i];
+        if (shift)
+            for (int64_t i = 0; i < d; i++)
+                y[i] += shift[i];
+    }
+}
+
+/* Output tokens [*t0, *t1) of a row: every position of it, padding included, as the graph's nodes did. */
+static void row_span(const LoraArgs *p, int64_t row, int64_t *t0, int64_t *t1)
+{
+    if (p->offsets) {
+        *t0 = p->offsets[row], *t1 = p->offsets[row + 1];
+    } else {
+        *t0 = row * p->T, *t1 = (row + 1) * p->T;
+    }
+}
+
+/* The row's slot's output scale and shift (the flags say which it has), over this node's columns of
+   output tokens [t0, t1), ld floats apart. */
+static void row_vectors(const RowTask *task, int64_t row, float *y, int64_t ld, int64_t t0, int64_t t1)
+{
+    if (!task->vec_flags)
+        return;
+    const LoraArgs *p = &task->lora;
+    const int64_t s = p->slot[row], flags = task->vec_flags[s];
+    if (flags & (VEC_SCALE | VEC_SHIFT))
+        scale_shift_tokens(y + t0 * ld, ld, t1 - t0, p->dout, flags & VEC_SCALE ? task->out_scale + s * p->dout : NULL,
+                           flags & VEC_SHIFT ? task->out_shift + s * p->dout : NULL);
+}
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
 static void copy_tokens(const RowTask *task, int64_t t0, int64_t t1)
@@ -223,12 +272,35 @@ static void row_task(void *args, size_t row)
         lora_row_bf16(&task->lora, &task->sh, (int64_t)row);
     else
         lora_row(&task->lora, (int64_t)row);
-    if (task->residual || task->gelu || task->ln_scale) {  /* every position of the row, padding included, as the graph's nodes did */
-        const LoraArgs *p = &task->lora;
-        if (p->offsets)
-            epilogue(task, p->offsets[row], p->offsets[row + 1]);
-        else
-            epilogue(task, (int64_t)row * p->T, ((int64_t)row + 1) * p->T);
+    const LoraArgs *p = &task->lora;
+    int64_t t0, t1;
+    row_span(p, (int64_t)row, &t0, &t1);
+    row_vectors(task, (int64_t)row, p->y, p->dout, t0, t1);
+    if (task->residual || task->gelu || task->ln_scale)
+        epilogue(task, t0, t1);
+    if (task->post_flags) {
+        const int64_t s = p->slot[row];
+        if (task->post_flags[s] & VEC_IN)
+            scale_shift_tokens(p->y + t0 * p->dout, p->dout, t1 - t0, p->dout, task->post_scale + s * p->dout, NULL);
+    }
+}
+
+/* Inputs first..first+2: a [slots, d] scale, a [slots, d] shift and [slots] flags, each optional; aborts
+   unless present ones fit. */
+static void vector_inputs(OrtKernelContext *ctx, size_t first, int64_t slots, int64_t d, const float **scale,
+                          const float **shift, const int64_t **flags)
+{
+    int64_t dims[3][3];
+    size_t n[3];
+    *scale = input(ctx, first, dims[0], &n[0]);
+    *shift = input(ctx, first + 1, dims[1], &n[1]);
+    *flags = input(ctx, first + 2, dims[2], &n[2]);
+    if ((*scale && (n[0] != 2 || dims[0][0] != slots || dims[0][1] != d))
+        || (*shift && (n[1] != 2 || dims[1][0] != slots || dims[1][1] != d))
+        || (*flags && (n[2] != 1 || dims[2][0] != slots)) || ((*scale || *shift) && !*flags)) {
+        fprintf(stderr, "adapterserve.SlotLoRA: vector inputs must be [slots, %lld] scale and shift and [slots] flags\n",
+                (long long)d);
+        abort();
     }
 }
 
@@ -248,8 +320,9 @@ static int slots_fit(int bf16, const int64_t *adims, size_t an, const int64_t *b
 /* SlotLoRA: rows [rows, T, d] (or [rows, d]), input 6 each row's real length. SlotLoRAPacked: one
    [1, N, d] run of token-packed rows, input 6 their offsets [rows + 1] (cumulative lengths).
    bf16 (SlotLoRABF16, SlotLoRAPackedBF16): inputs 2 and 3 are int32 [slots, R16, din_pad / 2] and
-   [slots, RB / 2, dout] in lora_amx.c's layouts. Optional inputs 8: a residual of the output's shape;
-   9: the activation (1: GELU); 10-12: LayerNorm scale, bias, epsilon. */
+   [slots, RB / 2, dout] in lora_amx.c's layouts. Optional inputs 8-10: the slots' output vectors;
+   11: a residual of the output's shape; 12: the activation (1: GELU); 13-15: LayerNorm scale, bias,
+   epsilon; 16-17: the next layer's input scale and flags. */
 static void compute(OrtKernelContext *ctx, int packed, int bf16)
 {
     int64_t ydims[3], xdims[3], adims[3], bdims[3], sdims[3];
@@ -275,24 +348,39 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
     out_dims[yn - 1] = dout;
     int64_t rdims[3];
     size_t rn;
-    const float *residual = input(ctx, 8, rdims, &rn);
+    const int64_t slots = adims[0];
+    const float *out_scale, *out_shift;
+    const int64_t *vec_flags;
+    vector_inputs(ctx, 8, slots, dout, &out_scale, &out_shift, &vec_flags);
+    int64_t pdims[2][3];
+    size_t pn[2];
+    const float *post_scale = input(ctx, 16, pdims[0], &pn[0]);
+    const int64_t *post_flags = input(ctx, 17, pdims[1], &pn[1]);
+    if ((post_scale == NULL) != (post_flags == NULL)
+        || (post_scale && (pn[0] != 2 || pdims[0][0] != slots || pdims[0][1] != dout || pn[1] != 1
+                           || pdims[1][0] != slots))) {
+        fprintf(stderr, "adapterserve.SlotLoRA: inputs 16 and 17 (the next layer's input scale) must be "
+                        "[slots, dout] and [slots], together\n");
+        abort();
+    }
+    const float *residual = input(ctx, 11, rdims, &rn);
     if (residual && (rn != yn || memcmp(rdims, out_dims, yn * sizeof(int64_t)))) {
         fprintf(stderr, "adapterserve.SlotLoRA: the residual's shape is not the output's\n");
         abort();
     }
-    const int64_t *activation = input(ctx, 9, NULL, NULL);
+    const int64_t *activation = input(ctx, 12, NULL, NULL);
     if (activation && (*activation < 0 || *activation > 1)) {
         fprintf(stderr, "adapterserve.SlotLoRA: unknown activation %lld\n", (long long)*activation);
         abort();
     }
     int64_t gdims[3], bdims_ln[3], edims[3];
     size_t gn, bn_ln, en;
-    const float *ln_scale = input(ctx, 10, gdims, &gn), *ln_bias = input(ctx, 11, bdims_ln, &bn_ln);
-    const float *ln_epsilon = input(ctx, 12, edims, &en);
+    const float *ln_scale = input(ctx, 13, gdims, &gn), *ln_bias = input(ctx, 14, bdims_ln, &bn_ln);
+    const float *ln_epsilon = input(ctx, 15, edims, &en);
     if ((ln_scale || ln_bias || ln_epsilon)
         && (!ln_scale || !ln_bias || !ln_epsilon || gn != 1 || bn_ln != 1 || gdims[0] != dout || bdims_ln[0] != dout
             || en != 1 || edims[0] != 1)) {
-        fprintf(stderr, "adapterserve.SlotLoRA: LayerNorm inputs 10-12 must be scale [dout], bias [dout], epsilon [1]\n");
+        fprintf(stderr, "adapterserve.SlotLoRA: LayerNorm inputs 13-15 must be scale [dout], bias [dout], epsilon [1]\n");
         abort();
     }
     OrtValue *out_value;
@@ -301,7 +389,8 @@ static void compute(OrtKernelContext *ctx, int packed, int bf16)
     check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
     RowTask task = {{x, T * din, yn == 3 ? din : 0, out, T * dout, yn == 3 ? dout : 0, T, din, dout,
                      a, b, adims[1], r8, slot, packed ? NULL : len, packed ? len : NULL}, y, y_width, y_offset, bf16, sh, residual,
-                    activation && *activation == 1, ln_scale, ln_bias, ln_epsilon ? *ln_epsilon : 0};
+                    activation && *activation == 1, ln_scale, ln_bias, ln_epsilon ? *ln_epsilon : 0,
+                    out_scale, out_shift, vec_flags, post_scale, post_flags};
     if (out == y) {
         /* ORT handed over y's buffer (an *InPlace op: y_is_output): nothing to copy. The exporter
            names a node *InPlace only when y is its own projection, so this node's columns are all of y. */
@@ -323,10 +412,11 @@ static void compute_packed_bf16(void *kernel, OrtKernelContext *ctx) { (void)ker
    over their packed base projection y [1, N, dq + dk + dv] (one int8 GEMM's output,
    runtime/engine/onnx/export._fuse_qkv): each row adds its three deltas to its columns in place, so
    nothing is copied out into three tensors (VarlenAttention reads the packed tensor) and the rows go
-   to the pool once, not three times. Inputs: 0 y, 1 x [1, N, din], 2-4 A, B, slot_r8 of q, 5-7 of k,
-   8-10 of v (fp32, or the bf16 pair layouts), 11 slot_per_row [rows], 12 row offsets [rows + 1].
+   to the pool once, not three times. Inputs: 0 y, 1 x [1, N, din], 2-7 A, B, slot_r8 (fp32, or the
+   bf16 pair layouts), out_scale, out_shift, vector_flags of q (the last three optional, as SlotLoRA's
+   8-10), 8-13 of k, 14-19 of v, 20 slot_per_row [rows], 21 row offsets [rows + 1].
    Output: y's shape, in y's buffer (declared as an alias: y_is_output). */
-enum { QKV_INPUTS = 13 };
+enum { QKV_PART = 6, QKV_INPUTS = 2 + 3 * QKV_PART + 2 };
 
 typedef struct {
     RowTask part[3];
@@ -347,6 +437,8 @@ static void qkv_row_task(void *args, size_t row)
             lora_row_bf16(&t->part[i].lora, &t->part[i].sh, (int64_t)row);
         else
             lora_row(&t->part[i].lora, (int64_t)row);
+        row_vectors(&t->part[i], (int64_t)row, t->part[i].lora.y, t->part[i].y_width, p->offsets[row],
+                    p->offsets[row + 1]);
     }
 }
 
@@ -356,8 +448,8 @@ static void compute_qkv(OrtKernelContext *ctx, int bf16)
     size_t yn, xn, sn, on, an, bn;
     const float *y = input(ctx, 0, ydims, &yn);
     const float *x = input(ctx, 1, xdims, &xn);
-    const int64_t *slot = input(ctx, 11, sdims, &sn);
-    const int64_t *offsets = input(ctx, 12, odims, &on);
+    const int64_t *slot = input(ctx, 2 + 3 * QKV_PART, sdims, &sn);
+    const int64_t *offsets = input(ctx, 3 + 3 * QKV_PART, odims, &on);
     int64_t rows = sdims[0], n = ydims[1], width = ydims[2], din = xdims[2], col = 0;
     int ok = yn == 3 && xn == 3 && ydims[0] == 1 && xdims[0] == 1 && xdims[1] == n && din % 16 == 0
              && sn == 1 && on == 1 && odims[0] == rows + 1 && offsets[rows] == n;
@@ -366,13 +458,19 @@ static void compute_qkv(OrtKernelContext *ctx, int bf16)
     const void *ab[3][2];
     const int64_t *r8[3];
     for (int i = 0; i < 3 && ok; i++) {
-        ab[i][0] = input(ctx, 2 + 3 * (size_t)i, adims[i], &an);
-        ab[i][1] = input(ctx, 3 + 3 * (size_t)i, bdims[i], &bn);
-        r8[i] = input(ctx, 4 + 3 * (size_t)i, NULL, NULL);
+        const size_t first = 2 + QKV_PART * (size_t)i;
+        ab[i][0] = input(ctx, first, adims[i], &an);
+        ab[i][1] = input(ctx, first + 1, bdims[i], &bn);
+        r8[i] = input(ctx, first + 2, NULL, NULL);
         Bf16Shape sh;
         ok = slots_fit(bf16, adims[i], an, bdims[i], bn, din, &sh);
+        const float *scale = NULL, *shift = NULL;
+        const int64_t *flags = NULL;
+        if (ok)
+            vector_inputs(ctx, first + 3, adims[i][0], bdims[i][2], &scale, &shift, &flags);
         task.part[i] = (RowTask){{x, 0, din, NULL, 0, width, n, din, bdims[i][2], ab[i][0], ab[i][1], adims[i][1], r8[i],
-                                  slot, NULL, offsets}, NULL, width, col, bf16, sh, NULL, 0, NULL, NULL, 0};
+                                  slot, NULL, offsets}, NULL, width, col, bf16, sh, NULL, 0, NULL, NULL, 0,
+                                 scale, shift, flags, NULL, NULL};
         col += bdims[i][2];
     }
     if (!ok || col != width) {
@@ -449,6 +547,65 @@ static void compute_attention(void *kernel, OrtKernelContext *ctx)
     run_items(ctx, attention_task, items, ATTENTION_BATCHES, &task);
 }
 
+/* adapterserve.SlotRowScale(Packed): x [rows, T, d] or [rows, d] (packed: [1, N, d]), 1 in_scale
+   [slots, d], 2 vector_flags int64 [slots], 3 slot_per_row [rows], 4 row lengths [rows] (unused: every
+   position is scaled, as the graph's Mul did) or, packed, row offsets [rows + 1]. Output: x with each row
+   whose slot has VEC_IN multiplied by its scale (an input scale the exporter could not fold into the
+   LoRA op that makes x). The *InPlace variants run in x's buffer (declared as an alias, as the LoRA
+   ops'), which the exporter names only where nothing else reads x: then a batch without such rows
+   costs nothing but the call. */
+typedef struct {
+    const float *x, *scale;
+    float *out;
+    const int64_t *flags, *slot, *offsets;
+    int64_t T, d;
+} RowScaleTask;
+
+static void row_scale_task(void *args, size_t row)
+{
+    const RowScaleTask *t = args;
+    const int64_t t0 = t->offsets ? t->offsets[row] : (int64_t)row * t->T;
+    const int64_t t1 = t->offsets ? t->offsets[row + 1] : ((int64_t)row + 1) * t->T;
+    if (t->out != t->x)  /* else ORT ran us in x's buffer (*InPlace) */
+        memcpy(t->out + t0 * t->d, t->x + t0 * t->d, (size_t)((t1 - t0) * t->d) * sizeof(float));
+    const int64_t s = t->slot[row];
+    if (t->flags[s] & VEC_IN)
+        scale_shift_tokens(t->out + t0 * t->d, t->d, t1 - t0, t->d, t->scale + s * t->d, NULL);
+}
+
+static void compute_row_scale(OrtKernelContext *ctx, int packed)
+{
+    int64_t xdims[3], cdims[3], fdims[3], sdims[3], ldims[3];
+    size_t xn, cn, fn, sn, ln;
+    const float *x = input(ctx, 0, xdims, &xn);
+    const float *scale = input(ctx, 1, cdims, &cn);
+    const int64_t *flags = input(ctx, 2, fdims, &fn);
+    const int64_t *slot = input(ctx, 3, sdims, &sn);
+    const int64_t *lengths = input(ctx, 4, ldims, &ln);
+    const int64_t rows = sdims[0], d = xdims[xn - 1], T = xn == 3 ? xdims[1] : 1;
+    if (xn < 2 || cn != 2 || cdims[1] != d || fn != 1 || fdims[0] != cdims[0] || sn != 1 || ln != 1
+        || (packed ? xn != 3 || xdims[0] != 1 || ldims[0] != rows + 1 || lengths[rows] != T
+                   : xdims[0] != rows || ldims[0] != rows)) {
+        fprintf(stderr, "adapterserve.SlotRowScale: inconsistent shapes\n");
+        abort();
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        if (slot[r] < 0 || slot[r] >= cdims[0]) {
+            fprintf(stderr, "adapterserve.SlotRowScale: slot %lld out of range\n", (long long)slot[r]);
+            abort();
+        }
+    }
+    OrtValue *out_value;
+    float *out;
+    check(CALL(API_KERNEL_CONTEXT_GET_OUTPUT, get_output_fn, ctx, 0, xdims, xn, &out_value), "KernelContext_GetOutput");
+    check(CALL(API_GET_TENSOR_MUTABLE_DATA, data_fn, out_value, (void **)&out), "GetTensorMutableData");
+    RowScaleTask task = {x, scale, out, flags, slot, packed ? lengths : NULL, packed ? 0 : T, d};
+    run_items(ctx, row_scale_task, (size_t)rows, (size_t)rows, &task);
+}
+
+static void compute_row_scale_padded(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute_row_scale(ctx, 0); }
+static void compute_row_scale_packed(void *kernel, OrtKernelContext *ctx) { (void)kernel; compute_row_scale(ctx, 1); }
+
 static void *create_kernel(const CustomOp *op, const void *api_, const void *info)
 {
     (void)op; (void)api_; (void)info;
@@ -465,26 +622,42 @@ static const char *bf16_in_place_op_name(const CustomOp *op) { (void)op; return 
 static const char *packed_bf16_in_place_op_name(const CustomOp *op) { (void)op; return "SlotLoRAPackedBF16InPlace"; }
 static const char *qkv_op_name(const CustomOp *op) { (void)op; return "SlotLoRAQKVPacked"; }
 static const char *qkv_bf16_op_name(const CustomOp *op) { (void)op; return "SlotLoRAQKVPackedBF16"; }
+static const char *row_scale_op_name(const CustomOp *op) { (void)op; return "SlotRowScale"; }
+static const char *packed_row_scale_op_name(const CustomOp *op) { (void)op; return "SlotRowScalePacked"; }
+static const char *row_scale_in_place_op_name(const CustomOp *op) { (void)op; return "SlotRowScaleInPlace"; }
+static const char *packed_row_scale_in_place_op_name(const CustomOp *op) { (void)op; return "SlotRowScalePackedInPlace"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const CustomOp *op, size_t i) { (void)op; return i < 4 || i == 8 || i >= 10 ? ELEM_FLOAT : ELEM_INT64; }
+/* SlotLoRA's int64 inputs: 4-7 (ranks, slots, lengths, offset), 10 and 17 (flags), 12 (activation). */
+static int lora_int64_input(size_t i) { return (i >= 4 && i <= 7) || i == 10 || i == 12 || i == 17; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return lora_int64_input(i) ? ELEM_INT64 : ELEM_FLOAT; }
 static size_t input_count(const CustomOp *op) { (void)op; return N_INPUTS; }
 static int bf16_input_type(const CustomOp *op, size_t i)
 {
     (void)op;
-    return i < 2 || i == 8 || i >= 10 ? ELEM_FLOAT : i < 4 ? ELEM_INT32 : ELEM_INT64;
+    return i == 2 || i == 3 ? ELEM_INT32 : lora_int64_input(i) ? ELEM_INT64 : ELEM_FLOAT;
 }
+/* Per q/k/v part: A, B (fp32 or int32 pairs), slot_r8, out_scale, out_shift, flags. */
 static int qkv_input_type(const CustomOp *op, size_t i)
 {
     (void)op;
-    return i < 2 || (i < 11 && (i - 2) % 3 < 2) ? ELEM_FLOAT : ELEM_INT64;
+    if (i < 2) return ELEM_FLOAT;
+    if (i >= 2 + 3 * QKV_PART) return ELEM_INT64;
+    const size_t k = (i - 2) % QKV_PART;
+    return k == 2 || k == 5 ? ELEM_INT64 : ELEM_FLOAT;
 }
 static int qkv_bf16_input_type(const CustomOp *op, size_t i)
 {
+    return i >= 2 && i < 2 + 3 * QKV_PART && (i - 2) % QKV_PART < 2 ? ELEM_INT32 : qkv_input_type(op, i);
+}
+static int qkv_optional(const CustomOp *op, size_t i)
+{
     (void)op;
-    return i < 2 ? ELEM_FLOAT : i < 11 && (i - 2) % 3 < 2 ? ELEM_INT32 : ELEM_INT64;
+    return i >= 2 && i < 2 + 3 * QKV_PART && (i - 2) % QKV_PART >= 3;  /* each part's vectors */
 }
 static size_t qkv_input_count(const CustomOp *op) { (void)op; return QKV_INPUTS; }
 static int attention_input_type(const CustomOp *op, size_t i) { (void)op; return i < 3 ? ELEM_FLOAT : ELEM_INT64; }
+static int row_scale_input_type(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEM_FLOAT : ELEM_INT64; }
+static size_t row_scale_input_count(const CustomOp *op) { (void)op; return 5; }
 static size_t attention_input_count(const CustomOp *op) { (void)op; return 5; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }
@@ -535,14 +708,24 @@ static CustomOp slot_lora_packed_bf16_in_place_op = LORA_OP(packed_bf16_in_place
                                                             compute_packed_bf16, no_pairs, y_is_output);
 static CustomOp slot_lora_qkv_op = {
     21, create_kernel, qkv_op_name, op_provider, qkv_input_type, qkv_input_count, output_type, output_count,
-    compute_qkv_fp32, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    compute_qkv_fp32, destroy_kernel, qkv_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL,
     start_version, end_version, no_pairs, release_pairs, y_is_output, release_pairs,
 };
 static CustomOp slot_lora_qkv_bf16_op = {
     21, create_kernel, qkv_bf16_op_name, op_provider, qkv_bf16_input_type, qkv_input_count, output_type, output_count,
-    compute_qkv_bf16, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,
+    compute_qkv_bf16, destroy_kernel, qkv_optional, required, default_memory, one, one, one, one, NULL, NULL, NULL,
     start_version, end_version, no_pairs, release_pairs, y_is_output, release_pairs,
 };
+#define ROW_SCALE_OP(name_fn, compute_fn, alias_fn) {                                                       \
+    21, create_kernel, name_fn, op_provider, row_scale_input_type, row_scale_input_count, output_type, output_count, \
+    compute_fn, destroy_kernel, required, required, default_memory, one, one, one, one, NULL, NULL, NULL,      \
+    start_version, end_version, no_pairs, release_pairs, alias_fn, release_pairs,                               \
+}
+static CustomOp row_scale_op = ROW_SCALE_OP(row_scale_op_name, compute_row_scale_padded, no_pairs);
+static CustomOp packed_row_scale_op = ROW_SCALE_OP(packed_row_scale_op_name, compute_row_scale_packed, no_pairs);
+static CustomOp row_scale_in_place_op = ROW_SCALE_OP(row_scale_in_place_op_name, compute_row_scale_padded, y_is_output);
+static CustomOp packed_row_scale_in_place_op = ROW_SCALE_OP(packed_row_scale_in_place_op_name, compute_row_scale_packed,
+                                                            y_is_output);
 static CustomOp varlen_attention_op = {
     21, create_kernel, attention_op_name, op_provider, attention_input_type, attention_input_count, output_type,
     output_count, compute_attention, destroy_kernel, kv_optional, required, default_memory, one, one, one, one, NULL,
@@ -568,7 +751,8 @@ OrtStatus *RegisterCustomOps(void *options, const ApiBase *base)
     CustomOp *ops[] = {&slot_lora_op, &slot_lora_packed_op, &slot_lora_bf16_op, &slot_lora_packed_bf16_op,
                        &slot_lora_in_place_op, &slot_lora_packed_in_place_op, &slot_lora_bf16_in_place_op,
                        &slot_lora_packed_bf16_in_place_op, &slot_lora_qkv_op, &slot_lora_qkv_bf16_op,
-                       &varlen_attention_op};
+                       &varlen_attention_op, &row_scale_op, &packed_row_scale_op, &row_scale_in_place_op,
+                       &packed_row_scale_in_place_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++) {
         s = CALL(API_CUSTOM_OP_DOMAIN_ADD, domain_add_fn, domain, ops[i]);
         if (s) return s;
