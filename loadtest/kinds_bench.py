@@ -9,7 +9,8 @@ P-tuning and prefix tuning (8 virtual tokens or prefix positions) and AdapterHub
 (reduction 16, its 2-layer head) and BEFT (BitFit), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
 (slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
-kinds that engine serves (LoRA, LoHa, VeRA; the others are refused at registration there). Also prints each kind's registration latency
+kinds the shared graph serves (LoRA, LoHa, VeRA, IA3, DoRA, LoRA with biases, BEFT; it refuses the
+sequence kinds, bottleneck adapters and wide slots at registration). Also prints each kind's registration latency
 (parse, convert, validate, register), median over its adapters.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 KINDS = ["lora", "loha", "vera", "ia3", "lokr", "dora", "lora_bias", "prompt", "p_tuning", "prefix", "bottleneck",
          "beft"]
+ONNX_KINDS = ["lora", "loha", "vera", "ia3", "dora", "lora_bias", "beft"]
 # AdapterHub's Houlsby adapter (double_seq_bn) as adapters 1.3.0 saves it, with its default 2-layer head.
 HOULSBY = {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish",
            "original_ln_before": False, "original_ln_after": True, "residual_before_ln": True, "ln_before": False,
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--kinds", default=",".join(KINDS), help="the kinds the mixed set cycles (torch engine)")
+    p.add_argument("--kinds", default=None, help="the kinds the mixed set cycles (default: every kind the engine "
+                   f"serves: {','.join(KINDS)} on torch, {','.join(ONNX_KINDS)} on onnx)")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     base = packaged_base_model_dir()
     texts = sst2_dev_texts(os.path.join(ROOT, "data", "sst2", "dev.tsv"))
     tmp = tempfile.mkdtemp()
-    kinds = args.kinds.split(",") if args.engine == "torch" else ["lora", "loha", "vera"]
+    kinds = args.kinds.split(",") if args.kinds else (KINDS if args.engine == "torch" else ONNX_KINDS)
     sets = {"lora": [("lora", make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i)) for i in range(args.tasks)],
             "mixed": [(kinds[i % len(kinds)], make_adapter(base, os.path.join(tmp, f"mixed{i}"), kinds[i % len(kinds)], i))
                       for i in range(args.tasks)]}

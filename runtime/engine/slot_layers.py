@@ -317,10 +317,16 @@ class SlotLoRALinear(nn.Module):
         present = batch.distinct_slots & self.vector_slots
         if present & self.in_slots:
             x = self._scale_input(x, batch)
-        y = self._forward(x, batch)
         if present & (self.scale_slots | self.shift_slots):
+            if self.kernel is not None and x.stride(-1) == 1:
+                # The kernel applies each row's output vectors after its delta, while the row is in cache.
+                y = self.base(x)
+                self._kernel_delta(x, y, batch, (self.out_scale, self.out_shift, self.vector_flags))
+                return y
+            y = self._forward(x, batch)
             self._scale_output(y, batch, present)
-        return y
+            return y
+        return self._forward(x, batch)
 
     def _shared_input_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         """One [1, T, d] input for a whole padded batch (DeBERTa's relative positions, runtime/engine/deberta.py):
@@ -345,6 +351,14 @@ class SlotLoRALinear(nn.Module):
         xa = torch.matmul(x[0], self.lora_a[:, :r].index_select(0, idx).transpose(1, 2))
         return torch.baddbmm(shared.expand(rows, -1, -1), xa, self.lora_b[:, :r].index_select(0, idx))
 
+    def _kernel_delta(self, x: torch.Tensor, y: torch.Tensor, batch, vectors: Optional[tuple] = None) -> None:
+        """The fused kernel: each row reads its own slot in place, real tokens only, at its own rank
+        (then its slot's output vectors, where given)."""
+        if batch.offsets is not None and x.dim() == 3:  # [1, N, d]; the pooler's [B, d] is not
+            self.kernel.packed(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.offsets, vectors)
+        else:
+            self.kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths, vectors)
+
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         if self.context.traced is not None:
             x = self._traced_input(x)
@@ -354,14 +368,9 @@ class SlotLoRALinear(nn.Module):
                              and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))):
             return y
         r = batch.rank
-        kernel = self.kernel
         packed = batch.offsets is not None and x.dim() == 3  # [1, N, d]; the pooler's [B, d] is not
-        if kernel is not None and x.stride(-1) == 1 and y.stride(-1) == 1:
-            # Each row reads its own slot in place, real tokens only, at its own rank.
-            if packed:
-                kernel.packed(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.offsets)
-            else:
-                kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths)
+        if self.kernel is not None and x.stride(-1) == 1 and y.stride(-1) == 1:
+            self._kernel_delta(x, y, batch)
             return y
         # In-place accumulate into y (addmm_/baddbmm_): saves a full read+write of the output per layer.
         if batch.single_slot is not None:

@@ -19,7 +19,7 @@ from adapterserve.runtime.native.build import build, load_once, source
 log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
-ABI = 3
+ABI = 4
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
@@ -32,13 +32,16 @@ class FusedLoRA:
         if lib.lora_kernel_abi() != ABI:
             raise OSError(f"{path} has a different kernel ABI")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        # x, x strides, y, y strides, rows, T, din, dout, A, B, r_max, slot_r8, slot, len, threads
+        # x, x strides, y, y strides, rows, T, din, dout, A, B, r_max, slot_r8, slot, len, out scale, out shift,
+        # vector flags, threads
         lib.lora_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr,
-                                  ptr, ptr, ctypes.c_int]
+                                  ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         lib.lora_rows.restype = None
         self._fn = lib.lora_rows
-        # x, x token stride, y, y token stride, rows, din, dout, A, B, r_max, slot_r8, slot, offsets, threads
-        lib.lora_rows_packed.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+        # x, x token stride, y, y token stride, rows, din, dout, A, B, r_max, slot_r8, slot, offsets, out scale,
+        # out shift, vector flags, threads
+        lib.lora_rows_packed.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
+                                         ptr, ctypes.c_int]
         lib.lora_rows_packed.restype = None
         self._packed = lib.lora_rows_packed
         # q, k, v, out, row stride, offsets, sequences, heads, head size, scale, threads
@@ -54,11 +57,13 @@ class FusedLoRA:
                 and r_max % 8 == 0 and r_max <= MAX_RANK)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 slot_r8: torch.Tensor, slot_per_row: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
+                 slot_r8: torch.Tensor, slot_per_row: torch.Tensor, lengths: Optional[torch.Tensor],
+                 vectors: Optional[tuple] = None) -> None:
         """x [rows, T, din] or [rows, din], y likewise with dout (feature dim contiguous);
         a [slots, r_max, din], b [slots, r_max, dout] contiguous; slot_r8 int64 [slots]: each slot's
         rank in this layer rounded up to 8, 0 = untouched; slot_per_row, lengths int64 [rows]
-        (lengths None: all T positions)."""
+        (lengths None: all T positions). vectors: (out_scale, out_shift [slots, dout] fp32, flags int64
+        [slots]), applied to each row after its delta where its slot's flags say; None: none."""
         if x.dim() == 2:
             rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
         else:
@@ -66,15 +71,16 @@ class FusedLoRA:
         self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t,
                  a.shape[2], b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(),
                  slot_per_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
-                 torch.get_num_threads())
+                 *_vector_pointers(vectors), torch.get_num_threads())
 
     def packed(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_r8: torch.Tensor,
-               slot_per_row: torch.Tensor, offsets: torch.Tensor) -> None:
+               slot_per_row: torch.Tensor, offsets: torch.Tensor, vectors: Optional[tuple] = None) -> None:
         """Token-packed rows: x [..., N, din], y [..., N, dout] (one run of every row's tokens; the
-        feature dim contiguous), row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [rows + 1])."""
+        feature dim contiguous), row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [rows + 1]).
+        vectors: as for __call__."""
         self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a.shape[2],
                      b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
-                     offsets.data_ptr(), torch.get_num_threads())
+                     offsets.data_ptr(), *_vector_pointers(vectors), torch.get_num_threads())
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                   heads: int) -> torch.Tensor:
@@ -86,6 +92,13 @@ class FusedLoRA:
         self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), width, offsets.data_ptr(),
                         offsets.shape[0] - 1, heads, d, d ** -0.5, torch.get_num_threads())
         return out
+
+
+def _vector_pointers(vectors: Optional[tuple]) -> tuple:
+    if vectors is None:
+        return None, None, None
+    scale, shift, flags = vectors
+    return scale.data_ptr(), shift.data_ptr(), flags.data_ptr()
 
 
 _loaded: dict[str, object] = {}  # "value" -> FusedLoRA, or "error" -> why it is unavailable

@@ -103,8 +103,17 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     # its input (inputs 16-17); the other layers' input scales stay SlotRowScale nodes.
     post = [n for n in single if len(n.input) == 18]
     assert [n.input[16].startswith("in_scale_") for n in post] == ([True] * 2 if fused else [])
-    row_scales = sum(op_count(model, "SlotRowScale" + p + s) for p in ("", "Packed") for s in ("", "InPlace"))
+    # The other layers' input scales stay SlotRowScale nodes only where they run in their input's buffer
+    # (none copies its input): the graph takes no scale for the rest.
+    assert sum(op_count(model, "SlotRowScale" + p) for p in ("", "Packed")) == 0
+    row_scales = sum(op_count(model, "SlotRowScale" + p + "InPlace") for p in ("", "Packed"))
     assert row_scales == (len(onnx_rt.engine.in_scale_layers) - 2 if fused else 0)
+    if fused:  # which: after attention, the feed-forward output (folded), the pooler
+        kinds = {n.split(".", 3)[-1] if n.startswith(("encoder.layer.", "transformer.layer.")) else n
+                 for n in onnx_rt.engine.in_scale_layers}
+        want = {"distilbert": {"attention.out_lin", "ffn.lin2"}, "bert": {"attention.output.dense", "output.dense",
+                                                                           "pooler.dense"}}
+        assert kinds == want.get(family, {"attention.output.dense", "output.dense"})
     # The session holds the base: the torch backbone's weights are not kept resident a second time.
     assert onnx_rt.engine.released_bytes > 0
     assert all(p is None for m in onnx_rt.base.backbone.modules() for p in m._parameters.values())

@@ -207,9 +207,10 @@ class OnnxEngine:
                     "it took them) has no inputs for; re-export it, or serve them with --engine torch")
         for name, vectors in spec.vectors.items():
             if vectors.in_scale is not None and name not in self.in_scale_layers:
-                return (f"{spec.kind()} adapters scale the input of {name}, which the shared ONNX graph computes in one "
-                        "projection with its query/key/value neighbours from the unscaled hidden states; serve them "
-                        "with --engine torch, or train without that feed-forward module")
+                return (f"{spec.kind()} adapters scale the input of {name}, which the shared ONNX graph takes no scale "
+                        "for (that input feeds other nodes too: q/k/v's shared projection or a residual, so scaling "
+                        "it would cost a copy on every forward); serve them with --engine torch, or train without "
+                        "that feed-forward module")
         return None
 
     def load_slot(self, slot, spec) -> None:

@@ -54,7 +54,7 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 3; }
+int lora_kernel_abi(void) { return 4; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
 typedef struct {
@@ -81,6 +81,44 @@ static int64_t row_tokens(const LoraArgs *p, int64_t b, const float **xb, float 
     return (p->len && p->len[b] < p->T) ? p->len[b] : p->T;
 }
 
+/* Per-feature vectors of a slot (slot_layers.SlotLoRALinear's out_scale / out_shift / vector_flags:
+   IA3, DoRA, trained biases): which ones a slot sets. */
+enum { VEC_IN = 1, VEC_SCALE = 2, VEC_SHIFT = 4 };
+
+/* n tokens of d floats, ld apart: y = y * scale, then y + shift (either may be NULL), as the torch
+   path's two in-place ops. */
+static void scale_shift_tokens(float *y, int64_t ld, int64_t n, int64_t d, const float *scale, const float *shift)
+{
+    for (int64_t t = 0; t < n; t++, y += ld) {
+        if (scale)
+            for (int64_t i = 0; i < d; i++)
+                y[i] *= scale[i];
+        if (shift)
+            for (int64_t i = 0; i < d; i++)
+                y[i] += shift[i];
+    }
+}
+
+/* Row b's output scale and shift where its slot's flags say, after its delta, over every position of
+   the row (padding included, as the torch path's broadcast) or its packed tokens. */
+static void row_out_vectors(const LoraArgs *p, int64_t b, const float *scale, const float *shift, const int64_t *flags)
+{
+    const int64_t s = p->slot[b], f = flags[s];
+    if (!(f & (VEC_SCALE | VEC_SHIFT)))
+        return;
+    float *yb;
+    int64_t n;
+    if (p->offsets) {
+        yb = p->y + p->offsets[b] * p->y_tok;
+        n = p->offsets[b + 1] - p->offsets[b];
+    } else {
+        yb = p->y + b * p->y_row;
+        n = p->T;
+    }
+    scale_shift_tokens(yb, p->y_tok, n, p->dout, f & VEC_SCALE ? scale + s * p->dout : NULL,
+                       f & VEC_SHIFT ? shift + s * p->dout : NULL);
+}
+
 static void lora_row(const LoraArgs *p, int64_t b)
 {
     int64_t s = p->slot[b];
@@ -102,28 +140,38 @@ static void lora_row(const LoraArgs *p, int64_t b)
    with dout. A: [slots, r_max, din], B: [slots, r_max, dout], contiguous, scaling folded into B,
    zero past each adapter's rank. din, dout multiples of 16. slot_r8[s]: slot s's rank in this layer
    rounded up to 8 (<= r_max <= MAX_R), 0 when its adapter does not touch the layer: every row pays
-   only for its own adapter's rank. len may be NULL: every one of the T positions counts. */
+   only for its own adapter's rank. len may be NULL: every one of the T positions counts.
+   scale, shift [slots, dout] and flags [slots]: each slot's output vectors, applied after the delta;
+   flags NULL: none. */
 void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y_row, int64_t y_tok,
                int64_t rows, int64_t T, int64_t din, int64_t dout,
                const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
-               const int64_t *slot, const int64_t *len, int nthreads)
+               const int64_t *slot, const int64_t *len, const float *scale, const float *shift,
+               const int64_t *flags, int nthreads)
 {
     LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len, NULL};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t b = 0; b < rows; b++)
+    for (int64_t b = 0; b < rows; b++) {
         lora_row(&p, b);
+        if (flags)
+            row_out_vectors(&p, b, scale, shift, flags);
+    }
 }
 
 /* Token-packed rows (the torch engine's packed forward): x [N, din], y [N, dout] with token strides
    x_tok, y_tok; row b is tokens offsets[b] .. offsets[b+1]-1. */
 void lora_rows_packed(const float *x, int64_t x_tok, float *y, int64_t y_tok, int64_t rows, int64_t din,
                       int64_t dout, const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
-                      const int64_t *slot, const int64_t *offsets, int nthreads)
+                      const int64_t *slot, const int64_t *offsets, const float *scale, const float *shift,
+                      const int64_t *flags, int nthreads)
 {
     LoraArgs p = {x, 0, x_tok, y, 0, y_tok, 0, din, dout, A, B, r_max, slot_r8, slot, NULL, offsets};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t b = 0; b < rows; b++)
+    for (int64_t b = 0; b < rows; b++) {
         lora_row(&p, b);
+        if (flags)
+            row_out_vectors(&p, b, scale, shift, flags);
+    }
 }
 
 /* varlen_attention.c over an OpenMP team, one (sequence, head) per item; dynamic schedule, as

@@ -108,8 +108,6 @@ typedef struct CustomOp {
 } CustomOp;
 
 enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7, N_INPUTS = 18 };  /* 8-17: the optional vectors and epilogue */
-/* vector_flags bits, per slot (runtime/engine/slot_layers.SlotLoRALinear.vector_flags) */
-enum { VEC_IN = 1, VEC_SCALE = 2, VEC_SHIFT = 4 };
 
 static const void *const *api;
 static int has_parallel_for;
@@ -185,20 +183,6 @@ typedef struct {
     const int64_t *post_flags;  /* optional input 17 [slots] */
 } RowTask;
 
-/* n tokens of d floats, ld apart: y = y * scale, then y + shift (either may be NULL), as the torch
-   engine's two in-place ops. */
-static void scale_shift_tokens(float *y, int64_t ld, int64_t n, int64_t d, const float *scale, const float *shift)
-{
-    for (int64_t t = 0; t < n; t++, y += ld) {
-        if (scale)
-            for (int64_t i = 0; i < d; i++)
-                y[i] *= scale[i];
-        if (shift)
-            for (int64_t i = 0; i < d; i++)
-                y[i] += shift[i];
-    }
-}
-
 /* Output tokens [*t0, *t1) of a row: every position of it, padding included, as the graph's nodes did. */
 static void row_span(const LoraArgs *p, int64_t row, int64_t *t0, int64_t *t1)
 {
@@ -207,19 +191,6 @@ static void row_span(const LoraArgs *p, int64_t row, int64_t *t0, int64_t *t1)
     } else {
         *t0 = row * p->T, *t1 = (row + 1) * p->T;
     }
-}
-
-/* The row's slot's output scale and shift (the flags say which it has), over this node's columns of
-   output tokens [t0, t1), ld floats apart. */
-static void row_vectors(const RowTask *task, int64_t row, float *y, int64_t ld, int64_t t0, int64_t t1)
-{
-    if (!task->vec_flags)
-        return;
-    const LoraArgs *p = &task->lora;
-    const int64_t s = p->slot[row], flags = task->vec_flags[s];
-    if (flags & (VEC_SCALE | VEC_SHIFT))
-        scale_shift_tokens(y + t0 * ld, ld, t1 - t0, p->dout, flags & VEC_SCALE ? task->out_scale + s * p->dout : NULL,
-                           flags & VEC_SHIFT ? task->out_shift + s * p->dout : NULL);
 }
 
 /* Output tokens [t0, t1) from the base projection (this node's columns of it). */
@@ -275,7 +246,8 @@ static void row_task(void *args, size_t row)
     const LoraArgs *p = &task->lora;
     int64_t t0, t1;
     row_span(p, (int64_t)row, &t0, &t1);
-    row_vectors(task, (int64_t)row, p->y, p->dout, t0, t1);
+    if (task->vec_flags)
+        row_out_vectors(p, (int64_t)row, task->out_scale, task->out_shift, task->vec_flags);
     if (task->residual || task->gelu || task->ln_scale)
         epilogue(task, t0, t1);
     if (task->post_flags) {
@@ -437,8 +409,9 @@ static void qkv_row_task(void *args, size_t row)
             lora_row_bf16(&t->part[i].lora, &t->part[i].sh, (int64_t)row);
         else
             lora_row(&t->part[i].lora, (int64_t)row);
-        row_vectors(&t->part[i], (int64_t)row, t->part[i].lora.y, t->part[i].y_width, p->offsets[row],
-                    p->offsets[row + 1]);
+        if (t->part[i].vec_flags)  /* over this part's columns: its lora.y starts there, tokens y_width apart */
+            row_out_vectors(&t->part[i].lora, (int64_t)row, t->part[i].out_scale, t->part[i].out_shift,
+                            t->part[i].vec_flags);
     }
 }
 
