@@ -57,48 +57,50 @@ class TextEncoder:
 
     def _encode_with_virtual(self, texts, pairs, truncate: bool, virtual: Sequence[int],
                              prefix: Sequence[int]) -> list[Encoded]:
-        out: list = [None] * len(texts)
-        for n, p in sorted(set(zip(virtual, prefix))):
-            idx = [i for i, vp in enumerate(zip(virtual, prefix)) if vp == (n, p)]
-            limit = self.max_length - n - p
-            try:
-                encoded = self._encode([texts[i] for i in idx], [pairs[i] for i in idx] if pairs is not None else None,
-                                       truncate, limit)
-            except InvalidInputError as e:
-                what = f"puts {n} virtual tokens first" if n else f"has a prefix of {p} positions"
-                raise InvalidInputError(f"{e} (this task {what}, so a text may take "
-                                        f"{limit} of the model's {self.max_length} positions)") from None
-            ids = list(range(self.virtual_base, self.virtual_base + n)) if n else []
-            for i, enc in zip(idx, encoded):
+        # One tokenizer call for every row whatever its task reserves: a call per reservation cost a
+        # batch of mixed kinds 1.3 % (three calls per batch of 32 with prompt and prefix tasks in it).
+        encoded = self._encode(texts, pairs, truncate, self.max_length, list(zip(virtual, prefix)))
+        out = []
+        for n, enc in zip(virtual, encoded):
+            if n:
+                ids = list(range(self.virtual_base, self.virtual_base + n))
                 types = [0] * n + enc.token_type_ids if enc.token_type_ids is not None else None
-                out[i] = Encoded(ids + enc.input_ids, types, enc.truncated) if n else enc
+                enc = Encoded(ids + enc.input_ids, types, enc.truncated)
+            out.append(enc)
         return out
 
     def _encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]], truncate: bool,
-                max_length: int) -> list[Encoded]:
+                max_length: int, reserved: Optional[Sequence[tuple[int, int]]] = None) -> list[Encoded]:
+        """reserved: per text, the (virtual tokens, prefix positions) its task takes, which leave it
+        max_length minus their sum."""
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInputError(f"text_pairs has {len(pairs)} entries but texts has {len(texts)}; send none or one per text")
         # verbose=False: no "longer than max length" warning; lengths are checked right here.
         kwargs = dict(padding=False, return_attention_mask=False, return_token_type_ids=self.uses_token_types,
                       verbose=False)
         full = self._encode_full(texts, pairs, kwargs)
-        too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+        limits = [max_length] * len(texts) if reserved is None else [max_length - n - p for n, p in reserved]
+        too_long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > limits[i]]
         if too_long and not truncate:
             i = too_long[0]
-            raise InvalidInputError(
-                f"text {i} is {len(full['input_ids'][i])} tokens long, above the model's maximum of {max_length}; "
-                "shorten it or set truncate=true"
-            )
+            message = (f"text {i} is {len(full['input_ids'][i])} tokens long, above the model's maximum of {max_length}; "
+                       "shorten it or set truncate=true")
+            if limits[i] != max_length:
+                n, p = reserved[i]
+                what = f"puts {n} virtual tokens first" if n else f"has a prefix of {p} positions"
+                message += f" (this task {what}, so a text may take {limits[i]} of the model's {max_length} positions)"
+            raise InvalidInputError(message)
         out = [
             Encoded(ids, full["token_type_ids"][i] if self.uses_token_types else None, False)
             for i, ids in enumerate(full["input_ids"])
         ]
-        if too_long:
+        for limit in sorted({limits[i] for i in too_long}):
+            rows = [i for i in too_long if limits[i] == limit]
             cut = self.tokenizer(
-                [texts[i] for i in too_long], [pairs[i] for i in too_long] if pairs is not None else None,
-                truncation=True, max_length=max_length, **kwargs,
+                [texts[i] for i in rows], [pairs[i] for i in rows] if pairs is not None else None,
+                truncation=True, max_length=limit, **kwargs,
             )
-            for j, i in enumerate(too_long):
+            for j, i in enumerate(rows):
                 out[i] = Encoded(cut["input_ids"][j], cut["token_type_ids"][j] if self.uses_token_types else None, True)
         return out
 
