@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup serve test test-native-off test-cluster test-all bench wheel clean
+.PHONY: setup serve test test-native-off test-cluster test-slow test-all bench wheel clean
 
 # The editable install also generates the gRPC stubs from proto/ (setup.py), so it reruns when they change.
 $(STAMP): pyproject.toml setup.py $(wildcard proto/*/*/*.proto)
@@ -31,6 +31,10 @@ test-native-off: setup
 # The Ray Serve cluster on a real local Ray cluster (about 3 minutes; CI runs it after the default suite).
 test-cluster: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q -m cluster
+
+# Tests marked slow (the 20 kill -9 trials against a real server, about 2 minutes); CI runs them too.
+test-slow: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q -m slow
 
 test-all: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q -m ''

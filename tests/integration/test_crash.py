@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from adapterserve.loadtest.server_proc import ServerProcess
 from adapterserve.runtime.server.stubs import pb, pb_grpc
@@ -29,6 +30,7 @@ def listed(address) -> dict:
         return {a.task: a.version for a in reg.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters}
 
 
+@pytest.mark.slow  # ~2 minutes (a server start per trial): `make test-slow`, which CI runs
 def test_kill_9_mid_change_leaves_old_or_new_version(minilm_adapters, tmp_path):
     _, paths = minilm_adapters
     files = {name: read_files(path) for name, path in paths.items()}
