@@ -110,6 +110,56 @@ def test_rows_whose_slot_does_not_touch_the_layer_are_skipped():
     assert_within_bound(got[2:], x[2:], a, b, 8, slots[2:], y0[2:])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_applies_each_rows_output_vectors_after_its_delta(packed):
+    """scale, then shift, per the slot's flags (2: scale, 4: shift), over every position of the row (padded)
+    or its tokens (packed), also for a slot with vectors but no LoRA in the layer (IA3, BEFT: rank 0).
+    The scale multiplies the delta's rounding: the bound is the delta's times |scale|, plus an ulp of the
+    result for the two element-wise roundings."""
+    kernel = kernel_or_skip()
+    gen = torch.Generator().manual_seed(5)
+    d, n_slots = 48, 5
+    a, b, r8 = random_slots(n_slots, 16, 32, d, {1: 4, 2: 16, 3: 8}, gen)  # slot 4: vectors only
+    scale = 1 + 0.5 * torch.randn(n_slots, d, generator=gen)
+    shift = torch.randn(n_slots, d, generator=gen)
+    flags = torch.tensor([0, 6, 0, 4, 2])
+    slots = torch.tensor([1, 2, 4, 3, 0, 4])
+    lengths = torch.tensor([5, 3, 6, 1, 6, 2])
+    x = torch.randn(6, 6, 32, generator=gen)
+    y0 = torch.randn(6, 6, d, generator=gen)
+    got = y0.clone()
+    if packed:
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        xp = torch.cat([x[i, :n] for i, n in enumerate(lengths.tolist())])[None]
+        yp = torch.cat([y0[i, :n] for i, n in enumerate(lengths.tolist())])[None]
+        kernel.packed(xp, yp, a, b, r8, slots, offsets, (scale, shift, flags))
+        for i, n in enumerate(lengths.tolist()):
+            got[i, :n] = yp[0, offsets[i]:offsets[i] + n]
+    else:
+        kernel(x, got, a, b, r8, slots, lengths, (scale, shift, flags))
+    want = exact_lora(x, a, b, 16, slots, y0)
+    bound = lora_delta_bound(x, a, b, 16, slots, y0)
+    for i, s in enumerate(slots.tolist()):
+        if flags[s] & 2:
+            want[i] *= scale[s].double()
+            bound[i] *= scale[s].abs().double()
+        if flags[s] & 4:
+            want[i] += shift[s].double()
+    bound += want.abs() * 2 * torch.finfo(torch.float32).eps
+    real = torch.arange(6)[None, :] < lengths[:, None]
+    # Padded rows: the delta on real tokens, the vectors on every position (as the torch path's broadcast).
+    err = (got.double() - want).abs()
+    if not packed:
+        pad_want = y0.double().clone()
+        for i, s in enumerate(slots.tolist()):
+            pad_want[i] = pad_want[i] * (scale[s].double() if flags[s] & 2 else 1) + (shift[s].double() if flags[s] & 4 else 0)
+        err = torch.where(real[..., None], err, (got.double() - pad_want).abs())
+    ratio = (err / bound)[real] if packed else err / bound
+    assert ratio.max().item() <= 1.0, f"worst error {ratio.max().item():.3g} of the bound"
+    assert torch.equal(got[4], y0[4]), "a row without an adapter is untouched"
+    assert not torch.equal(got[2], y0[2]), "a slot of vectors alone (rank 0 here) still gets them"
+
+
 def test_runtime_picks_the_kernel_and_refuses_it_where_it_cannot_run(tiny_bases):
     kernel_or_skip()
     assert Runtime(RuntimeConfig(base_model=tiny_bases["bert"], slots=4, r_max=8)).engine.kernel_name == "fused"
