@@ -77,7 +77,7 @@ def test_shared_base_onnx_matches_torch_mixed(tiny_bases, tmp_path, family, lora
     assert op_count(model, "SlotLoRAPacked") + op_count(model, "SlotLoRAPackedInPlace") == (
         encoder_layers - 3 * 2 if packed else 0)
     assert op_count(model, "MultiHeadAttention") == (0 if family == "distilbert" or packed else 2)
-    # The residual Adds after attention.output / output LoRA nodes are folded into them (input 8).
+    # The residual Adds after attention.output / output LoRA nodes are folded into them (input 11).
     nodes = onnx.load(str(model)).graph.node
     lora_outputs = {n.output[0] for n in nodes if n.domain == "adapterserve" and n.op_type.startswith("SlotLoRA")}
     assert not any(n.op_type == "Add" and set(n.input) & lora_outputs for n in nodes)
