@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from adapterserve.adapters.registry import AdapterEntry
 from adapterserve.runtime.engine.slot_bottlenecks import activation
 from adapterserve.runtime.families import Family
-from adapterserve.runtime.types import Prediction, Row
+from adapterserve.runtime.types import BatchScores, Prediction, Row
 
 
 def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[tuple]:
@@ -26,13 +26,13 @@ def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[t
         return None
     weight, bias = head[names[0]], head[names[1]]
     n, hidden = weight.shape
+    if device.type == "cpu":  # the CPU path is numpy (_stacked_logits): W^T [hidden, n] as one product reads it
+        return weight.float().t().contiguous().numpy(), bias.float().contiguous().numpy()
     padded = max(8, 1 << (n - 1).bit_length())
     w = weight.new_zeros(padded, hidden)
     w[:n] = weight
     b = bias.new_zeros(padded)
     b[:n] = bias
-    if device.type == "cpu":  # the CPU path is numpy (_stacked_logits)
-        return w.float().numpy(), b.float().numpy()
     return w, b
 
 
@@ -41,21 +41,27 @@ def _stacked_logits(batch: list[Row], entries: list[AdapterEntry], features: tor
     product, instead of a slice, a linear and a cast per task; row i's first n_labels columns are
     its logits. In numpy on the CPU: no torch op (each opens an OpenMP region; right after an ONNX
     Runtime run, whose threads still spin, that is what made packing slow, runtime/engine/packing.py)."""
-    width = max(e.stacked_head[0].shape[0] for e in entries)
     position = {e.key: k for k, e in enumerate(entries)}
     if features.device.type == "cpu":
         # Each task's head on its own rows (one product per task): gathering a [rows, P, H] copy of the
         # heads per row cost more than every product together (25 MB for 256 rows of 50-label heads).
+        # The rows sorted by task once, so each product reads and writes contiguous rows in place.
+        width = max(e.stacked_head[0].shape[1] for e in entries)
         idx = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
-        f = features.float().numpy()
-        out = np.zeros((len(batch), width), dtype=np.float32)
         by_task = np.argsort(idx, kind="stable")
-        bounds = np.searchsorted(idx[by_task], np.arange(len(entries) + 1))
+        f = features.float().numpy()[by_task]
+        bounds = np.searchsorted(idx[by_task], np.arange(len(entries) + 1)).tolist()
+        sorted_out = np.zeros((len(batch), width), dtype=np.float32)
         for k, e in enumerate(entries):
-            rows = by_task[bounds[k]:bounds[k + 1]]
-            w, b = e.stacked_head
-            out[rows, :w.shape[0]] = f[rows] @ w.T + b
+            lo, hi = bounds[k], bounds[k + 1]
+            wt, b = e.stacked_head
+            rows = sorted_out[lo:hi, :wt.shape[1]]
+            np.matmul(f[lo:hi], wt, out=rows)
+            rows += b
+        out = np.empty_like(sorted_out)
+        out[by_task] = sorted_out
         return out
+    width = max(e.stacked_head[0].shape[0] for e in entries)
     ws, bs = [], []
     for e in entries:
         w, b = e.stacked_head
@@ -120,10 +126,12 @@ def _predict_stacked(batch: list[Row], logits: np.ndarray) -> None:
     over the batch, each row's columns past its task's labels masked out (they sort last)."""
     n_labels = np.fromiter((len(r.entry.spec.labels) for r in batch), dtype=np.int64, count=len(batch))
     masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
-    probs, order = _softmax_order(masked)
-    for i, r in enumerate(batch):
-        n = n_labels[i]
-        r.prediction = _prediction(r.entry, r, probs[i], order[i, :n], logits[i, :n])
+    ex = np.exp(masked - masked.max(axis=1, keepdims=True))
+    scores = BatchScores(ex / ex.sum(axis=1, keepdims=True), logits)  # the order is sorted when first read
+    for i, r in enumerate(batch):  # each reads its row of the batch's arrays when asked
+        entry, encoded = r.entry, r.encoded
+        r.prediction = Prediction(entry.task, entry.version, entry.spec.labels, scores, len(encoded.input_ids),
+                                  encoded.truncated, i)
 
 
 def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,5 +142,5 @@ def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prediction(entry: AdapterEntry, row: Row, probs: np.ndarray, order: np.ndarray, logits: np.ndarray) -> Prediction:
-    return Prediction(entry.task, entry.version, entry.spec.labels, probs, order, logits, row.encoded.length,
+    return Prediction(entry.task, entry.version, entry.spec.labels, (probs, order, logits), row.encoded.length,
                       row.encoded.truncated)

@@ -130,8 +130,10 @@ class TextEncoder:
             # Pinned, so the copy to a GPU is asynchronous (ordered on the stream the forward then uses).
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
-        inputs = {"input_ids": padded((r.input_ids for r in rows), self.pad_id),
-                  "attention_mask": padded(([1] * r.length for r in rows), 0)}
+        mask_tensor = torch.from_numpy(mask.astype(np.int64))  # the mask is the lengths: no walk over tokens
+        if device.type == "cuda":
+            mask_tensor = mask_tensor.pin_memory().to(device, non_blocking=True)
+        inputs = {"input_ids": padded((r.input_ids for r in rows), self.pad_id), "attention_mask": mask_tensor}
         if self.uses_token_types:
             inputs["token_type_ids"] = padded((r.token_type_ids for r in rows), 0)
         return inputs

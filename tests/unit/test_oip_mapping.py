@@ -84,7 +84,7 @@ def test_output_tensors_in_label_order():
         lg = np.asarray(lg, dtype=np.float32)
         p = np.exp(lg) / np.exp(lg).sum()
         order = np.argsort(-p)
-        rows.append(Row(entry=None, encoded=None, prediction=Prediction("t", "v", labels, p, order, lg, 3, False)))
+        rows.append(Row(entry=None, encoded=None, prediction=Prediction("t", "v", labels, (p, order, lg), 3, False)))
     result = Classified("t", "v", labels, rows, 0, 0, 0, 0)
     call = oip.InferCall("t", "", "", ["x", "y"], None, top_k=2, truncate=False, timeout_s=None,
                          outputs=oip.check_outputs([oip.RequestedOutput("LABEL"), oip.RequestedOutput("SCORES"),
