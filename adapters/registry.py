@@ -25,9 +25,9 @@ class AdapterEntry:
     task: str
     spec: AdapterSpec
     head: dict  # head tensors on the model's device and dtype
-    # Single-linear heads (Family.linear_head, e.g. BERT): (weight [P, H], bias [P]) zero-padded to P = a power of two >= 8
-    # labels (numpy float32 on the CPU, device tensors on a GPU), so a batch's heads run as one batched
-    # matmul (heads._stacked_logits). None for other heads.
+    # Single-linear heads (Family.linear_head, e.g. BERT), for heads._stacked_logits: on a GPU (weight
+    # [P, H], bias [P]) zero-padded to P = a power of two >= 8 labels, so a batch's heads run as one
+    # batched matmul; on the CPU (weight [n, H], bias [n], their addresses) numpy float32, unpadded. None for other heads.
     stacked_head: Optional[tuple] = None
     registered_at: float = field(default_factory=time.time)
     key: int = field(default_factory=lambda: next(_ids))  # unique per (task, version) registration

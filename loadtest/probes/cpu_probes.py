@@ -7,6 +7,7 @@ on a new CPU; not part of the wheel).
     python -m adapterserve.loadtest.probes.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
     python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
+    python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads in one native call vs numpy
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -361,7 +362,39 @@ def onnx_folds() -> None:
         print(f"{name:<32} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
 
 
-PROBES = {"workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+def host_heads() -> None:
+    """`adapterserve bench host`'s batches with the CPU heads' native call on and off, alternating in one
+    process (runtime/heads._stacked_logits: head_logits in lora_kernel.c, or a numpy product per task)."""
+    from adapterserve.loadtest.host_bench import host_timer, synthetic_tasks
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.native import lora_kernel
+    from adapterserve.runtime.runtime import Runtime
+
+    real_load = lora_kernel.load
+    base = packaged_base_model_dir()
+    texts = [f"sample text number {i} about a film , a match or a market" for i in range(64)]
+    rt = Runtime(RuntimeConfig(base_model=base, slots=33, max_batch_size=256))
+    tasks = []
+    for i, path in enumerate(synthetic_tasks(base, tempfile.mkdtemp(), 32)):
+        rt.add_adapter(f"t{i}", path)
+        tasks.append(f"t{i}")
+    try:
+        with torch.inference_mode():
+            for size in (32, 256):
+                engine = rt.engine
+                one_batch, _, _ = host_timer(rt, texts, tasks, size)
+                medians: dict = {"native": [], "numpy": []}
+                for _ in range(6):
+                    for mode, found in medians.items():
+                        lora_kernel.load = real_load if mode == "native" else (lambda: None)
+                        found.append(_median_us(one_batch, n=100, warm=5))
+                rt.engine = engine
+                print(f"{size:3d} rows: " + ", ".join(f"{m} {statistics.median(v):.1f} us" for m, v in medians.items()))
+    finally:
+        lora_kernel.load = real_load
+
+
+PROBES = {"host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
           "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 

@@ -19,7 +19,7 @@ from adapterserve.runtime.native.build import build, load_once, source
 log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
-ABI = 4
+ABI = 5
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
@@ -48,6 +48,10 @@ class FusedLoRA:
         lib.varlen_attention_rows.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
         lib.varlen_attention_rows.restype = None
         self._attention = lib.varlen_attention_rows
+        # features, hidden, row order, task bounds, tasks, W^T pointers, bias pointers, labels, out, width
+        lib.head_logits.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64]
+        lib.head_logits.restype = None
+        self._heads = lib.head_logits
         self.path = path
 
     @staticmethod
@@ -81,6 +85,14 @@ class FusedLoRA:
         self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a.shape[2],
                      b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
                      offsets.data_ptr(), *_vector_pointers(vectors), torch.get_num_threads())
+
+    def heads(self, features, order, bounds, weights, biases, labels, out) -> None:
+        """Per-task linear heads (lora_kernel.c head_logits): features [rows, hidden] float32 contiguous
+        (numpy), order int64 [rows] (rows grouped by task), bounds int64 [tasks + 1], weights / biases
+        int64 [tasks] (addresses of each task's W [n, hidden] and bias [n], float32 contiguous, kept
+        alive by the caller), labels int64 [tasks]; writes out[row, :n] (float32 [rows, width])."""
+        self._heads(features.ctypes.data, features.shape[1], order.ctypes.data, bounds.ctypes.data, labels.shape[0],
+                    weights.ctypes.data, biases.ctypes.data, labels.ctypes.data, out.ctypes.data, out.shape[1])
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                   heads: int) -> torch.Tensor:

@@ -190,3 +190,31 @@ def test_native_switch_off_takes_every_portable_path(tiny_bases):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[:3] == ["torch", "None", "None"], done.stdout
     assert "ADAPTERSERVE_NATIVE=off" in done.stdout
+
+
+@pytest.mark.parametrize("hidden", [384, 40])
+def test_head_kernel_equals_each_tasks_linear(hidden):
+    """runtime/heads' native path: every row's task head in one call (rows in any order, grouped by task),
+    against float64, within the float32 rounding bound of a dot product of `hidden` terms plus the bias
+    (hidden 40: a masked tail of 8 lanes). Columns past a task's labels stay as they were (zeros)."""
+    import numpy as np
+
+    kernel = kernel_or_skip()
+    rng = np.random.default_rng(hidden)
+    labels = [2, 50, 7, 13]
+    weights = [rng.normal(size=(n, hidden)).astype(np.float32) for n in labels]
+    biases = [rng.normal(size=n).astype(np.float32) for n in labels]
+    task_of_row = np.array([3, 0, 1, 1, 2, 0, 3, 3, 1])
+    features = rng.normal(size=(len(task_of_row), hidden)).astype(np.float32)
+    order = np.argsort(task_of_row, kind="stable")
+    bounds = np.searchsorted(task_of_row[order], np.arange(len(labels) + 1))
+    out = np.zeros((len(task_of_row), max(labels)), dtype=np.float32)
+    kernel.heads(features, order, bounds, np.array([w.ctypes.data for w in weights]),
+                 np.array([b.ctypes.data for b in biases]), np.array(labels, dtype=np.int64), out)
+    eps = np.finfo(np.float32).eps
+    for row, task in enumerate(task_of_row):
+        w, b, n = weights[task].astype(np.float64), biases[task].astype(np.float64), labels[task]
+        want = w @ features[row].astype(np.float64) + b
+        bound = (hidden + 1) * eps * (np.abs(w) @ np.abs(features[row].astype(np.float64)) + np.abs(b))
+        assert np.all(np.abs(out[row, :n] - want) <= bound), f"row {row}"
+        assert not out[row, n:].any()
