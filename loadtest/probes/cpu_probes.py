@@ -8,6 +8,7 @@ on a new CPU; not part of the wheel).
     python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
     python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads in one native call vs numpy
+    python -m adapterserve.loadtest.probes.cpu_probes stock-vectors # the stock-op ONNX graph with and without vector inputs
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -25,7 +26,7 @@ from typing import Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SHORT = "a charming film ."
 
 
@@ -394,7 +395,61 @@ def host_heads() -> None:
         lora_kernel.load = real_load
 
 
-PROBES = {"host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+def stock_vectors() -> None:
+    """32 LoRA tasks on the stock-op fp32 shared graph (--lora-kernel torch), as exported (with the
+    per-feature vector inputs: Gather/Mul/Add on every slot layer) against the same graph traced without
+    them, alternating: what the vector inputs cost traffic that does not use them on that graph."""
+    from adapterserve.loadtest.kinds_bench import make_adapter
+    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
+    from adapterserve.runtime.engine.onnx import export
+    from adapterserve.runtime.engine.slot_layers import SlotLoRALinear, gathered_delta
+    from adapterserve.runtime.runtime import Runtime
+
+    base, tmp = packaged_base_model_dir(), tempfile.mkdtemp()
+    paths = [make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i) for i in range(32)]
+    saved = (export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input)
+
+    def lora_inputs(layers, fused_op, in_scale_layers):
+        return [x for x in saved[0](layers, fused_op, in_scale_layers) if x[2] in ("lora_a", "lora_b", "slot_r8")]
+
+    def lora_only(self, x, y, y_offset=0):
+        traced = self.context.traced
+        return y + gathered_delta(x, *traced.tensors[self.name], traced.slot_per_row)
+
+    runtimes = {}
+    try:
+        for name in ("with vectors", "without"):
+            if name == "without":
+                export.slot_inputs, SlotLoRALinear._traced_forward = lora_inputs, lora_only
+                SlotLoRALinear._traced_input = lambda self, x: x
+            rt = Runtime(RuntimeConfig(slots=33, r_max=16, engine="onnx", lora_kernel="torch",
+                                       onnx_dir=os.path.join(tmp, name.replace(" ", "_"))))
+            for i, path in enumerate(paths):
+                rt.add_adapter(f"t{i}", path)
+            runtimes[name] = rt
+    finally:
+        export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input = saved
+    texts = _texts(448)
+    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+
+    def one_pass(rt) -> int:
+        for batch in batches:
+            rt.classify([(f"t{j % 32}", t) for j, t in enumerate(batch)])
+        return len(texts)
+
+    rates: dict = {name: [] for name in runtimes}
+    with torch.inference_mode():
+        for rt in runtimes.values():
+            one_pass(rt)
+        for _ in range(4):
+            for name, rt in runtimes.items():
+                t = time.perf_counter()
+                rates[name].append(one_pass(rt) / (time.perf_counter() - t))
+    for name, r in rates.items():
+        print(f"{name:<14} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
+
+
+PROBES = {"stock-vectors": stock_vectors, "host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
           "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 
