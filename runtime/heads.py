@@ -40,10 +40,11 @@ def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[t
 
 
 def _stacked_logits(batch: list[Row], entries: list[AdapterEntry], features: torch.Tensor) -> np.ndarray:
-    """Every row's logits [rows, P] (host) from one gather of its task's padded head and one batched
-    product, instead of a slice, a linear and a cast per task; row i's first n_labels columns are
-    its logits. In numpy on the CPU: no torch op (each opens an OpenMP region; right after an ONNX
-    Runtime run, whose threads still spin, that is what made packing slow, runtime/engine/packing.py)."""
+    """Every row's logits [rows, P] (host); row i's first n_labels columns are its logits. On a GPU one
+    gather of each row's padded head and one batched product, instead of a slice, a linear and a cast
+    per task. On the CPU no torch op (each opens an OpenMP region; right after an ONNX Runtime run,
+    whose threads still spin, that is what made packing slow, runtime/engine/packing.py): the native
+    head kernel in one call, or a numpy product per task where native code is off."""
     position = {e.key: k for k, e in enumerate(entries)}
     if features.device.type == "cpu":
         # Each task's head on its own rows (one product per task): gathering a [rows, P, H] copy of the
