@@ -158,7 +158,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         import logging
 
         from adapterserve.runtime.errors import AdapterServeError
-        from adapterserve.runtime.server.app import run
         from adapterserve.runtime.server.settings import config_from_args
 
         try:
@@ -166,6 +165,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except AdapterServeError as e:
             print(f"adapterserve serve: error: {e}", file=sys.stderr)
             return 2
+        # Only now the server and what it imports (torch, transformers, ONNX Runtime: seconds): a bad
+        # flag or environment value is refused at once.
+        from adapterserve.runtime.server.app import run
+
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return run(config)
     if args.command == "build-kernels":
