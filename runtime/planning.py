@@ -33,9 +33,10 @@ def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int,
     n = len(lengths)
     by_length = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
     if n and n <= max_rows:
-        # The whole pool in one forward, decided without the program when every cap allows it and its
-        # padding costs less than another forward (always so for a token-packed engine): what the
-        # program would answer, in a few array operations (a 256-row pool: ~230 -> ~40 us).
+        # The whole pool in one forward when every cap allows it and its padding costs less than one
+        # more forward: no split can win (any split still pays every real token plus a second
+        # overhead), so this is the program's own answer without running it. Always so for a
+        # token-packed engine; usual on a GPU (overhead 4096 tokens) for pools of a few dozen rows.
         longest_row, total = max(lengths), sum(lengths)
         if wide is None or not any(wide):
             distinct, distinct_wide = len(set(keys)), 0
@@ -65,11 +66,6 @@ def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int,
             left += 1
         width = lengths[order[j - 1]]  # sorted: the group's last row is its longest
         longest[j] = max(1, min(max_rows, j - left, max_tokens // max(1, width)))
-    if n and longest[n] == n and n * lengths[order[-1]] - sum(lengths) < overhead_tokens:
-        # One forward is allowed and all its padding costs less than one more forward, so no split can
-        # win (any split still pays every real token plus a second overhead): the program's own answer,
-        # without running it. Usual on a GPU (overhead 4096 tokens) for pools of a few dozen rows.
-        return [order]
     # best[j]: cost of planning the first j sorted rows; a group of rows i..j-1 costs its padded
     # tokens plus the forward's overhead. One vector op per j (the Python double loop this replaced
     # cost ~4 ms for a 256-row GPU pool). Costs are integers, exact in float64.

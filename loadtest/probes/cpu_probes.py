@@ -9,6 +9,7 @@ on a new CPU; not part of the wheel).
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
     python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads in one native call vs numpy
     python -m adapterserve.loadtest.probes.cpu_probes stock-vectors # the stock-op ONNX graph with and without vector inputs
+    python -m adapterserve.loadtest.probes.cpu_probes row-scale-copies  # the int8 op graph with and without copying input scales
 
 Each prints medians; none asserts anything. Packaged MiniLM and SST-2 dev texts throughout.
 """
@@ -395,40 +396,15 @@ def host_heads() -> None:
         lora_kernel.load = real_load
 
 
-def stock_vectors() -> None:
-    """32 LoRA tasks on the stock-op fp32 shared graph (--lora-kernel torch), as exported (with the
-    per-feature vector inputs: Gather/Mul/Add on every slot layer) against the same graph traced without
-    them, alternating: what the vector inputs cost traffic that does not use them on that graph."""
+def _lora_tasks_ab(variants: dict) -> None:
+    """32 LoRA tasks through each variant's runtime (name -> a function of (adapter paths, a scratch
+    dir) that returns it), the same SST-2 batches alternating between them: texts/s medians."""
     from adapterserve.loadtest.kinds_bench import make_adapter
-    from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
-    from adapterserve.runtime.engine.onnx import export
-    from adapterserve.runtime.engine.slot_layers import SlotLoRALinear, gathered_delta
-    from adapterserve.runtime.runtime import Runtime
+    from adapterserve.runtime.config import packaged_base_model_dir
 
     base, tmp = packaged_base_model_dir(), tempfile.mkdtemp()
     paths = [make_adapter(base, os.path.join(tmp, f"lora{i}"), "lora", i) for i in range(32)]
-    saved = (export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input)
-
-    def lora_inputs(layers, fused_op, in_scale_layers):
-        return [x for x in saved[0](layers, fused_op, in_scale_layers) if x[2] in ("lora_a", "lora_b", "slot_r8")]
-
-    def lora_only(self, x, y, y_offset=0):
-        traced = self.context.traced
-        return y + gathered_delta(x, *traced.tensors[self.name], traced.slot_per_row)
-
-    runtimes = {}
-    try:
-        for name in ("with vectors", "without"):
-            if name == "without":
-                export.slot_inputs, SlotLoRALinear._traced_forward = lora_inputs, lora_only
-                SlotLoRALinear._traced_input = lambda self, x: x
-            rt = Runtime(RuntimeConfig(slots=33, r_max=16, engine="onnx", lora_kernel="torch",
-                                       onnx_dir=os.path.join(tmp, name.replace(" ", "_"))))
-            for i, path in enumerate(paths):
-                rt.add_adapter(f"t{i}", path)
-            runtimes[name] = rt
-    finally:
-        export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input = saved
+    runtimes = {name: make(paths, os.path.join(tmp, str(k))) for k, (name, make) in enumerate(variants.items())}
     texts = _texts(448)
     batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
 
@@ -446,10 +422,65 @@ def stock_vectors() -> None:
                 t = time.perf_counter()
                 rates[name].append(one_pass(rt) / (time.perf_counter() - t))
     for name, r in rates.items():
-        print(f"{name:<14} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
+        print(f"{name:<16} median {statistics.median(r):7.1f} texts/s  ({' '.join(f'{x:.0f}' for x in r)})")
 
 
-PROBES = {"stock-vectors": stock_vectors, "host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+def _onnx_runtime(paths: list, onnx_dir: str, **config):
+    from adapterserve.runtime.config import RuntimeConfig
+    from adapterserve.runtime.runtime import Runtime
+
+    rt = Runtime(RuntimeConfig(slots=33, r_max=16, engine="onnx", onnx_dir=onnx_dir, **config))
+    for i, path in enumerate(paths):
+        rt.add_adapter(f"t{i}", path)
+    return rt
+
+
+def stock_vectors() -> None:
+    """32 LoRA tasks on the stock-op fp32 shared graph (--lora-kernel torch), as exported (with the
+    per-feature vector inputs: Gather/Mul/Add on every slot layer) against the same graph traced without
+    them: what the vector inputs cost traffic that does not use them on that graph."""
+    from adapterserve.runtime.engine.onnx import export
+    from adapterserve.runtime.engine.slot_layers import SlotLoRALinear, gathered_delta
+
+    saved = (export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input)
+
+    def lora_inputs(layers, fused_op, in_scale_layers):
+        return [x for x in saved[0](layers, fused_op, in_scale_layers) if x[2] in ("lora_a", "lora_b", "slot_r8")]
+
+    def lora_only(self, x, y, y_offset=0):
+        traced = self.context.traced
+        return y + gathered_delta(x, *traced.tensors[self.name], traced.slot_per_row)
+
+    def without(paths, onnx_dir):
+        export.slot_inputs, SlotLoRALinear._traced_forward = lora_inputs, lora_only
+        SlotLoRALinear._traced_input = lambda self, x: x
+        try:
+            return _onnx_runtime(paths, onnx_dir, lora_kernel="torch")
+        finally:
+            export.slot_inputs, SlotLoRALinear._traced_forward, SlotLoRALinear._traced_input = saved
+
+    _lora_tasks_ab({"with vectors": lambda p, d: _onnx_runtime(p, d, lora_kernel="torch"), "without": without})
+
+
+def row_scale_copies() -> None:
+    """32 LoRA tasks on the int8 shared graph with our ops, as exported (input scales only where they
+    cost no copy) against one that keeps every SlotRowScale node, copies included
+    (export._drop_copying_row_scales left out): what those copies cost traffic that does not use them."""
+    from adapterserve.runtime.engine.onnx import export
+
+    saved = export._drop_copying_row_scales
+
+    def with_copies(paths, onnx_dir):
+        export._drop_copying_row_scales = lambda graph: None
+        try:
+            return _onnx_runtime(paths, onnx_dir, precision="int8")
+        finally:
+            export._drop_copying_row_scales = saved
+
+    _lora_tasks_ab({"as exported": lambda p, d: _onnx_runtime(p, d, precision="int8"), "with copies": with_copies})
+
+
+PROBES = {"row-scale-copies": row_scale_copies, "stock-vectors": stock_vectors, "host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
           "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 

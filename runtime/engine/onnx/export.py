@@ -564,8 +564,8 @@ def _fold_row_scales(graph) -> None:
 def _drop_copying_row_scales(graph) -> None:
     """The SlotRowScale nodes left that would copy their input (another node reads it too: the input of
     intermediate.dense, which the residual also reads; DistilBERT's q/k/v) removed with their scale
-    inputs: on every forward, LoRA-only rows included, each copy cost more than the feature is worth
-    (MiniLM int8, 32 LoRA tasks: 1068 against 1121 texts/s). The engine then refuses adapters that
+    inputs, so no forward copies an input for a scale few adapters use (the copies' cost was not
+    measurable: `cpu_probes row-scale-copies`, docs/benchmarks.md). The engine then refuses adapters that
     scale those layers' inputs (shared_base.json `in_scale_layers` lists the layers that kept theirs)."""
     from adapterserve.runtime.native.ort_ops import DOMAIN, ROW_SCALE_OP_TYPE
 
