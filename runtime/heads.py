@@ -1,10 +1,12 @@
-"""Per-task heads over the features of one mixed batch: stacked where every head is one linear (one
-gather and one batched product for the batch), else each task on its own rows; then softmax, label
-order and the Prediction of every row, computed on the host in numpy.
+"""Per-task heads over the features of one mixed batch: stacked where every head is one linear (on the
+CPU every head and its softmax in one native call, runtime/native/csrc/lora_kernel.c head_scores, or
+numpy; on a GPU one gather and one batched product for the batch), else each task on its own rows.
+A stacked batch leaves each row its index into the batch's BatchScores: no per-row object is made
+until someone reads the row's Prediction (types.Row).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,10 +29,10 @@ def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[t
         return None
     weight, bias = head[names[0]], head[names[1]]
     n, hidden = weight.shape
-    if device.type == "cpu":  # the CPU path (_stacked_logits: the native head kernel, or numpy)
+    if device.type == "cpu":  # the CPU path (_stacked_scores: the native head kernel, or numpy)
         w, b = weight.float().contiguous().numpy(), bias.float().contiguous().numpy()
-        # Their addresses once here: reading .ctypes.data per batch cost ~1 us a head.
-        return w, b, w.ctypes.data, b.ctypes.data
+        # The kernel's row for this head, once here: reading .ctypes.data per batch cost ~1 us a head.
+        return w, b, (w.ctypes.data, b.ctypes.data, n)
     padded = max(8, 1 << (n - 1).bit_length())
     w = weight.new_zeros(padded, hidden)
     w[:n] = weight
@@ -39,53 +41,61 @@ def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[t
     return w, b
 
 
-def _stacked_logits(batch: list[Row], entries: list[AdapterEntry], features: torch.Tensor) -> np.ndarray:
-    """Every row's logits [rows, P] (host); row i's first n_labels columns are its logits. On a GPU one
-    gather of each row's padded head and one batched product, instead of a slice, a linear and a cast
-    per task. On the CPU no torch op (each opens an OpenMP region; right after an ONNX Runtime run,
-    whose threads still spin, that is what made packing slow, runtime/engine/packing.py): the native
-    head kernel in one call, or a numpy product per task where native code is off."""
-    position = {e.key: k for k, e in enumerate(entries)}
+def _stacked_scores(entries: list[AdapterEntry], task_of_row: np.ndarray, features: torch.Tensor,
+                    threads: int = 1) -> BatchScores:
+    """Every row's logits and probabilities [rows, P] (host; row i's first n_labels columns are its
+    task's, the rest 0). On the CPU no torch op (each opens an OpenMP region; right after an ONNX
+    Runtime run, whose threads still spin, that is what made packing slow, runtime/engine/packing.py):
+    the native head kernel does every head and softmax in one call, or numpy a product per task where
+    native code is off. On a GPU one gather of each row's padded head and one batched product, instead
+    of a slice, a linear and a cast per task."""
+    rows = len(task_of_row)
     if features.device.type == "cpu":
+        heads = np.array([e.stacked_head[2] for e in entries], dtype=np.int64)  # [tasks, 3]: W, bias, labels
+        width = int(heads[:, 2].max())
+        kernel = lora_kernel.load()
+        if kernel is not None:
+            logits = np.empty((rows, width), dtype=np.float32)
+            probs = np.empty((rows, width), dtype=np.float32)
+            kernel.heads(features.float().contiguous(), task_of_row, heads, logits, probs, threads)
+            return BatchScores(probs, logits)
         # Each task's head on its own rows (one product per task): gathering a [rows, P, H] copy of the
         # heads per row cost more than every product together (25 MB for 256 rows of 50-label heads).
         # The rows sorted by task once, so each product reads and writes contiguous rows in place.
-        width = max(e.stacked_head[0].shape[0] for e in entries)
-        idx = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
-        by_task = np.argsort(idx, kind="stable")
-        bounds = np.searchsorted(idx[by_task], np.arange(len(entries) + 1))
-        kernel = lora_kernel.load()
-        if kernel is not None:  # every task's product in one native call
-            out = np.zeros((len(batch), width), dtype=np.float32)
-            heads = [e.stacked_head for e in entries]  # each (weight, bias, their addresses): alive while held
-            kernel.heads(np.ascontiguousarray(features.float().numpy()), by_task, bounds,
-                         np.fromiter((h[2] for h in heads), dtype=np.int64, count=len(heads)),
-                         np.fromiter((h[3] for h in heads), dtype=np.int64, count=len(heads)),
-                         np.fromiter((h[0].shape[0] for h in heads), dtype=np.int64, count=len(heads)), out)
-            return out
+        by_task = np.argsort(task_of_row, kind="stable")
+        bounds = np.searchsorted(task_of_row[by_task], np.arange(len(entries) + 1)).tolist()
         f = features.float().numpy()[by_task]
-        bounds = bounds.tolist()
-        sorted_out = np.zeros((len(batch), width), dtype=np.float32)
+        sorted_out = np.zeros((rows, width), dtype=np.float32)
         for k, e in enumerate(entries):
             lo, hi = bounds[k], bounds[k + 1]
             w, b = e.stacked_head[:2]
-            rows = sorted_out[lo:hi, :w.shape[0]]
-            np.matmul(f[lo:hi], w.T, out=rows)
-            rows += b
-        out = np.empty_like(sorted_out)
-        out[by_task] = sorted_out
-        return out
+            out = sorted_out[lo:hi, :w.shape[0]]
+            np.matmul(f[lo:hi], w.T, out=out)
+            out += b
+        logits = np.empty_like(sorted_out)
+        logits[by_task] = sorted_out
+        return BatchScores(_masked_softmax(logits, heads[:, 2][task_of_row]), logits)
     width = max(e.stacked_head[0].shape[0] for e in entries)
     ws, bs = [], []
     for e in entries:
         w, b = e.stacked_head
         ws.append(w if w.shape[0] == width else F.pad(w, (0, 0, 0, width - w.shape[0])))
         bs.append(b if b.shape[0] == width else F.pad(b, (0, width - b.shape[0])))
-    idx = torch.tensor([position[r.entry.key] for r in batch], device=features.device)
+    idx = torch.from_numpy(task_of_row).to(features.device)
     weight = torch.stack(ws).index_select(0, idx)  # [rows, P, H]
     bias = torch.stack(bs).index_select(0, idx).unsqueeze(1)  # [rows, 1, P]
     logits = torch.baddbmm(bias, features.unsqueeze(1).to(weight.dtype), weight.transpose(1, 2))
-    return logits.squeeze(1).float().cpu().numpy()
+    logits = logits.squeeze(1).float().cpu().numpy()
+    # The padded heads' columns are 0 (zero weights and bias), as on the CPU.
+    n_labels = np.fromiter((len(e.spec.labels) for e in entries), dtype=np.int64, count=len(entries))[task_of_row]
+    return BatchScores(_masked_softmax(logits, n_labels), logits)
+
+
+def _masked_softmax(logits: np.ndarray, n_labels: np.ndarray) -> np.ndarray:
+    """Row-wise softmax over each row's first n_labels columns; the columns after get probability 0."""
+    masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
+    ex = np.exp(masked - masked.max(axis=1, keepdims=True))
+    return ex / ex.sum(axis=1, keepdims=True)
 
 
 def _head_logits(family: Family, entry: AdapterEntry, features: torch.Tensor) -> torch.Tensor:
@@ -118,11 +128,15 @@ def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[
         logits = [h[:, :lg.shape[1]] for h, lg in zip(host.split(sizes), logits)]
     return [lg.numpy() for lg in logits]
 
-def apply_heads(family: Family, batch: list[Row], entries: Iterable[AdapterEntry], features: torch.Tensor) -> None:
-    entries = list(entries)
+def apply_heads(family: Family, batch: list[Row], entries: list[AdapterEntry], task_of_row: np.ndarray,
+                features: torch.Tensor, threads: int = 1) -> None:
+    """Set every row's scores: entries are the batch's distinct adapters, task_of_row int64 [rows] the
+    index of each row's adapter in entries; threads: how many the native CPU head kernel may use."""
     with torch.inference_mode():
         if len(entries) > 1 and all(e.stacked_head is not None for e in entries):
-            _predict_stacked(batch, _stacked_logits(batch, entries, features))
+            scores = _stacked_scores(entries, task_of_row, features, threads)
+            for i, r in enumerate(batch):  # each row reads its row of the batch's arrays when asked
+                r.scored(scores, i)
             return
         rows_of: dict[int, list[int]] = {}
         for i, r in enumerate(batch):
@@ -134,18 +148,6 @@ def apply_heads(family: Family, batch: list[Row], entries: Iterable[AdapterEntry
         probs, order = _softmax_order(x)
         for j, i in enumerate(rows_of[e.key]):
             batch[i].prediction = _prediction(e, batch[i], probs[j], order[j], x[j])
-
-def _predict_stacked(batch: list[Row], logits: np.ndarray) -> None:
-    """Predictions from the padded logits [rows, P] of _stacked_logits: one softmax and one sort
-    over the batch, each row's columns past its task's labels masked out (they sort last)."""
-    n_labels = np.fromiter((len(r.entry.spec.labels) for r in batch), dtype=np.int64, count=len(batch))
-    masked = np.where(np.arange(logits.shape[1]) < n_labels[:, None], logits, -np.inf)
-    ex = np.exp(masked - masked.max(axis=1, keepdims=True))
-    scores = BatchScores(ex / ex.sum(axis=1, keepdims=True), logits)  # the order is sorted when first read
-    for i, r in enumerate(batch):  # each reads its row of the batch's arrays when asked
-        entry, encoded = r.entry, r.encoded
-        r.prediction = Prediction(entry.task, entry.version, entry.spec.labels, scores, len(encoded.input_ids),
-                                  encoded.truncated, i)
 
 
 def _softmax_order(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ fewer padded positions; on a GPU the fixed cost dominates and the same rule keep
 """
 from __future__ import annotations
 
-from typing import Hashable, Optional, Sequence
+from typing import Collection, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -24,29 +24,29 @@ PACKED_OVERHEAD_TOKENS = 1 << 30
 
 
 def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int, max_tokens: int,
-                max_adapters: int, overhead_tokens: int, wide: Optional[Sequence[bool]] = None,
+                max_adapters: int, overhead_tokens: int, wide: Optional[Collection[Hashable]] = None,
                 max_wide: int = 0) -> list[list[int]]:
     """Indices into `lengths`, grouped into forwards. Each group is a run of the rows sorted by length
     with at most `max_rows` rows, `max_tokens` padded tokens (rows x longest) and `max_adapters`
-    distinct keys, of which the keys of rows marked `wide` (adapters in wide slots) count against
-    `max_wide` instead; a single row always forms a valid group."""
+    distinct keys, of which the keys in `wide` (adapters in wide slots) count against `max_wide`
+    instead; a single row always forms a valid group."""
     n = len(lengths)
-    by_length = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    by_length = np.argsort(lengths, kind="stable")
+    wide = wide or ()
     if n and n <= max_rows:
         # The whole pool in one forward when every cap allows it and its padding costs less than one
         # more forward: no split can win (any split still pays every real token plus a second
         # overhead), so this is the program's own answer without running it. Always so for a
         # token-packed engine; usual on a GPU (overhead 4096 tokens) for pools of a few dozen rows.
-        longest_row, total = max(lengths), sum(lengths)
-        if wide is None or not any(wide):
-            distinct, distinct_wide = len(set(keys)), 0
-        else:
-            distinct = len({k for k, w in zip(keys, wide) if not w})
-            distinct_wide = len({k for k, w in zip(keys, wide) if w})
-        if (n * longest_row <= max(max_tokens, longest_row) and distinct <= max(1, max_adapters)
+        longest_row, total = int(lengths.max()), int(lengths.sum())
+        distinct = set(keys)
+        distinct_wide = len(distinct.intersection(wide)) if wide else 0
+        if (n * longest_row <= max(max_tokens, longest_row) and len(distinct) - distinct_wide <= max(1, max_adapters)
                 and distinct_wide <= max(1, max_wide) and n * longest_row - total < overhead_tokens):
             return [by_length.tolist()]
     order = by_length.tolist()
+    lengths = lengths.tolist()
     # Every cap only tightens as a group grows to the left, so the groups that may end at sorted row
     # j are exactly those of 1..longest[j] rows. The distinct-key cap, by two pointers over the rows.
     longest = [0] * (n + 1)
@@ -55,11 +55,11 @@ def plan_groups(lengths: Sequence[int], keys: Sequence[Hashable], max_rows: int,
     left = 0
     for j in range(1, n + 1):
         row = order[j - 1]
-        into = wide_counts if wide is not None and wide[row] else counts
+        into = wide_counts if keys[row] in wide else counts
         into[keys[row]] = into.get(keys[row], 0) + 1
         while len(counts) > max(1, max_adapters) or len(wide_counts) > max(1, max_wide):
             first = order[left]
-            table = wide_counts if wide is not None and wide[first] else counts
+            table = wide_counts if keys[first] in wide else counts
             table[keys[first]] -= 1
             if not table[keys[first]]:
                 del table[keys[first]]

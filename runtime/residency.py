@@ -170,11 +170,12 @@ class Residency:
             self._released.wait()
 
     # -- a batch's pins ---------------------------------------------------------------------------
-    def pin(self, entries: list[AdapterEntry]) -> tuple[dict[int, int], list]:
-        """Make a batch's adapters resident and pin them for its forward: (entry key -> slot, the pins
-        to hand to unpin). The merged task's rows read slot 0 (its delta is in the base weights). A
-        batch that needs another task unmerges; a run of batches that need only the merge goal merges
-        it back."""
+    def pin(self, entries: list[AdapterEntry]) -> tuple[list[int], list]:
+        """Make a batch's adapters resident and pin them for its forward: (each entry's slot, in order;
+        the pins to hand to unpin). The merged task's rows read slot 0 (its delta is in the base
+        weights). A batch that needs another task unmerges; a run of batches that need only the merge
+        goal merges it back."""
+        wide = [self.is_wide(e) for e in entries] if self.wide_table is not None else [False] * len(entries)
         pinned = []
         counted = False  # a batch counts once towards merging back, however long it waits for slots
         with self._device_lock:
@@ -187,32 +188,34 @@ class Residency:
                     counted = True
                     self._maybe_remerge(entries)
                 merged = self.merged_task
+                if not self._forwards:
+                    break
                 # Batches running on other workers may hold so many slots that this one does not fit
                 # yet: wait for them to unpin (one batch alone always fits: the planner caps its
                 # adapters), then look again, merged state included, since both may have changed.
-                wanted = {e.key for e in entries if e is not merged and not self.is_wide(e)}
-                wide_wanted = {e.key for e in entries if self.is_wide(e)}
-                if not self._forwards or (self.slot_table.can_fit(wanted)
-                                          and (not wide_wanted or self.wide_table.can_fit(wide_wanted))):
+                wanted = {e.key for e, w in zip(entries, wide) if e is not merged and not w}
+                wide_wanted = {e.key for e, w in zip(entries, wide) if w}
+                if self.slot_table.can_fit(wanted) and (not wide_wanted or self.wide_table.can_fit(wide_wanted)):
                     break
                 self._released.wait()
+            slots = []
             try:
-                slot_of = {}
-                for e in entries:
+                for e, w in zip(entries, wide):
                     if e is merged:
-                        slot_of[e.key] = 0  # its delta lives in the base weights
+                        slots.append(0)  # its delta lives in the base weights
                         continue
-                    table = self._table(e)
-                    if table.slot_of(e.key) is None:
+                    table = self.wide_table if w else self.slot_table
+                    slot = table.acquire_resident(e.key)
+                    if slot is None:
                         self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
-                    slot = table.acquire(e.key)
-                    slot_of[e.key] = slot + self._wide_offset if table is self.wide_table else slot
+                        slot = table.acquire(e.key)
+                    slots.append(slot + self._wide_offset if w else slot)
                     pinned.append((table, e.key))
             except BaseException:
                 self._release(pinned, forward=False)
                 raise
             self._forwards += 1
-        return slot_of, pinned
+        return slots, pinned
 
     def unpin(self, pinned: list) -> None:
         """The batch's forward is done."""

@@ -16,6 +16,7 @@ import logging
 from dataclasses import replace
 from typing import Callable, Optional, Protocol, Sequence, Union
 
+import numpy as np
 import torch
 
 from adapterserve.adapters.peft_lora import parse_adapter, read_adapter_dir
@@ -82,6 +83,10 @@ class Runtime:
                                                 metadata=e.spec.metadata),
                 can_reload=lambda e: disk.holds(e.task, e.version))
         self._disk = disk
+        # The CPU head kernel's threads: the engine's own on the torch engine (its OpenMP pool, idle once
+        # the forward is done); one beside ONNX Runtime, whose pool threads still spin after a run and
+        # would contend with a second pool (runtime/engine/packing.py).
+        self.head_threads = 1 if self.engine.name == "onnx" else torch.get_num_threads()
         # A retired version is freed (slot, host memory, merge, its blobs) once its last request lets go of it.
         self.registry = Registry(on_retired=self._retired, on_idle=host_tier.shrink)
         self.residency = Residency(self.engine, self.registry, host_tier, self.config.slots, self.base.precision,
@@ -228,32 +233,50 @@ class Runtime:
     def plan_batches(self, rows: Sequence[Row]) -> list[list[Row]]:
         """Cut rows into forwards: length bands that save padding (runtime/planning.py), each within the
         row, padded-token and distinct-adapter caps."""
+        return [batch for batch, _, _ in self._plan(rows)]
+
+    def _plan(self, rows: Sequence[Row]) -> list[tuple[list[Row], Optional[np.ndarray], Optional[list[AdapterEntry]]]]:
+        """plan_batches, each batch with its rows' lengths (int64) and distinct adapters where planning
+        had them at hand (a pool that stays one forward)."""
+        lengths = np.fromiter((r.encoded.length for r in rows), dtype=np.int64, count=len(rows))
+        keys = [r.entry.key for r in rows]
+        distinct = {r.entry.key: r.entry for r in rows}
         wide_table = self.residency.wide_table
-        groups = plan_groups([r.encoded.length for r in rows], [r.entry.key for r in rows],
-                             self.config.max_batch_size, self.config.max_batch_tokens, self.slot_table.capacity,
-                             self.forward_overhead_tokens,
-                             wide=[self.residency.is_wide(r.entry) for r in rows] if wide_table else None,
-                             max_wide=wide_table.capacity if wide_table else 0)
-        return [[rows[i] for i in g] for g in groups]
+        wide = None
+        if wide_table is not None:
+            wide = {k for k, e in distinct.items() if self.residency.is_wide(e)}
+        groups = plan_groups(lengths, keys, self.config.max_batch_size, self.config.max_batch_tokens,
+                             self.slot_table.capacity, self.forward_overhead_tokens,
+                             wide=wide, max_wide=wide_table.capacity if wide_table else 0)
+        if len(groups) == 1:
+            order = groups[0]
+            return [([rows[i] for i in order], lengths[order], list(distinct.values()))]
+        return [([rows[i] for i in g], None, None) for g in groups]
 
     def infer(self, rows: Sequence[Row], on_forward_done: Optional[Callable[[list[Row]], None]] = None) -> None:
-        """Fill row.prediction for every row; rows may mix any registered tasks. on_forward_done, if
+        """Set every row's prediction; rows may mix any registered tasks. on_forward_done, if
         given, hears each forward's rows as soon as their predictions are set, except the last
         forward's (the caller has everything once infer returns): the server answers a request once
         its own rows are done, not when the whole pool is, and a one-forward pool costs nothing extra."""
-        batches = self.plan_batches(rows)
-        for k, batch in enumerate(batches):
-            self._run_batch(batch)
+        batches = self._plan(rows)
+        for k, (batch, lengths, entries) in enumerate(batches):
+            self._run_batch(batch, lengths, entries)
             if on_forward_done is not None and k < len(batches) - 1:
                 on_forward_done(batch)
 
-    def _run_batch(self, batch: list[Row]) -> None:
-        entries = list({r.entry.key: r.entry for r in batch}.values())
-        slot_of, pinned = self.residency.pin(entries)
+    def _run_batch(self, batch: list[Row], lengths: Optional[np.ndarray] = None,
+                   entries: Optional[list[AdapterEntry]] = None) -> None:
+        """One forward over batch; lengths and entries (its distinct adapters) if the caller has them."""
+        if lengths is None:
+            lengths = np.fromiter((r.encoded.length for r in batch), dtype=np.int64, count=len(batch))
+        if entries is None:
+            entries = list({r.entry.key: r.entry for r in batch}.values())
+        position = {e.key: k for k, e in enumerate(entries)}
+        task_of_row = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
+        slot_of_task, pinned = self.residency.pin(entries)
         try:
-            inputs = self.encoder.collate([r.encoded for r in batch], self.base.device)
-            features = self.engine.encode(inputs, [slot_of[r.entry.key] for r in batch],
-                                          [r.encoded.length for r in batch])
+            inputs = self.encoder.collate([r.encoded for r in batch], self.base.device, lengths)
+            features = self.engine.encode(inputs, np.array(slot_of_task)[task_of_row].tolist(), lengths.tolist())
         finally:
             self.residency.unpin(pinned)
-        apply_heads(self.base.family, batch, entries, features)
+        apply_heads(self.base.family, batch, entries, task_of_row, features, self.head_threads)

@@ -41,6 +41,15 @@ class SlotTable:
         evictable = sum(1 for k in self._lru if not self._pins.get(k) and k not in keys)
         return missing <= len(self._free) + evictable
 
+    def acquire_resident(self, key: Hashable) -> Optional[int]:
+        """acquire() where `key` is resident already (its slot, pinned); None, changing nothing, where not."""
+        slot = self._lru.get(key)
+        if slot is not None:
+            self.hits += 1
+            self._lru.move_to_end(key)
+            self._pins[key] = self._pins.get(key, 0) + 1
+        return slot
+
     def acquire(self, key: Hashable) -> int:
         """Make `key` resident, pin it, and return its slot."""
         slot = self._lru.get(key)

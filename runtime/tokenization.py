@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -14,15 +13,18 @@ from transformers import PreTrainedTokenizerBase
 from adapterserve.runtime.errors import InvalidInputError
 
 
-@dataclass
 class Encoded:
-    input_ids: list[int]
-    token_type_ids: Optional[list[int]]
-    truncated: bool
+    """One text's token ids; token_type_ids only for a text with a pair (None: every type is 0, which
+    collate fills in without reading a list per row)."""
 
-    @property
-    def length(self) -> int:
-        return len(self.input_ids)
+    __slots__ = ("input_ids", "token_type_ids", "truncated", "length")
+
+    def __init__(self, input_ids: list[int], token_type_ids: Optional[list[int]], truncated: bool) -> None:
+        self.input_ids, self.token_type_ids, self.truncated = input_ids, token_type_ids, truncated
+        self.length = len(input_ids)
+
+    def __repr__(self) -> str:
+        return f"Encoded({self.input_ids!r}, {self.token_type_ids!r}, {self.truncated!r})"
 
 
 class TextEncoder:
@@ -90,8 +92,9 @@ class TextEncoder:
                 what = f"puts {n} virtual tokens first" if n else f"has a prefix of {p} positions"
                 message += f" (this task {what}, so a text may take {limits[i]} of the model's {max_length} positions)"
             raise InvalidInputError(message)
+        typed = self.uses_token_types and pairs is not None  # a single text's types are all 0: Encoded says None
         out = [
-            Encoded(ids, full["token_type_ids"][i] if self.uses_token_types else None, False)
+            Encoded(ids, full["token_type_ids"][i] if typed else None, False)
             for i, ids in enumerate(full["input_ids"])
         ]
         for limit in sorted({limits[i] for i in too_long}):
@@ -101,7 +104,7 @@ class TextEncoder:
                 truncation=True, max_length=limit, **kwargs,
             )
             for j, i in enumerate(rows):
-                out[i] = Encoded(cut["input_ids"][j], cut["token_type_ids"][j] if self.uses_token_types else None, True)
+                out[i] = Encoded(cut["input_ids"][j], cut["token_type_ids"][j] if typed else None, True)
         return out
 
     def _encode_full(self, texts: Sequence[str], pairs: Optional[Sequence[str]], kwargs: dict) -> dict:
@@ -112,28 +115,37 @@ class TextEncoder:
         else:
             encodings = self.backend.encode_batch(list(zip(texts, pairs)) if pairs is not None else list(texts))
         out = {"input_ids": [e.ids for e in encodings]}
-        if self.uses_token_types:
+        if self.uses_token_types and pairs is not None:
             out["token_type_ids"] = [e.type_ids for e in encodings]
         return out
 
-    def collate(self, rows: Sequence[Encoded], device: torch.device) -> dict[str, torch.Tensor]:
-        """Pad to the longest row of this batch. Every row's ids go into one flat array and are scattered
-        under the mask in numpy: nested Python lists took 2.67 ms per 256-row batch, this 0.45 ms
-        (docs/benchmarks.md, GPU section)."""
-        lengths = np.fromiter((r.length for r in rows), dtype=np.int64, count=len(rows))
+    def collate(self, rows: Sequence[Encoded], device: torch.device,
+                lengths: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this batch (lengths: the rows' lengths, if the caller has them).
+        Every row's ids go into one flat array and are scattered under the mask in numpy: nested
+        Python lists took 2.67 ms per 256-row batch, this 0.45 ms (docs/benchmarks.md, GPU section)."""
+        if lengths is None:
+            lengths = np.fromiter((r.length for r in rows), dtype=np.int64, count=len(rows))
         mask = np.arange(int(lengths.max())) < lengths[:, None]
+        total = int(lengths.sum())
 
-        def padded(lists, fill: int) -> torch.Tensor:
-            out = np.full(mask.shape, fill, dtype=np.int64)
-            out[mask] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
-            tensor = torch.from_numpy(out)
+        def to_device(array: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(array)
             # Pinned, so the copy to a GPU is asynchronous (ordered on the stream the forward then uses).
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
-        mask_tensor = torch.from_numpy(mask.astype(np.int64))  # the mask is the lengths: no walk over tokens
-        if device.type == "cuda":
-            mask_tensor = mask_tensor.pin_memory().to(device, non_blocking=True)
-        inputs = {"input_ids": padded((r.input_ids for r in rows), self.pad_id), "attention_mask": mask_tensor}
+        def padded(lists, fill: int) -> torch.Tensor:
+            out = np.full(mask.shape, fill, dtype=np.int64)
+            out[mask] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+            return to_device(out)
+
+        # The mask is the lengths: no walk over tokens.
+        inputs = {"input_ids": padded((r.input_ids for r in rows), self.pad_id),
+                  "attention_mask": to_device(mask.astype(np.int64))}
         if self.uses_token_types:
-            inputs["token_type_ids"] = padded((r.token_type_ids for r in rows), 0)
+            if any(r.token_type_ids is not None for r in rows):
+                inputs["token_type_ids"] = padded((r.token_type_ids if r.token_type_ids is not None else [0] * r.length
+                                                   for r in rows), 0)
+            else:  # no row has a pair
+                inputs["token_type_ids"] = to_device(np.zeros(mask.shape, dtype=np.int64))
         return inputs

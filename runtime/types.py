@@ -2,7 +2,7 @@
 a text becomes on its way through a batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -76,6 +76,10 @@ class Prediction:
         """The k most probable labels, highest first (None or 0: all)."""
         if self._scores is not None:
             return self._scores[:k or None]
+        if k == 1 and self._row is not None:  # no sort: the first of the most probable, as the order has it
+            probs = self._arrays.probs[self._row]
+            i = int(probs[:len(self._labels)].argmax())
+            return [LabelScore(self._labels[i], i, float(probs[i]))]
         order = self._order[:k] if k else self._order
         probs = self._probs
         return [LabelScore(self._labels[i], i, float(probs[i])) for i in order.tolist()]
@@ -99,18 +103,37 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        if self._row is None:
-            return self._labels[int(self._order[0])]
-        return self._labels[int(np.argmax(self._probs[:len(self._labels)]))]  # the first of equals, as the order
+        return self.top(1)[0].label
 
 
-@dataclass
 class Row:
-    """One text on its way through a batch: the adapter version it was admitted with, its tokens."""
+    """One text on its way through a batch: the adapter version it was admitted with, its tokens and,
+    once its forward is done, its Prediction. A batch with stacked heads leaves each row only its
+    index into the batch's BatchScores; the Prediction object is made when someone reads it (the
+    server, building that request's answer), not on the model thread for every row."""
 
-    entry: AdapterEntry
-    encoded: Encoded
-    prediction: Optional[Prediction] = field(default=None)
+    __slots__ = ("entry", "encoded", "_scores", "_index", "_prediction")
+
+    def __init__(self, entry: AdapterEntry, encoded: Encoded, prediction: Optional[Prediction] = None) -> None:
+        self.entry, self.encoded = entry, encoded
+        self._scores: Optional[BatchScores] = None
+        self._index = 0
+        self._prediction = prediction
+
+    def scored(self, scores: BatchScores, index: int) -> None:
+        self._scores, self._index, self._prediction = scores, index, None
+
+    @property
+    def prediction(self) -> Optional[Prediction]:
+        if self._prediction is None and self._scores is not None:
+            entry, encoded = self.entry, self.encoded
+            self._prediction = Prediction(entry.task, entry.version, entry.spec.labels, self._scores, encoded.length,
+                                          encoded.truncated, self._index)
+        return self._prediction
+
+    @prediction.setter
+    def prediction(self, value: Optional[Prediction]) -> None:
+        self._scores, self._prediction = None, value
 
 
 @dataclass

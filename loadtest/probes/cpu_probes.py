@@ -7,7 +7,7 @@ on a new CPU; not part of the wheel).
     python -m adapterserve.loadtest.probes.cpu_probes varlen-attention  # the packed graph's attention kernel vs torch SDPA padded
     python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
-    python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads in one native call vs numpy
+    python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads and softmax in one native call vs numpy
     python -m adapterserve.loadtest.probes.cpu_probes stock-vectors # the stock-op ONNX graph with and without vector inputs
     python -m adapterserve.loadtest.probes.cpu_probes row-scale-copies  # the int8 op graph with and without copying input scales
 
@@ -366,7 +366,8 @@ def onnx_folds() -> None:
 
 def host_heads() -> None:
     """`adapterserve bench host`'s batches with the CPU heads' native call on and off, alternating in one
-    process (runtime/heads._stacked_logits: head_logits in lora_kernel.c, or a numpy product per task)."""
+    process (runtime/heads._stacked_scores: head_scores in lora_kernel.c, or a numpy product per task and a
+    numpy softmax)."""
     from adapterserve.loadtest.host_bench import host_timer, synthetic_tasks
     from adapterserve.runtime.config import RuntimeConfig, packaged_base_model_dir
     from adapterserve.runtime.native import lora_kernel

@@ -12,6 +12,7 @@ import ctypes
 import logging
 from typing import Optional
 
+import numpy as np
 import torch
 
 from adapterserve.runtime.native.build import build, load_once, source
@@ -19,7 +20,7 @@ from adapterserve.runtime.native.build import build, load_once, source
 log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
-ABI = 5
+ABI = 6
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
@@ -48,10 +49,10 @@ class FusedLoRA:
         lib.varlen_attention_rows.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
         lib.varlen_attention_rows.restype = None
         self._attention = lib.varlen_attention_rows
-        # features, hidden, row order, task bounds, tasks, W^T pointers, bias pointers, labels, out, width
-        lib.head_logits.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64]
-        lib.head_logits.restype = None
-        self._heads = lib.head_logits
+        # features, hidden, rows, task of each row, tasks, heads, order and bounds scratch, logits, probs, width
+        lib.head_scores.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+        lib.head_scores.restype = None
+        self._heads = lib.head_scores
         self.path = path
 
     @staticmethod
@@ -86,13 +87,18 @@ class FusedLoRA:
                      b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
                      offsets.data_ptr(), *_vector_pointers(vectors), torch.get_num_threads())
 
-    def heads(self, features, order, bounds, weights, biases, labels, out) -> None:
-        """Per-task linear heads (lora_kernel.c head_logits): features [rows, hidden] float32 contiguous
-        (numpy), order int64 [rows] (rows grouped by task), bounds int64 [tasks + 1], weights / biases
-        int64 [tasks] (addresses of each task's W [n, hidden] and bias [n], float32 contiguous, kept
-        alive by the caller), labels int64 [tasks]; writes out[row, :n] (float32 [rows, width])."""
-        self._heads(features.ctypes.data, features.shape[1], order.ctypes.data, bounds.ctypes.data, labels.shape[0],
-                    weights.ctypes.data, biases.ctypes.data, labels.ctypes.data, out.ctypes.data, out.shape[1])
+    def heads(self, features: torch.Tensor, task_of_row: np.ndarray, heads: np.ndarray, logits: np.ndarray,
+              probs: np.ndarray, threads: int = 1) -> None:
+        """Per-task linear heads and their softmax (lora_kernel.c head_scores): features [rows, hidden]
+        float32 contiguous on the CPU, task_of_row int64 [rows] (an index into heads), heads int64
+        [tasks, 3] (the address of each task's W [n, hidden] and bias [n], float32 contiguous, kept
+        alive by the caller, and n); fills logits and probs (float32 [rows, width], width >= every n):
+        each row's first n columns, zeros after. threads: how many share the heads."""
+        rows, tasks = task_of_row.shape[0], heads.shape[0]
+        scratch = np.empty(rows + tasks + 1, dtype=np.int64)
+        self._heads(features.data_ptr(), features.shape[1], rows, task_of_row.ctypes.data, tasks, heads.ctypes.data,
+                    scratch.ctypes.data, scratch.ctypes.data + 8 * rows, logits.ctypes.data, probs.ctypes.data,
+                    logits.shape[1], threads)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                   heads: int) -> torch.Tensor:

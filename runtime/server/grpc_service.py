@@ -209,9 +209,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         top_k = request.top_k or None
         predictions = [
             pb.Prediction(
-                scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in r.prediction.top(top_k)],
-                input_tokens=r.prediction.input_tokens, truncated=r.prediction.truncated)
-            for r in result.rows
+                scores=[pb.LabelScore(label=s.label, index=s.index, score=s.score) for s in p.top(top_k)],
+                input_tokens=p.input_tokens, truncated=p.truncated)
+            for p in (r.prediction for r in result.rows)
         ]
         return pb.ClassifyResponse(
             request_id=request.request_id, task=request.task, adapter_version=result.adapter_version,

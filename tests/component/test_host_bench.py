@@ -19,8 +19,9 @@ def test_recorded_forward_gives_the_real_predictions(tiny_bases, tmp_path, rows)
     one_batch, real, recorder = host_timer(rt, SAMPLE_TEXTS, tasks, rows)
     assert recorder.recorded and recorder.replaying
     for _ in range(3):  # replayed again and again, always the same answers
-        replayed = one_batch()
+        replayed = [r.prediction for r in one_batch()]
         assert [p.logits for p in replayed] == [p.logits for p in real]
+        assert [p.top(1)[0].score for p in replayed] == [p.top(1)[0].score for p in real]
         assert [p.task for p in replayed] == [tasks[i % len(tasks)] for i in range(rows)]
     assert len({len(p.logits) for p in real}) > 1  # heads of several sizes in one batch
 
@@ -31,3 +32,4 @@ def test_bench_host_prints_both_sizes(tiny_bases, capsys):
     assert main(["host", "--base-model", tiny_bases["bert"], "--tasks", "4", "--rounds", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["us_per_batch_32"] > 0 and result["us_per_batch_256"] > 0
+    assert result["us_read_top1_32"] > 0 and result["us_read_top1_256"] > 0

@@ -192,29 +192,38 @@ def test_native_switch_off_takes_every_portable_path(tiny_bases):
     assert "ADAPTERSERVE_NATIVE=off" in done.stdout
 
 
-@pytest.mark.parametrize("hidden", [384, 40])
-def test_head_kernel_equals_each_tasks_linear(hidden):
-    """runtime/heads' native path: every row's task head in one call (rows in any order, grouped by task),
-    against float64, within the float32 rounding bound of a dot product of `hidden` terms plus the bias
-    (hidden 40: a masked tail of 8 lanes). Columns past a task's labels stay as they were (zeros)."""
+@pytest.mark.parametrize("hidden,threads", [(384, 1), (40, 1), (384, 2)])
+def test_head_kernel_equals_each_tasks_linear_and_softmax(hidden, threads):
+    """runtime/heads' native path: every row's task head and softmax in one call (rows in any order and
+    count per task, so every block of 1-4 rows and 1-4 labels runs; a head no row uses), against
+    float64: the logits within the float32 rounding bound of a dot product of `hidden` terms plus the
+    bias (hidden 40: a masked tail of 8 lanes); the probabilities against the exact softmax of those
+    logits, within the bound of the exp (its reduction and polynomial: a few units of roundoff, plus
+    the rounding of its argument), the n-term sum and the division. Columns past a task's labels are
+    0 in both outputs."""
     import numpy as np
 
     kernel = kernel_or_skip()
     rng = np.random.default_rng(hidden)
-    labels = [2, 50, 7, 13]
+    labels = [2, 50, 7, 13, 5, 1]
     weights = [rng.normal(size=(n, hidden)).astype(np.float32) for n in labels]
     biases = [rng.normal(size=n).astype(np.float32) for n in labels]
-    task_of_row = np.array([3, 0, 1, 1, 2, 0, 3, 3, 1])
-    features = rng.normal(size=(len(task_of_row), hidden)).astype(np.float32)
-    order = np.argsort(task_of_row, kind="stable")
-    bounds = np.searchsorted(task_of_row[order], np.arange(len(labels) + 1))
-    out = np.zeros((len(task_of_row), max(labels)), dtype=np.float32)
-    kernel.heads(features, order, bounds, np.array([w.ctypes.data for w in weights]),
-                 np.array([b.ctypes.data for b in biases]), np.array(labels, dtype=np.int64), out)
-    eps = np.finfo(np.float32).eps
+    task_of_row = np.array([3, 0, 1, 1, 2, 0, 3, 3, 1, 1, 1, 1, 2, 3, 3, 5], dtype=np.int64)  # task 4: no row
+    features = torch.from_numpy((rng.normal(size=(len(task_of_row), hidden)) * 2).astype(np.float32))
+    heads = np.array([(w.ctypes.data, b.ctypes.data, n) for w, b, n in zip(weights, biases, labels)], dtype=np.int64)
+    logits = np.full((len(task_of_row), max(labels)), np.nan, dtype=np.float32)
+    probs = np.full_like(logits, np.nan)
+    kernel.heads(features, task_of_row, heads, logits, probs, threads)
+    eps = np.finfo(np.float32).eps / 2  # unit roundoff
     for row, task in enumerate(task_of_row):
         w, b, n = weights[task].astype(np.float64), biases[task].astype(np.float64), labels[task]
-        want = w @ features[row].astype(np.float64) + b
-        bound = (hidden + 1) * eps * (np.abs(w) @ np.abs(features[row].astype(np.float64)) + np.abs(b))
-        assert np.all(np.abs(out[row, :n] - want) <= bound), f"row {row}"
-        assert not out[row, n:].any()
+        f = features[row].double().numpy()
+        want = w @ f + b
+        bound = (hidden + 1) * eps / (1 - (hidden + 1) * eps) * (np.abs(w) @ np.abs(f) + np.abs(b))
+        assert np.all(np.abs(logits[row, :n] - want) <= bound), f"row {row}"
+        y = logits[row, :n].astype(np.float64)
+        shifted = y - y.max()
+        exact = np.exp(shifted) / np.exp(shifted).sum()
+        relative = 2 * (4 + np.abs(shifted).max()) * eps + n * eps / (1 - n * eps) + eps
+        assert np.all(np.abs(probs[row, :n] - exact) <= relative * exact + 1e-37), f"row {row}"
+        assert not logits[row, n:].any() and not probs[row, n:].any()

@@ -25,7 +25,9 @@ def test_direct_tokenizer_matches_hf_call(family, tiny_bases, minilm_dir):
         got = enc.encode(texts, pairs)
         assert [g.input_ids for g in got] == want["input_ids"]
         if enc.uses_token_types:
-            assert [g.token_type_ids for g in got] == want["token_type_ids"]
+            # None for a text without a pair: its types are all 0
+            assert [g.token_type_ids if g.token_type_ids is not None else [0] * g.length for g in got] == want["token_type_ids"]
+            assert all((g.token_type_ids is None) == (pairs is None) for g in got)
     # Over-long: cut exactly like the HF call with truncation to max_length.
     long = " ".join(["word"] * 100)
     got = TextEncoder(tok, max_length=32).encode([long, TEXTS[0]], truncate=True)
@@ -49,3 +51,25 @@ def test_collate_pads_like_the_tokenizer(family, tiny_bases, minilm_dir):
     assert set(got) == {k for k in want if k in ("input_ids", "attention_mask", "token_type_ids")}
     for k, v in got.items():
         assert v.dtype == torch.long and torch.equal(v, want[k]), k
+
+
+@pytest.mark.parametrize("family", ["bert", "minilm"])
+def test_collate_fills_the_token_types_of_texts_without_a_pair(family, tiny_bases, minilm_dir):
+    """A text without a pair carries no token-type list (all 0): collate gives the tokenizer's batch for
+    such texts alone, and beside texts with pairs each row keeps its own types."""
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir if family == "minilm" else tiny_bases[family])
+    enc = TextEncoder(tok, max_length=512)
+    texts = TEXTS + ["x " * 40]
+    got = enc.collate(enc.encode(texts), torch.device("cpu"))
+    want = tok(texts, padding=True, return_tensors="pt")
+    for k in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(got[k], want[k]), k
+    mixed = enc.encode(texts[:3], TEXTS[-3:]) + enc.encode(texts[3:])
+    got = enc.collate(mixed, torch.device("cpu"))
+    for i, row in enumerate(mixed):
+        types = row.token_type_ids if i < 3 else [0] * row.length
+        assert i >= 3 or any(types)  # the pairs' second segments are type 1
+        assert got["token_type_ids"][i].tolist() == types + [0] * (got["token_type_ids"].shape[1] - row.length)
+        assert got["input_ids"][i, :row.length].tolist() == row.input_ids

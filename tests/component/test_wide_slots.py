@@ -106,7 +106,7 @@ def test_planner_caps_wide_adapters_per_forward():
     keys = ["a", "b", "c", "x", "y", "z"]
     wide = [True, True, True, False, False, False]
     groups = plan_groups(lengths, keys, max_rows=64, max_tokens=10_000, max_adapters=8, overhead_tokens=0,
-                         wide=wide, max_wide=2)
+                         wide={"a", "b", "c"}, max_wide=2)
     for group in groups:
         assert sum(wide[i] for i in group) <= 2 and len({keys[i] for i in group if not wide[i]}) <= 8
     assert sorted(i for g in groups for i in g) == list(range(6))

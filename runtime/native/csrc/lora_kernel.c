@@ -7,6 +7,7 @@
    Here each row reads its slot in place, only its real tokens, and x/y are touched while hot.
    Built at run time by runtime/native/lora_kernel.py (gcc -O3 -march=native -fopenmp); it shares torch's
    OpenMP runtime (same soname), so it uses the same threads as the base matmuls. */
+#include <math.h>
 #include <stdint.h>
 #include <immintrin.h>
 
@@ -54,7 +55,7 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 5; }
+int lora_kernel_abi(void) { return 6; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
 typedef struct {
@@ -174,32 +175,144 @@ void lora_rows_packed(const float *x, int64_t x_tok, float *y, int64_t y_tok, in
     }
 }
 
-/* Per-task linear heads over a batch's features (runtime/heads._stacked_logits on the CPU): rows
-   grouped by task (order: row indices, bounds[k] .. bounds[k+1] those of task k), each task's W
-   [n_k, hidden] row-major and bias [n_k]; out[row, j] = W[j] . f[row] + bias[j] for j < n_k, each dot
-   product in 16 lanes (any hidden: the tail masked). One call for every task of a batch: a numpy
-   product per task cost ~4.5 us of dispatch each, most of a 32-row batch's host work. One thread:
-   the work is small (256 rows of 50 labels over 384 features: 5 M multiply-adds). */
-void head_logits(const float *f, int64_t hidden, const int64_t *order, const int64_t *bounds, int64_t tasks,
-                 const int64_t *weights, const int64_t *biases, const int64_t *labels, float *out, int64_t width)
+/* exp(x) for x <= 0 (softmax after subtracting the row's max), 16 lanes: Cephes' expf reduction and
+   polynomial (relative error ~1e-7, below float32's rounding of the probabilities it feeds), with
+   2^n applied by scalef, so underflow goes to 0 through the denormals as expf does. */
+static inline __m512 exp_nonpositive(__m512 x)
 {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* Logits of labels j .. j + nl - 1 for nr rows (each 1 to 4; constants after inlining): nr * nl
+   independent accumulators, so the products are not one chain of dependent FMAs (a dot product at a
+   time took 4x as long), and each weight load serves nr rows. Each dot product is summed as the
+   plain loop would: 16 lanes over hidden, then the lanes. */
+static inline __attribute__((always_inline)) void
+head_block(const int nr, const int nl, const float *const *x, const float *w, int64_t j, int64_t hidden,
+           int64_t full, __mmask16 tail, const float *b, float *const *y)
+{
+    __m512 acc[4][4];
+    for (int r = 0; r < nr; r++)
+        for (int l = 0; l < nl; l++)
+            acc[r][l] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < full; h += 16) {
+        __m512 xv[4];
+        for (int r = 0; r < nr; r++)
+            xv[r] = _mm512_loadu_ps(x[r] + h);
+        for (int l = 0; l < nl; l++) {
+            const __m512 wv = _mm512_loadu_ps(w + (j + l) * hidden + h);
+            for (int r = 0; r < nr; r++)
+                acc[r][l] = _mm512_fmadd_ps(xv[r], wv, acc[r][l]);
+        }
+    }
+    if (tail) {
+        __m512 xv[4];
+        for (int r = 0; r < nr; r++)
+            xv[r] = _mm512_maskz_loadu_ps(tail, x[r] + full);
+        for (int l = 0; l < nl; l++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(tail, w + (j + l) * hidden + full);
+            for (int r = 0; r < nr; r++)
+                acc[r][l] = _mm512_fmadd_ps(xv[r], wv, acc[r][l]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int l = 0; l < nl; l++)
+            y[r][j + l] = _mm512_reduce_add_ps(acc[r][l]) + b[j + l];
+}
+
+/* Softmax of one row's n logits into p (then zeros up to width); the logits past n are zeroed too. */
+static void row_softmax(float *y, float *p, int64_t n, int64_t width)
+{
+    for (int64_t j = n; j < width; j++)
+        y[j] = p[j] = 0.0f;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes_below(n - j);
+        top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, y + j));
+    }
+    const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes_below(n - j);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, y + j), most)));
+        _mm512_mask_storeu_ps(p + j, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes_below(n - j);
+        _mm512_mask_storeu_ps(p + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, p + j), total));
+    }
+}
+
+/* Per-task linear heads and softmax over a batch's features (runtime/heads.py on the CPU), one call
+   for the batch: every numpy step it replaces (a product per task, a mask, a softmax) cost a few
+   microseconds of dispatch, most of a 32-row batch's host work.
+   task_of_row[rows]: each row's head; heads[tasks][3]: the address of its W [n, hidden] (row-major,
+   float32), of its bias [n], and n. Rows are visited grouped by head (a counting sort into order,
+   bounds: scratch of rows and tasks + 1), and four rows of a head share each read of its weights. Writes
+   logits[row, :width] (W f + b for j < n, then 0) and probs[row, :width] (softmax over the first n,
+   then 0). Heads are shared among nthreads threads: the weights are cold after a forward (~1.3 MB for
+   32 tasks of 2-50 labels over 384 features) and one core's memory bandwidth bounds them (79 us for
+   32 rows here on one thread, 65 us on two; 139 and 107 us for 256 rows). */
+void head_scores(const float *f, int64_t hidden, int64_t rows, const int64_t *task_of_row, int64_t tasks,
+                 const int64_t *heads, int64_t *order, int64_t *bounds, float *logits, float *probs, int64_t width,
+                 int nthreads)
+{
+    for (int64_t k = 0; k <= tasks; k++)
+        bounds[k] = 0;
+    for (int64_t i = 0; i < rows; i++)
+        bounds[task_of_row[i] + 1]++;
+    for (int64_t k = 0; k < tasks; k++)
+        bounds[k + 1] += bounds[k];
+    for (int64_t i = 0; i < rows; i++)  /* bounds[k] counts up to task k's end, then is restored below */
+        order[bounds[task_of_row[i]]++] = i;
+    for (int64_t k = tasks; k > 0; k--)
+        bounds[k] = bounds[k - 1];
+    bounds[0] = 0;
+
     const int64_t full = hidden & ~(int64_t)15;
     const __mmask16 tail = (__mmask16)((1u << (hidden - full)) - 1u);
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t k = 0; k < tasks; k++) {
-        const float *w = (const float *)(intptr_t)weights[k], *b = (const float *)(intptr_t)biases[k];
-        const int64_t n = labels[k];
-        for (int64_t q = bounds[k]; q < bounds[k + 1]; q++) {
-            const float *x = f + order[q] * hidden;
-            float *y = out + order[q] * width;
-            for (int64_t j = 0; j < n; j++) {
-                const float *wj = w + j * hidden;
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t h = 0; h < full; h += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + h), _mm512_loadu_ps(wj + h), acc);
-                if (tail)
-                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + full), _mm512_maskz_loadu_ps(tail, wj + full), acc);
-                y[j] = _mm512_reduce_add_ps(acc) + b[j];
+        const float *w = (const float *)(intptr_t)heads[3 * k], *b = (const float *)(intptr_t)heads[3 * k + 1];
+        const int64_t n = heads[3 * k + 2];
+        for (int64_t q = bounds[k]; q < bounds[k + 1]; q += 4) {
+            const int nr = bounds[k + 1] - q < 4 ? (int)(bounds[k + 1] - q) : 4;
+            const float *x[4];
+            float *y[4];
+            for (int r = 0; r < 4; r++) {
+                const int64_t row = order[q + (r < nr ? r : nr - 1)];
+                x[r] = f + row * hidden;
+                y[r] = logits + row * width;
             }
+            for (int64_t j = 0; j < n; j += 4) {
+                const int nl = n - j < 4 ? (int)(n - j) : 4;
+                switch (nr * 4 + nl) {  /* every (rows, labels) block its own unrolled code */
+#define HEAD_BLOCK(R, L) case R * 4 + L: head_block(R, L, x, w, j, hidden, full, tail, b, y); break;
+                HEAD_BLOCK(1, 1) HEAD_BLOCK(1, 2) HEAD_BLOCK(1, 3) HEAD_BLOCK(1, 4)
+                HEAD_BLOCK(2, 1) HEAD_BLOCK(2, 2) HEAD_BLOCK(2, 3) HEAD_BLOCK(2, 4)
+                HEAD_BLOCK(3, 1) HEAD_BLOCK(3, 2) HEAD_BLOCK(3, 3) HEAD_BLOCK(3, 4)
+                HEAD_BLOCK(4, 1) HEAD_BLOCK(4, 2) HEAD_BLOCK(4, 3) HEAD_BLOCK(4, 4)
+#undef HEAD_BLOCK
+                }
+            }
+            for (int r = 0; r < nr; r++)
+                row_softmax(y[r], probs + order[q + r] * width, n, width);
         }
     }
 }
