@@ -8,6 +8,7 @@ on a new CPU; not part of the wheel).
     python -m adapterserve.loadtest.probes.cpu_probes bf16-matmul   # one FFN-sized linear: fp32 vs --precision bf16's Bf16Linear
     python -m adapterserve.loadtest.probes.cpu_probes lora-op       # one LoRA op node: fp32 vs bf16 on AMX vs its portable loop
     python -m adapterserve.loadtest.probes.cpu_probes host-heads    # bench host's batches, CPU heads and softmax in one native call vs numpy
+    python -m adapterserve.loadtest.probes.cpu_probes head-kernel-cold    # the head kernel hot and with its weights evicted, 1 and 2 threads
     python -m adapterserve.loadtest.probes.cpu_probes stock-vectors # the stock-op ONNX graph with and without vector inputs
     python -m adapterserve.loadtest.probes.cpu_probes row-scale-copies  # the int8 op graph with and without copying input scales
 
@@ -25,6 +26,7 @@ import threading
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -397,6 +399,39 @@ def host_heads() -> None:
         lora_kernel.load = real_load
 
 
+def head_kernel_cold() -> None:
+    """The CPU head kernel (lora_kernel.c head_scores) on 32 random heads of 2-50 labels over 384
+    features, hot and with 16 MB of other data written between calls (a forward evicts the heads'
+    weights), on one thread and on two; median µs of 300 calls each."""
+    from adapterserve.runtime.native import lora_kernel
+
+    kernel = lora_kernel.load()
+    if kernel is None:
+        print("the native kernel does not run here:", lora_kernel.unavailable_reason())
+        return
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((n, 384)).astype(np.float32) for n in rng.integers(2, 51, 32)]
+    biases = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in weights]
+    heads = np.array([(w.ctypes.data, b.ctypes.data, w.shape[0]) for w, b in zip(weights, biases)], dtype=np.int64)
+    print(f"head weights: {sum(w.nbytes for w in weights) / 1e6:.2f} MB")
+    other = np.ones(4 << 20, np.float32)
+    for rows in (32, 256):
+        task_of_row = (np.arange(rows) % 32).astype(np.int64)
+        features = torch.randn(rows, 384)
+        logits, probs = np.empty((rows, 50), np.float32), np.empty((rows, 50), np.float32)
+        for threads in (1, 2):
+            for evict in (False, True):
+                times = []
+                for _ in range(300):
+                    if evict:
+                        other += 1.0
+                    start = time.perf_counter()
+                    kernel.heads(features, task_of_row, heads, logits, probs, threads)
+                    times.append(time.perf_counter() - start)
+                print(f"{rows:3d} rows, {threads} thread(s), {'evicted' if evict else 'hot'}: "
+                      f"{statistics.median(times) * 1e6:.1f} us")
+
+
 def _lora_tasks_ab(variants: dict) -> None:
     """32 LoRA tasks through each variant's runtime (name -> a function of (adapter paths, a scratch
     dir) that returns it), the same SST-2 batches alternating between them: texts/s medians."""
@@ -481,7 +516,7 @@ def row_scale_copies() -> None:
     _lora_tasks_ab({"as exported": lambda p, d: _onnx_runtime(p, d, precision="int8"), "with copies": with_copies})
 
 
-PROBES = {"row-scale-copies": row_scale_copies, "stock-vectors": stock_vectors, "host-heads": host_heads, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
+PROBES = {"row-scale-copies": row_scale_copies, "stock-vectors": stock_vectors, "host-heads": host_heads, "head-kernel-cold": head_kernel_cold, "workers": workers, "onnx-profile": onnx_profile, "forward-cost": forward_cost, "varlen-attention": varlen_attention, "bf16-matmul": bf16_matmul, "lora-op": lora_op,
           "onnx-nodes": onnx_nodes, "onnx-folds": onnx_folds}
 
 
