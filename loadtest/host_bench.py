@@ -2,7 +2,7 @@
 recorded features, so the host path is measured on any machine (the GPU profile says it, not the
 device, bounds throughput there).
 
-    adapterserve bench host [--base-model DIR] [--rounds 200] [--json]
+    adapterserve bench host [--base-model DIR] [--rounds 200] [--token-packing auto|off] [--json]
 
 For batches of 32 and 256 rows over 32 tasks with heads of 2-50 labels: each pool goes once through
 the real engine while its features are recorded; then `Runtime.infer` runs it again and again with
@@ -11,6 +11,9 @@ softmax, each row's scores, and answering one future per request of 8 texts, exa
 thread does when serving (it is a timing harness, not a second implementation:
 tests/component/test_host_bench.py holds its predictions to the real path's). Prints µs per batch;
 --json prints one object with us_per_batch_32 and us_per_batch_256.
+
+On the CPU the torch engine runs token-packed rows, so collate builds the packed run and no padded
+array; --token-packing off times the padded collate a GPU forward (or an unpacked family) takes.
 
 Not in that figure: what the server does per request once its future is answered, on the event loop
 (reading each row's Prediction and building the reply). The first of those, reading every row's top
@@ -109,6 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--base-model", default=None, help="encoder directory (default: the packaged MiniLM)")
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--rounds", type=int, default=200, help="timed batches per size")
+    p.add_argument("--token-packing", choices=["auto", "off"], default="auto",
+                   help="off: padded batches, as a GPU forward takes them")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -119,13 +124,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     base = args.base_model or packaged_base_model_dir()
     texts = [f"sample text number {i} about a film , a match or a market" for i in range(64)]
-    runtime = Runtime(RuntimeConfig(base_model=base, slots=args.tasks + 1, max_batch_size=256))
+    runtime = Runtime(RuntimeConfig(base_model=base, slots=args.tasks + 1, max_batch_size=256,
+                                    token_packing=args.token_packing))
     tasks = []
     for i, path in enumerate(synthetic_tasks(base, tempfile.mkdtemp(), args.tasks)):
         runtime.add_adapter(f"t{i}", path)
         tasks.append(f"t{i}")
     result = {"engine": runtime.engine.name, "device": str(runtime.base.device), "tasks": args.tasks,
-              "texts_per_request": TEXTS_PER_REQUEST}
+              "texts_per_request": TEXTS_PER_REQUEST, "token_packing": "on" if runtime.engine.packed else "off"}
     with torch.inference_mode():
         for size in (32, 256):
             real_engine = runtime.engine
@@ -145,8 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"host work per batch ({result['engine']}, {result['device']}, {args.tasks} tasks, heads of 2-50 "
-              f"labels, forward replaced by recorded features; median of {args.rounds}):")
+        print(f"host work per batch ({result['engine']}, {result['device']}, token packing {result['token_packing']}, "
+              f"{args.tasks} tasks, heads of 2-50 labels, forward replaced by recorded features; median of {args.rounds}):")
         for size, target in ((32, 150), (256, 600)):
             print(f"  {size:3d} rows: {result[f'us_per_batch_{size}']:8.1f} µs (p90 {result[f'us_per_batch_{size}_p90']:.1f}; "
                   f"target ≤ {target} µs); then reading every row's top label: {result[f'us_read_top1_{size}']:.1f} µs")

@@ -275,7 +275,7 @@ class Runtime:
         task_of_row = np.fromiter((position[r.entry.key] for r in batch), dtype=np.int64, count=len(batch))
         slot_of_task, pinned = self.residency.pin(entries)
         try:
-            inputs = self.encoder.collate([r.encoded for r in batch], self.base.device, lengths)
+            inputs = self.encoder.collate([r.encoded for r in batch], self.base.device, lengths, packed=self.engine.packed)
             features = self.engine.encode(inputs, np.array(slot_of_task)[task_of_row].tolist(), lengths.tolist())
         finally:
             self.residency.unpin(pinned)

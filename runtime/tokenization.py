@@ -120,14 +120,31 @@ class TextEncoder:
         return out
 
     def collate(self, rows: Sequence[Encoded], device: torch.device,
-                lengths: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
+                lengths: Optional[np.ndarray] = None, packed: bool = False) -> dict[str, torch.Tensor]:
         """Pad to the longest row of this batch (lengths: the rows' lengths, if the caller has them).
         Every row's ids go into one flat array and are scattered under the mask in numpy: nested
-        Python lists took 2.67 ms per 256-row batch, this 0.45 ms (docs/benchmarks.md, GPU section)."""
+        Python lists took 2.67 ms per 256-row batch, this 0.45 ms (docs/benchmarks.md, GPU section).
+        packed (CPU): the rows' tokens back to back instead, input_ids and token_type_ids [1, N] and
+        row_offsets [B + 1], what a token-packed engine runs on (engine/packing.pack adds positions):
+        no padded array is built only to be unpadded again."""
         if lengths is None:
             lengths = np.fromiter((r.length for r in rows), dtype=np.int64, count=len(rows))
-        mask = np.arange(int(lengths.max())) < lengths[:, None]
         total = int(lengths.sum())
+        if packed:
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            flat = {"input_ids": np.fromiter(itertools.chain.from_iterable(r.input_ids for r in rows),
+                                             dtype=np.int64, count=total)}
+            if any(r.token_type_ids is not None for r in rows):
+                flat["token_type_ids"] = np.fromiter(itertools.chain.from_iterable(
+                    r.token_type_ids if r.token_type_ids is not None else [0] * r.length for r in rows),
+                    dtype=np.int64, count=total)
+            else:
+                flat["token_type_ids"] = np.zeros(total, dtype=np.int64)
+            inputs = {k: torch.from_numpy(v[None]) for k, v in flat.items()}
+            inputs["row_offsets"] = torch.from_numpy(offsets)
+            return inputs
+        mask = np.arange(int(lengths.max())) < lengths[:, None]
 
         def to_device(array: np.ndarray) -> torch.Tensor:
             tensor = torch.from_numpy(array)

@@ -46,14 +46,21 @@ def position_offset(backbone, positions_after_padding: bool) -> int:
 
 
 def pack(inputs: dict[str, torch.Tensor], first_position: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch (input_ids, attention_mask, optional token_type_ids [B, T], on the CPU) as
-    packed inputs: input_ids, position_ids, token_type_ids [1, N] (positions restart at each row) and
-    row_offsets int64 [B + 1].
+    """A batch as packed inputs: input_ids, position_ids, token_type_ids [1, N] (positions restart at
+    each row) and row_offsets int64 [B + 1]. The batch is either right-padded (input_ids,
+    attention_mask, optional token_type_ids [B, T], on the CPU) or packed already by
+    TextEncoder.collate(packed=True) (input_ids, token_type_ids [1, N], row_offsets), which then only
+    needs its positions.
 
     In numpy, not torch: a torch CPU op opens an OpenMP region, and right after an ONNX Runtime run
     (whose pool threads still spin) one repeat_interleave of ~800 ids took ~0.9 ms (cProfile of the
     shared int8 engine) and slowed the next run too; these few index ops take microseconds
     (docs/architecture.md, "The CPU int8 path")."""
+    if "row_offsets" in inputs:
+        offsets = inputs["row_offsets"].numpy()
+        counts = np.diff(offsets)
+        positions = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], counts) + first_position
+        return dict(inputs, position_ids=torch.from_numpy(positions[None]))
     mask = inputs["attention_mask"].numpy().astype(bool)
     counts = mask.sum(axis=1)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)

@@ -8,10 +8,10 @@ from adapterserve.runtime.runtime import Runtime
 from tiny_models import SAMPLE_TEXTS
 
 
-@pytest.mark.parametrize("rows", [32, 256])
-def test_recorded_forward_gives_the_real_predictions(tiny_bases, tmp_path, rows):
+@pytest.mark.parametrize("rows,packing", [(32, "auto"), (256, "auto"), (32, "off")])
+def test_recorded_forward_gives_the_real_predictions(tiny_bases, tmp_path, rows, packing):
     base = tiny_bases["bert"]
-    rt = Runtime(RuntimeConfig(base_model=base, slots=9, max_batch_size=256))
+    rt = Runtime(RuntimeConfig(base_model=base, slots=9, max_batch_size=256, token_packing=packing))
     tasks = []
     for i, path in enumerate(synthetic_tasks(base, str(tmp_path), 8)):
         rt.add_adapter(f"t{i}", path)
@@ -29,7 +29,9 @@ def test_recorded_forward_gives_the_real_predictions(tiny_bases, tmp_path, rows)
 def test_bench_host_prints_both_sizes(tiny_bases, capsys):
     import json
 
-    assert main(["host", "--base-model", tiny_bases["bert"], "--tasks", "4", "--rounds", "3", "--json"]) == 0
+    assert main(["host", "--base-model", tiny_bases["bert"], "--tasks", "4", "--rounds", "3", "--json",
+                 "--token-packing", "off"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["token_packing"] == "off"
     assert result["us_per_batch_32"] > 0 and result["us_per_batch_256"] > 0
     assert result["us_read_top1_32"] > 0 and result["us_read_top1_256"] > 0

@@ -73,3 +73,24 @@ def test_collate_fills_the_token_types_of_texts_without_a_pair(family, tiny_base
         assert i >= 3 or any(types)  # the pairs' second segments are type 1
         assert got["token_type_ids"][i].tolist() == types + [0] * (got["token_type_ids"].shape[1] - row.length)
         assert got["input_ids"][i, :row.length].tolist() == row.input_ids
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "minilm"])
+def test_packed_collate_is_the_padded_batch_packed(family, tiny_bases, minilm_dir):
+    """collate(packed=True) gives exactly what packing.pack makes of the padded batch (ids, token types,
+    offsets, positions from the family's first position), with and without pairs and with both mixed."""
+    import torch
+
+    from adapterserve.runtime.engine import packing
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir if family == "minilm" else tiny_bases[family])
+    enc = TextEncoder(tok, max_length=512)
+    texts = TEXTS + ["x " * 40]
+    cpu = torch.device("cpu")
+    first = 2 if family == "roberta" else 0
+    for rows in (enc.encode(texts), enc.encode(texts, texts[::-1]), enc.encode(texts[:3], texts[:3]) + enc.encode(texts[3:])):
+        want = packing.pack(enc.collate(rows, cpu), first)
+        got = packing.pack(enc.collate(rows, cpu, packed=True), first)
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == torch.long and torch.equal(got[k], want[k]), k
