@@ -1,7 +1,7 @@
 """GPU figures for the quantized-bases issue: the torch engine on CUDA at every precision, and ONNX Runtime's CUDA provider.
 
     python -m adapterserve.loadtest.gpu_bench [--precisions fp32,fp16,bf16,int8,nf4] [--batches 32,256] [--cuda-graphs auto|off]
-                                 [--ort] [--json F]
+                                 [--lora-kernel auto|triton|torch] [--ort] [--json F]
 
 Per precision, in one process on one GPU: base weight bytes and CUDA memory after load; accuracy of
 the bundled adapters (SST-2 dev, AG News test); throughput on SST-2 dev texts with 32 synthetic tasks
@@ -159,7 +159,7 @@ def bench_precision(precision: str, args, evals, files, adapter_dirs) -> dict:
     before = torch.cuda.memory_allocated()
     t = time.perf_counter()
     config = RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows,
-                           cuda_graphs=args.cuda_graphs)
+                           cuda_graphs=args.cuda_graphs, lora_kernel=args.lora_kernel)
     rt = Runtime(config)
     row["load_seconds"] = time.perf_counter() - t
     slot_bytes = rt.engine.slot_bytes() * config.slots
@@ -237,7 +237,7 @@ def _profile(args, evals, files) -> int:
     precision, batch = args.profile.split(":")
     batch = int(batch)
     rt = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=40, r_max=16, max_batch_size=args.max_rows,
-                               cuda_graphs=args.cuda_graphs))
+                               cuda_graphs=args.cuda_graphs, lora_kernel=args.lora_kernel))
     texts = evals[0][0] * args.repeat
     calls, ours = _mixed_workload(rt, files, texts)(batch)
     s = _sync_time(ours, 3)
@@ -376,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
                    help="our torch engine's forwards replayed as CUDA graphs (auto) or eager (off)")
+    p.add_argument("--lora-kernel", default="auto", choices=["auto", "triton", "torch"],
+                   help="our engine's LoRA branch on CUDA: the Triton kernels or gather + bmm (auto: torch)")
     p.add_argument("--ort", action="store_true",
                    help="also ONNX Runtime's CUDA provider (needs onnxruntime-gpu): shared base and per-task merged")
     p.add_argument("--profile", default=None, metavar="PRECISION:BATCH",
@@ -432,7 +434,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as fh:
                 json.dump({"env": env, "rows": rows, "ort_rows": ort_rows}, fh, indent=1)
     print(f"\n{device}; torch {torch.__version__} (CUDA {torch.version.cuda}), bitsandbytes {bnb_version}; "
-          f"CUDA graphs {args.cuda_graphs}; {TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
+          f"CUDA graphs {args.cuda_graphs}; LoRA kernel {args.lora_kernel}; {TASKS} tasks mixed, SST-2 dev x{args.repeat} per round, median of {args.rounds}\n")
     print("| precision | weights (bytes) | CUDA after load (bytes) | SST-2 dev | AG News | "
           + " | ".join(f"b{b}: ours / ceiling / × ceiling / graphed ceiling / × graphed / PEFT / × PEFT | peak b{b} (bytes)"
                        for b in args.batches) + " |")

@@ -13,7 +13,7 @@ from typing import Optional
 from adapterserve.runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "auto")
-LORA_KERNELS = ("auto", "fused", "torch")
+LORA_KERNELS = ("auto", "fused", "triton", "torch")
 TOKEN_PACKING = ("auto", "off")
 CUDA_GRAPHS = ("auto", "off")
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,10 +67,12 @@ class RuntimeConfig:
     torch_threads: Optional[int] = field(default=None, metadata={"help": "intra-op threads"})
     # How the torch engine adds the per-row LoRA deltas on CPU in fp32: "fused" (runtime/native/csrc/lora_kernel.c,
     # no gather copy, skips padded tokens), "torch" (gather + bmm), or "auto" (fused when it can be
-    # built here, else torch). Other devices and precisions always use the torch path. For engine=onnx
-    # it picks the shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
+    # built here, else torch). On CUDA (fp32/fp16/bf16 bases) "triton" takes the two Triton kernels of
+    # runtime/engine/triton_lora.py; "auto" keeps the torch path there until those kernels have been
+    # measured on a GPU. Other precisions always use the torch path. For engine=onnx it picks the
+    # shared graph's LoRA nodes the same way: the kernel as an ONNX Runtime custom op
     # (runtime/native/csrc/ort_lora_op.c) or stock Gather/MatMul ops ("torch").
-    lora_kernel: str = field(default="auto", metadata={"help": "auto | fused | torch: CPU fp32 LoRA branch (fused C kernel or gather+bmm)"})
+    lora_kernel: str = field(default="auto", metadata={"help": "auto | fused | triton | torch: the LoRA branch (CPU fp32: fused C kernel; CUDA: triton kernels; torch: gather+bmm)"})
     # The torch engine's forward over token-packed rows (runtime/engine/packing.py): "auto" = on CPU fp32
     # BERT/RoBERTa bases with the fused kernel (a pool is then one forward with no padding and our
     # varlen attention), "off" = padded forwards cut by the batch planner.

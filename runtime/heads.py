@@ -41,8 +41,7 @@ def stacked_head(family: Family, device: torch.device, head: dict) -> Optional[t
     return w, b
 
 
-def _stacked_scores(entries: list[AdapterEntry], task_of_row: np.ndarray, features: torch.Tensor,
-                    threads: int = 1) -> BatchScores:
+def _stacked_scores(entries: list[AdapterEntry], task_of_row: np.ndarray, features: torch.Tensor) -> BatchScores:
     """Every row's logits and probabilities [rows, P] (host; row i's first n_labels columns are its
     task's, the rest 0). On the CPU no torch op (each opens an OpenMP region; right after an ONNX
     Runtime run, whose threads still spin, that is what made packing slow, runtime/engine/packing.py):
@@ -57,7 +56,10 @@ def _stacked_scores(entries: list[AdapterEntry], task_of_row: np.ndarray, featur
         if kernel is not None:
             logits = np.empty((rows, width), dtype=np.float32)
             probs = np.empty((rows, width), dtype=np.float32)
-            kernel.heads(features.float().contiguous(), task_of_row, heads, logits, probs, threads)
+            # One thread: two halve the call on an idle machine, but where the other core is busy (the
+            # event loop, another worker) the team's wake-up cost 7.8 ms a batch instead of ~0.2 ms
+            # (bench host beside a test run; cpu_probes head-kernel-cold shows the idle case).
+            kernel.heads(features.float().contiguous(), task_of_row, heads, logits, probs)
             return BatchScores(probs, logits)
         # Each task's head on its own rows (one product per task): gathering a [rows, P, H] copy of the
         # heads per row cost more than every product together (25 MB for 256 rows of 50-label heads).
@@ -129,12 +131,12 @@ def _per_task_logits(family: Family, entries: list[AdapterEntry], rows_of: dict[
     return [lg.numpy() for lg in logits]
 
 def apply_heads(family: Family, batch: list[Row], entries: list[AdapterEntry], task_of_row: np.ndarray,
-                features: torch.Tensor, threads: int = 1) -> None:
+                features: torch.Tensor) -> None:
     """Set every row's scores: entries are the batch's distinct adapters, task_of_row int64 [rows] the
-    index of each row's adapter in entries; threads: how many the native CPU head kernel may use."""
+    index of each row's adapter in entries."""
     with torch.inference_mode():
         if len(entries) > 1 and all(e.stacked_head is not None for e in entries):
-            scores = _stacked_scores(entries, task_of_row, features, threads)
+            scores = _stacked_scores(entries, task_of_row, features)
             for i, r in enumerate(batch):  # each row reads its row of the batch's arrays when asked
                 r.scored(scores, i)
             return

@@ -83,10 +83,6 @@ class Runtime:
                                                 metadata=e.spec.metadata),
                 can_reload=lambda e: disk.holds(e.task, e.version))
         self._disk = disk
-        # The CPU head kernel's threads: the engine's own on the torch engine (its OpenMP pool, idle once
-        # the forward is done); one beside ONNX Runtime, whose pool threads still spin after a run and
-        # would contend with a second pool (runtime/engine/packing.py).
-        self.head_threads = 1 if self.engine.name == "onnx" else torch.get_num_threads()
         # A retired version is freed (slot, host memory, merge, its blobs) once its last request lets go of it.
         self.registry = Registry(on_retired=self._retired, on_idle=host_tier.shrink)
         self.residency = Residency(self.engine, self.registry, host_tier, self.config.slots, self.base.precision,
@@ -279,4 +275,4 @@ class Runtime:
             features = self.engine.encode(inputs, np.array(slot_of_task)[task_of_row].tolist(), lengths.tolist())
         finally:
             self.residency.unpin(pinned)
-        apply_heads(self.base.family, batch, entries, task_of_row, features, self.head_threads)
+        apply_heads(self.base.family, batch, entries, task_of_row, features)

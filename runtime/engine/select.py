@@ -58,6 +58,8 @@ def _onnx_engine(config: RuntimeConfig, pool: SlotPool) -> Engine:
                           "serve it with --engine torch")
     quantize = "int8" if config.precision == "int8" else None
     # --lora-kernel picks the graph's LoRA nodes too: the fused kernel as an ORT op, or stock ops.
+    if config.lora_kernel == "triton":
+        raise ConfigError("lora_kernel=triton is the torch engine's CUDA path; the onnx engine takes auto, fused or torch")
     lora_op = {"auto": "auto", "fused": "fused", "torch": "stock"}[config.lora_kernel]
     providers = providers_for(base.device)  # refuses a CUDA base where ORT has no CUDA provider
     if quantize and base.device.type == "cuda":

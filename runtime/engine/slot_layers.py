@@ -75,6 +75,8 @@ class SlotLoRALinear(nn.Module):
         self._unmerged_weight: Optional[torch.Tensor] = None
         # Set by the engine when the fused CPU kernel serves this layer (see runtime/native/csrc/lora_kernel.c).
         self.kernel: Optional[FusedLoRA] = None
+        # Set by the engine when the Triton kernels serve this layer on CUDA (runtime/engine/triton_lora.py).
+        self.gpu_kernel = None
         # Each slot's rank in this layer rounded up to the kernel's 8-wide blocks, 0 = not targeted:
         # in a mixed batch every row then pays for its own adapter's rank, not the batch's largest.
         self.slot_r8 = torch.zeros(slots, dtype=torch.long)
@@ -394,6 +396,9 @@ class SlotLoRALinear(nn.Module):
             s = batch.single_slot
             xa = x.reshape(-1, self.d_in) @ self.lora_a[s, :r].t()  # [B*T, r]
             y.view(-1, self.d_out).addmm_(xa, self.lora_b[s, :r])
+            return y
+        if self.gpu_kernel is not None and not packed and x.stride(-1) == 1 and y.stride(-1) == 1:
+            self.gpu_kernel.add_delta(x, y, self.lora_a, self.lora_b, batch.slot_per_row, r)
             return y
         x3 = x if x.dim() == 3 else x.unsqueeze(1)  # the pooler sees [B, H]
         y3 = y if y.dim() == 3 else y.unsqueeze(1)

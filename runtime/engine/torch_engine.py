@@ -13,6 +13,7 @@ from adapterserve.adapters.spec import AdapterSpec
 from adapterserve.runtime.engine.base_model import BaseModel
 from adapterserve.runtime.engine.batch import SlotBatch
 from adapterserve.runtime.engine.cuda_graphs import GraphedForward
+from adapterserve.runtime.engine import triton_lora
 from adapterserve.runtime.native import lora_kernel
 from adapterserve.runtime.engine import modernbert, packing
 from adapterserve.runtime.errors import ConfigError
@@ -57,9 +58,12 @@ class TorchEngine:
             self.graphs = GraphedForward(self._graph_forward, base.device, base.max_length, uses_types)
 
     def _attach_kernel(self, choice: str) -> str:
-        """Give the fused CPU kernel to every layer it can serve; returns "fused" or "torch"."""
+        """Give the fused CPU kernel (or, asked for, the Triton kernels on CUDA) to every layer it can
+        serve; returns "fused", "triton" or "torch"."""
         if choice == "torch":
             return "torch"
+        if choice == "triton" or self.base.device.type == "cuda":
+            return self._attach_triton(choice)
         # fp32 bases, and bf16 ones on the CPU (fp32 activations, runtime/engine/base_model.py). Not bitsandbytes
         # int8: LLM.int8 rounds every layer's activations to int8, which turns the kernel's different
         # fp32 summation order (~1e-7) into ~4e-3 logit differences from PEFT; int8/NF4 keep the torch
@@ -82,6 +86,20 @@ class TorchEngine:
         for layer in fits.values():
             layer.kernel = kernel
         return "fused"
+
+    def _attach_triton(self, choice: str) -> str:
+        """On CUDA: the Triton kernels where asked for ("auto" keeps the torch path until they are
+        measured on a GPU: docs/benchmarks.md)."""
+        why = triton_lora.unavailable_reason(self.base.device)
+        if why is None and self.base.precision not in ("fp32", "fp16", "bf16"):
+            why = f"they serve fp32, fp16 and bf16 bases, not {self.base.precision}"
+        if choice != "triton":
+            return "torch"
+        if why is not None:
+            raise ConfigError(f"lora_kernel=triton cannot be used: {why}; use lora_kernel auto or torch")
+        for layer in self.layers.values():
+            layer.gpu_kernel = triton_lora
+        return "triton"
 
     def _packing_applies(self) -> bool:
         """Token-packed forwards need our attention kernel (built with the fused LoRA kernel) and the

@@ -114,21 +114,35 @@ def test_onnx_engine_on_the_cuda_provider_matches_the_cpu_engine(adapter, tmp_pa
     assert got.shape == (len(SAMPLE_TEXTS), 2) and (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_graphs_match_eager_forwards(minilm_dir, tmp_path, precision):
-    """Replayed CUDA graphs against the eager forward: several (rows, width) buckets, tasks mixed, an
-    adapter replaced after its graph was captured, and a task registered later that targets layers
-    no adapter touched at capture time (every slot layer is in the graph)."""
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("precision,kernel", [("fp32", "torch"), ("fp16", "torch"), ("fp32", "triton"),
+                                              ("fp16", "triton"), ("bf16", "triton")])
+def test_cuda_graphs_match_eager_forwards(minilm_dir, tmp_path, precision, kernel):
+    """Replayed CUDA graphs against the eager forward of the torch path: several (rows, width) buckets,
+    tasks mixed, an adapter replaced after its graph was captured, and a task registered later that
+    targets layers no adapter touched at capture time (every slot layer is in the graph). With
+    kernel=triton the graphed side runs the Triton LoRA kernels (runtime/engine/triton_lora.py)."""
     from tiny_models import make_peft_adapter
 
+    if kernel == "triton" and not _triton():
+        pytest.skip("Triton is not installed")
     torch.backends.cuda.matmul.allow_tf32 = False
     qv = make_peft_adapter(minilm_dir, str(tmp_path / "qv"), num_labels=3, r=4, targets=["query", "value"], seed=5,
                            scale=0.05)
     ffn = make_peft_adapter(minilm_dir, str(tmp_path / "ffn"), num_labels=2, r=16,
                             targets=["intermediate.dense", "output.dense"], seed=6, scale=0.05)
-    graphed = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=6, r_max=16))
-    eager = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=6, r_max=16, cuda_graphs="off"))
+    graphed = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=6, r_max=16, lora_kernel=kernel))
+    eager = Runtime(RuntimeConfig(device="cuda", precision=precision, slots=6, r_max=16, cuda_graphs="off",
+                                  lora_kernel="torch"))
     assert graphed.engine.graphs is not None and eager.engine.graphs is None
+    assert graphed.engine.kernel_name == kernel and eager.engine.kernel_name == "torch"
     tolerance = TOLERANCE[precision]
 
     def compare(requests):
@@ -136,7 +150,7 @@ def test_cuda_graphs_match_eager_forwards(minilm_dir, tmp_path, precision):
         want = [p.logits for p in eager.classify(requests)]
         assert all(len(g) == len(w) for g, w in zip(got, want))
         err = max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w))
-        print(f"{precision} graphs vs eager, {len(requests)} rows: max |Δlogit| {err:.2e}")
+        print(f"{precision} graphs ({kernel}) vs eager (torch), {len(requests)} rows: max |Δlogit| {err:.2e}")
         assert err <= tolerance
 
     for rt in (graphed, eager):

@@ -266,9 +266,10 @@ static void row_softmax(float *y, float *p, int64_t n, int64_t width)
    float32), of its bias [n], and n. Rows are visited grouped by head (a counting sort into order,
    bounds: scratch of rows and tasks + 1), and four rows of a head share each read of its weights. Writes
    logits[row, :width] (W f + b for j < n, then 0) and probs[row, :width] (softmax over the first n,
-   then 0). Heads are shared among nthreads threads: the weights are cold after a forward (~1.3 MB for
-   32 tasks of 2-50 labels over 384 features) and one core's memory bandwidth bounds them (97 us for
-   32 rows here on one thread, 67 us on two; 169 and 116 us for 256 rows: cpu_probes head-kernel-cold). */
+   then 0). Heads may be shared among nthreads threads: the weights are cold after a forward (~1.3 MB
+   for 32 tasks of 2-50 labels over 384 features) and one core's memory bandwidth bounds them (97 us
+   for 32 rows here on one thread, 67 us on two: cpu_probes head-kernel-cold). The runtime passes 1:
+   where the other cores are busy a team's wake-up costs milliseconds (runtime/heads.py). */
 void head_scores(const float *f, int64_t hidden, int64_t rows, const int64_t *task_of_row, int64_t tasks,
                  const int64_t *heads, int64_t *order, int64_t *bounds, float *logits, float *probs, int64_t width,
                  int nthreads)
