@@ -175,8 +175,9 @@ class Residency:
         the pins to hand to unpin). The merged task's rows read slot 0 (its delta is in the base
         weights). A batch that needs another task unmerges; a run of batches that need only the merge
         goal merges it back."""
-        wide = [self.is_wide(e) for e in entries] if self.wide_table is not None else [False] * len(entries)
-        pinned = []
+        r_max = self.r_max
+        wide = ([e.spec.rank > r_max for e in entries] if self.wide_table is not None and r_max is not None
+                else [False] * len(entries))
         counted = False  # a batch counts once towards merging back, however long it waits for slots
         with self._device_lock:
             while True:
@@ -198,6 +199,15 @@ class Residency:
                 if self.slot_table.can_fit(wanted) and (not wide_wanted or self.wide_table.can_fit(wide_wanted)):
                     break
                 self._released.wait()
+            if merged is None and not any(wide):  # the usual batch: every adapter resident already
+                keys = [e.key for e in entries]
+                slots = self.slot_table.acquire_all_resident(keys)
+                if slots is not None:
+                    self._forwards += 1
+                    return slots, [(self.slot_table, keys)]
+            narrow_keys: list = []
+            wide_keys: list = []
+            pinned = [(self.slot_table, narrow_keys)] + ([(self.wide_table, wide_keys)] if any(wide) else [])
             slots = []
             try:
                 for e, w in zip(entries, wide):
@@ -210,7 +220,7 @@ class Residency:
                         self.host_tier.ensure_loaded(e)  # disk -> host before host -> device
                         slot = table.acquire(e.key)
                     slots.append(slot + self._wide_offset if w else slot)
-                    pinned.append((table, e.key))
+                    (wide_keys if w else narrow_keys).append(e.key)
             except BaseException:
                 self._release(pinned, forward=False)
                 raise
@@ -223,8 +233,8 @@ class Residency:
 
     def _release(self, pinned: list, forward: bool) -> None:
         with self._device_lock:
-            for table, key in pinned:
-                table.release(key)
+            for table, keys in pinned:
+                table.release_all(keys)
             if forward:
                 self._forwards -= 1
                 self._released.notify_all()

@@ -240,13 +240,13 @@ class Runtime:
         wide_table = self.residency.wide_table
         wide = None
         if wide_table is not None:
-            wide = {k for k, e in distinct.items() if self.residency.is_wide(e)}
+            r_max = self.residency.r_max
+            wide = {k for k, e in distinct.items() if e.spec.rank > r_max}
         groups = plan_groups(lengths, keys, self.config.max_batch_size, self.config.max_batch_tokens,
                              self.slot_table.capacity, self.forward_overhead_tokens,
                              wide=wide, max_wide=wide_table.capacity if wide_table else 0)
-        if len(groups) == 1:
-            order = groups[0]
-            return [([rows[i] for i in order], lengths[order], list(distinct.values()))]
+        if len(groups) == 1:  # the whole pool: its rows in any order make the same forward
+            return [(list(rows), lengths, list(distinct.values()))]
         return [([rows[i] for i in g], None, None) for g in groups]
 
     def infer(self, rows: Sequence[Row], on_forward_done: Optional[Callable[[list[Row]], None]] = None) -> None:

@@ -50,6 +50,20 @@ class SlotTable:
             self._pins[key] = self._pins.get(key, 0) + 1
         return slot
 
+    def acquire_all_resident(self, keys: list) -> Optional[list[int]]:
+        """acquire_resident() of every key in one pass (a batch's adapters, usually all resident), or
+        None, changing nothing, where one is not."""
+        lru = self._lru
+        slots = [lru.get(k) for k in keys]
+        if None in slots:
+            return None
+        move, pins = lru.move_to_end, self._pins
+        for k in keys:
+            move(k)
+            pins[k] = pins.get(k, 0) + 1
+        self.hits += len(keys)
+        return slots
+
     def acquire(self, key: Hashable) -> int:
         """Make `key` resident, pin it, and return its slot."""
         slot = self._lru.get(key)
@@ -74,6 +88,15 @@ class SlotTable:
             self._pins.pop(key, None)
         else:
             self._pins[key] = n
+
+    def release_all(self, keys: list) -> None:
+        pins = self._pins
+        for k in keys:
+            n = pins.get(k, 0) - 1
+            if n <= 0:
+                pins.pop(k, None)
+            else:
+                pins[k] = n
 
     def drop(self, key: Hashable) -> None:
         """Free the slot of an adapter that is gone (unregistered or replaced and drained)."""

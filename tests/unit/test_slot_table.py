@@ -49,3 +49,23 @@ def test_drop_frees_the_slot_and_refuses_pinned():
     table.release("a")
     table.drop("a")
     assert table.resident() == [] and table.acquire("b") == 1
+
+
+def test_acquire_all_resident_pins_every_key_or_changes_nothing():
+    table, events = make(4)
+    for k in ("a", "b", "c"):
+        table.acquire(k)
+        table.release(k)
+    hits = table.hits
+    assert table.acquire_all_resident(["c", "x"]) is None  # x is not resident: nothing pinned or moved
+    assert table.hits == hits and table.resident() == ["a", "b", "c"]
+    slots = table.acquire_all_resident(["a", "b"])
+    assert slots == [table.slot_of("a"), table.slot_of("b")] and table.hits == hits + 2
+    assert table.resident() == ["c", "a", "b"]  # used now: the newest
+    with pytest.raises(RuntimeError):  # pinned: a running batch still reads them
+        table.drop("a")
+    slot = table.acquire("d")  # the one unpinned adapter goes
+    assert ("evict", slot, "c") in events
+    table.release_all(["a", "b"])
+    table.drop("a")
+    assert table.slot_of("a") is None and ("evict", slots[0], "a") in events
