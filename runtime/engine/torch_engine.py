@@ -62,8 +62,8 @@ class TorchEngine:
         serve; returns "fused", "triton" or "torch"."""
         if choice == "torch":
             return "torch"
-        if choice == "triton" or self.base.device.type == "cuda":
-            return self._attach_triton(choice)
+        if choice == "triton":
+            return self._attach_triton()
         # fp32 bases, and bf16 ones on the CPU (fp32 activations, runtime/engine/base_model.py). Not bitsandbytes
         # int8: LLM.int8 rounds every layer's activations to int8, which turns the kernel's different
         # fp32 summation order (~1e-7) into ~4e-3 logit differences from PEFT; int8/NF4 keep the torch
@@ -87,14 +87,12 @@ class TorchEngine:
             layer.kernel = kernel
         return "fused"
 
-    def _attach_triton(self, choice: str) -> str:
-        """On CUDA: the Triton kernels where asked for ("auto" keeps the torch path until they are
-        measured on a GPU: docs/benchmarks.md)."""
+    def _attach_triton(self) -> str:
+        """The Triton kernels on CUDA, asked for by name: "auto" keeps the torch path there until they
+        are measured on a GPU (docs/benchmarks.md)."""
         why = triton_lora.unavailable_reason(self.base.device)
         if why is None and self.base.precision not in ("fp32", "fp16", "bf16"):
             why = f"they serve fp32, fp16 and bf16 bases, not {self.base.precision}"
-        if choice != "triton":
-            return "torch"
         if why is not None:
             raise ConfigError(f"lora_kernel=triton cannot be used: {why}; use lora_kernel auto or torch")
         for layer in self.layers.values():
