@@ -93,9 +93,9 @@ def host_timer(runtime, texts: list[str], tasks: list[str], rows_per_batch: int)
     return one_batch, real, recorder
 
 
-def median_us(fn, rounds: int) -> tuple[float, float]:
-    """(median, p90) of fn's wall time in µs over rounds calls, after 5 untimed ones."""
-    for _ in range(5):
+def median_us(fn, rounds: int, warm: int = 5) -> tuple[float, float]:
+    """(median, p90) of fn's wall time in µs over `rounds` calls, after `warm` untimed ones."""
+    for _ in range(warm):
         fn()
     times = []
     for _ in range(rounds):
@@ -103,7 +103,7 @@ def median_us(fn, rounds: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - start)
     times.sort()
-    return round(statistics.median(times) * 1e6, 1), round(times[int(0.9 * len(times))] * 1e6, 1)
+    return statistics.median(times) * 1e6, times[int(0.9 * len(times))] * 1e6
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -136,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for size in (32, 256):
             real_engine = runtime.engine
             one_batch, _, _ = host_timer(runtime, texts, tasks, size)
-            result[f"us_per_batch_{size}"], result[f"us_per_batch_{size}_p90"] = median_us(one_batch, args.rounds)
+            median, p90 = median_us(one_batch, args.rounds)
+            result[f"us_per_batch_{size}"], result[f"us_per_batch_{size}_p90"] = round(median, 1), round(p90, 1)
 
             def read_top1(rows=one_batch()):
                 one_batch()  # fresh scores, so each row's Prediction is made anew

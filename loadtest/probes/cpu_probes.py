@@ -40,14 +40,9 @@ def _texts(n: int) -> list[str]:
 
 
 def _median_us(fn, n: int = 300, warm: int = 20) -> float:
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+    from adapterserve.loadtest.host_bench import median_us
+
+    return median_us(fn, n, warm)[0]
 
 
 def workers() -> None:
