@@ -130,20 +130,18 @@ class TextEncoder:
         if lengths is None:
             lengths = np.fromiter((r.length for r in rows), dtype=np.int64, count=len(rows))
         total = int(lengths.sum())
+        ids = np.fromiter(itertools.chain.from_iterable(r.input_ids for r in rows), dtype=np.int64, count=total)
+        types = None  # None: every type is 0
+        if self.uses_token_types and any(r.token_type_ids is not None for r in rows):
+            types = np.fromiter(itertools.chain.from_iterable(
+                r.token_type_ids if r.token_type_ids is not None else [0] * r.length for r in rows),
+                dtype=np.int64, count=total)
         if packed:
             offsets = np.zeros(len(rows) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            flat = {"input_ids": np.fromiter(itertools.chain.from_iterable(r.input_ids for r in rows),
-                                             dtype=np.int64, count=total)}
-            if any(r.token_type_ids is not None for r in rows):
-                flat["token_type_ids"] = np.fromiter(itertools.chain.from_iterable(
-                    r.token_type_ids if r.token_type_ids is not None else [0] * r.length for r in rows),
-                    dtype=np.int64, count=total)
-            else:
-                flat["token_type_ids"] = np.zeros(total, dtype=np.int64)
-            inputs = {k: torch.from_numpy(v[None]) for k, v in flat.items()}
-            inputs["row_offsets"] = torch.from_numpy(offsets)
-            return inputs
+            return {"input_ids": torch.from_numpy(ids[None]),
+                    "token_type_ids": torch.from_numpy((types if types is not None else np.zeros(total, np.int64))[None]),
+                    "row_offsets": torch.from_numpy(offsets)}
         mask = np.arange(int(lengths.max())) < lengths[:, None]
 
         def to_device(array: np.ndarray) -> torch.Tensor:
@@ -151,18 +149,14 @@ class TextEncoder:
             # Pinned, so the copy to a GPU is asynchronous (ordered on the stream the forward then uses).
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
-        def padded(lists, fill: int) -> torch.Tensor:
+        def padded(flat: np.ndarray, fill: int) -> torch.Tensor:
             out = np.full(mask.shape, fill, dtype=np.int64)
-            out[mask] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+            out[mask] = flat
             return to_device(out)
 
         # The mask is the lengths: no walk over tokens.
-        inputs = {"input_ids": padded((r.input_ids for r in rows), self.pad_id),
-                  "attention_mask": to_device(mask.astype(np.int64))}
+        inputs = {"input_ids": padded(ids, self.pad_id), "attention_mask": to_device(mask.astype(np.int64))}
         if self.uses_token_types:
-            if any(r.token_type_ids is not None for r in rows):
-                inputs["token_type_ids"] = padded((r.token_type_ids if r.token_type_ids is not None else [0] * r.length
-                                                   for r in rows), 0)
-            else:  # no row has a pair
-                inputs["token_type_ids"] = to_device(np.zeros(mask.shape, dtype=np.int64))
+            inputs["token_type_ids"] = (padded(types, 0) if types is not None
+                                        else to_device(np.zeros(mask.shape, dtype=np.int64)))
         return inputs
