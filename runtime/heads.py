@@ -56,9 +56,9 @@ def _stacked_scores(entries: list[AdapterEntry], task_of_row: np.ndarray, featur
         if kernel is not None:
             logits = np.empty((rows, width), dtype=np.float32)
             probs = np.empty((rows, width), dtype=np.float32)
-            # One thread: two halve the call on an idle machine, but where the other core is busy (the
-            # event loop, another worker) the team's wake-up cost 7.8 ms a batch instead of ~0.2 ms
-            # (bench host beside a test run; cpu_probes head-kernel-cold shows the idle case).
+            # One thread: two cut the cold call by a third on an idle machine (cpu_probes head-kernel-cold),
+            # but where the other core is busy (the event loop, another worker) the team's wake-up cost
+            # 7.8 ms a batch instead of ~0.2 ms (bench host beside a test run).
             kernel.heads(features.float().contiguous(), task_of_row, heads, logits, probs)
             return BatchScores(probs, logits)
         # Each task's head on its own rows (one product per task): gathering a [rows, P, H] copy of the

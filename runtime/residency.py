@@ -175,9 +175,7 @@ class Residency:
         the pins to hand to unpin). The merged task's rows read slot 0 (its delta is in the base
         weights). A batch that needs another task unmerges; a run of batches that need only the merge
         goal merges it back."""
-        r_max = self.r_max
-        wide = ([e.spec.rank > r_max for e in entries] if self.wide_table is not None and r_max is not None
-                else [False] * len(entries))
+        wide = [self.is_wide(e) for e in entries] if self.wide_table is not None else [False] * len(entries)
         counted = False  # a batch counts once towards merging back, however long it waits for slots
         with self._device_lock:
             while True:

@@ -238,10 +238,7 @@ class Runtime:
         keys = [r.entry.key for r in rows]
         distinct = {r.entry.key: r.entry for r in rows}
         wide_table = self.residency.wide_table
-        wide = None
-        if wide_table is not None:
-            r_max = self.residency.r_max
-            wide = {k for k, e in distinct.items() if e.spec.rank > r_max}
+        wide = {k for k, e in distinct.items() if self.residency.is_wide(e)} if wide_table is not None else None
         groups = plan_groups(lengths, keys, self.config.max_batch_size, self.config.max_batch_tokens,
                              self.slot_table.capacity, self.forward_overhead_tokens,
                              wide=wide, max_wide=wide_table.capacity if wide_table else 0)

@@ -66,30 +66,24 @@ class SlotTable:
 
     def acquire(self, key: Hashable) -> int:
         """Make `key` resident, pin it, and return its slot."""
-        slot = self._lru.get(key)
+        slot = self.acquire_resident(key)
         if slot is not None:
-            self.hits += 1
-            self._lru.move_to_end(key)
-        else:
-            self.misses += 1
-            slot = self._take_free_slot()
-            start = time.perf_counter()
-            self._on_load(slot, key)
-            if self.load_observer is not None:
-                self.load_observer(time.perf_counter() - start)
-            self.loads += 1
-            self._lru[key] = slot
+            return slot
+        self.misses += 1
+        slot = self._take_free_slot()
+        start = time.perf_counter()
+        self._on_load(slot, key)
+        if self.load_observer is not None:
+            self.load_observer(time.perf_counter() - start)
+        self.loads += 1
+        self._lru[key] = slot
         self._pins[key] = self._pins.get(key, 0) + 1
         return slot
 
     def release(self, key: Hashable) -> None:
-        n = self._pins.get(key, 0) - 1
-        if n <= 0:
-            self._pins.pop(key, None)
-        else:
-            self._pins[key] = n
+        self.release_all((key,))
 
-    def release_all(self, keys: list) -> None:
+    def release_all(self, keys) -> None:
         pins = self._pins
         for k in keys:
             n = pins.get(k, 0) - 1

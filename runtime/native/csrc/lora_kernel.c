@@ -198,8 +198,8 @@ static inline __m512 exp_nonpositive(__m512 x)
 static inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* Logits of labels j .. j + nl - 1 for nr rows (each 1 to 4; constants after inlining): nr * nl
-   independent accumulators, so the products are not one chain of dependent FMAs (a dot product at a
-   time took 4x as long), and each weight load serves nr rows. Each dot product is summed as the
+   independent accumulators, so the products are not one chain of dependent FMAs, and each weight
+   load serves nr rows. Each dot product is summed as the
    plain loop would: 16 lanes over hidden, then the lanes. */
 static inline __attribute__((always_inline)) void
 head_block(const int nr, const int nl, const float *const *x, const float *w, int64_t j, int64_t hidden,
