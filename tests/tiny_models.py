@@ -282,9 +282,10 @@ def _prefix_backbone_logits(model, enc) -> torch.Tensor:
 def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels: int, r: int = 4,
                            alpha: float = 8, targets: Optional[list[str]] = None, seed: int = 0,
                            rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
-                           scale: float = 0.2) -> str:
+                           scale: float = 0.2, feedforward: Optional[list[str]] = None) -> str:
     """Save a PEFT SEQ_CLS adapter of another kind ("loha", "lokr", "vera", "ia3", "dora", "lora_bias", "adalora", "prompt",
-    "p_tuning", "prefix", "beft"; r is the virtual token count of prompt, p_tuning and prefix) with random
+    "p_tuning", "prefix", "beft"; r is the virtual token count of prompt, p_tuning and prefix; feedforward: IA3's
+    input-scaled modules, PEFT's defaults for the family unless given) with random
     weights via PEFT's own save_pretrained: every trainable tensor (and VeRA's shared projections)
     randomized, so a wrong conversion, scaling or slice shows in the logits. IA3 vectors and DoRA
     magnitudes are randomized around their neutral values (1, the weight norm)."""
@@ -305,7 +306,8 @@ def make_peft_kind_adapter(base_dir: str, out_dir: str, kind: str, *, num_labels
     elif kind == "vera":
         config = VeraConfig(task_type="SEQ_CLS", r=r, target_modules=targets, projection_prng_key=seed, **saved)
     elif kind == "ia3":
-        feedforward = [t for t in targets if t in FEEDFORWARD[family]]
+        if feedforward is None:
+            feedforward = [t for t in targets if t in FEEDFORWARD[family]]
         config = IA3Config(task_type="SEQ_CLS", target_modules=targets, feedforward_modules=feedforward, **saved)
     elif kind == "adalora":
         config = AdaLoraConfig(task_type="SEQ_CLS", init_r=r, target_r=max(1, r // 2), lora_alpha=alpha,

@@ -133,6 +133,30 @@ def test_kinds_mixed_in_one_batch_match_peft(family_adapters, lora_kernel, token
     check_mixed_batch(rt, base, adapters, f"{family}/{rt.engine.kernel_name}/packed={rt.engine.packed}")
 
 
+@pytest.mark.parametrize("family,token_packing", [("bert", "auto"), ("bert", "off"), ("distilbert", "auto"),
+                                                   ("roberta", "auto")])
+def test_input_scales_on_inputs_other_layers_read(tiny_bases, tmp_path, family, token_packing):
+    """IA3 vectors that scale the input of the first attention projection (whose input the other
+    projections and the residual read) and of the feed-forward's first linear (whose input the residual
+    reads): a row's input is scaled for that layer only, so the other layers, the residual and the other
+    rows see it as it was. Mixed with LoRA and PEFT-default IA3 rows, each equal to PEFT alone."""
+    base = tiny_bases[family]
+    t = FAMILY_TARGETS[family]
+    shared_inputs = [t[0], t[4]]  # q (query, q_lin) and the feed-forward's first linear
+    adapters = {
+        "lora": make_peft_adapter(base, str(tmp_path / "lora"), num_labels=2, r=4, targets=t[:3], seed=1, scale=0.5),
+        "ia3": make_peft_kind_adapter(base, str(tmp_path / "ia3"), "ia3", num_labels=3,
+                                      targets=[t[1], t[2]] + FEEDFORWARD[family], seed=2, scale=1.0),
+        "ia3_shared": make_peft_kind_adapter(base, str(tmp_path / "ia3_shared"), "ia3", num_labels=2,
+                                             targets=shared_inputs + [t[2]], feedforward=shared_inputs, seed=3,
+                                             scale=1.0),
+    }
+    rt = Runtime(RuntimeConfig(base_model=base, slots=8, r_max=8, token_packing=token_packing))
+    for task, path in adapters.items():
+        rt.add_adapter(task, path)
+    check_mixed_batch(rt, base, adapters, f"{family}/packed={rt.engine.packed}")
+
+
 def test_kinds_on_the_packaged_minilm(minilm_dir, tmp_path):
     adapters = build(minilm_dir, tmp_path, "bert", loha_scale=0.25, vera_scale=0.3, vector_scale=0.5)
     rt = Runtime(RuntimeConfig(slots=16, r_max=16))
