@@ -45,6 +45,31 @@ def _norm(h: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
     return F.layer_norm(h, (h.shape[-1],)) * weight + bias
 
 
+def adds_before_norm(options) -> bool:
+    """Whether the adapter's effect on a row is an addition to the sublayer's dense output before its
+    LayerNorm, LayerNorm(x + d + input) with d = bottleneck_delta(...): true where AdapterHub runs it
+    after the dense output with the sublayer's own norm last and not before (Houlsby and parallel
+    adapters), false for Pfeiffer's (original_ln_before) and where that norm is off."""
+    o = options
+    if not o.original_ln_after or o.original_ln_before:
+        return False
+    # sequential: the residual is x (residual_before_ln True or False alike with no norm before), and
+    # norm(adapter + residual) would not be an addition
+    return o.parallel or (o.residual_before_ln in (True, False) and not (o.adapter_residual_before_ln and o.ln_after))
+
+
+def bottleneck_delta(m: BottleneckModule, x: torch.Tensor, sublayer_input: Optional[torch.Tensor]) -> torch.Tensor:
+    """d for an adapter whose options adds_before_norm: bottleneck_forward's result is then
+    layer_norm(x + d + sublayer_input). The residual it adds back is x itself (no norm ran before it),
+    so only the adapter's own output, normed where norm_after comes after that residual, is left."""
+    o = m.options
+    h = sublayer_input if o.parallel else x
+    z = h if m.norm_before is None else _norm(h, m.norm_before)
+    down = activation(o.activation)(torch.matmul(z, m.down_weight.transpose(-1, -2)) + m.down_bias)
+    out = (torch.matmul(down, m.up_weight.transpose(-1, -2)) + m.up_bias) * m.scaling
+    return out if m.norm_after is None else _norm(out, m.norm_after)
+
+
 def bottleneck_forward(m: BottleneckModule, x: torch.Tensor, sublayer_input: torch.Tensor, layer_norm) -> torch.Tensor:
     """AdapterHub's bottleneck_layer_forward for one adapter: x = dropout(dense(h)) of the sublayer,
     sublayer_input its residual input, layer_norm the sublayer's own LayerNorm. m may be several
@@ -180,31 +205,51 @@ class BottleneckedOutput:
         if not here:
             return super().forward(hidden_states, input_tensor)
         x = self.dropout(self.dense(hidden_states))
-        out = self.LayerNorm(x + input_tensor)
         dim = 1 if batch.offsets is not None else 0  # packed activations are [1, N, d]
         rows = held.rows_of(batch, x.device)
         groups: dict = {}
         for slot in sorted(here):  # adapters of the same options run as one batched computation
             groups.setdefault(held.by_slot[slot][self.bottleneck_name].options, []).append(slot)
-        for slots in groups.values():
-            if len(slots) == 1:
-                idx = rows[slots[0]]
-                adapted = bottleneck_forward(held.by_slot[slots[0]][self.bottleneck_name], x.index_select(dim, idx),
-                                             input_tensor.index_select(dim, idx), self.LayerNorm)
-                out.index_copy_(dim, idx, adapted.to(out.dtype))
-                continue
-            self._grouped(held.stacked_at(self.bottleneck_name, tuple(slots)), tuple(slots), rows, batch, x,
-                          input_tensor, out, dim)
+        # Adapters whose effect adds to x before the norm add it to their rows of x (each row is one
+        # adapter's, so the others read x as it was): one LayerNorm then serves every row. The others'
+        # rows are computed again after it and written over.
+        later = []
+        for options, slots in groups.items():
+            if adds_before_norm(options):
+                # a sequential adapter reads x alone: its rows' input is not gathered
+                self._apply(bottleneck_delta, slots, rows, batch, x, input_tensor if options.parallel else None,
+                            x, dim, add=True)
+            else:
+                later.append(slots)
+        out = self.LayerNorm(x + input_tensor)
+        for slots in later:
+            self._apply(lambda m, xs, ins: bottleneck_forward(m, xs, ins, self.LayerNorm), slots, rows, batch, x,
+                        input_tensor, out, dim, add=False)
         return out
 
-    def _grouped(self, stacked: BottleneckModule, slots: tuple, rows: dict, batch: SlotBatch, x: torch.Tensor,
-                 sublayer_input: torch.Tensor, out: torch.Tensor, dim: int) -> None:
+    def _apply(self, fn, slots: list, rows: dict, batch: SlotBatch, x: torch.Tensor,
+               sublayer_input: Optional[torch.Tensor], target: torch.Tensor, dim: int, add: bool) -> None:
+        """fn(adapter, its rows of x, their sublayer input) for each adapter of `slots` (one group of the
+        same options), added to (add) or written over its rows of target."""
+        held = self.slot_bottlenecks
+        if len(slots) == 1:
+            idx = rows[slots[0]]
+            result = fn(held.by_slot[slots[0]][self.bottleneck_name], x.index_select(dim, idx),
+                        None if sublayer_input is None else sublayer_input.index_select(dim, idx)).to(target.dtype)
+            (target.index_add_ if add else target.index_copy_)(dim, idx, result)
+            return
+        self._grouped(fn, held.stacked_at(self.bottleneck_name, tuple(slots)), tuple(slots), rows, batch, x,
+                      sublayer_input, target, dim, add)
+
+    def _grouped(self, fn, stacked: BottleneckModule, slots: tuple, rows: dict, batch: SlotBatch, x: torch.Tensor,
+                 sublayer_input: Optional[torch.Tensor], out: torch.Tensor, dim: int, add: bool) -> None:
         """Several adapters' rows at once: each adapter's rows (tokens) padded to the longest, [adapters,
         T, ...], one batched pass. Padded places repeat a real token (every step works per token, and
         their results are dropped)."""
         hidden = x.shape[-1]
         # Packed [1, N, hidden]: a token is the unit; padded [rows, T, hidden]: a row is.
-        flat_x, flat_in, flat_out = (x[0], sublayer_input[0], out[0]) if dim == 1 else (x, sublayer_input, out)
+        flat_x, flat_out = (x[0], out[0]) if dim == 1 else (x, out)
+        flat_in = None if sublayer_input is None else sublayer_input[0] if dim == 1 else sublayer_input
         layout = batch.derived.get(("bottleneck_layout", slots))
         if layout is None:  # the same for every sublayer of the forward
             indices = [rows[s] for s in slots]
@@ -214,6 +259,7 @@ class BottleneckedOutput:
             layout = batch.derived[("bottleneck_layout", slots)] = (gather.reshape(-1), where, torch.cat(indices))
         gather, where, picked = layout
         view = (len(slots), -1, hidden)
-        adapted = bottleneck_forward(stacked, flat_x.index_select(0, gather).view(view),
-                                     flat_in.index_select(0, gather).view(view), self.LayerNorm)
-        flat_out.index_copy_(0, picked, adapted.reshape(-1, *flat_x.shape[1:]).index_select(0, where).to(out.dtype))
+        adapted = fn(stacked, flat_x.index_select(0, gather).view(view),
+                     None if flat_in is None else flat_in.index_select(0, gather).view(view))
+        adapted = adapted.reshape(-1, *flat_x.shape[1:]).index_select(0, where).to(out.dtype)
+        (flat_out.index_add_ if add else flat_out.index_copy_)(0, picked, adapted)

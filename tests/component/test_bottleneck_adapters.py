@@ -38,6 +38,11 @@ VARIANTS = {
     # Same options as pfeiffer / houlsby: computed together with them in one batched pass, ranks padded
     "pfeiffer_wider": ("seq_bn", dict(num_labels=2, reduction_factor=8)),
     "houlsby_again": ("double_seq_bn", dict(num_labels=3, head_layers=1)),
+    # Sequential without the sublayer's norm before: one whose own norm comes after its residual adds to
+    # the dense output before the sublayer's norm; one whose norm takes the residual too does not
+    # (slot_bottlenecks.adds_before_norm).
+    "houlsby_ln_after": ("double_seq_bn", dict(num_labels=2, ln_after=True, non_linearity="relu")),
+    "houlsby_residual_ln_after": ("double_seq_bn", dict(num_labels=3, ln_after=True, adapter_residual_before_ln=True)),
 }
 
 
