@@ -1,10 +1,17 @@
 """AdapterHub bottleneck adapters per slot, applied where AdapterHub applies them: at the BERT-shaped
 sublayer outputs (encoder.layer.<i>.attention.output for `mh_adapter`, encoder.layer.<i>.output for
 `output_adapter`), whose forward is LayerNorm(dropout(dense(h)) + input). Each such module's class is
-swapped once for a subclass that runs its own forward when no row of the batch has an adapter there,
-and otherwise computes the plain output for every row, then each adapter's rows again through
-`bottleneck_forward` (AdapterHub's Adapter / ParallelAdapter pre_forward, forward and post_forward),
-written over theirs. Padded rows are gathered by row, token-packed ones by token.
+swapped once for a subclass that runs its own forward when no row of the batch has an adapter there.
+Otherwise, after the dense output x:
+- adapters whose effect is an addition to x before the norm (`adds_before_norm`: Houlsby's, parallel
+  ones) add it to their rows of x, so one LayerNorm serves every row: the fused CPU kernel's
+  `bottleneck_runs` where it computes them (`kernel_form`: no norms of their own; relu, swish, gelu),
+  else `bottleneck_delta` in torch;
+- the others' rows (Pfeiffer's, which norms before) are computed again after the norm through
+  `bottleneck_forward` (AdapterHub's Adapter / ParallelAdapter pre_forward, forward and post_forward)
+  and written over theirs.
+Padded rows are gathered by row, token-packed ones by token; adapters of the same options run as one
+batched torch pass.
 
 Adapters are held per slot as the spec's modules on the model's device (sizes differ per adapter and
 per layer, so there is no fixed-shape buffer). Only the torch engine's eager forwards read them.
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers.activations import get_activation
@@ -38,6 +46,27 @@ def activation(name: str):
     if name == "leakyrelu":
         return F.leaky_relu
     return get_activation(name)
+
+
+# AdapterHub activations the native kernel computes (lora_kernel.c bottleneck_runs: its codes)
+KERNEL_ACTIVATIONS = {"relu": 0, "swish": 1, "silu": 1, "gelu": 2}
+
+
+def kernel_form(m: BottleneckModule) -> Optional[tuple]:
+    """The adapter as the native kernel reads it, or None where the kernel does not compute it (an
+    effect that is not an addition, its own norms, another activation, not fp32 on the CPU, a width off
+    the 16-float grid, a rank over 256): (tensors kept alive, the kernel's 6 params but the addresses)."""
+    o = m.options
+    if (not adds_before_norm(o) or m.norm_before is not None or m.norm_after is not None
+            or o.activation not in KERNEL_ACTIVATIONS or m.down_weight.dtype != torch.float32
+            or m.down_weight.device.type != "cpu" or m.down_weight.shape[1] % 16 or m.down_weight.shape[0] > 256):
+        return None
+    scaling = m.scaling.reshape(-1)  # [1] or [hidden]
+    tensors = (m.down_weight.contiguous(), m.down_bias.reshape(-1).contiguous(),
+               (m.up_weight * scaling[:, None]).t().contiguous(), (m.up_bias.reshape(-1) * scaling).contiguous())
+    params = np.array([t.data_ptr() for t in tensors] + [m.down_weight.shape[0], KERNEL_ACTIVATIONS[o.activation]],
+                      dtype=np.int64)
+    return tensors, params
 
 
 def _norm(h: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
@@ -146,6 +175,8 @@ class SlotBottlenecks:
         # groups per location (traffic whose batches mix ever other sets of tasks).
         self.stacked: dict[tuple, BottleneckModule] = {}
         self.slots_at: dict[str, set[int]] = {name: set() for name in outputs}
+        # slot -> location -> kernel_form(), where the native kernel computes that adapter there
+        self.kernel_forms: dict[int, dict[str, tuple]] = {}
         for name, module in outputs.items():
             mix_in(module, BottleneckedOutput, slot_bottlenecks=self, bottleneck_name=name)
 
@@ -153,11 +184,14 @@ class SlotBottlenecks:
         for held in self.slots_at.values():
             held.discard(slot)
         self.by_slot.pop(slot, None)
+        self.kernel_forms.pop(slot, None)
         self.stacked = {}
         if not modules:
             return
         # Before the slot is marked: a forward in flight never sees it half written.
         self.by_slot[slot] = {name: m.to(self.device, self.dtype) for name, m in modules.items()}
+        forms = {name: kernel_form(m) for name, m in self.by_slot[slot].items()}
+        self.kernel_forms[slot] = {name: form for name, form in forms.items() if form is not None}
         for name in modules:
             self.slots_at[name].add(slot)
 
@@ -174,7 +208,9 @@ class SlotBottlenecks:
     def held_bytes(self) -> int:
         """Device bytes of the adapters held and of the stacked groups kept for reuse."""
         modules = [m for ms in self.by_slot.values() for m in ms.values()] + list(self.stacked.values())
-        return sum(t.numel() * t.element_size() for m in modules for t in m.tensors())
+        forms = [t for fs in self.kernel_forms.values() for tensors, _ in fs.values() for t in tensors]
+        return sum(t.numel() * t.element_size() for m in modules for t in m.tensors()) + \
+            sum(t.numel() * t.element_size() for t in forms)
 
     def rows_of(self, batch: SlotBatch, device: torch.device) -> dict:
         """slot -> the batch's rows (padded) or tokens (packed) of each bottleneck slot, made once per
@@ -188,6 +224,29 @@ class SlotBottlenecks:
                                                   if batch.offsets is not None else (i,))
             found = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
             batch.derived["bottleneck_rows"] = found
+        return found
+
+
+    def runs_of(self, batch: SlotBatch, slots: tuple, tokens_per_row: int) -> tuple:
+        """(starts, ends, slot of each run): the token runs of the rows of `slots` in the flat [tokens, d]
+        view of a sublayer's activations (packed: the rows' token runs; padded: each row's real tokens
+        at row × tokens_per_row), made once per forward."""
+        key = ("bottleneck_runs", slots)
+        found = batch.derived.get(key)
+        if found is None:
+            starts, ends, owners = [], [], []
+            wanted = set(slots)
+            for i, s in enumerate(batch.slot_list):
+                if s in wanted:
+                    if batch.offsets is not None:
+                        start, end = batch.bounds[i], batch.bounds[i + 1]
+                    else:
+                        start = i * tokens_per_row
+                        end = start + (tokens_per_row if batch.lengths is None else int(batch.lengths[i]))
+                    starts.append(start)
+                    ends.append(end)
+                    owners.append(s)
+            found = batch.derived[key] = (np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), owners)
         return found
 
 
@@ -206,7 +265,6 @@ class BottleneckedOutput:
             return super().forward(hidden_states, input_tensor)
         x = self.dropout(self.dense(hidden_states))
         dim = 1 if batch.offsets is not None else 0  # packed activations are [1, N, d]
-        rows = held.rows_of(batch, x.device)
         groups: dict = {}
         for slot in sorted(here):  # adapters of the same options run as one batched computation
             groups.setdefault(held.by_slot[slot][self.bottleneck_name].options, []).append(slot)
@@ -214,24 +272,42 @@ class BottleneckedOutput:
         # adapter's, so the others read x as it was): one LayerNorm then serves every row. The others'
         # rows are computed again after it and written over.
         later = []
+        kernel = getattr(self.dense, "kernel", None)  # the fused CPU kernel, where the engine gave it one
         for options, slots in groups.items():
+            if kernel is not None and self._kernel_adds(kernel, slots, batch, x, input_tensor if options.parallel else x):
+                continue
             if adds_before_norm(options):
                 # a sequential adapter reads x alone: its rows' input is not gathered
-                self._apply(bottleneck_delta, slots, rows, batch, x, input_tensor if options.parallel else None,
+                self._apply(bottleneck_delta, slots, batch, x, input_tensor if options.parallel else None,
                             x, dim, add=True)
             else:
                 later.append(slots)
         out = self.LayerNorm(x + input_tensor)
         for slots in later:
-            self._apply(lambda m, xs, ins: bottleneck_forward(m, xs, ins, self.LayerNorm), slots, rows, batch, x,
+            self._apply(lambda m, xs, ins: bottleneck_forward(m, xs, ins, self.LayerNorm), slots, batch, x,
                         input_tensor, out, dim, add=False)
         return out
 
-    def _apply(self, fn, slots: list, rows: dict, batch: SlotBatch, x: torch.Tensor,
+    def _kernel_adds(self, kernel, slots: list, batch: SlotBatch, x: torch.Tensor, src: torch.Tensor) -> bool:
+        """The native kernel adds these adapters' effect into their rows of x in place, where it computes
+        every one of them here (kernel_form) and the activations are flat views; False otherwise."""
+        held = self.slot_bottlenecks
+        forms = [held.kernel_forms.get(s, {}).get(self.bottleneck_name) for s in slots]
+        if any(f is None for f in forms) or not (x.is_contiguous() and src.is_contiguous()):
+            return False
+        starts, ends, owners = held.runs_of(batch, tuple(slots), x.shape[-2] if x.dim() == 3 and batch.offsets is None else 1)
+        by_slot = dict(zip(slots, forms))
+        params = np.stack([by_slot[s][1] for s in owners])
+        hidden = x.shape[-1]
+        kernel.bottleneck(x.view(-1, hidden), src.view(-1, hidden), starts, ends, params)
+        return True
+
+    def _apply(self, fn, slots: list, batch: SlotBatch, x: torch.Tensor,
                sublayer_input: Optional[torch.Tensor], target: torch.Tensor, dim: int, add: bool) -> None:
         """fn(adapter, its rows of x, their sublayer input) for each adapter of `slots` (one group of the
         same options), added to (add) or written over its rows of target."""
         held = self.slot_bottlenecks
+        rows = held.rows_of(batch, x.device)
         if len(slots) == 1:
             idx = rows[slots[0]]
             result = fn(held.by_slot[slots[0]][self.bottleneck_name], x.index_select(dim, idx),

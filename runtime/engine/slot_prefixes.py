@@ -6,8 +6,8 @@ mask, and position ids shifted by past_key_values_length.
 The prefix table [slots, layers, 2, n_max, hidden] float32 grows on demand, as the prompt table does.
 Padded forwards: each BERT-shaped self-attention module's class is swapped once for a subclass that
 adds the batch's prefixes when the batch has a prefix row, and runs the module's own forward when it
-has none. Token-packed forwards: the engine's layer loop hands the varlen kernel's output to
-`packed_context`, which recomputes the prefix rows together in one padded attention call. The engine shifts the positions (`positions`).
+has none. Token-packed forwards: the engine's varlen attention kernel reads each row's prefix keys and
+values before its own (`packed_prefix`). The engine shifts the positions (`positions`).
 Only the torch engine's eager forwards read it: CUDA graphs and the ONNX graph refuse prefix adapters.
 """
 from __future__ import annotations
@@ -78,52 +78,17 @@ class SlotPrefixes:
         kv = self.table[batch.slot_per_row, layer, :, :mask.shape[1]].to(dtype)  # [B, 2, m, hidden]
         return kv[:, 0], kv[:, 1], mask
 
-    def packed_context(self, layer: int, heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       context: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
-        """Token-packed rows ([N, hidden] q, k, v and the varlen kernel's context): the prefix rows'
-        attention again over prefix and row, all of them in one padded call, written over the kernel's."""
-        layout = batch.derived.get("prefix_layout")
-        if layout is None:  # the same for every layer of the forward
-            layout = batch.derived["prefix_layout"] = self._packed_layout(batch, q.device)
-        gather, where, picked, slots, valid, longest = layout
-        rows, hidden = slots.shape[0], q.shape[-1]
-        n = valid.shape[-1] - longest
-
-        def split(x: torch.Tensor) -> torch.Tensor:  # [rows, positions, hidden] -> [rows, heads, positions, head_dim]
-            return x.view(rows, -1, heads, hidden // heads).transpose(1, 2)
-
-        prefix = self.table[slots, layer, :, :n]  # [rows, 2, n, hidden]
-        own_k = k.index_select(0, gather).view(rows, longest, hidden)
-        own_v = v.index_select(0, gather).view(rows, longest, hidden)
-        out = F.scaled_dot_product_attention(
-            split(q.index_select(0, gather).view(rows, longest, hidden)),
-            split(torch.cat([prefix[:, 0].to(k.dtype), own_k], dim=1)),
-            split(torch.cat([prefix[:, 1].to(v.dtype), own_v], dim=1)), attn_mask=valid)
-        out = out.transpose(1, 2).reshape(rows * longest, hidden)
-        context.index_copy_(0, picked, out.index_select(0, where).to(context.dtype))
-        return context
-
-    def _packed_layout(self, batch: SlotBatch, device: torch.device) -> tuple:
-        """Which tokens each prefix row reads, padded to the longest row (padded places repeat the row's
-        first token: they are masked out as keys and their outputs dropped), and which keys each may see."""
-        rows = [(i, s, self.tokens[s]) for i, s in enumerate(batch.slot_list) if s < self.slots and self.tokens[s]]
-        longest = max(batch.bounds[i + 1] - batch.bounds[i] for i, _, _ in rows)
-        n = max(t for _, _, t in rows)
-        gather, where, picked = [], [], []
-        valid = torch.zeros(len(rows), 1, 1, n + longest, dtype=torch.bool)
-        for k, (i, _, tokens) in enumerate(rows):
-            lo, hi = batch.bounds[i], batch.bounds[i + 1]
-            gather += list(range(lo, hi)) + [lo] * (longest - (hi - lo))
-            where += range(k * longest, k * longest + hi - lo)
-            picked += range(lo, hi)
-            valid[k, 0, 0, :tokens] = True
-            valid[k, 0, 0, n:n + hi - lo] = True
-
-        def tensor(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return (tensor(gather), tensor(where), tensor(picked), tensor([s for _, s, _ in rows]), valid.to(device),
-                longest)
+    def packed_prefix(self, layer: int, batch: SlotBatch) -> tuple:
+        """Token-packed forwards: (keys, values, lengths) for the varlen kernel at one layer, each row's
+        prefix [rows, n, hidden] (n: the batch's longest; rows without one read slot 0 and length 0)."""
+        found = batch.derived.get("prefix_rows")
+        if found is None:  # the same for every layer of the forward
+            counts = [self.tokens[s] if s < self.slots else 0 for s in batch.slot_list]
+            index = torch.tensor([s if n else 0 for s, n in zip(batch.slot_list, counts)], dtype=torch.long,
+                                 device=self.device)
+            found = batch.derived["prefix_rows"] = (index, torch.tensor(counts, dtype=torch.long), max(counts))
+        index, lengths, n = found
+        return self.table[index, layer, 0, :n], self.table[index, layer, 1, :n], lengths
 
 
 class PrefixedSelfAttention:

@@ -20,7 +20,7 @@ from adapterserve.runtime.native.build import build, load_once, source
 log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
-ABI = 6
+ABI = 7
 MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
@@ -45,10 +45,16 @@ class FusedLoRA:
                                          ptr, ctypes.c_int]
         lib.lora_rows_packed.restype = None
         self._packed = lib.lora_rows_packed
-        # q, k, v, out, row stride, offsets, sequences, heads, head size, scale, threads
-        lib.varlen_attention_rows.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        # q, k, v, out, row stride, offsets, sequences, heads, head size, scale, prefix keys, prefix values,
+        # prefix length per sequence, prefix capacity, threads
+        lib.varlen_attention_rows.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ctypes.c_float,
+                                              ptr, ptr, ptr, i64, ctypes.c_int]
         lib.varlen_attention_rows.restype = None
         self._attention = lib.varlen_attention_rows
+        # y, src, y row stride, src row stride, d, runs, run starts, run ends, params (6 per run), threads
+        lib.bottleneck_runs.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+        lib.bottleneck_runs.restype = None
+        self._bottleneck = lib.bottleneck_runs
         # features, hidden, rows, task of each row, tasks, heads, order and bounds scratch, logits, probs, width
         lib.head_scores.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
         lib.head_scores.restype = None
@@ -101,15 +107,35 @@ class FusedLoRA:
                     logits.shape[1], threads)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                  heads: int) -> torch.Tensor:
+                  heads: int, prefix: Optional[tuple] = None) -> torch.Tensor:
         """softmax(q kᵀ / √d) v within each token-packed sequence: q, k, v contiguous [N, heads × d]
-        fp32, offsets int64 [sequences + 1]. Returns [N, heads × d]."""
+        fp32, offsets int64 [sequences + 1]. prefix: (keys, values, lengths): each sequence's own
+        prefix keys and values, [sequences, cap, heads × d] fp32 contiguous, of which sequence b attends
+        to the first lengths[b] (int64 [sequences]) before its own. Returns [N, heads × d]."""
         width = q.shape[-1]
         d = width // heads
         out = torch.empty_like(q)
+        pk = pv = lengths = None
+        cap = 0
+        if prefix is not None:
+            pk, pv, counts = prefix
+            assert pk.is_contiguous() and pv.is_contiguous() and pk.dtype == torch.float32 and pk.shape == pv.shape
+            assert pk.shape[0] == offsets.shape[0] - 1 and pk.shape[2] == width and counts.dtype == torch.int64
+            pk, pv, lengths, cap = pk.data_ptr(), pv.data_ptr(), counts.data_ptr(), pk.shape[1]
         self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), width, offsets.data_ptr(),
-                        offsets.shape[0] - 1, heads, d, d ** -0.5, torch.get_num_threads())
+                        offsets.shape[0] - 1, heads, d, d ** -0.5, pk, pv, lengths, cap, torch.get_num_threads())
         return out
+
+
+    def bottleneck(self, y: torch.Tensor, src: torch.Tensor, starts: np.ndarray, ends: np.ndarray,
+                   params: np.ndarray) -> None:
+        """Adds each run's bottleneck adapter into y in place (lora_kernel.c bottleneck_runs): y, src fp32
+        [tokens, d] with unit feature stride (src may be y); starts, ends int64 [runs]; params int64
+        [runs, 6] (the weights' addresses, kept alive by the caller, their rank and activation)."""
+        assert y.dtype == src.dtype == torch.float32 and y.stride(-1) == 1 and src.stride(-1) == 1
+        assert params.dtype == np.int64 and params.flags.c_contiguous and params.shape == (starts.shape[0], 6)
+        self._bottleneck(y.data_ptr(), src.data_ptr(), y.stride(0), src.stride(0), y.shape[1], starts.shape[0],
+                         starts.ctypes.data, ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
 
 
 def _vector_pointers(vectors: Optional[tuple]) -> tuple:

@@ -43,6 +43,8 @@ VARIANTS = {
     # (slot_bottlenecks.adds_before_norm).
     "houlsby_ln_after": ("double_seq_bn", dict(num_labels=2, ln_after=True, non_linearity="relu")),
     "houlsby_residual_ln_after": ("double_seq_bn", dict(num_labels=3, ln_after=True, adapter_residual_before_ln=True)),
+    # the native kernel's other activation, and a per-channel scaling folded into its up-projection
+    "houlsby_gelu_channel": ("double_seq_bn", dict(num_labels=2, non_linearity="gelu", scaling="channel")),
 }
 
 

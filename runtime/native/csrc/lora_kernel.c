@@ -55,7 +55,7 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 6; }
+int lora_kernel_abi(void) { return 7; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
 typedef struct {
@@ -172,6 +172,68 @@ void lora_rows_packed(const float *x, int64_t x_tok, float *y, int64_t y_tok, in
         lora_row(&p, b);
         if (flags)
             row_out_vectors(&p, b, scale, shift, flags);
+    }
+}
+
+/* AdapterHub bottleneck adapters whose effect adds to their rows (runtime/engine/slot_bottlenecks.py
+   adds_before_norm, no norm of their own), in place over runs of tokens:
+
+       y[t, :] += act(src[t, :] Wd^T + bd) Wu + bu      for t in run_start[i] .. run_end[i] - 1
+
+   src is y itself for a sequential adapter (each token's down projection is made before its row of y
+   is written) or the sublayer's input for a parallel one. x and y: [tokens, d] with row stride ld, d a
+   multiple of 16. params[i]: the run's adapter as 6 int64s: Wd [r, d], bd [r], Wu [r, d] (transposed,
+   its scaling folded in), bu [d] (scaled), r <= BN_MAX_R, activation (0 relu, 1 swish, 2 exact gelu). */
+#define BN_MAX_R 256
+static inline float bn_activation(float v, int64_t act)
+{
+    if (act == 0) return v > 0.0f ? v : 0.0f;
+    if (act == 1) return v / (1.0f + expf(-v));
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+
+void bottleneck_runs(float *y, const float *src, int64_t ld, int64_t src_ld, int64_t d, int64_t runs,
+                     const int64_t *run_start, const int64_t *run_end, const int64_t *params, int nthreads)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < runs; i++) {
+        const int64_t *p = params + 6 * i;
+        const float *Wd = (const float *)p[0], *bd = (const float *)p[1], *Wu = (const float *)p[2],
+                    *bu = (const float *)p[3];
+        const int64_t r = p[4], act = p[5];
+        float h[BN_MAX_R];
+        for (int64_t t = run_start[i]; t < run_end[i]; t++) {
+            const float *xs = src + t * src_ld;
+            float *yt = y + t * ld;
+            int64_t j = 0;
+            for (; j + 4 <= r; j += 4) {  /* four independent sums in flight */
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = 0; k < d; k += 16) {
+                    __m512 xv = _mm512_loadu_ps(xs + k);
+                    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(Wd + (j + 0) * d + k), a0);
+                    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(Wd + (j + 1) * d + k), a1);
+                    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(Wd + (j + 2) * d + k), a2);
+                    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(Wd + (j + 3) * d + k), a3);
+                }
+                h[j] = _mm512_reduce_add_ps(a0) + bd[j];
+                h[j + 1] = _mm512_reduce_add_ps(a1) + bd[j + 1];
+                h[j + 2] = _mm512_reduce_add_ps(a2) + bd[j + 2];
+                h[j + 3] = _mm512_reduce_add_ps(a3) + bd[j + 3];
+            }
+            for (; j < r; j++) {
+                __m512 a0 = _mm512_setzero_ps();
+                for (int64_t k = 0; k < d; k += 16)
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k), _mm512_loadu_ps(Wd + j * d + k), a0);
+                h[j] = _mm512_reduce_add_ps(a0) + bd[j];
+            }
+            for (j = 0; j < r; j++) h[j] = bn_activation(h[j], act);
+            for (int64_t c = 0; c < d; c += 16) {
+                __m512 acc = _mm512_loadu_ps(bu + c);
+                for (j = 0; j < r; j++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_loadu_ps(Wu + j * d + c), acc);
+                _mm512_storeu_ps(yt + c, _mm512_add_ps(_mm512_loadu_ps(yt + c), acc));
+            }
+        }
     }
 }
 
@@ -321,9 +383,10 @@ void head_scores(const float *f, int64_t hidden, int64_t rows, const int64_t *ta
 /* varlen_attention.c over an OpenMP team, one (sequence, head) per item; dynamic schedule, as
    sequences differ in length. */
 void varlen_attention_rows(const float *q, const float *k, const float *v, float *out, int64_t ld,
-                           const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale, int nthreads)
+                           const int64_t *cu, int64_t batch, int64_t heads, int64_t d, float scale,
+                           const float *pk, const float *pv, const int64_t *np, int64_t prefix_cap, int nthreads)
 {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < batch * heads; item++)
-        varlen_attention_item(q, k, v, out, ld, ld, cu, heads, d, scale, item);
+        varlen_attention_item_prefixed(q, k, v, out, ld, ld, cu, heads, d, scale, item, pk, pv, np, prefix_cap);
 }
