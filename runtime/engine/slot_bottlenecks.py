@@ -177,6 +177,7 @@ class SlotBottlenecks:
         self.slots_at: dict[str, set[int]] = {name: set() for name in outputs}
         # slot -> location -> kernel_form(), where the native kernel computes that adapter there
         self.kernel_forms: dict[int, dict[str, tuple]] = {}
+        self.params: dict[tuple, Optional[np.ndarray]] = {}  # (location, run owners) -> kernel_params()
         for name, module in outputs.items():
             mix_in(module, BottleneckedOutput, slot_bottlenecks=self, bottleneck_name=name)
 
@@ -186,6 +187,7 @@ class SlotBottlenecks:
         self.by_slot.pop(slot, None)
         self.kernel_forms.pop(slot, None)
         self.stacked = {}
+        self.params = {}
         if not modules:
             return
         # Before the slot is marked: a forward in flight never sees it half written.
@@ -226,6 +228,19 @@ class SlotBottlenecks:
             batch.derived["bottleneck_rows"] = found
         return found
 
+
+    def kernel_params(self, name: str, owners: tuple) -> Optional[np.ndarray]:
+        """The kernel's params [runs, 6] for runs owned by these slots at one location (kept until a slot
+        write, as the stacks are), or None where the kernel does not compute one of them there."""
+        key = (name, owners)
+        found = self.params.get(key)
+        if found is None and key not in self.params:
+            forms = [self.kernel_forms.get(s, {}).get(name) for s in owners]
+            found = None if any(f is None for f in forms) else np.stack([f[1] for f in forms])
+            if len(self.params) >= 4 * len(self.slots_at):
+                self.params = {}
+            self.params[key] = found
+        return found
 
     def runs_of(self, batch: SlotBatch, slots: tuple, tokens_per_row: int) -> tuple:
         """(starts, ends, slot of each run): the token runs of the rows of `slots` in the flat [tokens, d]
@@ -292,12 +307,13 @@ class BottleneckedOutput:
         """The native kernel adds these adapters' effect into their rows of x in place, where it computes
         every one of them here (kernel_form) and the activations are flat views; False otherwise."""
         held = self.slot_bottlenecks
-        forms = [held.kernel_forms.get(s, {}).get(self.bottleneck_name) for s in slots]
-        if any(f is None for f in forms) or not (x.is_contiguous() and src.is_contiguous()):
+        name = self.bottleneck_name
+        if not (x.is_contiguous() and src.is_contiguous()):
             return False
         starts, ends, owners = held.runs_of(batch, tuple(slots), x.shape[-2] if x.dim() == 3 and batch.offsets is None else 1)
-        by_slot = dict(zip(slots, forms))
-        params = np.stack([by_slot[s][1] for s in owners])
+        params = held.kernel_params(name, tuple(owners))
+        if params is None:
+            return False
         hidden = x.shape[-1]
         kernel.bottleneck(x.view(-1, hidden), src.view(-1, hidden), starts, ends, params)
         return True

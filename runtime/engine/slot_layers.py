@@ -177,28 +177,20 @@ class SlotLoRALinear(nn.Module):
         scale = self.in_scale.index_select(0, batch.slot_per_row).to(x.dtype)
         return x * (scale if x.dim() == 2 else scale.unsqueeze(1))
 
-    def _scale_input_in_place(self, x: torch.Tensor, batch) -> tuple:
-        """Scales, in x, the tokens (packed) or rows (padded, and the pooler's [B, d]) whose slot scales
-        this input; returns (view, index, their values before) for the caller to put back."""
+    def _scale_input_in_place(self, x: torch.Tensor, batch) -> list:
+        """Scales, in x, the token runs (packed) or rows (padded, and the pooler's [B, d]) whose slot
+        scales this input; returns [(view, its values before)] for the caller to put back. Slices, not
+        an index: index_copy_ of a few rows' tokens cost more than the slices' copies."""
         packed = batch.offsets is not None and x.dim() == 3
-        key = ("in_scaled", packed, tuple(sorted(batch.distinct_slots & self.in_slots)))
-        found = batch.derived.get(key)  # the same for every layer these slots scale in this forward
-        if found is None:
-            if packed:
-                rows = self._rows(batch, self.in_slots)
-                index = torch.cat([torch.arange(a, b, device=x.device) for a, b, _ in rows])
-                slot_of = torch.cat([torch.full((b - a,), s, dtype=torch.long, device=x.device) for a, b, s in rows])
-            else:
-                index = torch.tensor([i for i, s in enumerate(batch.slot_list) if s in self.in_slots],
-                                     dtype=torch.long, device=x.device)
-                slot_of = batch.slot_per_row.index_select(0, index)
-            found = batch.derived[key] = (index, slot_of)
-        index, slot_of = found
-        where = x[0] if packed else x  # [N, d_in] tokens; [B, T, d_in] or [B, d_in] rows
-        saved = where.index_select(0, index)
-        scale = self.in_scale.index_select(0, slot_of).to(x.dtype)
-        where.index_copy_(0, index, saved * (scale if saved.dim() == 2 else scale.unsqueeze(1)))
-        return where, index, saved
+        rows = self._rows(batch, self.in_slots) if packed else \
+            [(i, i + 1, s) for i, s in enumerate(batch.slot_list) if s in self.in_slots]
+        flat = x[0] if packed else x  # [N, d_in] tokens; [B, T, d_in] or [B, d_in] rows
+        restore = []
+        for start, end, slot in rows:
+            view = flat[start:end]
+            restore.append((view, view.clone()))
+            view.mul_(self.in_scale[slot].to(x.dtype))
+        return restore
 
     def _scale_output(self, y: torch.Tensor, batch, present: frozenset) -> None:
         """In place: y is this layer's own output."""
@@ -357,9 +349,8 @@ class SlotLoRALinear(nn.Module):
             else:
                 y = self._forward(x, batch)
         finally:
-            if restore is not None:
-                where, index, saved = restore
-                where.index_copy_(0, index, saved)
+            for view, saved in restore or ():
+                view.copy_(saved)
         return y
 
     def _shared_input_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
