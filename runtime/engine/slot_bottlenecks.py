@@ -289,7 +289,8 @@ class BottleneckedOutput:
         later = []
         kernel = getattr(self.dense, "kernel", None)  # the fused CPU kernel, where the engine gave it one
         for options, slots in groups.items():
-            if kernel is not None and self._kernel_adds(kernel, slots, batch, x, input_tensor if options.parallel else x):
+            src = input_tensor if options.parallel else x
+            if kernel is not None and self._kernel_adds(kernel, slots, batch, x, src):
                 continue
             if adds_before_norm(options):
                 # a sequential adapter reads x alone: its rows' input is not gathered
@@ -310,7 +311,8 @@ class BottleneckedOutput:
         name = self.bottleneck_name
         if not (x.is_contiguous() and src.is_contiguous()):
             return False
-        starts, ends, owners = held.runs_of(batch, tuple(slots), x.shape[-2] if x.dim() == 3 and batch.offsets is None else 1)
+        row_tokens = x.shape[-2] if x.dim() == 3 and batch.offsets is None else 1
+        starts, ends, owners = held.runs_of(batch, tuple(slots), row_tokens)
         params = held.kernel_params(name, tuple(owners))
         if params is None:
             return False

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from adapterserve.runtime.engine.batch import SlotContext
-from adapterserve.runtime.native.lora_kernel import FusedLoRA
+from adapterserve.runtime.native.lora_kernel import WIDE_MAX_RANK, FusedLoRA
 
 
 # vector_flags bits (runtime/native/csrc/ort_lora_op.c reads the same)
@@ -36,6 +36,19 @@ def _row_index(batch, w: int, rows: tuple, device: torch.device) -> torch.Tensor
     found = batch.derived.get(("wide_rows", w))
     if found is None:
         found = batch.derived[("wide_rows", w)] = torch.tensor(rows, dtype=torch.long, device=device)
+    return found
+
+
+def _wide_of_row(batch, device: torch.device) -> torch.Tensor:
+    """Per row, w + 1 for a row in wide slot w and 0 for the others (the fused kernel's wide call), made
+    once per forward."""
+    found = batch.derived.get("wide_of_row")
+    if found is None:
+        of_row = [0] * batch.slot_per_row.shape[0]
+        for w, rows, _ in batch.wide:
+            for i in rows:
+                of_row[i] = w + 1
+        found = batch.derived["wide_of_row"] = torch.tensor(of_row, dtype=torch.long, device=device)
     return found
 
 
@@ -103,6 +116,7 @@ class SlotLoRALinear(nn.Module):
         self.wide_a: Optional[torch.Tensor] = None
         self.wide_b: Optional[torch.Tensor] = None
         self.wide_rank: list[int] = []
+        self._wide_rank8_of: tuple = (None, None)  # (wide_rank it was made from, _wide_rank8())
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -276,6 +290,13 @@ class SlotLoRALinear(nn.Module):
             y = y.expand(rows_total, -1, -1).contiguous()
         # Packed [1, N, d]: the adapters' token runs; padded [B, ...], and the pooler's [B, d] either way: rows.
         tokens = batch.offsets is not None and x.dim() == 3
+        if (not shared and self.kernel is not None and x.stride(-1) == 1 and y.stride(-1) == 1
+                and self.wide_a.shape[1] <= WIDE_MAX_RANK
+                and self.wide_a.dtype == x.dtype == y.dtype == torch.float32):
+            # The fused kernel: each wide row reads its slot in place, its real tokens only, at its rank here.
+            self.kernel.wide(x, y, self.wide_a, self.wide_b, self._wide_rank8(), _wide_of_row(batch, x.device),
+                             batch.offsets if tokens else None, None if tokens else batch.lengths)
+            return y
         flat_x, flat_y = (x[0], y[0]) if tokens else (x, y)
         if not shared and len(batch.wide) > 1:
             r = max(self.wide_rank[w] for w, _, _ in batch.wide)
@@ -294,6 +315,13 @@ class SlotLoRALinear(nn.Module):
             picked = flat_x.index_select(0, index)
             flat_y.index_add_(0, index, torch.matmul(torch.matmul(picked, a.t()), b).to(y.dtype))
         return y
+
+    def _wide_rank8(self) -> torch.Tensor:
+        """[W + 1] int64 for the kernel: 0, then each wide slot's rank in this layer rounded up to 8."""
+        key = tuple(self.wide_rank)
+        if self._wide_rank8_of[0] != key:
+            self._wide_rank8_of = (key, torch.tensor([0] + [-(-r // 8) * 8 for r in key], dtype=torch.long))
+        return self._wide_rank8_of[1]
 
     def _add_wide_together(self, flat_x: torch.Tensor, flat_y: torch.Tensor, batch, tokens: bool, r: int) -> None:
         """Every wide adapter of the batch in one pass: each adapter's rows (tokens) padded to the longest

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
 ABI = 7
-MAX_RANK = 64  # r_max bound: the kernel's per-token xa buffer
+MAX_RANK = 64  # r_max bound of the narrow slots
+WIDE_MAX_RANK = 256  # the kernel's per-token buffer: the widest wide slots it serves
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
 
@@ -136,6 +137,32 @@ class FusedLoRA:
         assert params.dtype == np.int64 and params.flags.c_contiguous and params.shape == (starts.shape[0], 6)
         self._bottleneck(y.data_ptr(), src.data_ptr(), y.stride(0), src.stride(0), y.shape[1], starts.shape[0],
                          starts.ctypes.data, ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
+
+    def wide(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank8: torch.Tensor,
+             wide_of_row: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor]) -> None:
+        """Rows in wide slots, as __call__ (offsets None) or packed (offsets given) do for narrow ones:
+        a [W, r_wide, din], b [W, r_wide, dout] contiguous, r_wide <= WIDE_MAX_RANK; rank8 int64 [W + 1]:
+        entry w + 1 wide slot w's rank in this layer rounded up to 8, entry 0 zero; wide_of_row int64
+        [rows]: w + 1 for a row in wide slot w, 0 for the others (skipped)."""
+        assert a.is_contiguous() and b.is_contiguous() and a.shape[1] <= WIDE_MAX_RANK
+        # The kernel skips slot 0 and reads slot s at A + s * r_wide * din: the base it is given is one
+        # slot before wide slot 0, never read at.
+        a_ptr = a.data_ptr() - a.stride(0) * a.element_size()
+        b_ptr = b.data_ptr() - b.stride(0) * b.element_size()
+        din, dout, r_wide = a.shape[2], b.shape[2], a.shape[1]
+        threads = torch.get_num_threads()
+        if offsets is not None:
+            self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), wide_of_row.shape[0], din, dout,
+                         a_ptr, b_ptr, r_wide, rank8.data_ptr(), wide_of_row.data_ptr(), offsets.data_ptr(),
+                         None, None, None, threads)
+            return
+        if x.dim() == 2:
+            rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
+        else:
+            rows, t, x_tok, y_tok = x.shape[0], x.shape[1], x.stride(1), y.stride(1)
+        self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t, din, dout, a_ptr, b_ptr,
+                 r_wide, rank8.data_ptr(), wide_of_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
+                 None, None, None, threads)
 
 
 def _vector_pointers(vectors: Optional[tuple]) -> tuple:

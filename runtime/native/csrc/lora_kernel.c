@@ -18,13 +18,15 @@
 #endif
 
 #define MAX_R 64
+/* lora_tokens also serves wide slots (slot_layers.SlotLoRALinear._add_wide: ranks up to 256) */
+#define TOKEN_MAX_R 256
 
 /* nt = 1 or 2 tokens at once (a compile-time constant after inlining): two tokens share every A/B load. */
 static inline __attribute__((always_inline)) void
 lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1,
             int64_t din, int64_t dout, const float *As, const float *Bs, int64_t r8)
 {
-    float xa[2][MAX_R];
+    float xa[2][TOKEN_MAX_R];
     for (int64_t jc = 0; jc < r8; jc += 8) {
         __m512 acc0[8], acc1[8];
         for (int j = 0; j < 8; j++) { acc0[j] = _mm512_setzero_ps(); acc1[j] = _mm512_setzero_ps(); }
