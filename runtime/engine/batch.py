@@ -67,6 +67,35 @@ class SlotBatch:
             wide=wide,
         )
 
+    def token_runs(self, which, tokens_per_row: int = 0) -> tuple:
+        """(start, end, slot) of each row whose slot is in `which`, in a flat [tokens, d] view of the
+        batch's activations: its token run when packed, else its real tokens at row × tokens_per_row.
+        Made once per forward (every layer asks for the same sets)."""
+        return self._runs("tokens", which, tokens_per_row)
+
+    def row_runs(self, which) -> tuple:
+        """(i, i + 1, slot) of each row i whose slot is in `which`: one unit per row (padded rows, and the
+        pooler's [B, d] on packed batches too)."""
+        return self._runs("rows", which, 0)
+
+    def _runs(self, unit: str, which, tokens_per_row: int) -> tuple:
+        key = ("runs", unit, frozenset(which), tokens_per_row)
+        found = self.derived.get(key)
+        if found is None:
+            runs = []
+            for i, s in enumerate(self.slot_list):
+                if s in which:
+                    if unit == "rows":
+                        start, end = i, i + 1
+                    elif self.bounds:
+                        start, end = self.bounds[i], self.bounds[i + 1]
+                    else:
+                        start = i * tokens_per_row
+                        end = start + (tokens_per_row if self.lengths is None else int(self.lengths[i]))
+                    runs.append((start, end, s))
+            found = self.derived[key] = tuple(runs)
+        return found
+
 
 class SlotContext(threading.local):
     """Holder the engine sets around one forward; slot layers read it. One per engine, not global:

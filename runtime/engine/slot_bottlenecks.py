@@ -28,6 +28,7 @@ from transformers.activations import get_activation
 from adapterserve.adapters.spec import BottleneckModule
 from adapterserve.runtime.engine.batch import SlotBatch, SlotContext
 from adapterserve.runtime.engine.mixins import mix_in
+from adapterserve.runtime.native.lora_kernel import BOTTLENECK_MAX_RANK
 
 
 def sublayer_outputs(backbone) -> dict:
@@ -48,27 +49,6 @@ def activation(name: str):
     return get_activation(name)
 
 
-# AdapterHub activations the native kernel computes (lora_kernel.c bottleneck_runs: its codes)
-KERNEL_ACTIVATIONS = {"relu": 0, "swish": 1, "silu": 1, "gelu": 2}
-
-
-def kernel_form(m: BottleneckModule) -> Optional[tuple]:
-    """The adapter as the native kernel reads it, or None where the kernel does not compute it (an
-    effect that is not an addition, its own norms, another activation, not fp32 on the CPU, a width off
-    the 16-float grid, a rank over 256): (tensors kept alive, the kernel's 6 params but the addresses)."""
-    o = m.options
-    if (not adds_before_norm(o) or m.norm_before is not None or m.norm_after is not None
-            or o.activation not in KERNEL_ACTIVATIONS or m.down_weight.dtype != torch.float32
-            or m.down_weight.device.type != "cpu" or m.down_weight.shape[1] % 16 or m.down_weight.shape[0] > 256):
-        return None
-    scaling = m.scaling.reshape(-1)  # [1] or [hidden]
-    tensors = (m.down_weight.contiguous(), m.down_bias.reshape(-1).contiguous(),
-               (m.up_weight * scaling[:, None]).t().contiguous(), (m.up_bias.reshape(-1) * scaling).contiguous())
-    params = np.array([t.data_ptr() for t in tensors] + [m.down_weight.shape[0], KERNEL_ACTIVATIONS[o.activation]],
-                      dtype=np.int64)
-    return tensors, params
-
-
 def _norm(h: torch.Tensor, affine: Optional[tuple]) -> torch.Tensor:
     weight, bias = affine
     return F.layer_norm(h, (h.shape[-1],)) * weight + bias
@@ -84,7 +64,30 @@ def adds_before_norm(options) -> bool:
         return False
     # sequential: the residual is x (residual_before_ln True or False alike with no norm before), and
     # norm(adapter + residual) would not be an addition
-    return o.parallel or (o.residual_before_ln in (True, False) and not (o.adapter_residual_before_ln and o.ln_after))
+    return o.parallel or (o.residual_before_ln in (True, False)
+                          and not (o.adapter_residual_before_ln and o.ln_after))
+
+
+# AdapterHub activations the native kernel computes (lora_kernel.c bottleneck_runs: its codes)
+KERNEL_ACTIVATIONS = {"relu": 0, "swish": 1, "silu": 1, "gelu": 2}
+
+
+def kernel_form(m: BottleneckModule) -> Optional[tuple]:
+    """The adapter as the native kernel reads it, or None where the kernel does not compute it (an
+    effect that is not an addition, its own norms, another activation, not fp32 on the CPU, a width off
+    the 16-float grid, a rank over the kernel's bound): (tensors kept alive, the kernel's 6 params but the addresses)."""
+    o = m.options
+    if (not adds_before_norm(o) or m.norm_before is not None or m.norm_after is not None
+            or o.activation not in KERNEL_ACTIVATIONS or m.down_weight.dtype != torch.float32
+            or m.down_weight.device.type != "cpu" or m.down_weight.shape[1] % 16
+            or m.down_weight.shape[0] > BOTTLENECK_MAX_RANK):
+        return None
+    scaling = m.scaling.reshape(-1)  # [1] or [hidden]
+    tensors = (m.down_weight.contiguous(), m.down_bias.reshape(-1).contiguous(),
+               (m.up_weight * scaling[:, None]).t().contiguous(), (m.up_bias.reshape(-1) * scaling).contiguous())
+    params = np.array([t.data_ptr() for t in tensors] + [m.down_weight.shape[0], KERNEL_ACTIVATIONS[o.activation]],
+                      dtype=np.int64)
+    return tensors, params
 
 
 def bottleneck_delta(m: BottleneckModule, x: torch.Tensor, sublayer_input: Optional[torch.Tensor]) -> torch.Tensor:
@@ -208,11 +211,13 @@ class SlotBottlenecks:
         return found
 
     def held_bytes(self) -> int:
-        """Device bytes of the adapters held and of the stacked groups kept for reuse."""
+        """Device bytes of the adapters held, of the stacked groups kept for reuse and of the kernel's
+        forms, each tensor once (a kernel form reads the module's own down projection)."""
         modules = [m for ms in self.by_slot.values() for m in ms.values()] + list(self.stacked.values())
-        forms = [t for fs in self.kernel_forms.values() for tensors, _ in fs.values() for t in tensors]
-        return sum(t.numel() * t.element_size() for m in modules for t in m.tensors()) + \
-            sum(t.numel() * t.element_size() for t in forms)
+        tensors = [t for m in modules for t in m.tensors()]
+        tensors += [t for fs in self.kernel_forms.values() for held, _ in fs.values() for t in held]
+        held = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+        return sum(held.values())
 
     def rows_of(self, batch: SlotBatch, device: torch.device) -> dict:
         """slot -> the batch's rows (padded) or tokens (packed) of each bottleneck slot, made once per
@@ -220,14 +225,12 @@ class SlotBottlenecks:
         found = batch.derived.get("bottleneck_rows")
         if found is None:
             rows: dict[int, list] = {}
-            for i, s in enumerate(batch.slot_list):
-                if s in self.by_slot:
-                    rows.setdefault(s, []).extend(range(batch.bounds[i], batch.bounds[i + 1])
-                                                  if batch.offsets is not None else (i,))
+            runs = batch.token_runs(self.by_slot) if batch.offsets is not None else batch.row_runs(self.by_slot)
+            for start, end, s in runs:
+                rows.setdefault(s, []).extend(range(start, end))
             found = {s: torch.tensor(r, dtype=torch.long, device=device) for s, r in rows.items()}
             batch.derived["bottleneck_rows"] = found
         return found
-
 
     def kernel_params(self, name: str, owners: tuple) -> Optional[np.ndarray]:
         """The kernel's params [runs, 6] for runs owned by these slots at one location (kept until a slot
@@ -242,26 +245,16 @@ class SlotBottlenecks:
             self.params[key] = found
         return found
 
-    def runs_of(self, batch: SlotBatch, slots: tuple, tokens_per_row: int) -> tuple:
-        """(starts, ends, slot of each run): the token runs of the rows of `slots` in the flat [tokens, d]
-        view of a sublayer's activations (packed: the rows' token runs; padded: each row's real tokens
-        at row × tokens_per_row), made once per forward."""
-        key = ("bottleneck_runs", slots)
+    @staticmethod
+    def runs_of(batch: SlotBatch, slots: tuple, tokens_per_row: int) -> tuple:
+        """(starts, ends, slot of each run) of the rows of `slots` (SlotBatch.token_runs) as the kernel
+        takes them, made once per forward."""
+        key = ("bottleneck_runs", slots, tokens_per_row)
         found = batch.derived.get(key)
         if found is None:
-            starts, ends, owners = [], [], []
-            wanted = set(slots)
-            for i, s in enumerate(batch.slot_list):
-                if s in wanted:
-                    if batch.offsets is not None:
-                        start, end = batch.bounds[i], batch.bounds[i + 1]
-                    else:
-                        start = i * tokens_per_row
-                        end = start + (tokens_per_row if batch.lengths is None else int(batch.lengths[i]))
-                    starts.append(start)
-                    ends.append(end)
-                    owners.append(s)
-            found = batch.derived[key] = (np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), owners)
+            runs = batch.token_runs(slots, tokens_per_row)
+            found = batch.derived[key] = (np.array([r[0] for r in runs], dtype=np.int64),
+                                          np.array([r[1] for r in runs], dtype=np.int64), [r[2] for r in runs])
         return found
 
 

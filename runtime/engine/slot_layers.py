@@ -175,32 +175,21 @@ class SlotLoRALinear(nn.Module):
         self._vector_flags_view[slot] = flags
         self.vector_slots.add(slot)
 
-    def _rows(self, batch, which: set) -> list:
-        """(first token, end token, slot) of each packed row whose slot is in `which`."""
-        bounds = batch.bounds
-        return [(bounds[i], bounds[i + 1], s) for i, s in enumerate(batch.slot_list) if s in which]
-
     def _scale_input(self, x: torch.Tensor, batch) -> torch.Tensor:
-        if batch.offsets is not None and x.dim() == 3:
-            # Packed rows: only the rows whose slot scales this input, each a contiguous run of tokens.
-            out = x.clone()
-            flat = out.view(-1, self.d_in)
-            for start, end, slot in self._rows(batch, self.in_slots):
-                flat[start:end].mul_(self.in_scale[slot].to(x.dtype))
-            return out
+        """A copy of x with each row scaled by its slot's input scale (DeBERTa's shared input, expanded
+        per row: padded rows only)."""
         scale = self.in_scale.index_select(0, batch.slot_per_row).to(x.dtype)
         return x * (scale if x.dim() == 2 else scale.unsqueeze(1))
 
     def _scale_input_in_place(self, x: torch.Tensor, batch) -> list:
         """Scales, in x, the token runs (packed) or rows (padded, and the pooler's [B, d]) whose slot
-        scales this input; returns [(view, its values before)] for the caller to put back. Slices, not
-        an index: index_copy_ of a few rows' tokens cost more than the slices' copies."""
+        scales this input; returns [(view, its values before)] for the caller to put back. Each run is a
+        contiguous slice of x: no index tensor, no copy of the other rows."""
         packed = batch.offsets is not None and x.dim() == 3
-        rows = self._rows(batch, self.in_slots) if packed else \
-            [(i, i + 1, s) for i, s in enumerate(batch.slot_list) if s in self.in_slots]
+        runs = batch.token_runs(self.in_slots) if packed else batch.row_runs(self.in_slots)
         flat = x[0] if packed else x  # [N, d_in] tokens; [B, T, d_in] or [B, d_in] rows
         restore = []
-        for start, end, slot in rows:
+        for start, end, slot in runs:
             view = flat[start:end]
             restore.append((view, view.clone()))
             view.mul_(self.in_scale[slot].to(x.dtype))
@@ -210,7 +199,7 @@ class SlotLoRALinear(nn.Module):
         """In place: y is this layer's own output."""
         if batch.offsets is not None and y.dim() == 3:
             flat = y.view(-1, self.d_out)
-            for start, end, slot in self._rows(batch, self.scale_slots | self.shift_slots):
+            for start, end, slot in batch.token_runs(self.scale_slots | self.shift_slots):
                 if slot in self.scale_slots:
                     flat[start:end].mul_(self.out_scale[slot].to(y.dtype))
                 if slot in self.shift_slots:
@@ -361,9 +350,8 @@ class SlotLoRALinear(nn.Module):
             return self._forward(x, batch)
         present = batch.distinct_slots & self.vector_slots
         # Rows whose slot scales this input (IA3's feed-forward vectors) are scaled in x's own buffer for
-        # this layer and put back after it: a few rows' tokens are touched, not all of x. A copy of x cost
-        # a [N, d_in] clone per layer (3.7 % of a mixed batch of 11 kinds on MiniLM); computing those
-        # rows' outputs again cost a product per row (32 rows half IA3: x 0.83 of LoRA).
+        # this layer and put back after it: only those rows' tokens are touched, where a copy of x would
+        # copy every row and computing their outputs again would cost a product per row.
         restore = self._scale_input_in_place(x, batch) if present & self.in_slots else None
         try:
             if present & (self.scale_slots | self.shift_slots):

@@ -232,8 +232,8 @@ class TorchEngine:
         for index, layer in enumerate(backbone.encoder.layer):
             attention = layer.attention.self
             q, k, v = attention.query(hidden)[0], attention.key(hidden)[0], attention.value(hidden)[0]
-            context = kernel.attention(q, k, v, offsets, attention.num_attention_heads,
-                                       None if prefixes is None else prefixes.packed_prefix(index, self.context.current))
+            prefix = None if prefixes is None else prefixes.packed_prefix(index, self.context.current)
+            context = kernel.attention(q, k, v, offsets, attention.num_attention_heads, prefix)
             hidden_attn = layer.attention.output(context.unsqueeze(0), hidden)
             hidden = layer.output(layer.intermediate(hidden_attn), hidden_attn)
         first = hidden[0].index_select(0, offsets[:-1])  # [B, d]: each row's first token

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 SOURCE = source("lora_kernel.c")
 ABI = 7
 MAX_RANK = 64  # r_max bound of the narrow slots
-WIDE_MAX_RANK = 256  # the kernel's per-token buffer: the widest wide slots it serves
+WIDE_MAX_RANK = 256  # the kernel's per-token buffer (TOKEN_MAX_R): the widest wide slots it serves
+BOTTLENECK_MAX_RANK = 256  # bottleneck_runs' per-token buffer (BN_MAX_R)
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
 
@@ -76,23 +77,32 @@ class FusedLoRA:
         rank in this layer rounded up to 8, 0 = untouched; slot_per_row, lengths int64 [rows]
         (lengths None: all T positions). vectors: (out_scale, out_shift [slots, dout] fp32, flags int64
         [slots]), applied to each row after its delta where its slot's flags say; None: none."""
-        if x.dim() == 2:
-            rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
-        else:
-            rows, t, x_tok, y_tok = x.shape[0], x.shape[1], x.stride(1), y.stride(1)
-        self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t,
-                 a.shape[2], b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(),
-                 slot_per_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
-                 *_vector_pointers(vectors), torch.get_num_threads())
+        self._rows_at(x, y, a.data_ptr(), b.data_ptr(), a.shape, b.shape[2], slot_r8, slot_per_row, lengths, vectors)
 
     def packed(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_r8: torch.Tensor,
                slot_per_row: torch.Tensor, offsets: torch.Tensor, vectors: Optional[tuple] = None) -> None:
         """Token-packed rows: x [..., N, din], y [..., N, dout] (one run of every row's tokens; the
         feature dim contiguous), row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [rows + 1]).
         vectors: as for __call__."""
-        self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a.shape[2],
-                     b.shape[2], a.data_ptr(), b.data_ptr(), a.shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
-                     offsets.data_ptr(), *_vector_pointers(vectors), torch.get_num_threads())
+        self._packed_at(x, y, a.data_ptr(), b.data_ptr(), a.shape, b.shape[2], slot_r8, slot_per_row, offsets,
+                        vectors)
+
+    def _rows_at(self, x, y, a_ptr: int, b_ptr: int, a_shape, dout: int, slot_r8, slot_per_row, lengths,
+                 vectors) -> None:
+        if x.dim() == 2:
+            rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
+        else:
+            rows, t, x_tok, y_tok = x.shape[0], x.shape[1], x.stride(1), y.stride(1)
+        self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t, a_shape[2], dout,
+                 a_ptr, b_ptr, a_shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
+                 lengths.data_ptr() if lengths is not None else None, *_vector_pointers(vectors),
+                 torch.get_num_threads())
+
+    def _packed_at(self, x, y, a_ptr: int, b_ptr: int, a_shape, dout: int, slot_r8, slot_per_row, offsets,
+                   vectors) -> None:
+        self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a_shape[2], dout,
+                     a_ptr, b_ptr, a_shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(), offsets.data_ptr(),
+                     *_vector_pointers(vectors), torch.get_num_threads())
 
     def heads(self, features: torch.Tensor, task_of_row: np.ndarray, heads: np.ndarray, logits: np.ndarray,
               probs: np.ndarray, threads: int = 1) -> None:
@@ -149,20 +159,10 @@ class FusedLoRA:
         # slot before wide slot 0, never read at.
         a_ptr = a.data_ptr() - a.stride(0) * a.element_size()
         b_ptr = b.data_ptr() - b.stride(0) * b.element_size()
-        din, dout, r_wide = a.shape[2], b.shape[2], a.shape[1]
-        threads = torch.get_num_threads()
         if offsets is not None:
-            self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), wide_of_row.shape[0], din, dout,
-                         a_ptr, b_ptr, r_wide, rank8.data_ptr(), wide_of_row.data_ptr(), offsets.data_ptr(),
-                         None, None, None, threads)
-            return
-        if x.dim() == 2:
-            rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
+            self._packed_at(x, y, a_ptr, b_ptr, a.shape, b.shape[2], rank8, wide_of_row, offsets, None)
         else:
-            rows, t, x_tok, y_tok = x.shape[0], x.shape[1], x.stride(1), y.stride(1)
-        self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t, din, dout, a_ptr, b_ptr,
-                 r_wide, rank8.data_ptr(), wide_of_row.data_ptr(), lengths.data_ptr() if lengths is not None else None,
-                 None, None, None, threads)
+            self._rows_at(x, y, a_ptr, b_ptr, a.shape, b.shape[2], rank8, wide_of_row, lengths, None)
 
 
 def _vector_pointers(vectors: Optional[tuple]) -> tuple:
