@@ -20,10 +20,11 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   W1b[j,i] W2b[k,i], so A[i, (j,k)] = W1b[j,i] W2b[k,i] and B[(j,k), o] = W1a[o,j] W2a[o,k] · scale.
 - VERA: ΔW = diag(λb) B_s diag(λd) A_s with the shared frozen projections A, B saved in the file
   (save_projection=True), sliced to the module's dimensions: A = (λd ⊙ A_s)ᵀ, B = (λb ⊙ B_s)ᵀ.
-- LOKR: ΔW = kron(W1, W2) · alpha / r, each factor full or a low-rank product. With W1 = U1 V1 and
-  W2 = U2 V2 (a full factor is itself times an identity, on its smaller side), the mixed-product rule
-  gives kron(W1, W2) = kron(U1, U2) kron(V1, V2): LoRA of rank k1·k2 (PEFT's default on MiniLM: 128,
-  a wide slot).
+- LOKR: ΔW = kron(W1, W2) · alpha / r, each factor full or a low-rank product, read as a
+  spec.KroneckerModule. Up to r_max it becomes LoRA of rank k1·k2 (W1 = U1 V1 and W2 = U2 V2, a full
+  factor itself times an identity on its smaller side: kron(W1, W2) = kron(U1, U2) kron(V1, V2) by the
+  mixed-product rule); above, as PEFT's default on MiniLM is (rank 128), its factors are applied as
+  they are, at a seventh of that rank's products (parse_adapter).
 
 Prompts (PROMPT_KINDS) and prefixes (PREFIX_TUNING: per-layer attention keys and values) change the
 sequence, not the weights: peft_lora._parse_prompt reads them. Bottleneck adapters need slot state of
@@ -38,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from adapterserve.adapters.spec import VectorState
+from adapterserve.adapters.spec import KroneckerModule, VectorState
 from adapterserve.runtime.errors import BaseMismatchError, InvalidAdapterError, UnsupportedAdapterTypeError
 
 # (module name) -> (base weight [d_out, d_in] float32 or None when it cannot be read (quantized), bias
@@ -110,7 +111,7 @@ class Kind:
     shared_keys: tuple  # tensors outside the model prefix the kind reads (VeRA's projections)
     check_config: Callable[[dict], None]
     # (module name, its parts, config, shared tensors, (d_in, d_out), PEFT module key, base params) ->
-    # ((A [d_in, r], B [r, d_out]) or None, VectorState or None)
+    # ((A [d_in, r], B [r, d_out]), a KroneckerModule (LoKr) or None, VectorState or None)
     convert: Callable[..., tuple]
     rank_hint: Callable[[dict], str]  # what to change when the converted rank is above r_max
     optional_parts: frozenset = frozenset()
@@ -326,28 +327,22 @@ def _lokr_config(config: dict) -> None:
     _check_patterns(config)  # use_effective_conv2d and lokr_t2 concern conv layers, which no encoder has
 
 
-def _factor(parts: dict, full: str, left: str, right: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V) with W = U V for one Kronecker factor, saved whole or as a low-rank pair; a whole factor
-    (or a pair wider than the whole) is split on its smaller side with an identity."""
+def _factor(parts: dict, full: str, left: str, right: str, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(U, V) with W = U V for one Kronecker factor saved as a low-rank pair, or (W, None) for one saved
+    whole (or as a pair wider than the whole)."""
     if full in parts:
         w = parts[full].float()
         if w.dim() != 2:
             raise InvalidAdapterError(f"module {name}: {full} is {w.dim()}-D; LoKr on linear layers saves 2-D factors")
-    elif left in parts and right in parts:
+        return w, None
+    if left in parts and right in parts:
         u, v = parts[left].float(), parts[right].float()
         if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
             raise InvalidAdapterError(f"module {name}: {left} {tuple(u.shape)} and {right} {tuple(v.shape)} do not "
                                       "form a low-rank pair")
-        if u.shape[1] <= min(u.shape[0], v.shape[1]):
-            return u, v
-        w = u @ v
-    else:
-        raise InvalidAdapterError(f"module {name} lacks {full} (or {left} and {right}); each LoKr target needs both "
-                                  "Kronecker factors")
-    if not torch.isfinite(w).all():
-        raise InvalidAdapterError(f"module {name}: {full} holds NaN or Inf")
-    p, q = w.shape
-    return (w, torch.eye(q)) if q <= p else (torch.eye(p), w)
+        return (u, v) if u.shape[1] <= min(u.shape[0], v.shape[1]) else (u @ v, None)
+    raise InvalidAdapterError(f"module {name} lacks {full} (or {left} and {right}); each LoKr target needs both "
+                              "Kronecker factors")
 
 
 def _lokr_convert(name, parts, config, shared, dims, peft_key, base_params):
@@ -360,10 +355,6 @@ def _lokr_convert(name, parts, config, shared, dims, peft_key, base_params):
             raise InvalidAdapterError(f"module {name}: {part} holds NaN or Inf")
     u1, v1 = _factor(parts, "lokr_w1", "lokr_w1_a", "lokr_w1_b", name)
     u2, v2 = _factor(parts, "lokr_w2", "lokr_w2_a", "lokr_w2_b", name)
-    if u1.shape[0] * u2.shape[0] != d_out or v1.shape[1] * v2.shape[1] != d_in:
-        raise BaseMismatchError(f"module {name}: LoKr factors make a {u1.shape[0] * u2.shape[0]} x "
-                                f"{v1.shape[1] * v2.shape[1]} update, but the base linear is {d_in} -> {d_out}; the "
-                                "adapter was trained on a base with other dimensions")
     r = rank_value(pattern_value(config.get("rank_pattern"), peft_key, rank_value(config.get("r", 8), f"{CONFIG_FILE} r")),
                    f"{CONFIG_FILE} rank_pattern for {name}")
     alpha = alpha_value(pattern_value(config.get("alpha_pattern"), peft_key,
@@ -371,14 +362,17 @@ def _lokr_convert(name, parts, config, shared, dims, peft_key, base_params):
                         f"{CONFIG_FILE} alpha_pattern for {name}")
     scaling = alpha / r
     _check_scaling(name, alpha, r, scaling)
-    a = torch.kron(v1, v2).t()  # [d_in, k1·k2]
-    b = torch.kron(u1, u2).t() * scaling  # [k1·k2, d_out]
-    return (a.contiguous(), b.contiguous()), None
+    module = KroneckerModule(name, (u1 * scaling).contiguous(), v1, u2.contiguous(), v2)
+    out_l, out_k, in_m, in_n = module.dims
+    if out_l * out_k != d_out or in_m * in_n != d_in:
+        raise BaseMismatchError(f"module {name}: LoKr factors make a {out_l * out_k} x {in_m * in_n} update, but the "
+                                f"base linear is {d_in} -> {d_out}; the adapter was trained on a base with other "
+                                "dimensions")
+    return module, None
 
 
 def _lokr_hint(config: dict) -> str:
-    return ("LoKr of factors W1, W2 converts exactly to LoRA of rank rank(W1)·rank(W2): retrain with a smaller r, "
-            "decompose_both=true, or raise --wide-r-max")
+    return ""  # above r_max LoKr keeps its Kronecker factors (parse_adapter): no rank bound
 
 
 KINDS: dict[str, Kind] = {

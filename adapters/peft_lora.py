@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from adapterserve.adapters import bottleneck
 from adapterserve.adapters.kinds import PROMPT_KINDS, alpha_value, kind_of
-from adapterserve.adapters.spec import AdapterSpec, LoraModule, VectorState
+from adapterserve.adapters.spec import AdapterSpec, KroneckerModule, LoraModule, VectorState
 from adapterserve.runtime.errors import (
     BaseMismatchError,
     DeadlineExceededError,
@@ -316,6 +316,7 @@ def parse_adapter(
 
     modules: dict[str, LoraModule] = {}
     vectors: dict[str, VectorState] = {}
+    kron: dict[str, KroneckerModule] = {}
     for name, parts in sorted(module_parts.items()):
         if not kind.parts <= set(parts):
             missing = ", ".join(sorted(kind.parts - set(parts)))
@@ -332,6 +333,11 @@ def parse_adapter(
             vectors[name] = vector
         if pair is None:
             continue
+        if isinstance(pair, KroneckerModule):
+            if pair.rank > base.r_max:  # kept as factors: fewer products than its LoRA form, and no wide slot
+                kron[name] = pair
+                continue
+            pair = pair.as_lora()
         a, b = pair
         r = a.shape[1]
         if r > max(base.r_max, base.wide_r_max):
@@ -340,7 +346,7 @@ def parse_adapter(
                                       f"{kind.rank_hint(config)}")
         modules[name] = LoraModule(module=name, a=a, b=b)
 
-    return _spec(files, config, kind.peft_type, modules, vectors, head, base, labels, metadata)
+    return _spec(files, config, kind.peft_type, modules, vectors, head, base, labels, metadata, kron=kron)
 
 
 def _refuse_other_family(keys: list[str], family: Family) -> None:
@@ -434,7 +440,7 @@ def _bottleneck_spec(files, modules, head, layout, labels, metadata) -> AdapterS
 
 
 def _spec(files, config, peft_type, modules, vectors, head, base, labels, metadata, prompt=None,
-          prefix=None) -> AdapterSpec:
+          prefix=None, kron=None) -> AdapterSpec:
     family = base.family
     head_names = {name for name, _ in family.head_tensors}
     for name in head_names - set(head):
@@ -462,9 +468,10 @@ def _spec(files, config, peft_type, modules, vectors, head, base, labels, metada
     return AdapterSpec(
         peft_type=peft_type,
         rank=max((m.rank for m in modules.values()), default=0),
-        target_modules=sorted(set(modules) | set(vectors)),
+        target_modules=sorted(set(modules) | set(vectors) | set(kron or ())),
         modules=modules,
         vectors=vectors,
+        kron=kron or {},
         prompt=prompt,
         virtual_tokens=0 if prompt is None else prompt.shape[0],
         prefix=prefix,

@@ -36,6 +36,52 @@ class VectorState:
         return [t for t in (self.in_scale, self.out_scale, self.out_shift) if t is not None]
 
 
+@dataclass
+class KroneckerModule:
+    """LoKr's update of one base linear as its two Kronecker factors: ΔW = kron(W1, W2), each factor
+    whole (v None) or a low-rank pair W = u @ v, LoKr's scaling folded into W1's u. Above r_max it is
+    applied as it is: ΔW x = vec(W1 · X · W2ᵀ) with X the token's input as [in_m, in_n] row-major
+    (slot_layers.SlotLoRALinear._add_kron), out_l·in_m·out_k plus in_m·in_n·out_k (or, W2 a pair,
+    in_m·k·(in_n + out_k)) products per token where the same update as LoRA takes rank·(d_in + d_out).
+    float32."""
+
+    module: str
+    u1: torch.Tensor  # [out_l, k1], or W1 [out_l, in_m] when v1 is None
+    v1: Optional[torch.Tensor]  # [k1, in_m]
+    u2: torch.Tensor  # [out_k, k2], or W2 [out_k, in_n] when v2 is None
+    v2: Optional[torch.Tensor]  # [k2, in_n]
+
+    @staticmethod
+    def _parts(u: torch.Tensor, v: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with W = U V of the least inner size: a whole factor split by an identity on its smaller side."""
+        if v is not None:
+            return u, v
+        p, q = u.shape
+        return (u, torch.eye(q)) if q <= p else (torch.eye(p), u)
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """(out_l, out_k, in_m, in_n): d_out = out_l·out_k, d_in = in_m·in_n."""
+        in_m = (self.u1 if self.v1 is None else self.v1).shape[1]
+        in_n = (self.u2 if self.v2 is None else self.v2).shape[1]
+        return self.u1.shape[0], self.u2.shape[0], in_m, in_n
+
+    @property
+    def rank(self) -> int:
+        """The rank of the same update as LoRA (as_lora): k1·k2."""
+        return self._parts(self.u1, self.v1)[0].shape[1] * self._parts(self.u2, self.v2)[0].shape[1]
+
+    def as_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same update as LoRA, exactly: kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2) (the
+        mixed-product rule), so A = kron(V1, V2)ᵀ [d_in, k1·k2] and B = kron(U1, U2)ᵀ [k1·k2, d_out]."""
+        u1, v1 = self._parts(self.u1, self.v1)
+        u2, v2 = self._parts(self.u2, self.v2)
+        return torch.kron(v1, v2).t().contiguous(), torch.kron(u1, u2).t().contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.u1, self.v1, self.u2, self.v2) if t is not None]
+
+
 @dataclass(frozen=True)
 class BottleneckOptions:
     """How an AdapterHub bottleneck adapter sits in its sublayer (its BnConfig; the math is in
@@ -117,6 +163,8 @@ class AdapterSpec:
     # AdapterHub bottleneck adapters: sublayer module name -> its adapter; their head is head_layout's.
     bottlenecks: dict[str, BottleneckModule] = field(default_factory=dict)
     head_layout: Optional[HeadLayout] = None
+    # LoKr above r_max: module name -> its Kronecker factors (its rank-r_max-or-less LoKr are in `modules`).
+    kron: dict[str, KroneckerModule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.size_bytes:
@@ -139,7 +187,7 @@ class AdapterSpec:
     @property
     def eager_only(self) -> bool:
         """State only the torch engine's eager forwards apply (neither CUDA graphs nor the ONNX graph)."""
-        return bool(self.vectors) or self.sequence_state or bool(self.bottlenecks)
+        return bool(self.vectors) or self.sequence_state or bool(self.bottlenecks) or bool(self.kron)
 
     def kind(self) -> str:
         """The kind as users name it, in messages: the PEFT type, or what a LoRA adapter adds to it."""
@@ -160,4 +208,18 @@ class AdapterSpec:
         tensors += [t for v in self.vectors.values() for t in v.tensors()]
         tensors += [t for t in (self.prompt, self.prefix) if t is not None]
         tensors += [t for m in self.bottlenecks.values() for t in m.tensors()]
+        tensors += [t for m in self.kron.values() for t in m.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    # The fields that hold the adapter's tensors (what the host tier drops and reads back), empty values.
+    TENSOR_STATE = {"modules": dict, "vectors": dict, "prompt": lambda: None, "prefix": lambda: None,
+                    "bottlenecks": dict, "kron": dict}
+
+    def take_tensors(self, other: "AdapterSpec") -> None:
+        """Holds the tensors of `other` (the same version read back from disk)."""
+        for name in self.TENSOR_STATE:
+            setattr(self, name, getattr(other, name))
+
+    def drop_tensors(self) -> None:
+        for name, empty in self.TENSOR_STATE.items():
+            setattr(self, name, empty())

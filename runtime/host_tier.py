@@ -59,11 +59,7 @@ class HostTier:
         spec = self.reload(entry)
         if spec.version != entry.version:
             raise RuntimeError(f"disk holds version {spec.version[:12]} of task {entry.task}, not {entry.version[:12]}")
-        entry.spec.modules = spec.modules  # the tensors; the file bytes stay on disk
-        entry.spec.vectors = spec.vectors
-        entry.spec.prompt = spec.prompt
-        entry.spec.prefix = spec.prefix
-        entry.spec.bottlenecks = spec.bottlenecks
+        entry.spec.take_tensors(spec)  # the file bytes stay on disk
         with self._lock:
             self.reloads += 1
             self._lru[entry.key] = entry
@@ -87,10 +83,6 @@ class HostTier:
                 continue
             self.bytes -= self._cost(entry)
             del self._lru[key]
-            entry.spec.modules = {}
-            entry.spec.vectors = {}
-            entry.spec.prompt = None
-            entry.spec.prefix = None
-            entry.spec.bottlenecks = {}
+            entry.spec.drop_tensors()
             self.evictions += 1
             log.debug("adapter %s (%s) moved to the disk tier", entry.task, entry.version[:12])

@@ -111,8 +111,9 @@ class Residency:
                                     "takes adapters of up to r_max; it is served through a wide slot")
         if entry.spec.eager_only:
             self.registry.release(entry)
-            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors, bottlenecks or "
-                                    "virtual tokens or prefixes are not folded into the base weights; it is served through slots")
+            raise NotSupportedError(f"task {task!r} is a {entry.spec.kind()} adapter: its per-feature vectors, bottlenecks, "
+                                    "Kronecker factors (LoKr above r_max), virtual tokens or prefixes are not folded into "
+                                    "the base weights; it is served through slots")
         with self._device_lock:
             self._wait_for_forwards()
             if self.merged_task is not None:

@@ -245,18 +245,6 @@ class SlotBottlenecks:
             self.params[key] = found
         return found
 
-    @staticmethod
-    def runs_of(batch: SlotBatch, slots: tuple, tokens_per_row: int) -> tuple:
-        """(starts, ends, slot of each run) of the rows of `slots` (SlotBatch.token_runs) as the kernel
-        takes them, made once per forward."""
-        key = ("bottleneck_runs", slots, tokens_per_row)
-        found = batch.derived.get(key)
-        if found is None:
-            runs = batch.token_runs(slots, tokens_per_row)
-            found = batch.derived[key] = (np.array([r[0] for r in runs], dtype=np.int64),
-                                          np.array([r[1] for r in runs], dtype=np.int64), [r[2] for r in runs])
-        return found
-
 
 class BottleneckedOutput:
     """Mixed into a BERT-shaped sublayer output class: its own forward unless a row of the batch has a
@@ -305,8 +293,8 @@ class BottleneckedOutput:
         if not (x.is_contiguous() and src.is_contiguous()):
             return False
         row_tokens = x.shape[-2] if x.dim() == 3 and batch.offsets is None else 1
-        starts, ends, owners = held.runs_of(batch, tuple(slots), row_tokens)
-        params = held.kernel_params(name, tuple(owners))
+        starts, ends, owners = batch.run_arrays(slots, row_tokens)
+        params = held.kernel_params(name, owners)
         if params is None:
             return False
         hidden = x.shape[-1]

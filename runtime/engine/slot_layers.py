@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from adapterserve.adapters.spec import KroneckerModule
 from adapterserve.runtime.engine.batch import SlotContext
-from adapterserve.runtime.native.lora_kernel import WIDE_MAX_RANK, FusedLoRA
+from adapterserve.runtime.native.lora_kernel import KRON_MAX, WIDE_MAX_RANK, FusedLoRA
 
 
 # vector_flags bits (runtime/native/csrc/ort_lora_op.c reads the same)
@@ -50,6 +52,49 @@ def _wide_of_row(batch, device: torch.device) -> torch.Tensor:
                 of_row[i] = w + 1
         found = batch.derived["wide_of_row"] = torch.tensor(of_row, dtype=torch.long, device=device)
     return found
+
+
+@dataclasses.dataclass
+class KronForm:
+    """A slot's LoKr update in one layer as it is applied: W1 [out_l, in_m] and W2ᵀ as P [in_n, k] times
+    Q [k, out_k], or P alone [in_n, out_k] (Q None) where W2 is whole or its pair costs more than it."""
+
+    w1: torch.Tensor
+    p: torch.Tensor
+    q: Optional[torch.Tensor]
+    dims: tuple  # (out_l, out_k, in_m, in_n)
+    params: np.ndarray  # the native kernel's 8 int64s (lora_kernel.c kron_runs)
+    kernel_fits: bool  # within the kernel's per-token buffers
+
+    @classmethod
+    def of(cls, m: KroneckerModule, device: torch.device, dtype: torch.dtype) -> "KronForm":
+        out_l, out_k, in_m, in_n = m.dims
+        w1 = m.u1 if m.v1 is None else m.u1 @ m.v1
+        if m.v2 is not None and m.v2.shape[0] * (in_n + out_k) < in_n * out_k:
+            p, q = m.v2.t(), m.u2.t()
+        else:
+            p, q = (m.u2 if m.v2 is None else m.u2 @ m.v2).t(), None
+
+        def move(t):
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        w1, p, q = move(w1), move(p), None if q is None else move(q)
+        k = 0 if q is None else q.shape[0]
+        params = np.array([w1.data_ptr(), p.data_ptr(), 0 if q is None else q.data_ptr(), out_l, out_k, in_m, in_n, k],
+                          dtype=np.int64)
+        return cls(w1, p, q, (out_l, out_k, in_m, in_n), params, in_m * max(k, out_k) <= KRON_MAX and out_k <= KRON_MAX)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x for x [n, d_in]: [n, d_out], as vec(W1 · X · W2ᵀ) per token."""
+        out_l, out_k, in_m, in_n = self.dims
+        n = x.shape[0]
+        z = x.reshape(n * in_m, in_n) @ self.p
+        if self.q is not None:
+            z = z @ self.q
+        return torch.matmul(self.w1, z.view(n, in_m, out_k)).reshape(n, out_l * out_k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w1, self.p, self.q) if t is not None)
 
 
 def gathered_delta(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -117,6 +162,10 @@ class SlotLoRALinear(nn.Module):
         self.wide_b: Optional[torch.Tensor] = None
         self.wide_rank: list[int] = []
         self._wide_rank8_of: tuple = (None, None)  # (wide_rank it was made from, _wide_rank8())
+        # LoKr above r_max (adapters/spec.KroneckerModule): slot -> its factors here, and the native
+        # kernel's params per slot (made on first use).
+        self.kron: dict[int, KronForm] = {}
+        self._kron_params: Optional[np.ndarray] = None
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -174,6 +223,17 @@ class SlotLoRALinear(nn.Module):
                 flags |= flag
         self._vector_flags_view[slot] = flags
         self.vector_slots.add(slot)
+
+    def write_kron(self, slot: int, module: Optional[KroneckerModule]) -> None:
+        """module: the adapter's Kronecker factors for this layer, or None (it has none here)."""
+        if module is None:
+            self.kron.pop(slot, None)
+            return
+        form = KronForm.of(module, self.lora_a.device, self.lora_a.dtype)
+        if self._kron_params is None:
+            self._kron_params = np.zeros((self.slots, 8), dtype=np.int64)
+        self._kron_params[slot] = form.params
+        self.kron[slot] = form
 
     def _scale_input(self, x: torch.Tensor, batch) -> torch.Tensor:
         """A copy of x with each row scaled by its slot's input scale (DeBERTa's shared input, expanded
@@ -267,8 +327,38 @@ class SlotLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._slot_forward(x)
         batch = self.context.current
-        if batch is not None and batch.wide and self.context.traced is None and any(self.wide_rank):
-            y = self._add_wide(x, y, batch)
+        if batch is not None and self.context.traced is None:
+            if batch.wide and any(self.wide_rank):
+                y = self._add_wide(x, y, batch)
+            if self.kron and not batch.distinct_slots.isdisjoint(self.kron):
+                y = self._add_kron(x, y, batch)
+        return y
+
+    def _add_kron(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
+        """Each LoKr row's update from its Kronecker factors, over its real tokens (packed: its token run;
+        padded: its first `length` positions; the pooler's [B, d]: the row)."""
+        rows_total = batch.slot_per_row.shape[0]
+        slots = batch.distinct_slots & self.kron.keys()
+        if x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1:  # DeBERTa positions
+            if y.shape[0] == 1:
+                y = y.expand(rows_total, -1, -1).contiguous()
+            for i, s in enumerate(batch.slot_list):
+                if s in slots:
+                    y[i] += self.kron[s].delta(x[0]).to(y.dtype)
+            return y
+        if not y.is_contiguous():
+            y = y.contiguous()
+        flat_y = y.view(-1, self.d_out)
+        flat_x = x.reshape(-1, self.d_in)
+        by_row = x.dim() == 2
+        per_row = 0 if by_row or batch.offsets is not None else x.shape[1]
+        starts, ends, owners = batch.run_arrays(slots, per_row, by_row)
+        if (self.kernel is not None and flat_x.stride(-1) == 1 and y.dtype == x.dtype == torch.float32
+                and all(self.kron[s].kernel_fits for s in slots)):
+            self.kernel.kron(flat_y, flat_x, starts, ends, self._kron_params[list(owners)])
+            return y
+        for start, end, s in zip(starts.tolist(), ends.tolist(), owners):
+            flat_y[start:end] += self.kron[s].delta(flat_x[start:end]).to(y.dtype)
         return y
 
     def _add_wide(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:

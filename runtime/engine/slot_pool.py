@@ -123,6 +123,8 @@ class SlotPool:
         (self.first_token_slots.add if reads_first else self.first_token_slots.discard)(slot)
         for name, layer in self.layers.items():
             layer.write_vectors(slot, spec.vectors.get(name))
+            if spec.kron or layer.kron:
+                layer.write_kron(slot, spec.kron.get(name))
             module = spec.modules.get(name)
             if module is None:
                 layer.queue_clear(slot, zero)
@@ -207,6 +209,10 @@ class SlotPool:
     def bottleneck_bytes(self) -> int:
         """Device bytes of the bottleneck adapters in slots (their sizes vary, so they are not slot buffers)."""
         return self.bottlenecks.held_bytes() if self.bottlenecks is not None else 0
+
+    def kron_bytes(self) -> int:
+        """Device bytes of the LoKr factors in slots (LoKr above r_max: slot_layers.KronForm)."""
+        return sum(form.nbytes() for l in self.layers.values() for form in l.kron.values())
 
     def wide_bytes(self) -> int:
         """Device bytes of every wide slot together (0 until the first wide adapter loads)."""

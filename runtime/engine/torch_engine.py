@@ -126,6 +126,10 @@ class TorchEngine:
         if spec.bottlenecks and self.graphs is not None:
             return (f"{spec.kind()} adapters add a small network at sublayer outputs, which the torch engine's CUDA "
                     "graphs do not capture; serve them with --cuda-graphs off")
+        if spec.kron and self.graphs is not None:
+            return (f"{spec.kind()} adapters above r_max {self.r_max} are applied from their Kronecker factors, which "
+                    "the torch engine's CUDA graphs do not capture; serve them with --cuda-graphs off, retrain "
+                    f"with r <= r_max, or start with a --r-max of at least {max(m.rank for m in spec.kron.values())}")
         if spec.vectors and self.graphs is not None:
             return (f"{spec.kind()} adapters set per-feature vectors, which the torch engine's CUDA graphs do not "
                     "capture; serve them with --cuda-graphs off")

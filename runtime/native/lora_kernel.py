@@ -20,10 +20,11 @@ from adapterserve.runtime.native.build import build, load_once, source
 log = logging.getLogger(__name__)
 
 SOURCE = source("lora_kernel.c")
-ABI = 7
+ABI = 8
 MAX_RANK = 64  # r_max bound of the narrow slots
 WIDE_MAX_RANK = 256  # the kernel's per-token buffer (TOKEN_MAX_R): the widest wide slots it serves
 BOTTLENECK_MAX_RANK = 256  # bottleneck_runs' per-token buffer (BN_MAX_R)
+KRON_MAX = 4096  # kron_runs' per-token buffers: in_m * max(k, out_k) and out_k at most this
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
 
@@ -57,6 +58,10 @@ class FusedLoRA:
         lib.bottleneck_runs.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
         lib.bottleneck_runs.restype = None
         self._bottleneck = lib.bottleneck_runs
+        # y, x, y row stride, x row stride, runs, run starts, run ends, params (8 per run), threads
+        lib.kron_runs.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+        lib.kron_runs.restype = None
+        self._kron = lib.kron_runs
         # features, hidden, rows, task of each row, tasks, heads, order and bounds scratch, logits, probs, width
         lib.head_scores.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
         lib.head_scores.restype = None
@@ -147,6 +152,16 @@ class FusedLoRA:
         assert params.dtype == np.int64 and params.flags.c_contiguous and params.shape == (starts.shape[0], 6)
         self._bottleneck(y.data_ptr(), src.data_ptr(), y.stride(0), src.stride(0), y.shape[1], starts.shape[0],
                          starts.ctypes.data, ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
+
+    def kron(self, y: torch.Tensor, x: torch.Tensor, starts: np.ndarray, ends: np.ndarray,
+             params: np.ndarray) -> None:
+        """Adds each run's LoKr update in Kronecker form into y in place (lora_kernel.c kron_runs): y
+        [tokens, d_out], x [tokens, d_in] fp32 with unit feature stride; starts, ends int64 [runs];
+        params int64 [runs, 8] (the factors' addresses, kept alive by the caller, and their sizes)."""
+        assert y.dtype == x.dtype == torch.float32 and y.stride(-1) == 1 and x.stride(-1) == 1
+        assert params.dtype == np.int64 and params.flags.c_contiguous and params.shape == (starts.shape[0], 8)
+        self._kron(y.data_ptr(), x.data_ptr(), y.stride(0), x.stride(0), starts.shape[0], starts.ctypes.data,
+                   ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
 
     def wide(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank8: torch.Tensor,
              wide_of_row: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor]) -> None:

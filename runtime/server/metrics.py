@@ -141,11 +141,11 @@ class MemoryCollector:
         adapters.add_metric(["disk"], on_disk)
         yield adapters
         amem = GaugeMetricFamily(f"{PREFIX}_adapter_memory_bytes",
-                                 "Adapter memory: device = slot buffers (wide ones once made) and the bottleneck adapters in "
-                                 "slots; host = adapter tensors held in memory",
+                                 "Adapter memory: device = slot buffers (wide ones once made) and the bottleneck adapters and "
+                                 "LoKr factors in slots; host = adapter tensors held in memory",
                                  labels=["tier"])
         pool = getattr(self.runtime.engine, "pool", None)
-        made_on_use = pool.wide_bytes() + pool.bottleneck_bytes() if pool is not None else 0
+        made_on_use = pool.wide_bytes() + pool.bottleneck_bytes() + pool.kron_bytes() if pool is not None else 0
         amem.add_metric(["device"], self.runtime.engine.slot_bytes() * self.runtime.config.slots + made_on_use)
         amem.add_metric(["host"], self.runtime.host_tier.bytes)
         yield amem

@@ -202,6 +202,10 @@ class OnnxEngine:
         if spec.prefix is not None:
             return (f"{spec.kind()} adapters add keys and values to every attention layer, which the shared ONNX graph "
                     "has no input for; serve them with --engine torch")
+        if spec.kron:
+            return (f"{spec.kind()} adapters above r_max {self.pool.r_max} are applied from their Kronecker factors, "
+                    "which the shared ONNX graph has no inputs for; serve them with --engine torch, or export the graph "
+                    f"with a --r-max of at least {max(m.rank for m in spec.kron.values())} (they then convert to LoRA)")
         if spec.vectors and not self.takes_vectors:
             return (f"{spec.kind()} adapters set per-feature vectors, which this shared ONNX graph (exported before "
                     "it took them) has no inputs for; re-export it, or serve them with --engine torch")

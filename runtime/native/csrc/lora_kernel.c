@@ -57,7 +57,7 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
-int lora_kernel_abi(void) { return 7; }
+int lora_kernel_abi(void) { return 8; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
 typedef struct {
@@ -236,6 +236,82 @@ void bottleneck_runs(float *y, const float *src, int64_t ld, int64_t src_ld, int
                 _mm512_storeu_ps(yt + c, _mm512_add_ps(_mm512_loadu_ps(yt + c), acc));
             }
         }
+    }
+}
+
+/* LoKr above r_max (runtime/engine/slot_layers.py SlotLoRALinear._add_kron), in place over runs of tokens:
+
+       y[t, :] += vec(W1 · X_t · W2ᵀ)      for t in run_start[i] .. run_end[i] - 1
+
+   X_t is x[t, :] as [in_m, in_n] row-major, the layout of kron(W1, W2) (W1 [out_l, in_m], W2 [out_k,
+   in_n]) acting on it. W2ᵀ is given as P [in_n, k] times Q [k, out_k] (W2 a low-rank pair), or as P
+   alone [in_n, out_k] (k = 0). params[i]: the run's adapter as 8 int64s: W1 (its scaling folded in),
+   P, Q, out_l, out_k, in_m, in_n, k; in_m * max(k, out_k) and out_k at most KRON_MAX. Per token: Z1 =
+   X P, Z = Z1 Q, then W1 Z summed apart and added to y, as y += ΔW x. Tokens run in chunks of
+   KRON_CHUNK across the threads, so a few long runs still share them. */
+#define KRON_MAX 4096
+#define KRON_CHUNK 8
+static void kron_token(const float *restrict x, float *restrict y, const int64_t *p,
+                       float *restrict z1, float *restrict z2, float *restrict acc)
+{
+    const float *W1 = (const float *)p[0], *P = (const float *)p[1], *Q = (const float *)p[2];
+    const int64_t out_l = p[3], out_k = p[4], in_m = p[5], in_n = p[6], k = p[7];
+    const int64_t kk = k ? k : out_k;
+    for (int64_t i = 0; i < in_m; i++) {
+        float *restrict zr = z1 + i * kk;
+        const float *xr = x + i * in_n;
+        for (int64_t c = 0; c < kk; c++) zr[c] = 0.0f;
+        for (int64_t j = 0; j < in_n; j++) {
+            const float xv = xr[j], *restrict pr = P + j * kk;
+            #pragma omp simd
+            for (int64_t c = 0; c < kk; c++) zr[c] += xv * pr[c];
+        }
+    }
+    const float *z = z1;
+    if (k) {
+        for (int64_t i = 0; i < in_m; i++) {
+            float *restrict zr = z2 + i * out_k;
+            for (int64_t b = 0; b < out_k; b++) zr[b] = 0.0f;
+            for (int64_t c = 0; c < k; c++) {
+                const float v = z1[i * k + c], *restrict qr = Q + c * out_k;
+                #pragma omp simd
+                for (int64_t b = 0; b < out_k; b++) zr[b] += v * qr[b];
+            }
+        }
+        z = z2;
+    }
+    for (int64_t a = 0; a < out_l; a++) {
+        for (int64_t b = 0; b < out_k; b++) acc[b] = 0.0f;
+        for (int64_t i = 0; i < in_m; i++) {
+            const float w = W1[a * in_m + i], *restrict zr = z + i * out_k;
+            #pragma omp simd
+            for (int64_t b = 0; b < out_k; b++) acc[b] += w * zr[b];
+        }
+        float *restrict yr = y + a * out_k;
+        #pragma omp simd
+        for (int64_t b = 0; b < out_k; b++) yr[b] += acc[b];
+    }
+}
+
+void kron_runs(float *y, const float *x, int64_t ld, int64_t x_ld, int64_t runs, const int64_t *run_start,
+               const int64_t *run_end, const int64_t *params, int nthreads)
+{
+    int64_t chunks = 0;
+    for (int64_t i = 0; i < runs; i++)
+        chunks += (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = 0, first = c;
+        for (;; i++) {
+            const int64_t n = (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
+            if (first < n) break;
+            first -= n;
+        }
+        float z1[KRON_MAX], z2[KRON_MAX], acc[KRON_MAX];
+        const int64_t t0 = run_start[i] + first * KRON_CHUNK;
+        const int64_t t1 = t0 + KRON_CHUNK < run_end[i] ? t0 + KRON_CHUNK : run_end[i];
+        for (int64_t t = t0; t < t1; t++)
+            kron_token(x + t * x_ld, y + t * ld, params + 8 * i, z1, z2, acc);
     }
 }
 
