@@ -166,6 +166,8 @@ class SlotLoRALinear(nn.Module):
         # kernel's params per slot (made on first use).
         self.kron: dict[int, KronForm] = {}
         self._kron_params: Optional[np.ndarray] = None
+        # run owners -> (their params [runs, 8], whether the kernel takes every one): cleared on a write
+        self._kron_runs: dict[tuple, tuple] = {}
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -226,6 +228,7 @@ class SlotLoRALinear(nn.Module):
 
     def write_kron(self, slot: int, module: Optional[KroneckerModule]) -> None:
         """module: the adapter's Kronecker factors for this layer, or None (it has none here)."""
+        self._kron_runs = {}
         if module is None:
             self.kron.pop(slot, None)
             return
@@ -353,10 +356,17 @@ class SlotLoRALinear(nn.Module):
         by_row = x.dim() == 2
         per_row = 0 if by_row or batch.offsets is not None else x.shape[1]
         starts, ends, owners = batch.run_arrays(slots, per_row, by_row)
-        if (self.kernel is not None and flat_x.stride(-1) == 1 and y.dtype == x.dtype == torch.float32
-                and all(self.kron[s].kernel_fits for s in slots)):
-            self.kernel.kron(flat_y, flat_x, starts, ends, self._kron_params[list(owners)])
-            return y
+        if self.kernel is not None and flat_x.stride(-1) == 1 and y.dtype == x.dtype == torch.float32:
+            found = self._kron_runs.get(owners)
+            if found is None:  # batches repeat their owners; indexing the table on every call cost a good part of it
+                if len(self._kron_runs) >= 64:
+                    self._kron_runs = {}
+                found = self._kron_runs[owners] = (self._kron_params[list(owners)],
+                                                   all(self.kron[s].kernel_fits for s in owners))
+            params, fits = found
+            if fits:
+                self.kernel.kron(flat_y, flat_x, starts, ends, params)
+                return y
         for start, end, s in zip(starts.tolist(), ends.tolist(), owners):
             flat_y[start:end] += self.kron[s].delta(flat_x[start:end]).to(y.dtype)
         return y

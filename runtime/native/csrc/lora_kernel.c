@@ -239,82 +239,6 @@ void bottleneck_runs(float *y, const float *src, int64_t ld, int64_t src_ld, int
     }
 }
 
-/* LoKr above r_max (runtime/engine/slot_layers.py SlotLoRALinear._add_kron), in place over runs of tokens:
-
-       y[t, :] += vec(W1 · X_t · W2ᵀ)      for t in run_start[i] .. run_end[i] - 1
-
-   X_t is x[t, :] as [in_m, in_n] row-major, the layout of kron(W1, W2) (W1 [out_l, in_m], W2 [out_k,
-   in_n]) acting on it. W2ᵀ is given as P [in_n, k] times Q [k, out_k] (W2 a low-rank pair), or as P
-   alone [in_n, out_k] (k = 0). params[i]: the run's adapter as 8 int64s: W1 (its scaling folded in),
-   P, Q, out_l, out_k, in_m, in_n, k; in_m * max(k, out_k) and out_k at most KRON_MAX. Per token: Z1 =
-   X P, Z = Z1 Q, then W1 Z summed apart and added to y, as y += ΔW x. Tokens run in chunks of
-   KRON_CHUNK across the threads, so a few long runs still share them. */
-#define KRON_MAX 4096
-#define KRON_CHUNK 8
-static void kron_token(const float *restrict x, float *restrict y, const int64_t *p,
-                       float *restrict z1, float *restrict z2, float *restrict acc)
-{
-    const float *W1 = (const float *)p[0], *P = (const float *)p[1], *Q = (const float *)p[2];
-    const int64_t out_l = p[3], out_k = p[4], in_m = p[5], in_n = p[6], k = p[7];
-    const int64_t kk = k ? k : out_k;
-    for (int64_t i = 0; i < in_m; i++) {
-        float *restrict zr = z1 + i * kk;
-        const float *xr = x + i * in_n;
-        for (int64_t c = 0; c < kk; c++) zr[c] = 0.0f;
-        for (int64_t j = 0; j < in_n; j++) {
-            const float xv = xr[j], *restrict pr = P + j * kk;
-            #pragma omp simd
-            for (int64_t c = 0; c < kk; c++) zr[c] += xv * pr[c];
-        }
-    }
-    const float *z = z1;
-    if (k) {
-        for (int64_t i = 0; i < in_m; i++) {
-            float *restrict zr = z2 + i * out_k;
-            for (int64_t b = 0; b < out_k; b++) zr[b] = 0.0f;
-            for (int64_t c = 0; c < k; c++) {
-                const float v = z1[i * k + c], *restrict qr = Q + c * out_k;
-                #pragma omp simd
-                for (int64_t b = 0; b < out_k; b++) zr[b] += v * qr[b];
-            }
-        }
-        z = z2;
-    }
-    for (int64_t a = 0; a < out_l; a++) {
-        for (int64_t b = 0; b < out_k; b++) acc[b] = 0.0f;
-        for (int64_t i = 0; i < in_m; i++) {
-            const float w = W1[a * in_m + i], *restrict zr = z + i * out_k;
-            #pragma omp simd
-            for (int64_t b = 0; b < out_k; b++) acc[b] += w * zr[b];
-        }
-        float *restrict yr = y + a * out_k;
-        #pragma omp simd
-        for (int64_t b = 0; b < out_k; b++) yr[b] += acc[b];
-    }
-}
-
-void kron_runs(float *y, const float *x, int64_t ld, int64_t x_ld, int64_t runs, const int64_t *run_start,
-               const int64_t *run_end, const int64_t *params, int nthreads)
-{
-    int64_t chunks = 0;
-    for (int64_t i = 0; i < runs; i++)
-        chunks += (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t i = 0, first = c;
-        for (;; i++) {
-            const int64_t n = (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
-            if (first < n) break;
-            first -= n;
-        }
-        float z1[KRON_MAX], z2[KRON_MAX], acc[KRON_MAX];
-        const int64_t t0 = run_start[i] + first * KRON_CHUNK;
-        const int64_t t1 = t0 + KRON_CHUNK < run_end[i] ? t0 + KRON_CHUNK : run_end[i];
-        for (int64_t t = t0; t < t1; t++)
-            kron_token(x + t * x_ld, y + t * ld, params + 8 * i, z1, z2, acc);
-    }
-}
-
 /* exp(x) for x <= 0 (softmax after subtracting the row's max), 16 lanes: Cephes' expf reduction and
    polynomial (relative error ~1e-7, below float32's rounding of the probabilities it feeds), with
    2^n applied by scalef, so underflow goes to 0 through the denormals as expf does. */
@@ -467,4 +391,100 @@ void varlen_attention_rows(const float *q, const float *k, const float *v, float
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < batch * heads; item++)
         varlen_attention_item_prefixed(q, k, v, out, ld, ld, cu, heads, d, scale, item, pk, pv, np, prefix_cap);
+}
+
+/* LoKr above r_max (runtime/engine/slot_layers.py SlotLoRALinear._add_kron), in place over runs of tokens:
+
+       y[t, :] += vec(W1 · X_t · W2ᵀ)      for t in run_start[i] .. run_end[i] - 1
+
+   X_t is x[t, :] as [in_m, in_n] row-major, the layout of kron(W1, W2) (W1 [out_l, in_m], W2 [out_k,
+   in_n]) acting on it. W2ᵀ is given as P [in_n, k] times Q [k, out_k] (W2 a low-rank pair), or as P
+   alone [in_n, out_k] (k = 0). params[i]: the run's adapter as 8 int64s: W1 (its scaling folded in),
+   P, Q, out_l, out_k, in_m, in_n, k; in_m * max(k, out_k) at most KRON_MAX. Per token three small
+   products: Z1 = X P, Z = Z1 Q, then y += W1 Z (W1 Z summed apart, then added, as y += ΔW x). Tokens
+   run in chunks of KRON_CHUNK across the threads, so a few long runs still share them. */
+#define KRON_MAX 4096
+#define KRON_CHUNK 8
+
+/* C[m, :N] (+)= A[m, :K] B[:K, :N] for nr rows (1..4) from row m0 of A and C, columns n0 .. n0 + w
+   (w <= 16 nv), rows lda / ldb / ldc floats apart: nr · nv accumulators, each B load shared by the nr
+   rows. add: C's own values are added after the sum. nv and nr are compile-time constants once inlined. */
+static inline __attribute__((always_inline)) void
+kron_gemm_rows(const int nv, const int nr, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
+               const float *b, int64_t ldb, float *c, int64_t ldc, int add)
+{
+    const __mmask16 m0 = lanes_below(w), m1 = nv == 2 ? lanes_below(w - 16) : 0;
+    __m512 acc0[4], acc1[4];
+    for (int r = 0; r < nr; r++) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb + n0);
+        const __m512 b1 = nv == 2 ? _mm512_maskz_loadu_ps(m1, b + k * ldb + n0 + 16) : b0;
+        for (int r = 0; r < nr; r++) {
+            const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+            if (nv == 2) acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float *cr = c + r * ldc + n0;
+        if (add) acc0[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), acc0[r]);
+        _mm512_mask_storeu_ps(cr, m0, acc0[r]);
+        if (nv == 2) {
+            if (add) acc1[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), acc1[r]);
+            _mm512_mask_storeu_ps(cr + 16, m1, acc1[r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kron_gemm_block(const int nv, int64_t M, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
+                const float *b, int64_t ldb, float *c, int64_t ldc, int add)
+{
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        kron_gemm_rows(nv, 4, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
+    for (; m < M; m++)
+        kron_gemm_rows(nv, 1, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
+}
+
+static void kron_gemm(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb,
+                      float *c, int64_t ldc, int add)
+{
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const int64_t w = N - n0;
+        if (w > 16)
+            kron_gemm_block(2, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
+        else
+            kron_gemm_block(1, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
+    }
+}
+
+void kron_runs(float *y, const float *x, int64_t ld, int64_t x_ld, int64_t runs, const int64_t *run_start,
+               const int64_t *run_end, const int64_t *params, int nthreads)
+{
+    int64_t chunks = 0;
+    for (int64_t i = 0; i < runs; i++)
+        chunks += (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = 0, first = c;
+        for (;; i++) {
+            const int64_t n = (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
+            if (first < n) break;
+            first -= n;
+        }
+        const int64_t *p = params + 8 * i;
+        const float *W1 = (const float *)p[0], *P = (const float *)p[1], *Q = (const float *)p[2];
+        const int64_t out_l = p[3], out_k = p[4], in_m = p[5], in_n = p[6], k = p[7];
+        const int64_t kk = k ? k : out_k;
+        float z1[KRON_MAX], z2[KRON_MAX];
+        const int64_t t0 = run_start[i] + first * KRON_CHUNK;
+        const int64_t t1 = t0 + KRON_CHUNK < run_end[i] ? t0 + KRON_CHUNK : run_end[i];
+        for (int64_t t = t0; t < t1; t++) {
+            kron_gemm(in_m, kk, in_n, x + t * x_ld, in_n, P, kk, z1, kk, 0);
+            if (k)
+                kron_gemm(in_m, out_k, k, z1, k, Q, out_k, z2, out_k, 0);
+            kron_gemm(out_l, out_k, in_m, W1, in_m, k ? z2 : z1, out_k, y + t * ld, out_k, 1);
+        }
+    }
 }
