@@ -168,6 +168,7 @@ class SlotLoRALinear(nn.Module):
         self._kron_params: Optional[np.ndarray] = None
         # run owners -> (their params [runs, 8], whether the kernel takes every one): cleared on a write
         self._kron_runs: dict[tuple, tuple] = {}
+        self._kron_slots: frozenset = frozenset()
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -231,12 +232,13 @@ class SlotLoRALinear(nn.Module):
         self._kron_runs = {}
         if module is None:
             self.kron.pop(slot, None)
-            return
-        form = KronForm.of(module, self.lora_a.device, self.lora_a.dtype)
-        if self._kron_params is None:
-            self._kron_params = np.zeros((self.slots, 8), dtype=np.int64)
-        self._kron_params[slot] = form.params
-        self.kron[slot] = form
+        else:
+            form = KronForm.of(module, self.lora_a.device, self.lora_a.dtype)
+            if self._kron_params is None:
+                self._kron_params = np.zeros((self.slots, 8), dtype=np.int64)
+            self._kron_params[slot] = form.params
+            self.kron[slot] = form
+        self._kron_slots = frozenset(self.kron)
 
     def _scale_input(self, x: torch.Tensor, batch) -> torch.Tensor:
         """A copy of x with each row scaled by its slot's input scale (DeBERTa's shared input, expanded
@@ -341,12 +343,11 @@ class SlotLoRALinear(nn.Module):
         """Each LoKr row's update from its Kronecker factors, over its real tokens (packed: its token run;
         padded: its first `length` positions; the pooler's [B, d]: the row)."""
         rows_total = batch.slot_per_row.shape[0]
-        slots = batch.distinct_slots & self.kron.keys()
         if x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1:  # DeBERTa positions
             if y.shape[0] == 1:
                 y = y.expand(rows_total, -1, -1).contiguous()
             for i, s in enumerate(batch.slot_list):
-                if s in slots:
+                if s in self.kron:
                     y[i] += self.kron[s].delta(x[0]).to(y.dtype)
             return y
         if not y.is_contiguous():
@@ -355,7 +356,8 @@ class SlotLoRALinear(nn.Module):
         flat_x = x.reshape(-1, self.d_in)
         by_row = x.dim() == 2
         per_row = 0 if by_row or batch.offsets is not None else x.shape[1]
-        starts, ends, owners = batch.run_arrays(slots, per_row, by_row)
+        # the batch's rows whose slot has factors here (the layer's slots: a set made once per write)
+        starts, ends, owners = batch.run_arrays(self._kron_slots, per_row, by_row)
         if self.kernel is not None and flat_x.stride(-1) == 1 and y.dtype == x.dtype == torch.float32:
             found = self._kron_runs.get(owners)
             if found is None:  # batches repeat their owners; indexing the table on every call cost a good part of it
