@@ -162,13 +162,13 @@ class SlotLoRALinear(nn.Module):
         self.wide_b: Optional[torch.Tensor] = None
         self.wide_rank: list[int] = []
         self._wide_rank8_of: tuple = (None, None)  # (wide_rank it was made from, _wide_rank8())
-        # LoKr above r_max (adapters/spec.KroneckerModule): slot -> its factors here, and the native
-        # kernel's params per slot (made on first use).
+        # LoKr above r_max (adapters/spec.KroneckerModule): slot -> its factors here; the fused kernel's
+        # params per slot (made on first use; zeros for a slot without factors here or with factors
+        # past the kernel's buffers, which the torch path applies: _kron_unfit).
         self.kron: dict[int, KronForm] = {}
         self._kron_params: Optional[np.ndarray] = None
-        # run owners -> (their params [runs, 8], whether the kernel takes every one): cleared on a write
-        self._kron_runs: dict[tuple, tuple] = {}
         self._kron_slots: frozenset = frozenset()
+        self._kron_unfit: frozenset = frozenset()
 
     # -- slot writes (the engine queues them for every layer and runs them as two foreach ops) ---
     def queue_write(self, slot: int, a: torch.Tensor, b: torch.Tensor, dst: list, src: list, zero: list) -> None:
@@ -229,16 +229,17 @@ class SlotLoRALinear(nn.Module):
 
     def write_kron(self, slot: int, module: Optional[KroneckerModule]) -> None:
         """module: the adapter's Kronecker factors for this layer, or None (it has none here)."""
-        self._kron_runs = {}
         if module is None:
-            self.kron.pop(slot, None)
+            if self.kron.pop(slot, None) is not None:
+                self._kron_params[slot] = 0
         else:
             form = KronForm.of(module, self.lora_a.device, self.lora_a.dtype)
             if self._kron_params is None:
                 self._kron_params = np.zeros((self.slots, 8), dtype=np.int64)
-            self._kron_params[slot] = form.params
+            self._kron_params[slot] = form.params if form.kernel_fits else 0
             self.kron[slot] = form
         self._kron_slots = frozenset(self.kron)
+        self._kron_unfit = frozenset(s for s, form in self.kron.items() if not form.kernel_fits)
 
     def _scale_input(self, x: torch.Tensor, batch) -> torch.Tensor:
         """A copy of x with each row scaled by its slot's input scale (DeBERTa's shared input, expanded
@@ -330,24 +331,29 @@ class SlotLoRALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._slot_forward(x)
         batch = self.context.current
+        if batch is not None and self.kron:  # set by _kernel_delta in this call (a layer may run twice a forward)
+            batch.derived.pop(("kron_in_kernel", id(self)), None)
+        y = self._slot_forward(x)
         if batch is not None and self.context.traced is None:
             if batch.wide and any(self.wide_rank):
                 y = self._add_wide(x, y, batch)
             if self.kron and not batch.distinct_slots.isdisjoint(self.kron):
-                y = self._add_kron(x, y, batch)
+                # the fused kernel applied the factors it takes with each row's delta (_kernel_delta)
+                left = self._kron_unfit if batch.derived.get(("kron_in_kernel", id(self))) else self._kron_slots
+                if not batch.distinct_slots.isdisjoint(left):
+                    y = self._add_kron(x, y, batch, left)
         return y
 
-    def _add_kron(self, x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
-        """Each LoKr row's update from its Kronecker factors, over its real tokens (packed: its token run;
-        padded: its first `length` positions; the pooler's [B, d]: the row)."""
+    def _add_kron(self, x: torch.Tensor, y: torch.Tensor, batch, slots: frozenset) -> torch.Tensor:
+        """In torch, each LoKr row's update from its Kronecker factors (rows of `slots`), over its real
+        tokens (packed: its token run; padded: its first `length` positions; the pooler's [B, d]: the row)."""
         rows_total = batch.slot_per_row.shape[0]
         if x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1:  # DeBERTa positions
             if y.shape[0] == 1:
                 y = y.expand(rows_total, -1, -1).contiguous()
             for i, s in enumerate(batch.slot_list):
-                if s in self.kron:
+                if s in slots:
                     y[i] += self.kron[s].delta(x[0]).to(y.dtype)
             return y
         if not y.is_contiguous():
@@ -356,20 +362,8 @@ class SlotLoRALinear(nn.Module):
         flat_x = x.reshape(-1, self.d_in)
         by_row = x.dim() == 2
         per_row = 0 if by_row or batch.offsets is not None else x.shape[1]
-        # the batch's rows whose slot has factors here (the layer's slots: a set made once per write)
-        starts, ends, owners = batch.run_arrays(self._kron_slots, per_row, by_row)
-        if self.kernel is not None and flat_x.stride(-1) == 1 and y.dtype == x.dtype == torch.float32:
-            found = self._kron_runs.get(owners)
-            if found is None:  # batches repeat their owners; indexing the table on every call cost a good part of it
-                if len(self._kron_runs) >= 64:
-                    self._kron_runs = {}
-                found = self._kron_runs[owners] = (self._kron_params[list(owners)],
-                                                   all(self.kron[s].kernel_fits for s in owners))
-            params, fits = found
-            if fits:
-                self.kernel.kron(flat_y, flat_x, starts, ends, params)
-                return y
-        for start, end, s in zip(starts.tolist(), ends.tolist(), owners):
+        runs = batch.row_runs(slots) if by_row else batch.token_runs(slots, per_row)
+        for start, end, s in runs:
             flat_y[start:end] += self.kron[s].delta(flat_x[start:end]).to(y.dtype)
         return y
 
@@ -495,12 +489,17 @@ class SlotLoRALinear(nn.Module):
         return torch.baddbmm(shared.expand(rows, -1, -1), xa, self.lora_b[:, :r].index_select(0, idx))
 
     def _kernel_delta(self, x: torch.Tensor, y: torch.Tensor, batch, vectors: Optional[tuple] = None) -> None:
-        """The fused kernel: each row reads its own slot in place, real tokens only, at its own rank
-        (then its slot's output vectors, where given)."""
+        """The fused kernel: each row reads its own slot in place, real tokens only, at its own rank,
+        and its LoKr factors (then its slot's output vectors, where given)."""
+        kron = None
+        if self.kron and not batch.distinct_slots.isdisjoint(self.kron) and x.dtype == y.dtype == torch.float32:
+            kron = self._kron_params
+            batch.derived[("kron_in_kernel", id(self))] = True
         if batch.offsets is not None and x.dim() == 3:  # [1, N, d]; the pooler's [B, d] is not
-            self.kernel.packed(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.offsets, vectors)
+            self.kernel.packed(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.offsets, vectors,
+                               kron)
         else:
-            self.kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths, vectors)
+            self.kernel(x, y, self.lora_a, self.lora_b, self.slot_r8, batch.slot_per_row, batch.lengths, vectors, kron)
 
     def _forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         if self.context.traced is not None:
@@ -508,7 +507,8 @@ class SlotLoRALinear(nn.Module):
             return self._traced_forward(x, self.base(x))
         y = self.base(x)
         if batch is None or (not batch.every_layer
-                             and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))):
+                             and (batch.rank == 0 or not (batch.distinct_slots & self.active_slots))
+                             and (self.kernel is None or batch.distinct_slots.isdisjoint(self.kron))):
             return y
         r = batch.rank
         packed = batch.offsets is not None and x.dim() == 3  # [1, N, d]; the pooler's [B, d] is not

@@ -24,7 +24,7 @@ ABI = 8
 MAX_RANK = 64  # r_max bound of the narrow slots
 WIDE_MAX_RANK = 256  # the kernel's per-token buffer (TOKEN_MAX_R): the widest wide slots it serves
 BOTTLENECK_MAX_RANK = 256  # bottleneck_runs' per-token buffer (BN_MAX_R)
-KRON_MAX = 4096  # kron_runs' per-token buffers: in_m * max(k, out_k) and out_k at most this
+KRON_MAX = 8192  # kron_token's per-token buffers: in_m * max(k, out_k) at most this
 ALIGN = 16  # feature dims must be multiples of one AVX-512 vector
 
 
@@ -37,15 +37,15 @@ class FusedLoRA:
             raise OSError(f"{path} has a different kernel ABI")
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         # x, x strides, y, y strides, rows, T, din, dout, A, B, r_max, slot_r8, slot, len, out scale, out shift,
-        # vector flags, threads
+        # vector flags, LoKr factors per slot, threads
         lib.lora_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr,
-                                  ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+                                  ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         lib.lora_rows.restype = None
         self._fn = lib.lora_rows
         # x, x token stride, y, y token stride, rows, din, dout, A, B, r_max, slot_r8, slot, offsets, out scale,
-        # out shift, vector flags, threads
+        # out shift, vector flags, LoKr factors per slot, threads
         lib.lora_rows_packed.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr,
-                                         ptr, ctypes.c_int]
+                                         ptr, ptr, ctypes.c_int]
         lib.lora_rows_packed.restype = None
         self._packed = lib.lora_rows_packed
         # q, k, v, out, row stride, offsets, sequences, heads, head size, scale, prefix keys, prefix values,
@@ -58,10 +58,6 @@ class FusedLoRA:
         lib.bottleneck_runs.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
         lib.bottleneck_runs.restype = None
         self._bottleneck = lib.bottleneck_runs
-        # y, x, y row stride, x row stride, runs, run starts, run ends, params (8 per run), threads
-        lib.kron_runs.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-        lib.kron_runs.restype = None
-        self._kron = lib.kron_runs
         # features, hidden, rows, task of each row, tasks, heads, order and bounds scratch, logits, probs, width
         lib.head_scores.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
         lib.head_scores.restype = None
@@ -76,24 +72,28 @@ class FusedLoRA:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  slot_r8: torch.Tensor, slot_per_row: torch.Tensor, lengths: Optional[torch.Tensor],
-                 vectors: Optional[tuple] = None) -> None:
+                 vectors: Optional[tuple] = None, kron: Optional[np.ndarray] = None) -> None:
         """x [rows, T, din] or [rows, din], y likewise with dout (feature dim contiguous);
         a [slots, r_max, din], b [slots, r_max, dout] contiguous; slot_r8 int64 [slots]: each slot's
         rank in this layer rounded up to 8, 0 = untouched; slot_per_row, lengths int64 [rows]
         (lengths None: all T positions). vectors: (out_scale, out_shift [slots, dout] fp32, flags int64
-        [slots]), applied to each row after its delta where its slot's flags say; None: none."""
-        self._rows_at(x, y, a.data_ptr(), b.data_ptr(), a.shape, b.shape[2], slot_r8, slot_per_row, lengths, vectors)
+        [slots]), applied to each row after its delta where its slot's flags say; None: none. kron: int64
+        [slots, 8], each slot's LoKr factors (slot_layers.KronForm.params; zeros where it has none, the
+        tensors kept alive by the caller) added over its rows' tokens; None: none."""
+        self._rows_at(x, y, a.data_ptr(), b.data_ptr(), a.shape, b.shape[2], slot_r8, slot_per_row, lengths, vectors,
+                      kron)
 
     def packed(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_r8: torch.Tensor,
-               slot_per_row: torch.Tensor, offsets: torch.Tensor, vectors: Optional[tuple] = None) -> None:
+               slot_per_row: torch.Tensor, offsets: torch.Tensor, vectors: Optional[tuple] = None,
+               kron: Optional[np.ndarray] = None) -> None:
         """Token-packed rows: x [..., N, din], y [..., N, dout] (one run of every row's tokens; the
         feature dim contiguous), row b is tokens offsets[b] .. offsets[b + 1] - 1 (int64 [rows + 1]).
-        vectors: as for __call__."""
+        vectors, kron: as for __call__."""
         self._packed_at(x, y, a.data_ptr(), b.data_ptr(), a.shape, b.shape[2], slot_r8, slot_per_row, offsets,
-                        vectors)
+                        vectors, kron)
 
     def _rows_at(self, x, y, a_ptr: int, b_ptr: int, a_shape, dout: int, slot_r8, slot_per_row, lengths,
-                 vectors) -> None:
+                 vectors, kron=None) -> None:
         if x.dim() == 2:
             rows, t, x_tok, y_tok = x.shape[0], 1, 0, 0
         else:
@@ -101,13 +101,13 @@ class FusedLoRA:
         self._fn(x.data_ptr(), x.stride(0), x_tok, y.data_ptr(), y.stride(0), y_tok, rows, t, a_shape[2], dout,
                  a_ptr, b_ptr, a_shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(),
                  lengths.data_ptr() if lengths is not None else None, *_vector_pointers(vectors),
-                 torch.get_num_threads())
+                 _kron_pointer(kron, slot_r8), torch.get_num_threads())
 
     def _packed_at(self, x, y, a_ptr: int, b_ptr: int, a_shape, dout: int, slot_r8, slot_per_row, offsets,
-                   vectors) -> None:
+                   vectors, kron=None) -> None:
         self._packed(x.data_ptr(), x.stride(-2), y.data_ptr(), y.stride(-2), slot_per_row.shape[0], a_shape[2], dout,
                      a_ptr, b_ptr, a_shape[1], slot_r8.data_ptr(), slot_per_row.data_ptr(), offsets.data_ptr(),
-                     *_vector_pointers(vectors), torch.get_num_threads())
+                     *_vector_pointers(vectors), _kron_pointer(kron, slot_r8), torch.get_num_threads())
 
     def heads(self, features: torch.Tensor, task_of_row: np.ndarray, heads: np.ndarray, logits: np.ndarray,
               probs: np.ndarray, threads: int = 1) -> None:
@@ -153,16 +153,6 @@ class FusedLoRA:
         self._bottleneck(y.data_ptr(), src.data_ptr(), y.stride(0), src.stride(0), y.shape[1], starts.shape[0],
                          starts.ctypes.data, ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
 
-    def kron(self, y: torch.Tensor, x: torch.Tensor, starts: np.ndarray, ends: np.ndarray,
-             params: np.ndarray) -> None:
-        """Adds each run's LoKr update in Kronecker form into y in place (lora_kernel.c kron_runs): y
-        [tokens, d_out], x [tokens, d_in] fp32 with unit feature stride; starts, ends int64 [runs];
-        params int64 [runs, 8] (the factors' addresses, kept alive by the caller, and their sizes)."""
-        assert y.dtype == x.dtype == torch.float32 and y.stride(-1) == 1 and x.stride(-1) == 1
-        assert params.dtype == np.int64 and params.flags.c_contiguous and params.shape == (starts.shape[0], 8)
-        self._kron(y.data_ptr(), x.data_ptr(), y.stride(0), x.stride(0), starts.shape[0], starts.ctypes.data,
-                   ends.ctypes.data, params.ctypes.data, torch.get_num_threads())
-
     def wide(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank8: torch.Tensor,
              wide_of_row: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor]) -> None:
         """Rows in wide slots, as __call__ (offsets None) or packed (offsets given) do for narrow ones:
@@ -178,6 +168,13 @@ class FusedLoRA:
             self._packed_at(x, y, a_ptr, b_ptr, a.shape, b.shape[2], rank8, wide_of_row, offsets, None)
         else:
             self._rows_at(x, y, a_ptr, b_ptr, a.shape, b.shape[2], rank8, wide_of_row, lengths, None)
+
+
+def _kron_pointer(kron: Optional[np.ndarray], slot_r8: torch.Tensor) -> Optional[int]:
+    if kron is None:
+        return None
+    assert kron.dtype == np.int64 and kron.flags.c_contiguous and kron.shape == (slot_r8.shape[0], 8)
+    return kron.ctypes.data
 
 
 def _vector_pointers(vectors: Optional[tuple]) -> tuple:

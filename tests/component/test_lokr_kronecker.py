@@ -56,52 +56,82 @@ def _exact(m: KroneckerModule, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 # (out_l, out_k, in_m, in_n, k1, k2): MiniLM's q (PEFT's default: W2 a rank-8 pair), its feed-forward
-# linears, a whole W2, a low-rank W1 (decompose_both), odd sizes (no multiple of a vector anywhere).
+# linears, a whole W2, a low-rank W1 (decompose_both), factors of sizes no vector divides.
 SHAPES = [(16, 24, 16, 24, None, 8), (32, 48, 16, 24, None, 8), (16, 24, 32, 48, None, 8),
-          (4, 8, 4, 8, None, None), (4, 8, 8, 4, 2, 3), (3, 7, 5, 9, None, 2)]
+          (4, 8, 4, 8, None, None), (4, 8, 8, 4, 2, 3), (2, 24, 6, 8, None, 5)]
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kron_kernel_and_torch_path_equal_float64(threads):
+def test_fused_kernel_and_torch_path_apply_the_factors_within_float64_bound(packed, threads):
+    """The fused LoRA kernel adds each LoKr row's update with the LoRA rows' deltas (lora_rows[_packed]
+    with a factor table), real tokens only; the torch path (KronForm.delta) the same; both against float64
+    within the bound of their summation order. Rows of a LoRA slot and of slot 0 are as without factors."""
     kernel = lora_kernel.load()
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
     for shape in SHAPES:
         out_l, out_k, in_m, in_n, k1, k2 = shape
-        modules = [_module(out_l, out_k, in_m, in_n, k1, k2, seed=s) for s in range(3)]
-        forms = [KronForm.of(m, torch.device("cpu"), torch.float32) for m in modules]
-        tokens = 40
-        # x and y as rows of wider buffers (row strides past the feature dims), runs of 1..17 tokens
-        # across the kernel's 8-token chunks, one token left between runs untouched.
-        x = torch.randn(tokens, in_m * in_n + 3)[:, :in_m * in_n]
-        y0 = torch.randn(tokens, out_l * out_k + 5)
-        runs = [(0, 17, 0), (18, 19, 1), (20, 31, 2), (32, 40, 0)]
-        want, bound = y0.double().clone(), torch.zeros_like(y0, dtype=torch.float64)
-        for start, end, which in runs:
-            exact, err = _exact(modules[which], x[start:end])
-            want[start:end, :exact.shape[1]] += exact
-            bound[start:end, :exact.shape[1]] = err + U32 * (y0[start:end, :exact.shape[1]].double().abs()
-                                                            + exact.abs())
-        got_torch = y0.clone()
-        for start, end, which in runs:
-            got_torch[start:end, :out_l * out_k] += forms[which].delta(x[start:end])
-        assert ((got_torch.double() - want).abs() <= bound).all(), shape
+        d_in, d_out = in_m * in_n, out_l * out_k
+        forms = {s: KronForm.of(_module(out_l, out_k, in_m, in_n, k1, k2, seed=s), torch.device("cpu"), torch.float32)
+                 for s in (2, 3, 5)}
+        table = np.zeros((6, 8), dtype=np.int64)
+        for s, form in forms.items():
+            table[s] = form.params
+        a = torch.zeros(6, 8, d_in)
+        b = torch.zeros(6, 8, d_out)
+        a[4] = torch.randn(8, d_in, generator=gen)
+        b[4] = torch.randn(8, d_out, generator=gen) * 0.1
+        r8 = torch.tensor([0, 0, 0, 0, 8, 0])
+        slots = torch.tensor([2, 0, 3, 4, 5, 2, 3])
+        lengths = [17, 3, 1, 9, 12, 8, 20]  # across the kernel's 2-token steps; one row of one token
+        T = max(lengths)
+        x_rows = torch.randn(len(lengths), T, d_in, generator=gen)
+        y_rows = torch.randn(len(lengths), T, d_out, generator=gen)
+        want = y_rows.double().clone()
+        bound = torch.zeros_like(want)
+        for i, (s, n) in enumerate(zip(slots.tolist(), lengths)):
+            if s in forms:
+                exact, err = _exact(_module(out_l, out_k, in_m, in_n, k1, k2, seed=s), x_rows[i, :n])
+            elif s == 4:
+                exact = (x_rows[i, :n].double() @ a[4].double().t()) @ b[4].double()
+                err = gamma(d_in) * (x_rows[i, :n].double().abs() @ a[4].double().abs().t()) @ b[4].double().abs() \
+                    + gamma(8) * ((x_rows[i, :n].double() @ a[4].double().t()).abs() @ b[4].double().abs())
+            else:
+                continue
+            want[i, :n] += exact
+            bound[i, :n] = err + U32 * (y_rows[i, :n].double().abs() + exact.abs())
+        torch_path = y_rows.clone()
+        for i, (s, n) in enumerate(zip(slots.tolist(), lengths)):
+            if s in forms:
+                torch_path[i, :n] += forms[s].delta(x_rows[i, :n])
+            elif s == 4:
+                torch_path[i, :n] += (x_rows[i, :n] @ a[4].t()) @ b[4]
+        assert ((torch_path.double() - want).abs() <= bound).all(), shape
         if kernel is None:
             continue
-        y = y0.clone()
-        params = np.stack([forms[which].params for _, _, which in runs])
-        starts = np.array([r[0] for r in runs], dtype=np.int64)
-        ends = np.array([r[1] for r in runs], dtype=np.int64)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            kernel.kron(y[:, :out_l * out_k], x, starts, ends, params)
+            if packed:
+                offsets = torch.tensor([0] + lengths).cumsum(0)
+                x = torch.cat([x_rows[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+                y = torch.cat([y_rows[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+                kernel.packed(x, y, a, b, r8, slots, offsets, kron=table)
+                got = y_rows.clone()
+                for i, n in enumerate(lengths):
+                    got[i, :n] = y[0, offsets[i]:offsets[i] + n]
+            else:
+                got = y_rows.clone()
+                kernel(x_rows, got, a, b, r8, slots, torch.tensor(lengths), kron=table)
         finally:
             torch.set_num_threads(previous)
-        over = (y.double() - want).abs() - bound
+        over = (got.double() - want).abs() - bound
         assert (over <= 0).all(), f"{shape}: {over.max().item()} over the bound"
-        assert torch.equal(y[19], y0[19]) and torch.equal(y[:, out_l * out_k:], y0[:, out_l * out_k:])
+        for i, n in enumerate(lengths):  # past each row's length, and slot 0's row: untouched
+            assert torch.equal(got[i, n:], y_rows[i, n:])
+        assert torch.equal(got[1], y_rows[1])
         # a wrong term is of the order of the values, far above the bound
-        assert (want - y0.double()).abs().max() > 100 * bound.max()
+        assert (want - y_rows.double()).abs().max() > 100 * bound.max()
 
 
 def test_conversion_below_r_max_is_exact_and_the_rank_is_its_factors():

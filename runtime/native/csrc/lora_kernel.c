@@ -57,6 +57,86 @@ lora_tokens(const int nt, const float *x0, const float *x1, float *y0, float *y1
     }
 }
 
+static inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* LoKr above r_max (runtime/engine/slot_layers.py KronForm), for one token:
+
+       y += vec(W1 · X · W2ᵀ)
+
+   X is the token's input as [in_m, in_n] row-major, the layout of kron(W1, W2) (W1 [out_l, in_m], W2
+   [out_k, in_n]) acting on it. W2ᵀ is given as P [in_n, k] times Q [k, out_k] (W2 a low-rank pair), or
+   as P alone [in_n, out_k] (k = 0). params: the slot's factors as 8 int64s: W1 (its scaling folded
+   in), P, Q, out_l, out_k, in_m, in_n, k; in_m * max(k, out_k) at most KRON_MAX. Three small products:
+   Z1 = X P, Z = Z1 Q, then y += W1 Z (W1 Z summed apart, then added, as y += ΔW x). */
+#define KRON_MAX 8192
+
+/* C[m, :N] (+)= A[m, :K] B[:K, :N] for nr rows (1..8) from row m0 of A and C, columns n0 .. n0 + w
+   (w <= 16 nv), rows lda / ldb / ldc floats apart: nr · nv accumulators, each B load shared by the nr
+   rows. add: C's own values are added after the sum. nv and nr are compile-time constants once inlined. */
+static inline __attribute__((always_inline)) void
+kron_gemm_rows(const int nv, const int nr, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
+               const float *b, int64_t ldb, float *c, int64_t ldc, int add)
+{
+    const __mmask16 m0 = lanes_below(w), m1 = nv == 2 ? lanes_below(w - 16) : 0;
+    __m512 acc0[8], acc1[8];
+    for (int r = 0; r < nr; r++) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb + n0);
+        const __m512 b1 = nv == 2 ? _mm512_maskz_loadu_ps(m1, b + k * ldb + n0 + 16) : b0;
+        for (int r = 0; r < nr; r++) {
+            const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+            if (nv == 2) acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float *cr = c + r * ldc + n0;
+        if (add) acc0[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), acc0[r]);
+        _mm512_mask_storeu_ps(cr, m0, acc0[r]);
+        if (nv == 2) {
+            if (add) acc1[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), acc1[r]);
+            _mm512_mask_storeu_ps(cr + 16, m1, acc1[r]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kron_gemm_block(const int nv, int64_t M, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
+                const float *b, int64_t ldb, float *c, int64_t ldc, int add)
+{
+    int64_t m = 0;
+    if (nv == 1)  /* 8 rows: 8 sums in flight, as the 2-vector blocks of 4 rows have */
+        for (; m + 8 <= M; m += 8)
+            kron_gemm_rows(1, 8, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
+    for (; m + 4 <= M; m += 4)
+        kron_gemm_rows(nv, 4, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
+    for (; m < M; m++)
+        kron_gemm_rows(nv, 1, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
+}
+
+static void kron_gemm(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb,
+                      float *c, int64_t ldc, int add)
+{
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const int64_t w = N - n0;
+        if (w > 16)
+            kron_gemm_block(2, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
+        else
+            kron_gemm_block(1, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
+    }
+}
+
+static void kron_token(const float *x, float *y, const int64_t *params, float *z1, float *z2)
+{
+    const float *W1 = (const float *)params[0], *P = (const float *)params[1], *Q = (const float *)params[2];
+    const int64_t out_l = params[3], out_k = params[4], in_m = params[5], in_n = params[6], k = params[7];
+    const int64_t kk = k ? k : out_k;
+    kron_gemm(in_m, kk, in_n, x, in_n, P, kk, z1, kk, 0);
+    if (k)
+        kron_gemm(in_m, out_k, k, z1, k, Q, out_k, z2, out_k, 0);
+    kron_gemm(out_l, out_k, in_m, W1, in_m, k ? z2 : z1, out_k, y, out_k, 1);
+}
+
 int lora_kernel_abi(void) { return 8; }
 
 /* Everything one call needs; each row is independent (the ONNX Runtime op runs rows on ORT's pool). */
@@ -69,6 +149,9 @@ typedef struct {
     /* Token-packed rows (the packed ONNX graph, the torch engine's packed forward): row b is tokens offsets[b] .. offsets[b+1]-1 of one
        [N, d] sequence of tokens; x_row, y_row, T and len are unused. NULL: rows of T tokens each. */
     const int64_t *offsets;
+    /* LoKr above r_max: [slots][8] each slot's kron_token params, out_l (index 3) 0 where it has none
+       in this layer; NULL: none at all. */
+    const int64_t *kron;
 } LoraArgs;
 
 /* Row b's first x and y token and its token count (its real length, or its span of packed tokens). */
@@ -122,10 +205,24 @@ static void row_out_vectors(const LoraArgs *p, int64_t b, const float *scale, co
                        f & VEC_SHIFT ? shift + s * p->dout : NULL);
 }
 
+/* Row b's tokens through its slot's LoKr factors (lora_row). */
+static void kron_row(const LoraArgs *p, int64_t b, const int64_t *params)
+{
+    float z1[KRON_MAX], z2[KRON_MAX];
+    const float *xb;
+    float *yb;
+    const int64_t n_tok = row_tokens(p, b, &xb, &yb);
+    for (int64_t t = 0; t < n_tok; t++)
+        kron_token(xb + t * p->x_tok, yb + t * p->y_tok, params, z1, z2);
+}
+
 static void lora_row(const LoraArgs *p, int64_t b)
 {
-    int64_t s = p->slot[b];
-    int64_t r8 = s == 0 ? 0 : p->slot_r8[s];
+    const int64_t s = p->slot[b];
+    if (s == 0) return;
+    if (p->kron && p->kron[8 * s + 3])
+        kron_row(p, b, p->kron + 8 * s);
+    const int64_t r8 = p->slot_r8[s];
     if (r8 == 0) return;
     const float *As = p->A + s * p->r_max * p->din;
     const float *Bs = p->B + s * p->r_max * p->dout;
@@ -145,14 +242,14 @@ static void lora_row(const LoraArgs *p, int64_t b)
    rounded up to 8 (<= r_max <= MAX_R), 0 when its adapter does not touch the layer: every row pays
    only for its own adapter's rank. len may be NULL: every one of the T positions counts.
    scale, shift [slots, dout] and flags [slots]: each slot's output vectors, applied after the delta;
-   flags NULL: none. */
+   flags NULL: none. kron [slots][8]: each slot's LoKr factors (LoraArgs.kron), or NULL. */
 void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y_row, int64_t y_tok,
                int64_t rows, int64_t T, int64_t din, int64_t dout,
                const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
                const int64_t *slot, const int64_t *len, const float *scale, const float *shift,
-               const int64_t *flags, int nthreads)
+               const int64_t *flags, const int64_t *kron, int nthreads)
 {
-    LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len, NULL};
+    LoraArgs p = {x, x_row, x_tok, y, y_row, y_tok, T, din, dout, A, B, r_max, slot_r8, slot, len, NULL, kron};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < rows; b++) {
         lora_row(&p, b);
@@ -166,9 +263,9 @@ void lora_rows(const float *x, int64_t x_row, int64_t x_tok, float *y, int64_t y
 void lora_rows_packed(const float *x, int64_t x_tok, float *y, int64_t y_tok, int64_t rows, int64_t din,
                       int64_t dout, const float *A, const float *B, int64_t r_max, const int64_t *slot_r8,
                       const int64_t *slot, const int64_t *offsets, const float *scale, const float *shift,
-                      const int64_t *flags, int nthreads)
+                      const int64_t *flags, const int64_t *kron, int nthreads)
 {
-    LoraArgs p = {x, 0, x_tok, y, 0, y_tok, 0, din, dout, A, B, r_max, slot_r8, slot, NULL, offsets};
+    LoraArgs p = {x, 0, x_tok, y, 0, y_tok, 0, din, dout, A, B, r_max, slot_r8, slot, NULL, offsets, kron};
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < rows; b++) {
         lora_row(&p, b);
@@ -259,7 +356,6 @@ static inline __m512 exp_nonpositive(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* Logits of labels j .. j + nl - 1 for nr rows (each 1 to 4; constants after inlining): nr * nl
    independent accumulators, so the products are not one chain of dependent FMAs, and each weight
@@ -391,100 +487,4 @@ void varlen_attention_rows(const float *q, const float *k, const float *v, float
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t item = 0; item < batch * heads; item++)
         varlen_attention_item_prefixed(q, k, v, out, ld, ld, cu, heads, d, scale, item, pk, pv, np, prefix_cap);
-}
-
-/* LoKr above r_max (runtime/engine/slot_layers.py SlotLoRALinear._add_kron), in place over runs of tokens:
-
-       y[t, :] += vec(W1 · X_t · W2ᵀ)      for t in run_start[i] .. run_end[i] - 1
-
-   X_t is x[t, :] as [in_m, in_n] row-major, the layout of kron(W1, W2) (W1 [out_l, in_m], W2 [out_k,
-   in_n]) acting on it. W2ᵀ is given as P [in_n, k] times Q [k, out_k] (W2 a low-rank pair), or as P
-   alone [in_n, out_k] (k = 0). params[i]: the run's adapter as 8 int64s: W1 (its scaling folded in),
-   P, Q, out_l, out_k, in_m, in_n, k; in_m * max(k, out_k) at most KRON_MAX. Per token three small
-   products: Z1 = X P, Z = Z1 Q, then y += W1 Z (W1 Z summed apart, then added, as y += ΔW x). Tokens
-   run in chunks of KRON_CHUNK across the threads, so a few long runs still share them. */
-#define KRON_MAX 4096
-#define KRON_CHUNK 8
-
-/* C[m, :N] (+)= A[m, :K] B[:K, :N] for nr rows (1..4) from row m0 of A and C, columns n0 .. n0 + w
-   (w <= 16 nv), rows lda / ldb / ldc floats apart: nr · nv accumulators, each B load shared by the nr
-   rows. add: C's own values are added after the sum. nv and nr are compile-time constants once inlined. */
-static inline __attribute__((always_inline)) void
-kron_gemm_rows(const int nv, const int nr, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
-               const float *b, int64_t ldb, float *c, int64_t ldc, int add)
-{
-    const __mmask16 m0 = lanes_below(w), m1 = nv == 2 ? lanes_below(w - 16) : 0;
-    __m512 acc0[4], acc1[4];
-    for (int r = 0; r < nr; r++) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
-    for (int64_t k = 0; k < K; k++) {
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb + n0);
-        const __m512 b1 = nv == 2 ? _mm512_maskz_loadu_ps(m1, b + k * ldb + n0 + 16) : b0;
-        for (int r = 0; r < nr; r++) {
-            const __m512 av = _mm512_set1_ps(a[r * lda + k]);
-            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-            if (nv == 2) acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-        }
-    }
-    for (int r = 0; r < nr; r++) {
-        float *cr = c + r * ldc + n0;
-        if (add) acc0[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), acc0[r]);
-        _mm512_mask_storeu_ps(cr, m0, acc0[r]);
-        if (nv == 2) {
-            if (add) acc1[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), acc1[r]);
-            _mm512_mask_storeu_ps(cr + 16, m1, acc1[r]);
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void
-kron_gemm_block(const int nv, int64_t M, int64_t K, int64_t n0, int64_t w, const float *a, int64_t lda,
-                const float *b, int64_t ldb, float *c, int64_t ldc, int add)
-{
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-        kron_gemm_rows(nv, 4, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
-    for (; m < M; m++)
-        kron_gemm_rows(nv, 1, K, n0, w, a + m * lda, lda, b, ldb, c + m * ldc, ldc, add);
-}
-
-static void kron_gemm(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb,
-                      float *c, int64_t ldc, int add)
-{
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-        const int64_t w = N - n0;
-        if (w > 16)
-            kron_gemm_block(2, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
-        else
-            kron_gemm_block(1, M, K, n0, w, a, lda, b, ldb, c, ldc, add);
-    }
-}
-
-void kron_runs(float *y, const float *x, int64_t ld, int64_t x_ld, int64_t runs, const int64_t *run_start,
-               const int64_t *run_end, const int64_t *params, int nthreads)
-{
-    int64_t chunks = 0;
-    for (int64_t i = 0; i < runs; i++)
-        chunks += (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t i = 0, first = c;
-        for (;; i++) {
-            const int64_t n = (run_end[i] - run_start[i] + KRON_CHUNK - 1) / KRON_CHUNK;
-            if (first < n) break;
-            first -= n;
-        }
-        const int64_t *p = params + 8 * i;
-        const float *W1 = (const float *)p[0], *P = (const float *)p[1], *Q = (const float *)p[2];
-        const int64_t out_l = p[3], out_k = p[4], in_m = p[5], in_n = p[6], k = p[7];
-        const int64_t kk = k ? k : out_k;
-        float z1[KRON_MAX], z2[KRON_MAX];
-        const int64_t t0 = run_start[i] + first * KRON_CHUNK;
-        const int64_t t1 = t0 + KRON_CHUNK < run_end[i] ? t0 + KRON_CHUNK : run_end[i];
-        for (int64_t t = t0; t < t1; t++) {
-            kron_gemm(in_m, kk, in_n, x + t * x_ld, in_n, P, kk, z1, kk, 0);
-            if (k)
-                kron_gemm(in_m, out_k, k, z1, k, Q, out_k, z2, out_k, 0);
-            kron_gemm(out_l, out_k, in_m, W1, in_m, k ? z2 : z1, out_k, y + t * ld, out_k, 1);
-        }
-    }
 }
