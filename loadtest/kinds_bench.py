@@ -4,13 +4,14 @@ fp32 engine, real SST-2 dev sentences in batches of 32 with every batch mixing t
     python -m adapterserve.loadtest.kinds_bench [--rounds 3] [--kinds lora,loha,...] [--engine onnx --precision int8] [--json FILE]
 
 The mixed set cycles LoRA (r 8), LoHa (r 3: rank 9 in a slot), VeRA (r 8), IA3 (PEFT's BERT defaults),
-LoKr (PEFT's default r 8: rank 128, a wide slot), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning,
+LoKr (PEFT's default r 8: rank 128, applied from its Kronecker factors), DoRA (r 8), LoRA with trained biases (r 8), prompt tuning,
 P-tuning and prefix tuning (8 virtual tokens or prefix positions) and AdapterHub's Houlsby bottleneck adapter
 (reduction 16, its 2-layer head) and BEFT (BitFit), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
-(slot 0), same run. Rounds interleave the three variants. With --engine onnx the mixed set cycles the
+(slot 0), same run. Each batch runs through the three variants in turn, so the machine's drift over a
+round weighs on all three alike. With --engine onnx the mixed set cycles the
 kinds the shared graph serves (LoRA, LoHa, VeRA, IA3, DoRA, LoRA with biases, BEFT; it refuses the
-sequence kinds, bottleneck adapters and wide slots at registration). Also prints each kind's registration latency
+sequence kinds, bottleneck adapters, LoKr's factors and wide slots at registration). Also prints each kind's registration latency
 (parse, convert, validate, register), median over its adapters.
 """
 from __future__ import annotations
@@ -142,27 +143,28 @@ def main(argv=None) -> int:
         runtimes[name] = rt
     batches = [texts[i:i + 32] for i in range(0, len(texts) - 31, 32)]
 
-    def run_tasks(rt):
-        tokens = 0
-        for batch in batches:
-            tokens += sum(p.input_tokens for p in rt.classify([(f"t{j % args.tasks}", t) for j, t in enumerate(batch)]))
-        return tokens
+    def run_tasks(rt, batch):
+        return sum(p.input_tokens for p in rt.classify([(f"t{j % args.tasks}", t) for j, t in enumerate(batch)]))
 
-    def run_bare(rt):
-        for batch in batches:
-            rt.engine.encode(rt.encoder.collate(rt.encoder.encode(batch), rt.base.device), [0] * len(batch))
+    def run_bare(rt, batch):
+        rt.engine.encode(rt.encoder.collate(rt.encoder.encode(batch), rt.base.device), [0] * len(batch))
 
     results = {"bare": [], "lora": [], "mixed": []}
     with torch.inference_mode():
         # warm; and the positions each set's rows take (virtual tokens and prefix positions included)
-        tokens = {"lora": run_tasks(runtimes["lora"]), "mixed": run_tasks(runtimes["mixed"])}
-        run_bare(runtimes["lora"])
+        tokens = {name: sum(run_tasks(runtimes[name], batch) for batch in batches) for name in ("lora", "mixed")}
+        for batch in batches:
+            run_bare(runtimes["lora"], batch)
         for _ in range(args.rounds):
-            for variant in ("bare", "lora", "mixed"):
-                rt = runtimes["lora" if variant == "bare" else variant]
-                start = time.perf_counter()
-                (run_bare if variant == "bare" else run_tasks)(rt)
-                results[variant].append(len(batches) * 32 / (time.perf_counter() - start))
+            spent = dict.fromkeys(results, 0.0)
+            for batch in batches:  # each batch through the three variants in turn: the machine's drift hits all
+                for variant in results:
+                    rt = runtimes["lora" if variant == "bare" else variant]
+                    start = time.perf_counter()
+                    (run_bare if variant == "bare" else run_tasks)(rt, batch)
+                    spent[variant] += time.perf_counter() - start
+            for variant, seconds in spent.items():
+                results[variant].append(len(batches) * 32 / seconds)
             print("  round: " + ", ".join(f"{k} {v[-1]:.0f} texts/s" for k, v in results.items()), flush=True)
     tput = {k: statistics.median(v) for k, v in results.items()}
     engine = runtimes["mixed"]
