@@ -8,8 +8,9 @@ LoKr (PEFT's default r 8: rank 128, applied from its Kronecker factors), DoRA (r
 P-tuning and prefix tuning (8 virtual tokens or prefix positions) and AdapterHub's Houlsby bottleneck adapter
 (reduction 16, its 2-layer head) and BEFT (BitFit), on q/k/v, attention output and feed-forward linears (IA3: key, value,
 output.dense). Ceiling: the same batches through the same engine path with no adapter
-(slot 0), same run. Each batch runs through the three variants in turn, so the machine's drift over a
-round weighs on all three alike. With --engine onnx the mixed set cycles the
+(slot 0), same run. On torch each batch runs through the three variants in turn, so the machine's drift
+over a round weighs on all three alike (on ONNX each variant runs the round's batches in turn: its
+sessions' spinning threads would slow the next session). With --engine onnx the mixed set cycles the
 kinds the shared graph serves (LoRA, LoHa, VeRA, IA3, DoRA, LoRA with biases, BEFT; it refuses the
 sequence kinds, bottleneck adapters, LoKr's factors and wide slots at registration). Also prints each kind's registration latency
 (parse, convert, validate, register), median over its adapters.
@@ -155,14 +156,19 @@ def main(argv=None) -> int:
         tokens = {name: sum(run_tasks(runtimes[name], batch) for batch in batches) for name in ("lora", "mixed")}
         for batch in batches:
             run_bare(runtimes["lora"], batch)
+        # torch: each batch through the three variants in turn, so the machine's drift hits all three alike.
+        # ONNX: each variant over all batches in turn: every runtime has its own ONNX Runtime session, whose
+        # threads spin on after a run and would take the cores from the next session's run.
+        by_batch = args.engine == "torch"
         for _ in range(args.rounds):
             spent = dict.fromkeys(results, 0.0)
-            for batch in batches:  # each batch through the three variants in turn: the machine's drift hits all
-                for variant in results:
-                    rt = runtimes["lora" if variant == "bare" else variant]
-                    start = time.perf_counter()
-                    (run_bare if variant == "bare" else run_tasks)(rt, batch)
-                    spent[variant] += time.perf_counter() - start
+            order = ([(b, v) for b in batches for v in results] if by_batch else
+                     [(b, v) for v in results for b in batches])
+            for batch, variant in order:
+                rt = runtimes["lora" if variant == "bare" else variant]
+                start = time.perf_counter()
+                (run_bare if variant == "bare" else run_tasks)(rt, batch)
+                spent[variant] += time.perf_counter() - start
             for variant, seconds in spent.items():
                 results[variant].append(len(batches) * 32 / seconds)
             print("  round: " + ", ".join(f"{k} {v[-1]:.0f} texts/s" for k, v in results.items()), flush=True)
