@@ -27,8 +27,8 @@ how one module's tensors become slot state. The conversions are exact (no SVD, u
   they are, at a seventh of that rank's products (parse_adapter).
 
 Prompts (PROMPT_KINDS) and prefixes (PREFIX_TUNING: per-layer attention keys and values) change the
-sequence, not the weights: peft_lora._parse_prompt reads them. Bottleneck adapters need slot state of
-another shape and are refused with a message naming the kind.
+sequence, not the weights: peft_lora._parse_prompt reads them. AdapterHub's bottleneck adapters are read
+by adapters/bottleneck.py.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class KroneckerModule:
     """LoKr's update of one base linear as its two Kronecker factors: ΔW = kron(W1, W2), each factor
     whole (v None) or a low-rank pair W = u @ v, LoKr's scaling folded into W1's u. Above r_max it is
     applied as it is: ΔW x = vec(W1 · X · W2ᵀ) with X the token's input as [in_m, in_n] row-major
-    (slot_layers.SlotLoRALinear._add_kron), out_l·in_m·out_k plus in_m·in_n·out_k (or, W2 a pair,
+    (runtime/engine/slot_layers.KronForm), out_l·in_m·out_k plus in_m·in_n·out_k (or, W2 a pair,
     in_m·k·(in_n + out_k)) products per token where the same update as LoRA takes rank·(d_in + d_out).
     float32."""
 

@@ -150,7 +150,7 @@ class Runtime:
         spec.files = {}
         self.residency.admit(entry)
         log.info("registered task %s version %s (rank %d, %d modules, %d labels)", task, spec.version[:12],
-                 spec.rank, len(spec.modules), spec.num_labels)
+                 spec.rank, len(spec.modules) + len(spec.kron), spec.num_labels)
         return self.info(entry)
 
     def remove_adapter(self, task: str) -> AdapterInfo:

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference for the slot engine: no slots, no PEFT.
 
 For one adapter it builds transformers' own *ForSequenceClassification on the base, adds each LoRA
-delta (B @ A, scaling already folded) to the weight it targets, loads the adapter's head, and runs
+delta (B @ A, scaling already folded; LoKr's factors as their LoRA form) to the weight it targets, loads the adapter's head, and runs
 texts one at a time. Tests hold the fast path to this and to PEFT.
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ def reference_model(base_dir: str, spec: AdapterSpec) -> torch.nn.Module:
     model.eval()
     backbone = getattr(model, model.base_model_prefix)
     with torch.no_grad():
-        for name, module in spec.modules.items():
+        pairs = [(name, (m.a, m.b)) for name, m in spec.modules.items()]
+        pairs += [(name, m.as_lora()) for name, m in spec.kron.items()]  # LoKr's factors: the same update
+        for name, (a, b) in pairs:
             linear = backbone.get_submodule(name)
-            linear.weight += (module.a @ module.b).t().to(linear.weight.dtype)
+            linear.weight += (a @ b).t().to(linear.weight.dtype)
         state = {k: v for k, v in spec.head.items()}
         missing = model.load_state_dict(state, strict=False)
         assert not missing.unexpected_keys, missing.unexpected_keys

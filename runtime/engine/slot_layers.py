@@ -13,6 +13,9 @@ never has them): y = out_scale[idx] ⊙ (base(in_scale[idx] ⊙ x) + ΔW (in_sca
 float32, neutral 1 / 1 / 0. Only batches holding such a slot pay for them. The shared ONNX graph takes
 them as inputs (made at export, `ensure_vectors`), with `vector_flags` saying per slot which it sets;
 CUDA graphs do not apply them (the engine refuses such adapters: Engine.refuses).
+
+LoKr above r_max keeps its Kronecker factors per slot (KronForm, made when it loads): the fused kernel
+applies them with each row's delta; the torch path otherwise. Like the vectors, eager forwards only.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ class KronForm:
     p: torch.Tensor
     q: Optional[torch.Tensor]
     dims: tuple  # (out_l, out_k, in_m, in_n)
-    params: np.ndarray  # the native kernel's 8 int64s (lora_kernel.c kron_runs)
+    params: np.ndarray  # the fused kernel's 8 int64s (lora_kernel.c kron_token)
     kernel_fits: bool  # within the kernel's per-token buffers
 
     @classmethod
@@ -82,7 +85,7 @@ class KronForm:
         k = 0 if q is None else q.shape[0]
         params = np.array([w1.data_ptr(), p.data_ptr(), 0 if q is None else q.data_ptr(), out_l, out_k, in_m, in_n, k],
                           dtype=np.int64)
-        return cls(w1, p, q, (out_l, out_k, in_m, in_n), params, in_m * max(k, out_k) <= KRON_MAX and out_k <= KRON_MAX)
+        return cls(w1, p, q, (out_l, out_k, in_m, in_n), params, in_m * max(k, out_k) <= KRON_MAX)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x for x [n, d_in]: [n, d_out], as vec(W1 · X · W2ᵀ) per token."""

@@ -106,7 +106,8 @@ def check_mixed_batch(rt, base, adapters, label):
         spec = rt.load_spec(path)
         # The adapter's modules (or prefix) matter: without them the same head answers differently.
         if spec.prompt is None and spec.head_layout is None:  # a prompt has no base-weight change to take away
-            bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}, prefix=None), texts)
+            bare = reference_logits(base, dataclasses.replace(spec, modules={}, vectors={}, prefix=None, kron={}),
+                                    texts)
             assert (want - bare).abs().max().item() > MIN_EFFECT, f"{label} {task}: the adapter barely changes logits"
     assert worst <= TOL, f"{label}: max |dlogit| vs PEFT {worst}"
 

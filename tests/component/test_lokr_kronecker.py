@@ -13,6 +13,7 @@ import torch
 from adapterserve.adapters.spec import KroneckerModule
 from adapterserve.adapters.store import AdapterStore
 from adapterserve.runtime.config import RuntimeConfig
+from adapterserve.runtime.engine.reference import reference_logits
 from adapterserve.runtime.engine.slot_layers import KronForm
 from adapterserve.runtime.errors import NotSupportedError
 from adapterserve.runtime.native import lora_kernel
@@ -205,7 +206,13 @@ def test_lokr_above_r_max_mixed_with_lora_matches_peft(family_set, lora_kernel, 
     check(rt, base, paths)
     # loaded into slots by the batch: the factors' device bytes, counted in the memory metric
     held = sum(t.numel() * 4 for s in specs.values() for m in s.kron.values() for t in m.tensors())
-    assert 0 < rt.engine.pool.kron_bytes() <= 2 * held
+    pool = rt.engine.pool
+    assert 0 < pool.kron_bytes() <= 2 * held
+    from adapterserve.runtime.server.metrics import MemoryCollector
+
+    device = next(s.value for m in MemoryCollector(rt).collect() for s in m.samples
+                  if s.name == "adapterserve_adapter_memory_bytes" and s.labels == {"tier": "device"})
+    assert device == rt.engine.slot_bytes() * rt.config.slots + pool.bottleneck_bytes() + pool.kron_bytes()
 
 
 def test_lokr_on_the_bert_pooler(tiny_bases, tmp_path):
@@ -233,6 +240,9 @@ def test_default_lokr_on_the_packaged_minilm(minilm_dir, tmp_path):
     spec = rt.registry.get("lokr").spec
     assert len(spec.kron) == 36 and max(m.rank for m in spec.kron.values()) == 128 and not spec.modules
     check(rt, minilm_dir, paths, SAMPLE_TEXTS[:3])
+    # the pure-PyTorch reference (the factors as their LoRA form, merged into the weights) agrees
+    want = peft_logits(minilm_dir, paths["lokr"], SAMPLE_TEXTS[:3])
+    assert (reference_logits(minilm_dir, spec, SAMPLE_TEXTS[:3]) - want).abs().max().item() <= TOL
 
 
 def test_more_lokr_tasks_than_slots_through_the_disk_tier(tiny_bases, tmp_path):
