@@ -168,14 +168,16 @@ def stack_modules(modules: list) -> BottleneckModule:
         options=first.options)
 
 
+_MISSING = object()
+
+
 class SlotBottlenecks:
     def __init__(self, outputs: dict, context: SlotContext, device: torch.device, dtype: torch.dtype) -> None:
         self.context = context
         self.device, self.dtype = device, dtype
         self.by_slot: dict[int, dict[str, BottleneckModule]] = {}
         # (location, slots) -> their adapters there stacked (stack_modules): steady traffic reuses the
-        # same groups forward after forward; any slot write starts this afresh, and so does reaching a few
-        # groups per location (traffic whose batches mix ever other sets of tasks).
+        # same groups forward after forward (_kept).
         self.stacked: dict[tuple, BottleneckModule] = {}
         self.slots_at: dict[str, set[int]] = {name: set() for name in outputs}
         # slot -> location -> kernel_form(), where the native kernel computes that adapter there
@@ -200,15 +202,18 @@ class SlotBottlenecks:
         for name in modules:
             self.slots_at[name].add(slot)
 
-    def stacked_at(self, name: str, slots: tuple) -> BottleneckModule:
-        key = (name, slots)
-        found = self.stacked.get(key)
-        if found is None:
-            found = stack_modules([self.by_slot[s][name] for s in slots])
-            if len(self.stacked) >= 4 * len(self.slots_at):
-                self.stacked = {}
-            self.stacked[key] = found
+    def _kept(self, cache: dict, key: tuple, make):
+        """cache[key], made once; a cache reaching a few entries per location starts afresh (traffic
+        whose batches mix ever other sets of tasks), as any slot write does."""
+        found = cache.get(key, _MISSING)  # one read: another worker may clear the cache in between
+        if found is _MISSING:
+            if len(cache) >= 4 * len(self.slots_at):
+                cache.clear()
+            found = cache[key] = make()
         return found
+
+    def stacked_at(self, name: str, slots: tuple) -> BottleneckModule:
+        return self._kept(self.stacked, (name, slots), lambda: stack_modules([self.by_slot[s][name] for s in slots]))
 
     def held_bytes(self) -> int:
         """Device bytes of the adapters held, of the stacked groups kept for reuse and of the kernel's
@@ -235,15 +240,11 @@ class SlotBottlenecks:
     def kernel_params(self, name: str, owners: tuple) -> Optional[np.ndarray]:
         """The kernel's params [runs, 6] for runs owned by these slots at one location (kept until a slot
         write, as the stacks are), or None where the kernel does not compute one of them there."""
-        key = (name, owners)
-        found = self.params.get(key)
-        if found is None and key not in self.params:
+        def make():
             forms = [self.kernel_forms.get(s, {}).get(name) for s in owners]
-            found = None if any(f is None for f in forms) else np.stack([f[1] for f in forms])
-            if len(self.params) >= 4 * len(self.slots_at):
-                self.params = {}
-            self.params[key] = found
-        return found
+            return None if any(f is None for f in forms) else np.stack([f[1] for f in forms])
+
+        return self._kept(self.params, (name, owners), make)
 
 
 class BottleneckedOutput:
