@@ -79,13 +79,13 @@ class SlotBatch:
         pooler's [B, d] on packed batches too)."""
         return self._runs("rows", which, 0)
 
-    def run_arrays(self, which, tokens_per_row: int = 0, by_row: bool = False) -> tuple:
-        """token_runs (by_row: row_runs) as a native kernel takes them: (starts, ends) int64 arrays and the
-        slot of each run, made once per forward."""
-        key = ("run_arrays", frozenset(which), tokens_per_row, by_row)
+    def run_arrays(self, which, tokens_per_row: int = 0) -> tuple:
+        """token_runs as a native kernel takes them: (starts, ends) int64 arrays and the slot of each run,
+        made once per forward."""
+        key = ("run_arrays", frozenset(which), tokens_per_row)
         found = self.derived.get(key)
         if found is None:
-            runs = self.row_runs(which) if by_row else self.token_runs(which, tokens_per_row)
+            runs = self.token_runs(which, tokens_per_row)
             found = self.derived[key] = (np.array([r[0] for r in runs], dtype=np.int64),
                                          np.array([r[1] for r in runs], dtype=np.int64), tuple(r[2] for r in runs))
         return found

@@ -355,9 +355,12 @@ class SlotLoRALinear(nn.Module):
         if x.dim() == 3 and x.shape[0] == 1 and batch.offsets is None and rows_total > 1:  # DeBERTa positions
             if y.shape[0] == 1:
                 y = y.expand(rows_total, -1, -1).contiguous()
+            deltas: dict = {}  # rows of one slot get the same projection of the one input: made once
             for i, s in enumerate(batch.slot_list):
                 if s in slots:
-                    y[i] += self.kron[s].delta(x[0]).to(y.dtype)
+                    if s not in deltas:
+                        deltas[s] = self.kron[s].delta(x[0]).to(y.dtype)
+                    y[i] += deltas[s]
             return y
         if not y.is_contiguous():
             y = y.contiguous()
