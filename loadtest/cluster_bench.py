@@ -10,6 +10,7 @@
    p99. The adapters are registered once; the second cluster restores them from the same data dir.
 
     python -m adapterserve.loadtest.cluster_bench [--adapters 1024] [--slots 64] [--duration 30]
+        [--skip-scale | --skip-routing]
 """
 from __future__ import annotations
 
@@ -74,6 +75,78 @@ def start_cluster(data_dir: str, router: str, slots: int, extra=()) -> ServerPro
     return proc
 
 
+def cpu_by_role() -> dict[str, int]:
+    """CPU ticks (user + system) so far of this machine's server processes, by role: the cluster's
+    ingress, replicas and registry, Ray's own processes, and a plain `serve`. Linux /proc; empty elsewhere."""
+    ticks: dict[str, int] = {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # ended meanwhile
+        role = next((r for r, key in ROLES if key in cmd), None)
+        if role is not None:
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks[role] = ticks.get(role, 0) + int(fields[11]) + int(fields[12])
+    return ticks
+
+
+ROLES = (("ingress", ":ingress"), ("replicas", ":replica"), ("registry", ":registry"), ("ray", "ray"),
+         ("serve", "adapterserve serve"))
+
+
+def _loaded(address: str, label: str, tasks: list[str], args) -> dict:
+    """One closed-loop run, with the cores each server role used meanwhile."""
+    before, t0 = cpu_by_role(), time.perf_counter()
+    run = bench._load(address, label, tasks, "uniform", args, args.duration)
+    after, elapsed = cpu_by_role(), time.perf_counter() - t0
+    hz = os.sysconf("SC_CLK_TCK")
+    run["cores"] = {r: round((after[r] - before.get(r, 0)) / hz / elapsed, 3) for r in after}
+    print(f"   cores used meanwhile: {run['cores']}", flush=True)
+    return run
+
+
+def _scale_out(args, tasks: list[str]) -> dict:
+    """Rounds of (one server, cluster) back to back, the order alternating so drift in the machine's
+    speed during the run falls on both sides; each round's ratio is of its own pair."""
+    print("1. one server x 2 threads against 2 replicas x 1 thread, 32 tasks uniform", flush=True)
+    rounds = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        for i in range(args.rounds):
+            pair = {}
+            for side in ("single", "cluster") if i % 2 == 0 else ("cluster", "single"):
+                if side == "single":
+                    server = ServerProcess("--data-dir", data_dir, "--torch-threads", "2", "--no-examples")
+                    if i == 0:
+                        bench._register(server.address, len(tasks))
+                else:  # the cluster restores the same adapters from the data dir
+                    server = start_cluster(data_dir, "affinity", 64, ["--no-examples"])
+                try:
+                    pair[side] = _loaded(server.address, f"{side} round {i + 1}", tasks, args)
+                finally:
+                    server.stop(timeout=60)
+            pair["ratio"] = pair["cluster"]["throughput_texts_per_s"] / pair["single"]["throughput_texts_per_s"]
+            print(f"   round {i + 1}: cluster / single = {pair['ratio']:.3f}", flush=True)
+            rounds.append(pair)
+    # The bare model in this process on all cores, same texts, pools cut by the server's planner.
+    ceiling = bench._ceiling(bench.lt.read_texts(bench.lt.DEFAULT_TEXTS, "sentence"), 64,
+                             min(args.duration, 15.0), planned=True)
+    single = sum(r["single"]["throughput_texts_per_s"] for r in rounds) / len(rounds)
+    cluster = sum(r["cluster"]["throughput_texts_per_s"] for r in rounds) / len(rounds)
+    ratio = sum(r["ratio"] for r in rounds) / len(rounds)
+    each = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    print(f"   bare model {ceiling:.1f} texts/s; single {single:.1f} ({single / ceiling:.2f} x bare); cluster "
+          f"{cluster:.1f} ({cluster / ceiling:.2f} x bare); cluster / single = {ratio:.3f} (mean of the rounds' "
+          f"ratios: {each})", flush=True)
+    return {"rounds": rounds, "ceiling_texts_per_s": ceiling, "single_texts_per_s": single,
+            "cluster_texts_per_s": cluster, "ratio": ratio}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m adapterserve.loadtest.cluster_bench")
     p.add_argument("--adapters", type=int, default=1024)
@@ -82,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--texts-per-request", type=int, default=4)
     p.add_argument("--skip-scale", action="store_true", help="only the routing comparison")
+    p.add_argument("--skip-routing", action="store_true", help="only the scale-out comparison")
+    p.add_argument("--rounds", type=int, default=2, help="scale-out: (single, cluster) pairs, order alternating")
     p.add_argument("--routers", default="affinity,pow2,affinity:2.0",
                    help="routers to compare, each ROUTER[:LOAD_FACTOR] (--router, --load-factor)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -91,30 +166,10 @@ def main(argv=None) -> int:
     tasks32 = [f"t{i}" for i in range(32)]
 
     if not args.skip_scale:
-        print("1. one server x 2 threads against 2 replicas x 1 thread, 32 tasks uniform", flush=True)
-        with tempfile.TemporaryDirectory() as data_dir:
-            single = ServerProcess("--data-dir", data_dir, "--torch-threads", "2", "--no-examples")
-            try:
-                bench._register(single.address, 32)
-                one = bench._load(single.address, "single-2t", tasks32, "uniform", args, args.duration)
-            finally:
-                single.stop()
-            # the cluster restores the same 32 adapters from the data dir
-            cluster = start_cluster(data_dir, "affinity", 64, ["--no-examples"])
-            try:
-                two = bench._load(cluster.address, "cluster-2x1t", tasks32, "uniform", args, args.duration)
-            finally:
-                cluster.stop(timeout=60)
-        # The bare model in this process on all cores, same texts, pools cut by the server's planner.
-        ceiling = bench._ceiling(bench.lt.read_texts(bench.lt.DEFAULT_TEXTS, "sentence"), 64,
-                                 min(args.duration, 15.0), planned=True)
-        results["scale"] = {"single": one, "cluster": two, "ceiling_texts_per_s": ceiling,
-                            "ratio": two["throughput_texts_per_s"] / one["throughput_texts_per_s"]}
-        print(f"   bare model {ceiling:.1f} texts/s; single {one['throughput_texts_per_s']:.1f} "
-              f"({one['throughput_texts_per_s'] / ceiling:.2f} x bare); cluster {two['throughput_texts_per_s']:.1f} "
-              f"({two['throughput_texts_per_s'] / ceiling:.2f} x bare); cluster / single = "
-              f"{results['scale']['ratio']:.2f}", flush=True)
+        results["scale"] = _scale_out(args, tasks32)
 
+    if args.skip_routing:
+        return _write(args, results)
     print(f"2. {args.adapters} adapters, 2 replicas x {args.slots} slots, Zipf(1.0): affinity vs pow2", flush=True)
     tasks = [f"t{i}" for i in range(args.adapters)]
     fits = min(args.adapters, args.slots * 3 // 2)
@@ -151,6 +206,10 @@ def main(argv=None) -> int:
             finally:
                 cluster.stop(timeout=60)
         results["routing"] = routing
+    return _write(args, results)
+
+
+def _write(args, results: dict) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -24,6 +24,14 @@ log = logging.getLogger("adapterserve.cluster")
 
 INGRESS, REPLICA, REGISTRY = "ingress", "replica", "registry"
 
+# Ray Serve's throughput settings for our deployments' processes (the driver keeps Serve's defaults, so
+# its handles can still be waited on synchronously). By default Serve runs user code and the handle's
+# router each on an event loop of its own thread, and every request crosses three loops; ours never
+# block their loop (model work runs on the batcher's threads), so one loop does. The message limit is
+# for the ingress's classify calls over Serve's gRPC transport (4 MiB by default), as the front end's.
+SERVE_TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 << 20)}
+
 
 def require_ray():
     try:
@@ -46,14 +54,14 @@ def build_app(config: ServerConfig, cluster: ClusterConfig):
 
     quiet = {"enable_access_log": False}
     registry = serve.deployment(ClusterRegistry, name=REGISTRY, num_replicas=1, logging_config=quiet,
-                                ray_actor_options={"num_cpus": 0}).bind(config.data_dir)
+                                ray_actor_options=_actor_options(num_cpus=0)).bind(config.data_dir)
     if cluster.autoscale:
         low, high = cluster.autoscale_bounds()
         scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
                                           "target_ongoing_requests": cluster.target_ongoing_requests}}
     else:
         scaling = {"num_replicas": cluster.replicas}
-    actor_options = {"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus}
+    actor_options = _actor_options(num_cpus=cluster.replica_cpus, num_gpus=cluster.replica_gpus)
     if config.runtime.torch_threads is None:
         # A replica's intra-op threads match the CPUs Ray reserved for it, not the machine's cores: two
         # 1-CPU replicas with 2 threads each would oversubscribe a 2-core machine.
@@ -69,7 +77,11 @@ def build_app(config: ServerConfig, cluster: ClusterConfig):
                                 health_check_period_s=2.0, health_check_timeout_s=30.0,
                                 graceful_shutdown_timeout_s=config.grace, **scaling).bind(config, registry)
     return serve.deployment(ClusterIngress, name=INGRESS, num_replicas=1, logging_config=quiet,
-                            max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(config, replicas, registry)
+                            max_ongoing_requests=1000, ray_actor_options=_actor_options(num_cpus=0)).bind(config, replicas, registry)
+
+
+def _actor_options(**resources) -> dict:
+    return dict(resources, runtime_env={"env_vars": dict(SERVE_TUNING)})
 
 
 def app_builder(args: dict):

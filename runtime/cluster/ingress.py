@@ -41,7 +41,9 @@ from adapterserve.runtime.types import AdapterInfo, check_task_name
 
 log = logging.getLogger("adapterserve.cluster")
 
-FOLLOW_PERIOD_S = 0.5
+# Only replicas' reports (metrics targets, residency in listings) and changes made elsewhere come
+# through this poll: requests are ordered by the generation each call carries, not by it.
+FOLLOW_PERIOD_S = 1.0
 TARGETS_FILE = "prometheus_targets.json"
 
 
@@ -142,7 +144,11 @@ class ClusterClassify(ClassifyService):
 
     def __init__(self, config: ServerConfig, metrics_registry, replicas, mirror: RegistryMirror) -> None:
         super().__init__(config, metrics_registry)
-        self.replicas = replicas
+        # Classify calls take Serve's gRPC transport to the replicas (a direct channel to each replica's
+        # inter-deployment server) rather than Ray actor calls: its arguments and answers are small and
+        # never ObjectRefs, and it costs the ingress less CPU per request (docs/benchmarks.md "Cluster").
+        # Registration keeps the actor path (uploads can exceed a gRPC message).
+        self.replicas = replicas.options(_by_reference=False)
         self.mirror = mirror
         self.retries = 0  # calls sent again after their replica was lost (RouterCollector exports it)
         self.inflight = 0
@@ -219,8 +225,7 @@ class ClusterAdapters:
 
     async def refresh(self) -> None:
         """The replicas' reports always; the task table only when the registry's generation moved."""
-        generation, replicas = await asyncio.gather(self.registry.generation.remote(),
-                                                    self.registry.live_replicas.remote())
+        generation, replicas = await self.registry.status.remote()
         self.mirror.replicas = replicas
         if generation != self.mirror.generation:
             self.mirror.load(await self.registry.snapshot.remote(), replicas)

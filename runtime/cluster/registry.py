@@ -101,6 +101,10 @@ class ClusterRegistry:
         self.replicas[replica_id] = dict(report, seen=time.monotonic())
         return self.store.generation
 
+    async def status(self) -> tuple[int, dict[str, dict]]:
+        """(generation, live replicas): the ingress's periodic poll in one call."""
+        return self.store.generation, await self.live_replicas()
+
     async def live_replicas(self) -> dict[str, dict]:
         now = time.monotonic()
         for replica_id in [r for r, report in self.replicas.items() if now - report["seen"] > REPLICA_TIMEOUT_S]:

@@ -33,9 +33,15 @@ def returns_errors(method):
 
 
 def _replica_lost(error: BaseException) -> bool:
+    import grpc
     from ray import exceptions as ray_errors
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
+    if isinstance(error, grpc.aio.AioRpcError):
+        # Serve's gRPC transport: the replica answers its own failures inside a response, so a status
+        # here is the channel's (Serve maps UNAVAILABLE itself; a connection reset mid-call is these).
+        return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                                grpc.StatusCode.ABORTED)
     return isinstance(error, (ray_errors.RayActorError, ray_errors.ActorUnavailableError,
                               ray_errors.ActorUnschedulableError, ReplicaUnavailableError,
                               DeploymentUnavailableError))

@@ -39,7 +39,9 @@ from adapterserve.runtime.types import Prediction
 
 log = logging.getLogger("adapterserve.cluster")
 
-FOLLOW_PERIOD_S = 0.5
+# Each beat is a call to the registry (a few ms of CPU on each side); a request carrying a newer
+# generation syncs at once, so the period bounds only how soon an idle replica catches up.
+FOLLOW_PERIOD_S = 1.0
 
 
 @dataclass
@@ -60,13 +62,21 @@ class Answer:
 class RegistryFiles:
     """The disk tier of a replica: adapter files come from the cluster registry, not a local data dir."""
 
-    def __init__(self, registry) -> None:
+    def __init__(self, registry, loop: asyncio.AbstractEventLoop) -> None:
         self.registry = registry
+        self.loop = loop
         self.current: dict[str, str] = {}  # task -> version, as of the last sync
 
     def load_files(self, task: str, version: Optional[str] = None) -> dict[str, bytes]:
-        # Called on executor threads (registration, host-tier reloads): a blocking handle call is allowed there.
-        return self.registry.load_files.remote(task, version or self.current[task]).result()
+        # Called on executor threads (registration, host-tier reloads). The handle call itself is made on
+        # the replica's event loop: with Serve's router on that loop (SERVE_TUNING), a handle cannot be
+        # awaited or waited for from any other thread.
+        version = version or self.current[task]
+
+        async def fetch() -> dict[str, bytes]:
+            return await self.registry.load_files.remote(task, version)
+
+        return asyncio.run_coroutine_threadsafe(fetch(), self.loop).result()
 
     def holds(self, task: str, version: str) -> bool:
         return self.current.get(task) == version
@@ -91,7 +101,7 @@ class AdapterReplica:
         self.config = replace(config, max_client_share=1.0)
         self.metrics_registry = metrics.new_registry()
         self.classify_service = ClassifyService(self.config, self.metrics_registry)
-        self.files = RegistryFiles(registry)
+        self.files = RegistryFiles(registry, asyncio.get_running_loop())
         self.generation = -1
         self._sync_lock = asyncio.Lock()
         self.side: Optional[ModelSide] = None

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -66,7 +67,8 @@ def cluster(minilm_adapters, tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
-        config = ServerConfig(host="127.0.0.1", port=0, http_port=free_port(), metrics_port=free_port(),
+        # Fixed ports: a restarted ingress comes back on them (test_a_killed_ingress_...).
+        config = ServerConfig(host="127.0.0.1", port=free_port(), http_port=free_port(), metrics_port=free_port(),
                               data_dir=data_dir, adapter_root=root, admin_token=TOKEN, grace=2.0,
                               runtime=RuntimeConfig(slots=SLOTS))
         handle = serve.run(build_app(config, ClusterConfig(replicas=2, replica_cpus=0.5, routing_stats_period=0.5)),
@@ -358,6 +360,11 @@ def test_affinity_routing_keeps_the_device_hit_rate_far_above_random(cluster, st
     assert affinity_rate > random_rate + 0.15, (affinity_rate, random_rate)
 
 
+def _metrics(cluster) -> str:
+    request = urllib.request.Request(cluster.metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
+    return urllib.request.urlopen(request, timeout=10).read().decode()
+
+
 def _pids_of(title: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -430,7 +437,8 @@ def test_a_killed_replica_loses_nothing_and_comes_back_with_every_adapter(cluste
     stop.set()
     for t in threads:
         t.join()
-    print(f"during the kill: {codes.count('OK')} answered, {codes.count('UNAVAILABLE')} UNAVAILABLE")
+    retries = [line for line in _metrics(cluster).splitlines() if line.startswith("adapterserve_replica_call_retries")]
+    print(f"during the kill: {codes.count('OK')} answered, {codes.count('UNAVAILABLE')} UNAVAILABLE; {retries}")
     assert not wrong
     assert set(codes) <= {"OK", "UNAVAILABLE"}, set(codes)
     assert codes.count("OK") > 0
@@ -445,3 +453,41 @@ def test_a_killed_replica_loses_nothing_and_comes_back_with_every_adapter(cluste
     assert after == before
     for task in before:
         assert cluster.on_replica(newcomers[0], task, TEXTS[:1]).adapter_version == before[task]
+
+
+def test_a_killed_ingress_comes_back_on_its_ports_with_every_task(cluster, stubs):
+    """Serve restarts the ingress; it binds the same --port / --http-port / --metrics-port, reads the
+    registry, and answers as before. While it is down a client sees UNAVAILABLE, nothing else."""
+    classifier, registry = stubs
+    before = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+    expected = scores_of(classifier.Classify(pb.ClassifyRequest(task="sst2", texts=TEXTS[:2])))
+    title = f"ray::ServeReplica:{APP}:ingress"
+    (pid,) = _pids_of(title)
+    os.kill(pid, signal.SIGKILL)
+    codes, answer, end = set(), None, time.time() + 120
+    while time.time() < end and answer is None:
+        # A new channel per try: a channel that saw the port closed backs off its reconnects.
+        with grpc.insecure_channel(cluster.address) as ch:
+            try:
+                answer = pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(task="sst2", texts=TEXTS[:2]),
+                                                             timeout=10)
+            except grpc.RpcError as e:
+                codes.add(e.code().name)
+                time.sleep(0.5)
+    assert answer is not None, f"the ingress never came back ({codes})"
+    assert codes <= {"UNAVAILABLE"}, codes
+    assert pid not in _pids_of(title) and len(_pids_of(title)) == 1
+    for got, want in zip(scores_of(answer), expected):
+        assert sorted(got) == sorted(want)
+        np.testing.assert_allclose([got[i] for i in sorted(got)], [want[i] for i in sorted(want)], atol=1e-5)
+    with grpc.insecure_channel(cluster.address) as ch:
+        registry = pb_grpc.AdapterRegistryStub(ch)
+        after = {a.task: a.version for a in registry.ListAdapters(pb.ListAdaptersRequest(), metadata=AUTH).adapters}
+        assert after == before
+        # The new ingress orders registrations as the old one did: the next request sees the new task.
+        new = registry.RegisterAdapter(pb.RegisterAdapterRequest(task="after-ingress", path="beta"), metadata=AUTH)
+        got = pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(task="after-ingress", texts=TEXTS[:1]))
+        assert got.adapter_version == new.version
+        registry.UnregisterAdapter(pb.UnregisterAdapterRequest(task="after-ingress"), metadata=AUTH)
+    assert "adapterserve_routed_requests_total" in _metrics(cluster)
+    assert urllib.request.urlopen(f"{cluster.http_url}/v2/health/ready", timeout=10).status == 200

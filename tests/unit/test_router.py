@@ -110,7 +110,7 @@ def test_serve_config_file_builds_the_application():
 
 
 def test_cluster_flags_reach_the_replica_deployment():
-    from adapterserve.runtime.cluster.app import build_app
+    from adapterserve.runtime.cluster.app import SERVE_TUNING, build_app
     from adapterserve.runtime.config import RuntimeConfig, ServerConfig
 
     app = build_app(ServerConfig(runtime=RuntimeConfig(slots=32)),
@@ -118,7 +118,12 @@ def test_cluster_flags_reach_the_replica_deployment():
     replica = app._bound_deployment.init_args[1]._bound_deployment
     scaling = replica._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4.0)
-    assert replica.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert {k: replica.ray_actor_options[k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2.0, "num_gpus": 0.5}
+    # Every deployment's processes take Serve's one-loop settings and the gRPC message limit.
+    ingress = app._bound_deployment
+    registry = ingress.init_args[2]._bound_deployment
+    for deployment in (ingress, registry, replica):
+        assert deployment.ray_actor_options["runtime_env"]["env_vars"] == SERVE_TUNING
     config = replica.init_args[0]
     assert config.runtime.torch_threads == 2 and config.runtime.slots == 32
     router = replica._deployment_config.request_router_config.request_router_class
@@ -126,3 +131,30 @@ def test_cluster_flags_reach_the_replica_deployment():
     fixed = build_app(ServerConfig(), ClusterConfig(replicas=3, router="pow2"))._bound_deployment.init_args[1]
     assert fixed._bound_deployment._deployment_config.num_replicas == 3
     assert "PowerOfTwo" in fixed._bound_deployment._deployment_config.request_router_config.request_router_class
+
+
+@pytest.mark.parametrize("code, lost", [("UNAVAILABLE", True), ("INTERNAL", True), ("UNKNOWN", True),
+                                        ("ABORTED", True), ("RESOURCE_EXHAUSTED", False), ("CANCELLED", False)])
+def test_a_broken_grpc_transport_call_is_a_lost_replica(code, lost):
+    """Serve's gRPC transport to a replica fails with the channel's status; a lost replica's (or a reset
+    connection's) becomes UNAVAILABLE, which forward() retries for calls safe to repeat."""
+    import grpc
+
+    from adapterserve.runtime.cluster.remote import unwrap
+    from adapterserve.runtime.errors import UnavailableError
+
+    error = grpc.aio.AioRpcError(getattr(grpc.StatusCode, code), grpc.aio.Metadata(), grpc.aio.Metadata(), "reset")
+    assert isinstance(unwrap(error), UnavailableError) is lost
+    if not lost:
+        assert unwrap(error) is error
+
+
+def test_a_domain_error_crosses_deployments_as_itself():
+    from ray.exceptions import RayTaskError
+
+    from adapterserve.runtime.cluster.remote import unwrap
+    from adapterserve.runtime.errors import UnknownTaskError
+
+    cause = UnknownTaskError("task 'x' is not registered")
+    wrapped = RayTaskError("classify", "traceback", cause)
+    assert unwrap(wrapped) is cause
