@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -115,17 +116,18 @@ def _scale_out(args, tasks: list[str]) -> dict:
     """Rounds of (one server, cluster) back to back, the order alternating so drift in the machine's
     speed during the run falls on both sides; each round's ratio is of its own pair."""
     print("1. one server x 2 threads against 2 replicas x 1 thread, 32 tasks uniform", flush=True)
-    rounds = []
+    rounds, extra = [], shlex.split(args.server_args)
     with tempfile.TemporaryDirectory() as data_dir:
         for i in range(args.rounds):
             pair = {}
             for side in ("single", "cluster") if i % 2 == 0 else ("cluster", "single"):
                 if side == "single":
-                    server = ServerProcess("--data-dir", data_dir, "--torch-threads", "2", "--no-examples")
+                    server = ServerProcess("--data-dir", data_dir, "--torch-threads", "2", "--no-examples", *extra,
+                                           ready_timeout=900)
                     if i == 0:
                         bench._register(server.address, len(tasks))
                 else:  # the cluster restores the same adapters from the data dir
-                    server = start_cluster(data_dir, "affinity", 64, ["--no-examples"])
+                    server = start_cluster(data_dir, "affinity", 64, ["--no-examples", *extra])
                 try:
                     pair[side] = _loaded(server.address, f"{side} round {i + 1}", tasks, args)
                 finally:
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-scale", action="store_true", help="only the routing comparison")
     p.add_argument("--skip-routing", action="store_true", help="only the scale-out comparison")
     p.add_argument("--rounds", type=int, default=2, help="scale-out: (single, cluster) pairs, order alternating")
+    p.add_argument("--server-args", default="", help="scale-out: more `serve` flags for both sides, e.g. "
+                   "'--engine onnx --precision int8'")
     p.add_argument("--routers", default="affinity,pow2,affinity:2.0",
                    help="routers to compare, each ROUTER[:LOAD_FACTOR] (--router, --load-factor)")
     p.add_argument("--json", default=None, help="write the results here")

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapterserve import __version__
 from adapterserve.adapters.peft_lora import read_adapter_dir
-from adapterserve.runtime.cluster.remote import forward
+from adapterserve.runtime.cluster.remote import call, forward
 from adapterserve.runtime.cluster import routing_stats
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import (DeadlineExceededError, InvalidInputError, TaskExistsError, UnavailableError,
@@ -225,10 +225,10 @@ class ClusterAdapters:
 
     async def refresh(self) -> None:
         """The replicas' reports always; the task table only when the registry's generation moved."""
-        generation, replicas = await self.registry.status.remote()
+        generation, replicas = await call(self.registry.status)
         self.mirror.replicas = replicas
         if generation != self.mirror.generation:
-            self.mirror.load(await self.registry.snapshot.remote(), replicas)
+            self.mirror.load(await call(self.registry.snapshot), replicas)
 
     def quarantined(self, task: str) -> Optional[str]:
         return self.mirror.damaged.get(task)

@@ -11,6 +11,7 @@ never INTERNAL and never a wrong answer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any, Callable, Optional
 
 from adapterserve.runtime.errors import AdapterServeError, ResourceExhaustedError, UnavailableError
@@ -65,6 +66,16 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
+def call(method, *args, **kwargs):
+    """method.remote(*args, **kwargs), made in an empty context. Our own front ends and loops call
+    deployments from tasks that inherit whatever Serve request context their process held when they
+    were started (with user code on Serve's loop, the constructor call's): every call would carry the
+    same internal request id, which Serve's router uses to hand the replica it chose for a request to
+    that request, so concurrent calls would take each other's replicas (and the affinity router's
+    decisions). An empty context gives each call an id of its own."""
+    return contextvars.Context().run(method.remote, *args, **kwargs)
+
+
 async def forward(method, *args, idempotent: bool = True, on_retry: Optional[Callable[[], None]] = None,
                   **kwargs) -> Any:
     """Await method.remote(*args, **kwargs) on a deployment handle. idempotent: a call lost with its
@@ -72,7 +83,7 @@ async def forward(method, *args, idempotent: bool = True, on_retry: Optional[Cal
     attempt = 0
     while True:
         try:
-            result = await method.remote(*args, **kwargs)
+            result = await call(method, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - sorted out by unwrap
             error = unwrap(e)
             if isinstance(error, UnavailableError) and idempotent and attempt < RETRIES:

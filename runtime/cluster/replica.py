@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from adapterserve.adapters import EXAMPLE_TASKS, EXAMPLES_DIR
-from adapterserve.runtime.cluster.remote import forward, returns_errors
+from adapterserve.runtime.cluster.remote import call, forward, returns_errors
 from adapterserve.runtime.config import ServerConfig
 from adapterserve.runtime.errors import AdapterServeError
 from adapterserve.runtime.native.hardware import probe
@@ -73,10 +73,14 @@ class RegistryFiles:
         # awaited or waited for from any other thread.
         version = version or self.current[task]
 
-        async def fetch() -> dict[str, bytes]:
-            return await self.registry.load_files.remote(task, version)
+        return self.on_loop(call(self.registry.load_files, task, version))
 
-        return asyncio.run_coroutine_threadsafe(fetch(), self.loop).result()
+    def on_loop(self, awaitable):
+        """Await on the replica's loop from an executor thread (handles are used on that loop only)."""
+        async def wait():
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
 
     def holds(self, task: str, version: str) -> bool:
         return self.current.get(task) == version
@@ -127,7 +131,7 @@ class AdapterReplica:
     async def _prepare(self, side: ModelSide) -> None:
         self.side = side
         loop = asyncio.get_running_loop()
-        snapshot = await self.registry.snapshot.remote()
+        snapshot = await call(self.registry.snapshot)
         seeds = []
         if self.config.register_examples and not snapshot["seeded"]:
             seeds = [(t, os.path.join(EXAMPLES_DIR, t), "seed") for t in EXAMPLE_TASKS
@@ -137,7 +141,7 @@ class AdapterReplica:
             await forward(self.registry.commit, task, spec.files, spec.version, spec.labels, spec.metadata,
                           spec.summary(), mode, idempotent=False)
         if seeds:
-            await self.registry.mark_seeded.remote()
+            await call(self.registry.mark_seeded)
         await self.sync(0)
 
     async def sync(self, at_least: int) -> None:
@@ -145,7 +149,7 @@ class AdapterReplica:
         async with self._sync_lock:
             if 0 <= at_least <= self.generation:
                 return
-            snapshot = await self.registry.snapshot.remote()
+            snapshot = await call(self.registry.snapshot)
             if snapshot["generation"] != self.generation:
                 await asyncio.get_running_loop().run_in_executor(self.side.admin_executor, self._apply, snapshot)
 
@@ -163,7 +167,7 @@ class AdapterReplica:
             except (AdapterServeError, OSError) as e:
                 # One stored task that no longer loads must not keep the healthy ones from serving.
                 log.error("replica %s: task %s does not load: %s", self.replica_id, task, e)
-                self.registry.quarantine.remote(task, entry["version"], str(e))
+                self.files.on_loop(call(self.registry.quarantine, task, entry["version"], str(e)))
         for task in [e.task for e in runtime.registry.entries() if e.task not in tasks]:
             runtime.remove_adapter(task)  # requests holding it finish on the version they pinned
             self.classify_service.forget(task)
@@ -173,7 +177,7 @@ class AdapterReplica:
         while True:
             await asyncio.sleep(FOLLOW_PERIOD_S)
             try:
-                wanted = await self.registry.heartbeat.remote(self.replica_id, self._report())
+                wanted = await call(self.registry.heartbeat, self.replica_id, self._report())
                 if wanted > self.generation:
                     await self.sync(wanted)
             except Exception as e:  # noqa: BLE001 - the registry restarting is not this replica's failure

@@ -122,7 +122,9 @@ class AdapterAffinityRouter(_request_router_base()):
         self.load_factor = load_factor
         self.inflight: Counter = Counter()
         self.placed: OrderedDict = OrderedDict()  # task -> replica id it was last sent to
-        self.decisions: dict = {}  # internal request id -> (task, chosen replica id, reason)
+        # internal request id -> (task, chosen replica id, reason), until Serve reports the request
+        # routed; bounded: a request that fails before that (its replica lost) leaves its entry
+        self.decisions: OrderedDict = OrderedDict()
         self._residency: dict = {}  # replica id -> (its routing stats, device tasks, host tasks)
         self._ring = HashRing(())
 
@@ -155,26 +157,42 @@ class AdapterAffinityRouter(_request_router_base()):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if pending_request is not None and ranks:
             self.decisions[pending_request.metadata.internal_request_id] = (task, ranks[0][0].id, reason)
+            if len(self.decisions) > MAX_REMEMBERED_TASKS:
+                self.decisions.popitem(last=False)
+        if task is not None and ranks and pinned is None:
+            # Remembered now, not when Serve reports the request routed (after its answer, over the
+            # gRPC transport): the next request of a new task follows this one before any report.
+            self._place(task, ranks[0][0].id)
         return [[by_id[v.id] for v in group] for group in ranks]
+
+    # A request's load is counted from its send to its completion (Serve calls these once per send,
+    # retries included). on_request_routed only names the reason: over Serve's gRPC transport it comes
+    # once the replica has answered (acceptance and answer share one message), often after completion.
+    def on_send_request(self, replica_id) -> None:
+        super().on_send_request(replica_id)
+        rid = replica_id.unique_id
+        self.inflight[rid] += 1
+        with routing_stats.lock:
+            routing_stats.inflight[rid] = self.inflight[rid]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         rid = replica_id.unique_id
-        self.inflight[rid] += 1
         task, chosen, reason = self.decisions.pop(pending_request.metadata.internal_request_id, (None, rid, "overflow"))
         if chosen != rid:
             reason = "overflow"  # the preferred replica's queue was full
         if task is not None:
-            self.placed[task] = rid
-            self.placed.move_to_end(task)
-            if len(self.placed) > MAX_REMEMBERED_TASKS:
-                self.placed.popitem(last=False)
+            self._place(task, rid)  # where it went, if not where it was meant to
         with routing_stats.lock:
             routing_stats.routed[reason] += 1
-            routing_stats.inflight[rid] = self.inflight[rid]
+
+    def _place(self, task: str, rid: str) -> None:
+        self.placed[task] = rid
+        self.placed.move_to_end(task)
+        if len(self.placed) > MAX_REMEMBERED_TASKS:
+            self.placed.popitem(last=False)
 
     def on_request_completed(self, replica_id, internal_request_id) -> None:
         rid = replica_id.unique_id
-        self.decisions.pop(internal_request_id, None)
         if self.inflight[rid] > 0:
             self.inflight[rid] -= 1
         with routing_stats.lock:

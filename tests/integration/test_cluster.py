@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -354,10 +355,27 @@ def test_affinity_routing_keeps_the_device_hit_rate_far_above_random(cluster, st
     for task in tasks:  # first loads of the affinity placement are not what is measured
         classifier.Classify(pb.ClassifyRequest(task=task, texts=TEXTS[:1]))
     affinity_rate = hit_rate(lambda task: classifier.Classify(pb.ClassifyRequest(task=task, texts=TEXTS[:1])))
-    print(f"device hit rate: affinity {affinity_rate:.2f}, random {random_rate:.2f}")
+    # The same picks 8 at a time: concurrent calls must each get the replica chosen for their own task
+    # (Serve hands a chosen replica to the request whose id it was chosen for).
+    before = _routed(cluster)
+    with ThreadPoolExecutor(8) as pool:
+        concurrent_rate = hit_rate(lambda task: list(pool.map(
+            lambda t: classifier.Classify(pb.ClassifyRequest(task=t, texts=TEXTS[:1])), [task] * 8)))
+    reasons = {k: v - before.get(k, 0.0) for k, v in _routed(cluster).items()}
+    print(f"device hit rate: affinity {affinity_rate:.2f}, 8 in flight {concurrent_rate:.2f}, random "
+          f"{random_rate:.2f}; routed with 8 in flight: {reasons}")
     # The hash split of 12 tasks over 2 replicas may leave one replica a task or two above its 7 slots,
     # so affinity is not always 1.0; random routing makes each replica cycle through all 12.
     assert affinity_rate > random_rate + 0.15, (affinity_rate, random_rate)
+    assert concurrent_rate > random_rate + 0.15, (concurrent_rate, random_rate)
+    # 8 requests of one task at a time: the load bound spills some, but most stay with the task's holder.
+    held = reasons.get("device-hit", 0) + reasons.get("host-hit", 0)
+    assert held >= 0.5 * sum(reasons.values()), reasons
+
+
+def _routed(cluster) -> dict[str, float]:
+    return {line.split('"')[1]: float(line.split()[-1]) for line in _metrics(cluster).splitlines()
+            if line.startswith("adapterserve_routed_requests_total{")}
 
 
 def _metrics(cluster) -> str:

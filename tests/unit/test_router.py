@@ -158,3 +158,21 @@ def test_a_domain_error_crosses_deployments_as_itself():
     cause = UnknownTaskError("task 'x' is not registered")
     wrapped = RayTaskError("classify", "traceback", cause)
     assert unwrap(wrapped) is cause
+
+
+def test_each_deployment_call_gets_its_own_request_id_whatever_context_it_runs_in():
+    """A task inheriting a Serve request context (our front ends' tasks, with user code on Serve's
+    loop) would otherwise stamp every call with that request's internal id."""
+    from ray.serve import context
+
+    from adapterserve.runtime.cluster.remote import call
+
+    class Method:
+        def remote(self):
+            return context._get_serve_request_context()._internal_request_id
+
+    context._serve_request_context.set(context._RequestContext(_internal_request_id="the-constructor-call"))
+    try:
+        assert call(Method()) != "the-constructor-call"
+    finally:
+        context._serve_request_context.set(None)
