@@ -60,6 +60,10 @@ def replica_counters(data_dir: str) -> dict[str, float]:
 
 def start_cluster(data_dir: str, router: str, slots: int, extra=()) -> ServerProcess:
     """`adapterserve cluster` with 2 replicas of 1 CPU on a local head; metrics_url is the ingress's."""
+    try:  # a previous cluster's list: its replicas are gone, and it would pass the wait below at once
+        os.remove(os.path.join(data_dir, "prometheus_targets.json"))
+    except FileNotFoundError:
+        pass
     proc = ServerProcess("--data-dir", data_dir, "--replicas", "2", "--replica-cpus", "1", "--ray-cpus", "2",
                          "--router", router, "--slots", str(slots), "--grace", "1", *extra,
                          metrics_port=free_port(), ready_timeout=600,

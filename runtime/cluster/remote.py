@@ -67,12 +67,11 @@ def unwrap(error: BaseException) -> BaseException:
 
 
 def call(method, *args, **kwargs):
-    """method.remote(*args, **kwargs), made in an empty context. Our own front ends and loops call
-    deployments from tasks that inherit whatever Serve request context their process held when they
-    were started (with user code on Serve's loop, the constructor call's): every call would carry the
-    same internal request id, which Serve's router uses to hand the replica it chose for a request to
-    that request, so concurrent calls would take each other's replicas (and the affinity router's
-    decisions). An empty context gives each call an id of its own."""
+    """method.remote(*args, **kwargs), made in an empty context. Our front ends and loops are not Serve
+    requests, but their tasks inherit whatever Serve request context was current where they started;
+    a handle call stamps its request with that context's internal id, which Serve's router uses to hand
+    the replica it chose for a request to that request (and the affinity router keys its decisions on).
+    Calls sharing an id could take each other's replicas. An empty context gives each call its own."""
     return contextvars.Context().run(method.remote, *args, **kwargs)
 
 
