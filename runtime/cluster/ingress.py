@@ -146,7 +146,7 @@ class ClusterClassify(ClassifyService):
         super().__init__(config, metrics_registry)
         # Classify calls take Serve's gRPC transport to the replicas (a direct channel to each replica's
         # inter-deployment server) rather than Ray actor calls: its arguments and answers are small and
-        # never ObjectRefs, and it costs the ingress less CPU per request (docs/benchmarks.md "Cluster").
+        # never ObjectRefs, and a unary gRPC call skips the actor task and Serve's streamed acceptance.
         # Registration keeps the actor path (uploads can exceed a gRPC message).
         self.replicas = replicas.options(_by_reference=False)
         self.mirror = mirror

@@ -39,7 +39,7 @@ from adapterserve.runtime.types import Prediction
 
 log = logging.getLogger("adapterserve.cluster")
 
-# Each beat is a call to the registry (a few ms of CPU on each side); a request carrying a newer
+# Each beat is a call to the registry, which costs CPU on both sides; a request carrying a newer
 # generation syncs at once, so the period bounds only how soon an idle replica catches up.
 FOLLOW_PERIOD_S = 1.0
 
@@ -72,15 +72,15 @@ class RegistryFiles:
         # the replica's event loop: with Serve's router on that loop (SERVE_TUNING), a handle cannot be
         # awaited or waited for from any other thread.
         version = version or self.current[task]
+        return self.on_loop(self.registry.load_files, task, version)
 
-        return self.on_loop(call(self.registry.load_files, task, version))
+    def on_loop(self, method, *args):
+        """call(method, *args) made and awaited on the replica's loop, from an executor thread (with
+        Serve's router on that loop, handles are used there only)."""
+        async def on_the_loop():
+            return await call(method, *args)
 
-    def on_loop(self, awaitable):
-        """Await on the replica's loop from an executor thread (handles are used on that loop only)."""
-        async def wait():
-            return await awaitable
-
-        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(on_the_loop(), self.loop).result()
 
     def holds(self, task: str, version: str) -> bool:
         return self.current.get(task) == version
@@ -167,7 +167,7 @@ class AdapterReplica:
             except (AdapterServeError, OSError) as e:
                 # One stored task that no longer loads must not keep the healthy ones from serving.
                 log.error("replica %s: task %s does not load: %s", self.replica_id, task, e)
-                self.files.on_loop(call(self.registry.quarantine, task, entry["version"], str(e)))
+                self.files.on_loop(self.registry.quarantine, task, entry["version"], str(e))
         for task in [e.task for e in runtime.registry.entries() if e.task not in tasks]:
             runtime.remove_adapter(task)  # requests holding it finish on the version they pinned
             self.classify_service.forget(task)
